@@ -35,7 +35,7 @@ import common  # noqa: F401  (puts the repository root on sys.path)
 
 
 def _space(args) -> list:
-  from bort_jax.arch import Arch
+  from bort_jax.core.arch import Arch
 
   archs = [Arch(d, a, h, i) for d, a, h, i in itertools.product(
       args.depth, args.heads, args.hidden, args.intermediate) if h % a == 0]
@@ -45,7 +45,7 @@ def _space(args) -> list:
 def _data(args, steps: int):
   import numpy as np
 
-  from bort_jax import proxy
+  from bort_jax.search import proxy
 
   rng = np.random.default_rng(args.seed)
   b, t, p, v = args.batch, args.seq_len, args.predictions, args.vocab
@@ -68,8 +68,8 @@ def _worker(args) -> dict:
   """One contender in this (fresh) process."""
   import jax
 
-  from bort_jax import proxy
-  from bort_jax.arch import ModelConfig
+  from bort_jax.search import proxy
+  from bort_jax.core.arch import ModelConfig
 
   spec = json.loads(args.worker)
   archs = _space(args)

@@ -3,7 +3,7 @@
 What it measures (random weights, no MLM head, float32, sequences of 128 tokens without
 padding, batch 1 and 8):
 
-* the compiled JAX forward (``bort_jax.cost.compile_forward``, ``jax.jit`` of the whole
+* the compiled JAX forward (``bort_jax.core.cost.compile_forward``, ``jax.jit`` of the whole
   ``model.apply``) of ``bort``, ``bort-paper``, ``bert-base`` and ``bert-large``;
 * when torch and transformers are importable, the same shapes as transformers' ``BertModel``
   / ``RobertaModel`` in eager PyTorch (``torch.set_num_threads``), and when onnxruntime is too,
@@ -31,8 +31,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (benchmarks/common.py; also puts the repo root on sys.path)
 
-from bort_jax import cost  # noqa: E402
-from bort_jax.arch import get_model_config  # noqa: E402
+from bort_jax.core import cost  # noqa: E402
+from bort_jax.core.arch import get_model_config  # noqa: E402
 
 MODELS = ("bort", "bort-paper", "bert-base", "bert-large")
 QUICK_MODELS = ("bort", "bert-base")

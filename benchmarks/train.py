@@ -51,8 +51,10 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bort_jax import arch as arch_lib  # noqa: E402
-from bort_jax import cost, distill, model, optim, train  # noqa: E402
+from bort_jax.core import arch as arch_lib  # noqa: E402
+from bort_jax.core import cost, model, optim
+from bort_jax.pipelines import distill
+from bort_jax.runtime import train  # noqa: E402
 
 SHAPES = {
     "demo": {"student": "D4-A4-H256-I1024", "teacher": "minilm-l6-h384", "batch": 8,

@@ -1,6 +1,6 @@
 """bort_jax: optimal subarchitecture extraction, distillation and conversion of BERT shapes.
 
-Modules are imported on demand (``from bort_jax import model, extract``) so that light uses,
+Modules are imported on demand (``from bort_jax.core import model``) so that light uses,
 such as ``bort-jax cost``, do not pay for TFDS or orbax.
 """
 

@@ -18,14 +18,14 @@ import sys
 
 # mode -> (module, function, one-line help)
 MODES = {
-    "cost": ("bort_jax.cost", "main", "parameter counts, FLOPs and latency of architectures"),
-    "convert": ("bort_jax.convert", "main", "convert Hugging Face checkpoints both ways"),
+    "cost": ("bort_jax.core.cost", "main", "parameter counts, FLOPs and latency of architectures"),
+    "convert": ("bort_jax.interop.convert", "main", "convert Hugging Face checkpoints both ways"),
     "data": ("bort_jax.main", "data_main", "data fetch: fetch the offline demo suite"),
-    "teacher-adapt": ("bort_jax.distill", "teacher_adapt_main",
+    "teacher-adapt": ("bort_jax.pipelines.distill", "teacher_adapt_main",
                       "train an MLM head for a headless teacher"),
-    "distill": ("bort_jax.distill", "main", "pretrain a student by distillation"),
-    "extract": ("bort_jax.extract", "main", "optimal subarchitecture extraction (FPTAS)"),
-    "demo": ("bort_jax.demo", "main", "run the whole demo pipeline"),
+    "distill": ("bort_jax.pipelines.distill", "main", "pretrain a student by distillation"),
+    "extract": ("bort_jax.pipelines.extract", "main", "optimal subarchitecture extraction (FPTAS)"),
+    "demo": ("bort_jax.pipelines.demo", "main", "run the whole demo pipeline"),
 }
 
 

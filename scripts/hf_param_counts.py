@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bort_jax.arch import PRESETS, ModelConfig  # noqa: E402
+from bort_jax.core.arch import PRESETS, ModelConfig  # noqa: E402
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
                            "fixtures", "hf_param_counts.json")

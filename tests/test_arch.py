@@ -3,7 +3,7 @@
 import pytest
 
 from bort_jax import main as cli_main
-from bort_jax.arch import (Arch, ModelConfig, PRESETS, SearchSpace, get_model_config,
+from bort_jax.core.arch import (Arch, ModelConfig, PRESETS, SearchSpace, get_model_config,
                            heads_divide_hidden)
 
 

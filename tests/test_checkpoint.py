@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bort_jax import checkpoint, optim
+from bort_jax.runtime import checkpoint
+from bort_jax.core import optim
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -143,7 +144,7 @@ def test_corrupted_latest_is_skipped_with_a_warning(tmp_path, caplog):
   for s, st in states.items():
     mgr.save(s, st, {"step": s})
   _corrupt(str(tmp_path / "3"))
-  with caplog.at_level(logging.WARNING, logger="bort_jax.checkpoint"):
+  with caplog.at_level(logging.WARNING, logger="bort_jax.runtime.checkpoint"):
     step, got, meta = mgr.restore_latest(checkpoint.abstract_like(states[2]))
   assert step == 2 and meta == {"step": 2}
   _assert_bitwise(states[2], got)
@@ -240,7 +241,7 @@ def test_preemption_flag_in_process():
 _CHILD = textwrap.dedent("""
     import sys, time
     import jax, jax.numpy as jnp
-    from bort_jax import checkpoint
+    from bort_jax.runtime import checkpoint
     directory, mode = sys.argv[1], sys.argv[2]
     mgr = checkpoint.CheckpointManager(directory, max_to_keep=2, async_save=True)
     flag = checkpoint.install_preemption_handler()
@@ -357,7 +358,7 @@ _TWO_PROCESS_CHILD = textwrap.dedent("""
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
     import jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from bort_jax import checkpoint
+    from bort_jax.runtime import checkpoint
     mesh = jax.make_mesh((4,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
     full = np.arange(16, dtype=np.float32).reshape(4, 4)
     w = jax.make_array_from_callback((4, 4), NamedSharding(mesh, P("x")), lambda i: full[i])

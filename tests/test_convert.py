@@ -1,4 +1,4 @@
-"""Tests of bort_jax.convert: parity with transformers, exact round trips, strict loading.
+"""Tests of bort_jax.interop.convert: parity with transformers, exact round trips, strict loading.
 
 The committed fixtures under tests/fixtures/ come from scripts/make_parity_fixtures.py
 (transformers, float32, eval mode). Tests marked ``parity`` build fresh models with
@@ -15,8 +15,9 @@ import jax
 import numpy as np
 import pytest
 
-from bort_jax import convert, model, torch_reader
-from bort_jax.arch import get_model_config
+from bort_jax.interop import convert, torch_reader
+from bort_jax.core import model
+from bort_jax.core.arch import get_model_config
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 TOL = 1e-4

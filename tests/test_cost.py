@@ -1,4 +1,4 @@
-"""Tests of bort_jax.cost: parameter counts, analytic FLOPs, latency helper and the CLI.
+"""Tests of bort_jax.core.cost: parameter counts, analytic FLOPs, latency helper and the CLI.
 
 Parameter counts are checked three ways: against the paper's per-layer formula, against what
 transformers counts for every preset (committed fixture from scripts/hf_param_counts.py, and a
@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bort_jax import cost
-from bort_jax.arch import PRESETS, Arch, SearchSpace, get_model_config
+from bort_jax.core import cost
+from bort_jax.core.arch import PRESETS, Arch, SearchSpace, get_model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "hf_param_counts.json")
@@ -142,7 +142,7 @@ def test_bad_head_is_named():
                       max_positions=40), "mlm"),
 ])
 def test_param_counts_equal_model_init(config, head):
-  from bort_jax import model
+  from bort_jax.core import model
 
   spec = model.HeadSpec(*head) if isinstance(head, tuple) else model.HeadSpec(head)
   # Shapes only: eval_shape runs init abstractly, without allocating or initialising.
@@ -184,7 +184,7 @@ BORT_BODY = get_model_config("bort", vocab_size=1000)
 
 
 def _xla_forward_flops(config, batch, seq_len, head, predictions):
-  from bort_jax import model
+  from bort_jax.core import model
 
   spec = model.HeadSpec(*head) if isinstance(head, tuple) else model.HeadSpec(head)
   # XLA counts from shapes alone: lower with abstract parameters and inputs.

@@ -425,7 +425,7 @@ def test_demo_corpus_is_english_text_for_build_corpus(cache, tmp_path):
 
 
 def test_register_demo_tasks(cache, tmp_path):
-  from bort_jax.data import tasks
+  from bort_jax.finetune import tasks
   names = demo.register_demo_tasks(cache_dir=cache)
   assert names == ["demo/vitaminc", "demo/movie_sentiment", "demo/social_iqa"]
   data_dir = str(tmp_path / "tfds")

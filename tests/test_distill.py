@@ -31,8 +31,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bort_jax import arch as arch_lib
-from bort_jax import checkpoint, convert, distill, model, sharding
+from bort_jax.core import arch as arch_lib
+from bort_jax.runtime import checkpoint, sharding
+from bort_jax.interop import convert
+from bort_jax.pipelines import distill
+from bort_jax.core import model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER_ARCH = "D2-A2-H32-I64"
@@ -495,7 +498,7 @@ def test_corrupted_latest_checkpoint_is_skipped(assets, reference, tmp_path, cap
         open(os.path.join(root, name), "wb").close()
         damaged += 1
   assert damaged
-  with caplog.at_level(logging.WARNING, logger="bort_jax.checkpoint"):
+  with caplog.at_level(logging.WARNING, logger="bort_jax.runtime.checkpoint"):
     result = distill.run(make_config(assets, **REFERENCE), workdir)
   assert result["started_from"] == "workdir" and result["step"] == total
   warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]

@@ -11,8 +11,11 @@ import jax
 import numpy as np
 import pytest
 
-from bort_jax import arch as arch_lib
-from bort_jax import convert, extract, model, proxy
+from bort_jax.core import arch as arch_lib
+from bort_jax.interop import convert
+from bort_jax.pipelines import extract
+from bort_jax.core import model
+from bort_jax.search import proxy
 from bort_jax.cli import load_config
 
 VOCAB = 64

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from bort_jax import fptas
-from bort_jax.arch import Arch
+from bort_jax.search import fptas
+from bort_jax.core.arch import Arch
 
 
 # ------------------------------------------------------------------------ hand-computed W

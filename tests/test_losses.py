@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bort_jax import losses
+from bort_jax.core import losses
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 

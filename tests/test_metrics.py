@@ -5,8 +5,8 @@ import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
-from bort_jax.data import metrics
-from bort_jax.data import tasks
+from bort_jax.finetune import metrics
+from bort_jax.finetune import tasks
 
 
 def _random_classes(n_classes, n=200, seed=0):

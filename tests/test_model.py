@@ -1,4 +1,4 @@
-"""Tests of bort_jax.model: shapes, padding, dropout, and exact architecture masks.
+"""Tests of bort_jax.core.model: shapes, padding, dropout, and exact architecture masks.
 
 Tiny float32 shapes throughout. Most tests draw parameters at random from the shapes of
 ``init`` (non-zero biases and LN parameters, so a bias that leaks past a mask would show;
@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from bort_jax import model as M
-from bort_jax.arch import Arch, get_model_config
+from bort_jax.core import model as M
+from bort_jax.core import masks
+from bort_jax.core.arch import Arch, get_model_config
 
 VOCAB = 100
 PADDED = Arch(2, 4, 32, 64, head_size=16)  # "D2-A4-H32-I64-S16"
@@ -75,8 +76,8 @@ def _tree_max(tree):
 
 def _padded_params(small_params, small_cfg, padded_cfg, head, seed):
   """embed_params plus random junk wherever the small model has no parameter."""
-  embedded = M.embed_params(small_params, small_cfg, padded_cfg, head)
-  pmask = M.param_mask(padded_cfg, small_cfg.arch, head)
+  embedded = masks.embed_params(small_params, small_cfg, padded_cfg, head)
+  pmask = masks.param_mask(padded_cfg, small_cfg.arch, head)
   rng = np.random.default_rng(seed)
   return jax.tree.map(
       lambda e, m: e + rng.normal(size=e.shape).astype(np.float32) * (1 - m), embedded, pmask)
@@ -229,7 +230,7 @@ def test_masked_padded_model_equals_small_model(small_arch):
   padded_cfg, small_cfg = _config(PADDED), _config(small_arch)
   small_params = _random_params(small_cfg, MLM, seed=8)
   params = _padded_params(small_params, small_cfg, padded_cfg, MLM, seed=9)
-  mask = M.make_arch_mask(PADDED, small_arch)
+  mask = masks.make_arch_mask(PADDED, small_arch)
   batch, h = _batch(), small_arch.hidden
 
   ref, small_grads = _runner(small_cfg, MLM)(small_params, batch, _weights(h, h), None)
@@ -243,12 +244,12 @@ def test_masked_padded_model_equals_small_model(small_arch):
     expect = ref["all_hidden"][min(i, small_arch.depth)]
     assert _max_diff(np.asarray(state)[..., :h], expect) <= TOL
 
-  sliced = M.slice_params(grads, padded_cfg, small_arch, MLM)
+  sliced = masks.slice_params(grads, padded_cfg, small_arch, MLM)
   diffs = jax.tree.map(_max_diff, sliced, small_grads)
   assert _tree_max(diffs) <= TOL, diffs
   assert _tree_max(jax.tree.map(lambda g: float(np.abs(g).max()), small_grads)) > 1e-3
   outside = jax.tree.map(lambda g, m: float(np.abs(np.asarray(g) * (1 - np.asarray(m))).max()),
-                         grads, M.param_mask(padded_cfg, small_arch, MLM))
+                         grads, masks.param_mask(padded_cfg, small_arch, MLM))
   assert _tree_max(outside) == 0.0, outside
 
 
@@ -263,7 +264,7 @@ def test_masked_task_heads_equal_small_model(head):
   if head.kind == "multiple_choice":
     batch = {k: jnp.stack([v, v[::-1]], axis=1) for k, v in batch.items()}
   ref = _forward(small_cfg, head)(small_params, batch)["logits"]
-  out = _forward(padded_cfg, head)(params, batch, M.make_arch_mask(PADDED, small_arch))["logits"]
+  out = _forward(padded_cfg, head)(params, batch, masks.make_arch_mask(PADDED, small_arch))["logits"]
   assert _max_diff(out, ref) <= TOL
 
 
@@ -273,8 +274,8 @@ def test_param_mask_marks_what_embed_params_fills():
   padded_cfg, small_cfg = _config(PADDED), _config(small_arch)
   ones = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype),
                       jax.eval_shape(lambda: M.init(jax.random.key(0), small_cfg, head)))
-  embedded = M.embed_params(ones, small_cfg, padded_cfg, head)
-  pmask = M.param_mask(padded_cfg, small_arch, head)
+  embedded = masks.embed_params(ones, small_cfg, padded_cfg, head)
+  pmask = masks.param_mask(padded_cfg, small_arch, head)
   same = jax.tree.map(lambda e, m: bool(np.all((np.asarray(e) != 0) == (np.asarray(m) == 1))),
                       embedded, pmask)
   assert all(jax.tree.leaves(same))
@@ -282,7 +283,7 @@ def test_param_mask_marks_what_embed_params_fills():
   assert float(pmask["encoder"]["layer_0"]["attention"]["query"]["kernel"].sum()) == 16 * 2 * 8
   # slice_params inverts embed_params.
   small = _random_params(small_cfg, head, seed=12)
-  back = M.slice_params(M.embed_params(small, small_cfg, padded_cfg, head), padded_cfg,
+  back = masks.slice_params(masks.embed_params(small, small_cfg, padded_cfg, head), padded_cfg,
                         small_arch, head)
   assert _tree_max(jax.tree.map(_max_diff, back, small)) == 0.0
 
@@ -295,9 +296,9 @@ def test_vmap_over_a_population_matches_members():
   smalls = [_random_params(_config(a), MLM, seed=20 + i) for i, a in enumerate(members)]
   population = stack([_padded_params(p, _config(a), padded_cfg, MLM, seed=30 + i)
                       for i, (a, p) in enumerate(zip(members, smalls))])
-  masks = stack([M.make_arch_mask(PADDED, a) for a in members])
+  arch_masks = stack([masks.make_arch_mask(PADDED, a) for a in members])
   run = lambda p, m: M.apply(p, padded_cfg, batch, head=MLM, arch_mask=m)
-  out = jax.jit(jax.vmap(run))(population, masks)
+  out = jax.jit(jax.vmap(run))(population, arch_masks)
   assert out["logits"].shape == (3, 2, 3, VOCAB)
   for i, (arch, params) in enumerate(zip(members, smalls)):
     h = arch.hidden
@@ -311,7 +312,7 @@ def test_unmasked_path_is_plain_and_equals_full_mask():
   cfg = _config(PADDED)
   params = _random_params(cfg, MLM, seed=40)
   batch = _batch()
-  full = M.make_arch_mask(PADDED, PADDED)
+  full = masks.make_arch_mask(PADDED, PADDED)
   assert all(float(np.min(v)) == 1.0 for v in full.values())
   plain = _forward(cfg, MLM)(params, batch)
   masked = _forward(cfg, MLM)(params, batch, full)
@@ -326,10 +327,10 @@ def test_clear_errors():
   params = _random_params(cfg, MLM, seed=41)
   batch = _batch()
   with pytest.raises(ValueError, match="hidden"):
-    bad = dict(M.make_arch_mask(PADDED, SMALL[0]), hidden=jnp.ones((7,)))
+    bad = dict(masks.make_arch_mask(PADDED, SMALL[0]), hidden=jnp.ones((7,)))
     M.apply(params, cfg, batch, arch_mask=bad)
   with pytest.raises(ValueError, match="head_size"):
-    M.make_arch_mask(Arch(2, 2, 16, 32, head_size=8), Arch(1, 2, 16, 32, head_size=16))
+    masks.make_arch_mask(Arch(2, 2, 16, 32, head_size=8), Arch(1, 2, 16, 32, head_size=16))
   with pytest.raises(ValueError, match="input_ids"):
     M.apply(params, cfg, {k: v[None] for k, v in batch.items()})
   with pytest.raises(ValueError, match="sequence length"):
@@ -338,8 +339,8 @@ def test_clear_errors():
   with pytest.raises(ValueError, match="num_labels"):
     M.HeadSpec("classification")
   with pytest.raises(ValueError, match="does not fit"):
-    M.embed_params(params, cfg, _config(SMALL[0]))
+    masks.embed_params(params, cfg, _config(SMALL[0]))
   with pytest.raises(ValueError, match="query"):
     broken = jax.tree.map(lambda x: x, params)
     broken["encoder"]["layer_0"]["attention"]["query"]["kernel"] = jnp.zeros((3,))
-    M.slice_params(broken, cfg, SMALL[0])
+    masks.slice_params(broken, cfg, SMALL[0])

@@ -22,7 +22,8 @@ import jax
 import numpy as np
 import pytest
 
-from bort_jax import convert, distill
+from bort_jax.interop import convert
+from bort_jax.pipelines import distill
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_distill as helpers  # noqa: E402  (the tiny teacher, corpus and config helpers)

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from bort_jax import optim
+from bort_jax.core import optim
 
 
 def _tree(rng):

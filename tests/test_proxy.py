@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from bort_jax import model, proxy, sharding
-from bort_jax.arch import Arch, ModelConfig
+from bort_jax.core import model
+from bort_jax.core import masks
+from bort_jax.search import proxy
+from bort_jax.runtime import sharding
+from bort_jax.core.arch import Arch, ModelConfig
 
 VOCAB, SEQ, BATCH, PREDS, STEPS = 64, 16, 4, 4, 3
 BASE = ModelConfig(Arch(1, 1, 8, 8), family="bert", vocab_size=VOCAB, max_positions=32,
@@ -163,9 +166,9 @@ def test_plan_bound_members_and_determinism():
 def test_member_param_mask_equals_model_param_mask():
   padded = BASE.replace(arch=BUCKET.padded)
   for arch in ARCHS:
-    want = traverse_util.flatten_dict(model.param_mask(padded, arch))
+    want = traverse_util.flatten_dict(masks.param_mask(padded, arch))
     got = traverse_util.flatten_dict(
-        proxy.member_param_mask(padded, model.make_arch_mask(padded.arch, arch)))
+        proxy.member_param_mask(padded, masks.make_arch_mask(padded.arch, arch)))
     assert set(got) == set(want)
     for key in want:
       np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]),
@@ -184,7 +187,7 @@ def test_padded_member_matches_solo_run(mode, data, solo, bucketed):
     np.testing.assert_allclose(train[index], solo_train, rtol=0, atol=1e-5)
     np.testing.assert_allclose(errors[index], solo_err, rtol=0, atol=1e-5)
     member = jax.tree.map(lambda x: x[index], params)
-    small = model.slice_params(member, padded, TARGET)
+    small = masks.slice_params(member, padded, TARGET)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5),
                  small, solo_params)
   # Different thetas give different trajectories (the lr reached its member).
@@ -192,7 +195,7 @@ def test_padded_member_matches_solo_run(mode, data, solo, bucketed):
   assert np.all(np.isfinite(train)) and np.all(np.isfinite(errors))
   # Every member's padded parameters are still exactly zero after s steps.
   for index, arch in enumerate(ARCHS):
-    mask = traverse_util.flatten_dict(model.param_mask(padded, arch))
+    mask = traverse_util.flatten_dict(masks.param_mask(padded, arch))
     member = traverse_util.flatten_dict(jax.tree.map(lambda x: x[index], params))
     for key, m in mask.items():
       outside = np.asarray(member[key])[np.asarray(m) == 0]

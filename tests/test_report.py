@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from bort_jax import fptas, report
-from bort_jax.arch import Arch
+from bort_jax.search import fptas, report
+from bort_jax.core.arch import Arch
 
 
 def _result(rule="max_gain", eps=2):

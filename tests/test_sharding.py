@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from bort_jax import sharding
+from bort_jax.runtime import sharding
 
 
 def test_resolve_mesh_shape_fills_and_checks():

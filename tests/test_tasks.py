@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from bort_jax.data import metrics
-from bort_jax.data import submission
-from bort_jax.data import tasks
+from bort_jax.finetune import metrics
+from bort_jax.finetune import submission
+from bort_jax.finetune import tasks
 
 CLS, SEP, PAD = 0, 2, 1
 SEQ_LEN = 24

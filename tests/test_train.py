@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from bort_jax import sharding, train
+from bort_jax.runtime import sharding, train
 
 
 def _loss_fn(params, batch, rng, frozen):

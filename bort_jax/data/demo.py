@@ -46,7 +46,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from bort_jax.data import fetch
-from bort_jax.fileio import atomic_write_text
+from bort_jax.runtime.fileio import atomic_write_text
 
 CONFIGS = ("vitaminc", "movie_sentiment", "social_iqa")
 SPLITS = ("train", "validation", "test")
@@ -481,7 +481,7 @@ def demo_source(task_name: str, split: str, data_dir: str | None = None,
 
 
 def _cast_social_iqa(record):
-  from bort_jax.data import tasks  # pylint: disable=import-outside-toplevel
+  from bort_jax.finetune import tasks  # pylint: disable=import-outside-toplevel
   text = f"{tasks.as_text(record['context'])} {tasks.as_text(record['question'])}".strip()
   choices = tuple(tasks.as_text(record[k]) for k in ("answerA", "answerB", "answerC"))
   label = tasks.as_int(record["label"]) if "label" in record else -1
@@ -499,7 +499,7 @@ def register_demo_tasks(cache_dir: str | None = None, overwrite: bool = True) ->
     the registered task names.
   """
   # Imported here so that fetching and building do not pull in the registry.
-  from bort_jax.data import tasks  # pylint: disable=import-outside-toplevel
+  from bort_jax.finetune import tasks  # pylint: disable=import-outside-toplevel
 
   def source(config):
     return lambda split, data_dir: demo_source(config, split, data_dir, cache_dir)

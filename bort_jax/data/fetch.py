@@ -45,7 +45,7 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import BinaryIO
 
-from bort_jax.fileio import atomic_write_text
+from bort_jax.runtime.fileio import atomic_write_text
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1

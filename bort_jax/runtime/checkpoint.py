@@ -159,7 +159,7 @@ class CheckpointManager:
     if not read_only:
       if jax.process_index() == 0:
         os.makedirs(self.directory, exist_ok=True)
-      _barrier("bort_jax.checkpoint.mkdir")
+      _barrier("bort_jax.runtime.checkpoint.mkdir")
     if read_only:
       options = ocp.CheckpointManagerOptions(read_only=True, create=False,
                                              save_interval_steps=0, max_to_keep=None,
@@ -295,7 +295,7 @@ class CheckpointManager:
           dst = f"{src}{_CORRUPT_MARKER}{stamp}"
           os.rename(src, dst)
           log.warning("moved unreadable checkpoint %s to %s.", src, dst)
-    _barrier("bort_jax.checkpoint.quarantine")
+    _barrier("bort_jax.runtime.checkpoint.quarantine")
     self._mgr.reload()
 
   def _step_dir(self, step: int) -> str | None:
@@ -364,7 +364,7 @@ class CheckpointManager:
             removed.append(path)
     for path in removed:
       log.warning("removed stale temporary checkpoint folder %s.", path)
-    _barrier("bort_jax.checkpoint.clean_tmp")
+    _barrier("bort_jax.runtime.checkpoint.clean_tmp")
     return removed
 
   def close(self) -> None:

@@ -30,9 +30,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bort_jax import arch as arch_lib
-from bort_jax import cost, fptas, model, proxy, report, sharding
-from bort_jax.fileio import atomic_write_text
+from bort_jax.core import arch as arch_lib
+from bort_jax.core import cost, model
+from bort_jax.search import fptas, proxy, report
+from bort_jax.runtime import sharding
+from bort_jax.runtime.fileio import atomic_write_text
 
 MLM = model.HeadSpec("mlm")
 
@@ -137,7 +139,7 @@ def proxy_batches(config: ml_collections.ConfigDict, base: arch_lib.ModelConfig,
     return [make() for _ in range(steps)], make()
   if d.kind != "corpus":
     raise ValueError(f"data.kind must be 'corpus' or 'synthetic', got {d.kind!r}")
-  from bort_jax import distill  # the pretraining input pipeline
+  from bort_jax.pipelines import distill  # the pretraining input pipeline
   train_input, _ = distill.make_input(d, family, config.seed)
   held_input, _ = distill.make_input(d, family, config.seed + 1, split="validation")
   return [train_input.batch(s) for s in range(steps)], held_input.batch(0)
@@ -154,7 +156,7 @@ def teacher_logits(teacher_cfg, teacher_params, batches: Sequence[dict]) -> list
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the extraction in ``workdir``; returns a summary with the chosen architecture."""
-  from bort_jax import distill  # teacher loading and the student family rules
+  from bort_jax.pipelines import distill  # teacher loading and the student family rules
   t_start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
   candidates = search_space(config.space)

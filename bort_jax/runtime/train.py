@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bort_jax.fileio import atomic_write_text
+from bort_jax.runtime.fileio import atomic_write_text
 
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array, Any], tuple[jax.Array, dict]]
 

@@ -20,7 +20,7 @@ import numpy as np
 from scipy import stats
 from sklearn import metrics as skm
 
-from bort_jax.data import tasks as tasks_lib
+from bort_jax.finetune import tasks as tasks_lib
 
 
 def _ints(values, name: str) -> np.ndarray:

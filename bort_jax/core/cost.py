@@ -35,7 +35,7 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-from bort_jax.arch import PRESETS, ModelConfig, get_model_config
+from bort_jax.core.arch import PRESETS, ModelConfig, get_model_config
 
 # The archs `bort-jax cost` shows when none is named, and the yardstick of the percentages.
 DEFAULT_ARCHS = ("bort", "bort-paper", "bert-base", "bert-large")
@@ -282,7 +282,7 @@ def compile_forward(config: ModelConfig | str, batch: int, seq_len: int, head: A
   """
   import jax
 
-  from bort_jax import model  # Deferred: model.py imports flax.
+  from bort_jax.core import model  # Deferred: model.py imports flax.
 
   config = _config(config)
   spec = model.HeadSpec(head) if isinstance(head, str) else head

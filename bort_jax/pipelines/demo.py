@@ -69,7 +69,7 @@ def configs(workdir: str, cache_dir: str, quick: bool) -> dict:
 
 def run(workdir: str, cache_dir: str | None = None, quick: bool = False) -> dict:
   """Runs (or resumes) the pipeline in ``workdir``; returns the summary dict."""
-  from bort_jax import distill, extract
+  from bort_jax.pipelines import distill, extract
   from bort_jax.data import demo as demo_data
   from bort_jax.data import fetch
 
@@ -120,8 +120,9 @@ def _last_metrics(path: str) -> dict:
 
 def write_summary(workdir: str, cfg: dict, times: dict) -> dict:
   """``SUMMARY.md`` and ``summary.json``: the chosen student against the teacher."""
-  from bort_jax import arch as arch_lib
-  from bort_jax import cost, convert
+  from bort_jax.core import arch as arch_lib
+  from bort_jax.core import cost
+  from bort_jax.interop import convert
 
   teacher_cfg = convert.load_model_config(os.path.join(workdir, "teacher", "export"))
   with open(os.path.join(workdir, "extract", "chosen_arch.txt")) as f:

@@ -2,7 +2,7 @@
 
 vmap needs equal shapes, so candidates are grouped into *buckets*. Inside a bucket every member
 is padded to the bucket's shape (the elementwise maximum of depth, heads, head size, hidden and
-intermediate) and carries an architecture mask (``model.make_arch_mask``), so it computes
+intermediate) and carries an architecture mask (``masks.make_arch_mask``), so it computes
 exactly what the unpadded model computes while its padded parameters stay zero: they start at
 zero and get exactly zero gradient, and Adam turns a zero gradient into a zero update.
 
@@ -61,8 +61,9 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from bort_jax import cost, losses, model, optim
-from bort_jax.arch import Arch, ModelConfig
+from bort_jax.core import cost, losses, model, optim
+from bort_jax.core import masks
+from bort_jax.core.arch import Arch, ModelConfig
 
 MLM = model.HeadSpec("mlm")
 THETA_KEYS = ("lr", "weight_decay")
@@ -261,7 +262,7 @@ def make_tx(optim_cfg: Mapping[str, Any]) -> Callable[[Any, Any], optax.Gradient
 def member_param_mask(config: ModelConfig, arch_mask: Mapping[str, jax.Array]) -> dict:
   """The parameter mask of one member, built from its architecture mask (traceable).
 
-  Equals ``model.param_mask(config, arch)`` for ``arch_mask = make_arch_mask(config.arch,
+  Equals ``masks.param_mask(config, arch)`` for ``arch_mask = make_arch_mask(config.arch,
   arch)``, but works on traced masks, so a compiled program builds its members' weights itself.
 
   Args:
@@ -615,8 +616,8 @@ class PopulationTrainer:
     lr = np.asarray([t["lr"] for t in theta], np.float32)
     wd = np.asarray([t["weight_decay"] for t in theta], np.float32)
     if masked:
-      masks = [model.make_arch_mask(bucket.padded, members[j]) for j in order]
-      arch_mask = {key: np.stack([np.asarray(m[key]) for m in masks]) for key in masks[0]}
+      member_masks = [masks.make_arch_mask(bucket.padded, members[j]) for j in order]
+      arch_mask = {key: np.stack([np.asarray(m[key]) for m in member_masks]) for key in member_masks[0]}
     else:
       arch_mask = np.zeros((pad_to,), np.float32)  # unused by the mask-free path
     master = traverse_util.unflatten_dict(

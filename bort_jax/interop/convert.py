@@ -39,8 +39,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from bort_jax.arch import FAMILY_DEFAULTS, Arch, ModelConfig
-from bort_jax.torch_reader import read_torch_bin
+from bort_jax.core.arch import FAMILY_DEFAULTS, Arch, ModelConfig
+from bort_jax.interop.torch_reader import read_torch_bin
 
 logger = logging.getLogger(__name__)
 

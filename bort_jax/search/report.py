@@ -2,7 +2,7 @@
 
 Everything is written into the run's workdir:
 - ``results.md`` / ``results.csv`` / ``results.json``: one row per candidate, sorted by W
-  (largest first, untrained candidates last), from a :class:`bort_jax.fptas.Result`;
+  (largest first, untrained candidates last), from a :class:`bort_jax.search.fptas.Result`;
 - ``chosen_arch.txt``: the returned architecture string;
 - ``pareto.png``: size and inference cost against proxy error, Pareto fronts highlighted and
   the chosen candidate marked;
@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from bort_jax.fileio import atomic_write_text
+from bort_jax.runtime.fileio import atomic_write_text
 
 LEDGER_KEYS = ("wall_time_s", "compile_time_s", "compile_count", "flops")
 """Keys every cost ledger must have (more are allowed)."""
@@ -90,7 +90,7 @@ def write_tables(result, workdir: str | os.PathLike) -> dict[str, str]:
   """Writes results.md, results.csv, results.json and chosen_arch.txt.
 
   Args:
-    result: a :class:`bort_jax.fptas.Result`. Row ``extra`` columns (e.g. params_total,
+    result: a :class:`bort_jax.search.fptas.Result`. Row ``extra`` columns (e.g. params_total,
       params_effective, flops, latency_ms) become table columns after ``p``.
     workdir: the run's directory (created if needed).
 
@@ -177,7 +177,7 @@ def pareto_plot(result, path: str | os.PathLike, size_key: str = "params_effecti
   red star with its name.
 
   Args:
-    result: a :class:`bort_jax.fptas.Result`.
+    result: a :class:`bort_jax.search.fptas.Result`.
     path: the PNG to write.
     size_key: the row ``extra`` column used as size (falls back to ``p`` when absent).
     size_label: x label of the first panel (default: the key's name).

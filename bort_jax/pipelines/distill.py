@@ -33,8 +33,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from bort_jax import arch as arch_lib
-from bort_jax import checkpoint, losses, model, optim, sharding, train
+from bort_jax.core import arch as arch_lib
+from bort_jax.runtime import checkpoint, sharding, train
+from bort_jax.core import losses, model, optim
 
 MLM = model.HeadSpec("mlm")
 TRAINABLE = ("all", "mlm_head")
@@ -55,7 +56,7 @@ def load_teacher(teacher_cfg: ml_collections.ConfigDict) -> tuple[arch_lib.Model
   Returns:
     ``(model config, params)`` with the MLM head, or ``(None, None)`` for kind "none".
   """
-  from bort_jax import convert  # Lazy: only the modes with a teacher need the converter.
+  from bort_jax.interop import convert  # Lazy: only the modes with a teacher need the converter.
   kind = teacher_cfg.get("kind", "none")
   if kind == "none":
     return None, None
@@ -169,7 +170,7 @@ def load_models(config: ml_collections.ConfigDict, trainable: str = "all") -> Mo
   if not path:
     student = student_config(config.student, teacher_cfg)
     return Models(student, teacher_cfg, teacher_params, None, trainable)
-  from bort_jax import convert  # pylint: disable=import-outside-toplevel
+  from bort_jax.interop import convert  # pylint: disable=import-outside-toplevel
   kind = config.student.get("kind", "hf")
   if kind == "hf":
     student, loaded = convert.load_hf(path, with_mlm_head=None)
@@ -306,7 +307,7 @@ def make_input(data_cfg: ml_collections.ConfigDict, tokenizer_family: str, seed:
       validation_fraction=float(data_cfg.get("validation_fraction", 0.01)))
   if jax.process_index() == 0:
     sources = build()
-  _barrier("bort_jax.distill.build_corpus")
+  _barrier("bort_jax.pipelines.distill.build_corpus")
   if jax.process_index() != 0:
     sources = build()
   if split not in sources:
@@ -594,14 +595,14 @@ def export(params: Any, built: Setup, workdir: str) -> str:
   Returns:
     The export directory.
   """
-  from bort_jax import convert  # pylint: disable=import-outside-toplevel
+  from bort_jax.interop import convert  # pylint: disable=import-outside-toplevel
   host = _fetch(params)
   if built.models.trainable == "mlm_head":
     host = {**_fetch(built.frozen["body"]), **host}
   out = os.path.join(workdir, "export")
   if jax.process_index() == 0:
     convert.save_params(out, host, built.student)
-  _barrier("bort_jax.distill.export")
+  _barrier("bort_jax.pipelines.distill.export")
   return out
 
 

@@ -25,8 +25,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bort_jax.data import tasks as tasks_lib
-from bort_jax.fileio import atomic_write_text
+from bort_jax.finetune import tasks as tasks_lib
+from bort_jax.runtime.fileio import atomic_write_text
 
 GLUE_FILES = {
     ("glue/cola", "test"): "CoLA.tsv",

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from bort_jax.interop import export
 from bort_jax.interop import convert, torch_reader
 from bort_jax.core import model
 from bort_jax.core.arch import get_model_config
@@ -226,12 +227,12 @@ def test_round_trip_hf_ours_hf_exact():
 def test_save_and_load_params(tmp_path):
   config = _tiny("bort")
   params = _random_params(config, model.HeadSpec("mlm"))
-  convert.save_params(str(tmp_path / "ckpt"), params, config)
-  loaded_config, loaded = convert.load_params(str(tmp_path / "ckpt"))
+  export.save(str(tmp_path / "ckpt"), params, config)
+  loaded_config, loaded = export.load(str(tmp_path / "ckpt"))
   assert loaded_config == config
   _assert_trees_equal(params, loaded)
   with pytest.raises(ValueError, match="not a bort_jax checkpoint"):
-    convert.load_params(str(tmp_path))
+    export.load(str(tmp_path))
 
 
 def test_cli_both_ways(tmp_path, capsys):
@@ -239,7 +240,7 @@ def test_cli_both_ways(tmp_path, capsys):
   assert convert.main(["--from-hf", _fixture("roberta_mlm"), "--out", ours]) == 0
   assert convert.main(["--to-hf", ours, "--out", hf]) == 0
   assert "roberta D2-A4-H32-I64" in capsys.readouterr().out
-  _assert_trees_equal(convert.load_params(ours)[1], convert.load_hf(hf)[1])
+  _assert_trees_equal(export.load(ours)[1], convert.load_hf(hf)[1])
   assert convert.main(["--from-hf", str(tmp_path / "nowhere"), "--out", ours]) == 1
   assert "nowhere' is not a directory" in capsys.readouterr().err
   os.makedirs(tmp_path / "empty")

@@ -1,6 +1,6 @@
 """Distillation and teacher-adapt end to end on tiny models: the real ``distill.run``.
 
-A tiny random BERT teacher (D2-A2-H32-I64) is written with ``convert.save_params``, a WordPiece
+A tiny random BERT teacher (D2-A2-H32-I64) is written with ``export.save``, a WordPiece
 vocabulary is built from the words of a small corpus of real English sentences, and the corpus
 is written as text files; everything lives in a module-scoped temporary folder.
 
@@ -31,9 +31,9 @@ import ml_collections
 import numpy as np
 import pytest
 
+from bort_jax.interop import export
 from bort_jax.core import arch as arch_lib
 from bort_jax.runtime import checkpoint, sharding
-from bort_jax.interop import convert
 from bort_jax.pipelines import distill
 from bort_jax.core import model
 
@@ -145,9 +145,9 @@ def make_assets(root: str) -> dict:
   # A random init predicts nearly uniform tokens; a spread-out output bias gives the teacher
   # a distinct distribution for the student to learn within a few steps.
   teacher["mlm_head"]["bias"] = 3.0 * jax.random.normal(jax.random.key(13), (VOCAB_SIZE,))
-  convert.save_params(os.path.join(root, "teacher"), teacher, cfg)
+  export.save(os.path.join(root, "teacher"), teacher, cfg)
   body = model.init(jax.random.key(12), cfg, model.HeadSpec("none"))
-  convert.save_params(os.path.join(root, "body"), body, cfg)
+  export.save(os.path.join(root, "body"), body, cfg)
   return {"root": root, "tokenizer": tok_dir, "corpus": os.path.join(corpus_dir, "*.txt"),
           "teacher": os.path.join(root, "teacher"), "body": os.path.join(root, "body"),
           "data_dir": os.path.join(root, "tfds")}
@@ -271,7 +271,7 @@ def test_distill_smoke_learns_and_keeps_teacher_out(assets, reference):
   assert stored_shapes - {()} <= student_shapes
   assert (32, 64) not in stored_shapes  # the teacher's FFN kernel
   # export/ holds the student, loadable as a teacher for the next stage.
-  cfg, exported = convert.load_params(result["export"])
+  cfg, exported = export.load(result["export"])
   assert str(cfg.arch) == ARCH and cfg.vocab_size == VOCAB_SIZE
   assert reference["step"] == total
   flat = {jax.tree_util.keystr(p): np.asarray(v)
@@ -301,8 +301,8 @@ def test_teacher_adapt_trains_only_the_head(assets, tmp_path):
   mgr = checkpoint.CheckpointManager(os.path.join(workdir, "checkpoints"), read_only=True)
   assert set(mgr.stored_tree()["params"]) == {"mlm_head"}  # the body is never checkpointed
   mgr.close()
-  _, body = convert.load_params(assets["body"])
-  cfg, adapted = convert.load_params(result["export"])
+  _, body = export.load(assets["body"])
+  cfg, adapted = export.load(result["export"])
   assert "mlm_head" in adapted
   for group in body:
     for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(body[group]),
@@ -329,8 +329,8 @@ def test_teacher_adapt_all_fine_tunes_the_loaded_body(assets, tmp_path):
   mgr = checkpoint.CheckpointManager(os.path.join(workdir, "checkpoints"), read_only=True)
   assert "encoder" in mgr.stored_tree()["params"] and "mlm_head" in mgr.stored_tree()["params"]
   mgr.close()
-  _, body = convert.load_params(assets["body"])
-  _, adapted = convert.load_params(result["export"])
+  _, body = export.load(assets["body"])
+  _, adapted = export.load(result["export"])
   # It starts from the loaded body (not a fresh init) and trains it: 12 steps of lr 1e-4 move a
   # weight by at most ~4e-3 (Adam without bias correction steps up to ~3.2 lr at first), far
   # less than the weights themselves.

@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 
+from bort_jax.interop import export
 from bort_jax.core import arch as arch_lib
-from bort_jax.interop import convert
 from bort_jax.pipelines import extract
 from bort_jax.core import model
 from bort_jax.search import proxy
@@ -28,7 +28,7 @@ def _config(tmp_path, **changes):
     teacher = arch_lib.get_model_config("D1-A2-H32-I64", family="bert", vocab_size=VOCAB,
                                         max_positions=32, pooler=False)
     params = model.init(jax.random.key(1), teacher, model.HeadSpec("mlm"))
-    convert.save_params(str(teacher_dir), jax.device_get(params), teacher)
+    export.save(str(teacher_dir), jax.device_get(params), teacher)
   config.teacher.path = str(teacher_dir)
   config.cost.latency_table = str(tmp_path / "latency.json")
   for key, value in changes.items():

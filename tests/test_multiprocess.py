@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 
-from bort_jax.interop import convert
+from bort_jax.interop import export
 from bort_jax.pipelines import distill
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -89,8 +89,8 @@ def test_two_processes_match_one(assets, tmp_path):
   lines = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
   assert len(lines) == 6
 
-  cfg_two, two = convert.load_params(os.path.join(workdir, "export"))
-  cfg_one, one = convert.load_params(ref_result["export"])
+  cfg_two, two = export.load(os.path.join(workdir, "export"))
+  cfg_one, one = export.load(ref_result["export"])
   assert cfg_two == cfg_one
   two, one = _flat(two), _flat(one)
   assert sorted(two) == sorted(one)

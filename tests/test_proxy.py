@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from bort_jax.core import model
 from bort_jax.core import masks
 from bort_jax.search import proxy
 from bort_jax.runtime import sharding

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import meta
 
-from bort_jax.core.arch import Arch, ModelConfig
+from bort_jax.core.arch import ModelConfig
 
 HEAD_KINDS = ("none", "mlm", "classification", "regression", "multiple_choice")
 _INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "masked_positions")

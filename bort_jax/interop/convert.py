@@ -40,13 +40,12 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from bort_jax.core.arch import FAMILY_DEFAULTS, Arch, ModelConfig
+from bort_jax.interop import export
 from bort_jax.interop.torch_reader import read_torch_bin
 
 logger = logging.getLogger(__name__)
 
 BORT_VOCAB_SIZE = 50265
-PARAMS_FILE = "params.safetensors"
-MODEL_CONFIG_FILE = "model_config.json"
 # Key of the block that save_hf adds to config.json; transformers keeps unknown keys as-is.
 EXTRA_KEY = "bort_jax"
 
@@ -667,57 +666,6 @@ def _map(fn: Callable, tree: dict) -> dict:
   return {k: _map(fn, v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
 
 
-def save_params(path: str, params: dict, config: ModelConfig) -> None:
-  """Writes our checkpoint: ``params.safetensors`` ('/'-joined names) + ``model_config.json``.
-
-  Args:
-    path: directory to create.
-    params: parameter tree (nested dicts of arrays).
-    config: its model config.
-  """
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-
-  flat = {}
-  for p in _paths(params):
-    if any("/" in key for key in p):
-      raise ValueError(f"parameter name {p!r} contains '/'")
-    flat["/".join(p)] = np.ascontiguousarray(np.asarray(_get(params, p)))
-  os.makedirs(path, exist_ok=True)
-  save_file(flat, os.path.join(path, PARAMS_FILE))
-  with open(os.path.join(path, MODEL_CONFIG_FILE), "w") as f:
-    json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-
-
-def load_model_config(path: str) -> ModelConfig:
-  """The ModelConfig of a checkpoint written by :func:`save_params`, without its weights."""
-  file = os.path.join(path, MODEL_CONFIG_FILE)
-  if not os.path.exists(file):
-    raise ValueError(f"{path!r} is not a bort_jax checkpoint: {MODEL_CONFIG_FILE} is missing")
-  with open(file) as f:
-    return ModelConfig.from_dict(json.load(f))
-
-
-def load_params(path: str) -> tuple[ModelConfig, dict]:
-  """Reads a checkpoint written by :func:`save_params`.
-
-  Args:
-    path: the directory.
-
-  Returns:
-    ``(config, params)`` with params a nested dict of jax arrays.
-  """
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-
-  config = load_model_config(path)
-  if not os.path.exists(os.path.join(path, PARAMS_FILE)):
-    raise ValueError(f"{path!r} is not a bort_jax checkpoint: {PARAMS_FILE} is missing")
-  params: dict = {}
-  for name, value in load_file(os.path.join(path, PARAMS_FILE)).items():
-    _set(params, tuple(name.split("/")), jnp.asarray(value))
-  return config, params
-
-
 def main(argv: list[str] | None = None) -> int:
   """``bort-jax convert``: Hugging Face directory <-> our checkpoint.
 
@@ -742,9 +690,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_hf:
       config, params = load_hf(args.from_hf, with_mlm_head=False if args.no_mlm_head else None,
                                family=args.family)
-      save_params(args.out, params, config)
+      export.save(args.out, params, config)
     else:
-      config, params = load_params(args.to_hf)
+      config, params = export.load(args.to_hf)
       if args.no_mlm_head:
         params = {k: v for k, v in params.items() if k != "mlm_head"}
       save_hf(params, config, args.out)

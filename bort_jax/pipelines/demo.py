@@ -26,6 +26,7 @@ import os
 import sys
 import time
 
+from bort_jax.interop import export
 from bort_jax import cli
 
 
@@ -122,9 +123,8 @@ def write_summary(workdir: str, cfg: dict, times: dict) -> dict:
   """``SUMMARY.md`` and ``summary.json``: the chosen student against the teacher."""
   from bort_jax.core import arch as arch_lib
   from bort_jax.core import cost
-  from bort_jax.interop import convert
 
-  teacher_cfg = convert.load_model_config(os.path.join(workdir, "teacher", "export"))
+  teacher_cfg = export.load_config(os.path.join(workdir, "teacher", "export"))
   with open(os.path.join(workdir, "extract", "chosen_arch.txt")) as f:
     chosen = f.read().strip()
   student_cfg = teacher_cfg.replace(arch=arch_lib.Arch.parse(chosen))

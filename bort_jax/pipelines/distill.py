@@ -33,6 +33,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from bort_jax.interop import export as export_lib
 from bort_jax.core import arch as arch_lib
 from bort_jax.runtime import checkpoint, sharding, train
 from bort_jax.core import losses, model, optim
@@ -51,7 +52,7 @@ def load_teacher(teacher_cfg: ml_collections.ConfigDict) -> tuple[arch_lib.Model
 
   Args:
     teacher_cfg: ``kind`` ("hf": a Hugging Face directory, "params": our
-      ``convert.save_params`` format, "none": no teacher) and ``path``.
+      ``export.save`` format, "none": no teacher) and ``path``.
 
   Returns:
     ``(model config, params)`` with the MLM head, or ``(None, None)`` for kind "none".
@@ -65,7 +66,7 @@ def load_teacher(teacher_cfg: ml_collections.ConfigDict) -> tuple[arch_lib.Model
   if kind == "hf":
     config, params = convert.load_hf(teacher_cfg.path, with_mlm_head=None)
   elif kind == "params":
-    config, params = convert.load_params(teacher_cfg.path)
+    config, params = export_lib.load(teacher_cfg.path)
   else:
     raise ValueError(f"unknown config.teacher.kind {kind!r}; use 'hf', 'params' or 'none'")
   if "mlm_head" not in params:
@@ -175,7 +176,7 @@ def load_models(config: ml_collections.ConfigDict, trainable: str = "all") -> Mo
   if kind == "hf":
     student, loaded = convert.load_hf(path, with_mlm_head=None)
   elif kind == "params":
-    student, loaded = convert.load_params(path)
+    student, loaded = export_lib.load(path)
   else:
     raise ValueError(f"config.student.kind must be 'hf' or 'params', got {kind!r}")
   # An existing head is replaced by a fresh one: adapting trains the head from scratch.
@@ -307,7 +308,7 @@ def make_input(data_cfg: ml_collections.ConfigDict, tokenizer_family: str, seed:
       validation_fraction=float(data_cfg.get("validation_fraction", 0.01)))
   if jax.process_index() == 0:
     sources = build()
-  _barrier("bort_jax.pipelines.distill.build_corpus")
+  sharding.barrier("bort_jax.pipelines.distill.build_corpus")
   if jax.process_index() != 0:
     sources = build()
   if split not in sources:
@@ -509,11 +510,6 @@ def _with_shardings(abstract: Any, shardings: Any) -> Any:
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    multihost_utils.sync_global_devices(name)
-
 
 def _fetch(tree: Any) -> Any:
   """Host copy of a pytree of global arrays (gathered across processes when needed)."""
@@ -589,20 +585,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, trainable: str = "all")
 def export(params: Any, built: Setup, workdir: str) -> str:
   """Writes the trained model (with its frozen body, if any) under ``workdir/export``.
 
-  The format is ``convert.save_params`` (params.safetensors + model_config.json), which
+  The format is ``export.save`` (params.safetensors + model_config.json), which
   ``config.teacher.kind = "params"`` reads.
 
   Returns:
     The export directory.
   """
-  from bort_jax.interop import convert  # pylint: disable=import-outside-toplevel
   host = _fetch(params)
   if built.models.trainable == "mlm_head":
     host = {**_fetch(built.frozen["body"]), **host}
   out = os.path.join(workdir, "export")
   if jax.process_index() == 0:
-    convert.save_params(out, host, built.student)
-  _barrier("bort_jax.pipelines.distill.export")
+    export_lib.save(out, host, built.student)
+  sharding.barrier("bort_jax.pipelines.distill.export")
   return out
 
 

@@ -42,6 +42,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from bort_jax.runtime import sharding
+
 _STATE = "state"
 _METADATA = "metadata"
 _TMP_MARKER = ".orbax-checkpoint-tmp"
@@ -73,11 +75,6 @@ class InitialState(NamedTuple):
   step: int
   metadata: dict
 
-
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
 
 
 def _jsonable(value: Any) -> Any:
@@ -159,7 +156,7 @@ class CheckpointManager:
     if not read_only:
       if jax.process_index() == 0:
         os.makedirs(self.directory, exist_ok=True)
-      _barrier("bort_jax.runtime.checkpoint.mkdir")
+      sharding.barrier("bort_jax.runtime.checkpoint.mkdir")
     if read_only:
       options = ocp.CheckpointManagerOptions(read_only=True, create=False,
                                              save_interval_steps=0, max_to_keep=None,
@@ -295,7 +292,7 @@ class CheckpointManager:
           dst = f"{src}{_CORRUPT_MARKER}{stamp}"
           os.rename(src, dst)
           log.warning("moved unreadable checkpoint %s to %s.", src, dst)
-    _barrier("bort_jax.runtime.checkpoint.quarantine")
+    sharding.barrier("bort_jax.runtime.checkpoint.quarantine")
     self._mgr.reload()
 
   def _step_dir(self, step: int) -> str | None:
@@ -364,7 +361,7 @@ class CheckpointManager:
             removed.append(path)
     for path in removed:
       log.warning("removed stale temporary checkpoint folder %s.", path)
-    _barrier("bort_jax.runtime.checkpoint.clean_tmp")
+    sharding.barrier("bort_jax.runtime.checkpoint.clean_tmp")
     return removed
 
   def close(self) -> None:

@@ -1,9 +1,18 @@
-"""Atomic file writes: a reader sees the old file or the whole new one, never half of it."""
+"""File writing: atomic files and folders, and the one JSON-plain converter.
+
+A reader sees the old file (or folder) or the whole new one, never half of it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import shutil
 import tempfile
+from typing import Any, Iterator
+
+import numpy as np
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> str:
@@ -31,3 +40,73 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> str:
       os.remove(tmp)
     raise
   return path
+
+
+def to_jsonable(value: Any) -> Any:
+  """A strict-JSON form of ``value``: the one converter for reports, logs and metadata.
+
+  Arrays and numpy/jax scalars become Python numbers or nested lists, ``bytes`` become UTF-8
+  text, config dicts (anything with ``to_dict``) become dicts, dicts, lists and tuples are
+  converted recursively, and non-finite floats become None (JSON has no NaN or infinity).
+  Anything else is returned unchanged when JSON can hold it, else as ``str(value)``.
+  """
+  if isinstance(value, dict):
+    return {str(k): to_jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [to_jsonable(v) for v in value]
+  if isinstance(value, (bytes, np.bytes_)):
+    return bytes(value).decode("utf-8")
+  if hasattr(value, "to_dict") and not isinstance(value, np.ndarray):
+    return to_jsonable(value.to_dict())
+  if isinstance(value, (np.generic, np.ndarray)) or hasattr(value, "__array__"):
+    array = np.asarray(value)
+    value = array.item() if array.ndim == 0 else array.tolist()
+    return to_jsonable(value) if isinstance(value, list) else _finite_or_none(value)
+  if isinstance(value, float):
+    return _finite_or_none(value)
+  if value is None or isinstance(value, (str, int, bool)):
+    return value
+  return str(value)
+
+
+def _finite_or_none(value: Any) -> Any:
+  return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
+  """Builds a folder under a temporary name beside ``path`` and renames it into place.
+
+  Use as ``with atomic_dir(out) as tmp: write files into tmp``. A reader (or a resumed run)
+  sees either no folder, the old one, or the complete new one: a crash inside the block leaves
+  only a hidden ``.NAME-*.tmp`` folder, which the next call for the same path removes. An
+  existing folder at ``path`` is replaced only after the new one is complete. Files written
+  inside get normal permissions (folders 0755, files 0644).
+
+  Yields:
+    The temporary folder to write into.
+  """
+  path = os.path.abspath(os.fspath(path))
+  parent, name = os.path.split(path)
+  os.makedirs(parent, exist_ok=True)
+  for stale in os.listdir(parent):
+    if stale.startswith(f".{name}-") and stale.endswith(".tmp"):
+      shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}-", suffix=".tmp")
+  try:
+    yield tmp
+    for root, dirs, files in os.walk(tmp):
+      os.chmod(root, 0o755)
+      for f in files:
+        os.chmod(os.path.join(root, f), 0o644)
+    if os.path.isdir(path):
+      old = tempfile.mkdtemp(dir=parent, prefix=f".{name}-", suffix=".tmp")
+      os.rmdir(old)
+      os.replace(path, old)
+      os.replace(tmp, path)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise

@@ -244,3 +244,10 @@ def tree_shardings_like(tree: Any, params_treedef: Any, param_shardings: Any,
     return replicated(mesh)
 
   return jax.tree_util.tree_map(assign, tree, is_leaf=is_params_like)
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier ``name`` (a no-op in one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)

@@ -18,8 +18,7 @@ PAPER.md section 5:
 :func:`gather_predictions` turns model outputs back into one prediction per scored unit (a
 record, or a RACE question), ready for ``metrics.compute_metrics`` and ``submission``.
 
-Text comes back as ``bytes`` from a real array_record source and as ``str`` from
-``tfds.testing.mock_data``; every cast goes through :func:`as_text`.
+The casts themselves, their decoders and groupings live in ``casts.py``.
 """
 
 from __future__ import annotations
@@ -27,13 +26,16 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import types
-from typing import Any, Callable, Hashable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Callable, Hashable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-KINDS = ("classification", "regression", "multiple_choice", "candidates")
+from bort_jax.finetune import casts
+# Re-exported: the registry's users build examples and casts through this module.
+from bort_jax.finetune.casts import (  # noqa: F401
+    RACE_CHOICES, Example, Record, as_int, as_text, as_texts, pair_cast)
 
-Record = Mapping[str, Any]
+KINDS = ("classification", "regression", "multiple_choice", "candidates")
 
 
 class Tokenizer(Protocol):
@@ -44,27 +46,6 @@ class Tokenizer(Protocol):
   def encode_pair(self, a: str, b: str | None, max_length: int
                   ) -> tuple[Sequence[int], Sequence[int]]:
     """Returns ``(ids, type_ids)`` of at most ``max_length`` tokens, specials included."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-  """One model input cast from a raw record.
-
-  Attributes:
-    text_a: first segment (for multiple choice, the context shared by every choice).
-    text_b: second segment, or None for single-sentence tasks.
-    choices: multiple choice only: the second segment of each choice.
-    label: class id, float score (regression), 1/0 (candidates), or -1 when unlabeled.
-    example_id: position of the source record in its split (set by :func:`cast_split`).
-    candidate: position of this example among those cast from the same record.
-  """
-
-  text_a: str
-  text_b: str | None = None
-  choices: tuple[str, ...] | None = None
-  label: int | float = -1
-  example_id: int = -1
-  candidate: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,185 +108,6 @@ class TaskSpec:
     """Every split this task knows, train first."""
     head = (self.train_split,) if self.train_split else ()
     return head + self.validation_splits + self.test_splits
-
-
-# ----------------------------------------------------------------------------- record values
-
-
-def as_text(value: Any) -> str:
-  """Normalises a TFDS text value (bytes, str, numpy scalar) to ``str``."""
-  if isinstance(value, np.ndarray):
-    value = value.item() if value.ndim == 0 else value
-  if isinstance(value, (bytes, np.bytes_)):
-    return bytes(value).decode("utf-8")
-  if isinstance(value, str):
-    return str(value)
-  raise TypeError(f"expected a text value, got {type(value).__name__}: {value!r}")
-
-
-def as_texts(values: Any) -> list[str]:
-  """Normalises a TFDS text sequence (list or numpy array of bytes/str) to ``list[str]``."""
-  return [as_text(v) for v in np.asarray(values, dtype=object).reshape(-1)]
-
-
-def as_int(value: Any) -> int:
-  """A TFDS scalar (numpy 0-d array, numpy int, int) as a Python int."""
-  return int(np.asarray(value).item())
-
-
-def _label(record: Record) -> int:
-  # Test splits of GLUE/SuperGLUE carry -1; a record without a label is unlabeled too.
-  return as_int(record["label"]) if "label" in record else -1
-
-
-# ----------------------------------------------------------------------------- casts
-
-
-def pair_cast(text_a: str, text_b: str | None = None, *, label: str = "label",
-              regression: bool = False) -> Callable[[Record], list[Example]]:
-  """Cast for single-sentence and sentence-pair tasks.
-
-  Args:
-    text_a: feature holding the first segment.
-    text_b: feature holding the second segment, or None.
-    label: feature holding the label.
-    regression: keep the label as a float.
-
-  Returns:
-    ``cast(record) -> [Example]``.
-  """
-
-  def cast(record: Record) -> list[Example]:
-    a = as_text(record[text_a])
-    b = as_text(record[text_b]) if text_b else None
-    if regression:
-      value = float(np.asarray(record[label]).item()) if label in record else -1.0
-    else:
-      value = as_int(record[label]) if label in record else -1
-    return [Example(a, b, label=value)]
-
-  return cast
-
-
-def _cast_wic(record: Record) -> list[Example]:
-  # The target word leads the first segment so the model knows which word to compare.
-  word = as_text(record["word"])
-  return [Example(f"{word}: {as_text(record['sentence1'])}", as_text(record["sentence2"]),
-                  label=_label(record))]
-
-
-def _cast_wsc(record: Record) -> list[Example]:
-  # span2 is the pronoun, span1 the candidate referent (PAPER.md section 5).
-  claim = f"{as_text(record['span2_text'])} means {as_text(record['span1_text'])}"
-  return [Example(as_text(record["text"]), claim, label=_label(record))]
-
-
-_COPA_CONNECTORS = {"cause": " because ", "effect": " so "}
-
-
-def _cast_copa(record: Record) -> list[Example]:
-  premise = as_text(record["premise"]).strip()
-  question = as_text(record["question"]).strip()
-  # A question that is neither cause nor effect (mock data) falls back to "because".
-  connector = _COPA_CONNECTORS.get(question, " because ")
-  # Drop the premise's final full stop so the joined text reads as one sentence.
-  if premise.endswith("."):
-    premise = premise[:-1]
-  answer = _label(record)
-  out = []
-  for j, key in enumerate(("choice1", "choice2")):
-    label = -1 if answer < 0 else int(answer == j)
-    out.append(Example(premise + connector + as_text(record[key]).strip(), None,
-                       label=label, candidate=j))
-  return out
-
-
-def _cast_multirc(record: Record) -> list[Example]:
-  qa = f"{as_text(record['question'])} {as_text(record['answer'])}"
-  return [Example(as_text(record["paragraph"]), qa, label=_label(record))]
-
-
-def _record_passage(record: Record) -> str:
-  # ReCoRD passages mark the article's summary bullets with "@highlight"; make them sentences.
-  return as_text(record["passage"]).replace("@highlight\n", "- ")
-
-
-def _cast_record(record: Record) -> list[Example]:
-  passage = _record_passage(record)
-  query = as_text(record["query"])
-  entities = as_texts(record["entities"])
-  answers = set(as_texts(record["answers"]))
-  out = []
-  for j, entity in enumerate(entities):
-    label = int(entity in answers) if answers else -1
-    out.append(Example(passage, query.replace("@placeholder", entity), label=label,
-                       candidate=j))
-  return out
-
-
-RACE_CHOICES = 4
-_RACE_LETTERS = "ABCD"
-
-
-def _cast_race(record: Record) -> list[Example]:
-  article = as_text(record["article"])
-  questions = as_texts(record["questions"])
-  answers = as_texts(record["answers"])
-  options = record["options"]
-  where = f"RACE record {as_text(record['example_id'])!r}" if "example_id" in record else \
-      "RACE record"
-  if len(options) != len(questions):
-    raise ValueError(f"{where}: {len(questions)} questions but {len(options)} option lists")
-  if answers and len(answers) != len(questions):
-    raise ValueError(f"{where}: {len(questions)} questions but {len(answers)} answers")
-  out = []
-  for i, question in enumerate(questions):
-    choices = as_texts(options[i])
-    if len(choices) != RACE_CHOICES:
-      raise ValueError(f"{where}, question {i}: expected {RACE_CHOICES} options, "
-                       f"got {len(choices)}")
-    if answers:
-      if answers[i] not in _RACE_LETTERS:
-        raise ValueError(f"{where}, question {i}: answer {answers[i]!r} is not one of "
-                         f"{', '.join(_RACE_LETTERS)}")
-      label = _RACE_LETTERS.index(answers[i])
-    else:
-      label = -1
-    out.append(Example(f"{article} {question}", None, choices=tuple(choices), label=label,
-                       candidate=i))
-  return out
-
-
-# ----------------------------------------------------------------------------- decoders
-
-
-def _decode_argmax(record: Record, scores: np.ndarray) -> int:
-  del record  # the winning candidate's position is the prediction (COPA: choice index)
-  return int(np.argmax(scores))
-
-
-def _decode_binary(record: Record, scores: np.ndarray) -> int:
-  del record  # MultiRC: each record is one answer option, positive when log-odds > 0
-  return int(scores[0] > 0)
-
-
-def _decode_record(record: Record, scores: np.ndarray) -> str:
-  entities = as_texts(record["entities"])
-  return entities[int(np.argmax(scores))] if len(scores) else ""
-
-
-def _reference_record(record: Record) -> list[str]:
-  return as_texts(record["answers"])
-
-
-def _group_multirc(record: Record) -> Hashable:
-  idx = record["idx"]
-  return (as_int(idx["paragraph"]), as_int(idx["question"]))
-
-
-def _group_pairs(record: Record) -> Hashable:
-  # AX-g lists each Winogender minimal pair as consecutive idx values (2k, 2k + 1).
-  return as_int(record["idx"]) // 2
 
 
 # ----------------------------------------------------------------------------- registry
@@ -397,27 +199,28 @@ _BUILTIN = [
     _super_glue("cb", pair_cast("premise", "hypothesis"), num_labels=3,
                 metrics=("accuracy", "macro_f1"),
                 label_names=("entailment", "contradiction", "neutral")),
-    _super_glue("copa", _cast_copa, kind="candidates", decode=_decode_argmax,
-                reference=_label, label_names=("choice1", "choice2")),
-    _super_glue("multirc", _cast_multirc, kind="candidates", metrics=("f1a", "em"),
-                decode=_decode_binary, reference=_label, group=_group_multirc),
-    _super_glue("record", _cast_record, kind="candidates",
+    _super_glue("copa", casts.cast_copa, kind="candidates", decode=casts.decode_argmax,
+                reference=casts.label_of, label_names=("choice1", "choice2")),
+    _super_glue("multirc", casts.cast_multirc, kind="candidates", metrics=("f1a", "em"),
+                decode=casts.decode_binary, reference=casts.label_of,
+                group=casts.group_multirc),
+    _super_glue("record", casts.cast_record, kind="candidates",
                 metrics=("token_f1", "exact_match"),
-                decode=_decode_record, reference=_reference_record, label_names=()),
+                decode=casts.decode_record, reference=casts.reference_record, label_names=()),
     _super_glue("rte", pair_cast("premise", "hypothesis"), label_names=_NLI2),
-    _super_glue("wic", _cast_wic),
+    _super_glue("wic", casts.cast_wic),
     # wsc.fixed repairs spans that are not substrings of the text; it is the one to use.
-    _super_glue("wsc.fixed", _cast_wsc, name="wsc"),
+    _super_glue("wsc.fixed", casts.cast_wsc, name="wsc"),
     _super_glue("axb", pair_cast("sentence1", "sentence2"), metrics=("mcc",),
                 label_names=_NLI2, train_task="super_glue/rte", **_TEST_ONLY),
     _super_glue("axg", pair_cast("premise", "hypothesis"),
                 metrics=("accuracy", "gender_parity"), label_names=_NLI2,
-                train_task="super_glue/rte", group=_group_pairs, **_TEST_ONLY),
+                train_task="super_glue/rte", group=casts.group_pairs, **_TEST_ONLY),
 ]
 _BUILTIN += [
     TaskSpec(name=f"race/{level}", builder=f"race/{level}", kind="multiple_choice",
-             num_labels=RACE_CHOICES, cast=_cast_race, metrics=("accuracy",),
-             label_names=tuple(_RACE_LETTERS), validation_splits=("dev",))
+             num_labels=RACE_CHOICES, cast=casts.cast_race, metrics=("accuracy",),
+             label_names=tuple(casts.RACE_LETTERS), validation_splits=("dev",))
     for level in ("high", "middle")
 ]
 for _spec in _BUILTIN:

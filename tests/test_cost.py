@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bort_jax.core import cost
+from bort_jax.core import cost, model
 from bort_jax.core.arch import PRESETS, Arch, SearchSpace, get_model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,6 +125,17 @@ def test_released_bort_size():
   assert 7.5 < 100 * counts["effective"] / large["effective"] < 8.5
 
 
+def test_task_head_counts_per_layout():
+  h = 1024
+  bort = cost.param_counts("bort", model.HeadSpec("classification", 3))  # RoBERTa layout
+  assert (bort["pooler"], bort["task_head"]) == (0, (h * h + h) + (3 * h + 3))
+  as_bert = cost.param_counts("bort", model.HeadSpec("classification", 3, "bert"))
+  assert (as_bert["pooler"], as_bert["task_head"]) == (h * h + h, 3 * h + 3)
+  choice = cost.param_counts("bort", "multiple_choice")  # pooler + Linear(H, 1) in any layout
+  assert (choice["pooler"], choice["task_head"]) == (h * h + h, h + 1)
+  assert cost.param_counts("bort", "regression")["task_head"] == (h * h + h) + (h + 1)
+
+
 def test_bad_head_is_named():
   with pytest.raises(ValueError, match="sparkle"):
     cost.param_counts("bort", head="sparkle")
@@ -136,7 +147,10 @@ def test_bad_head_is_named():
 
 @pytest.mark.parametrize("config,head", [
     (TINY, "none"), (TINY, "mlm"), (TINY, ("classification", 3)), (TINY, ("regression", 1)),
-    (TINY, ("multiple_choice", 1)),
+    (TINY, ("multiple_choice", 1)), (TINY, ("classification", 3, "roberta")),
+    (TINY.replace(pooler=False), ("classification", 2)),  # the BERT layout brings its pooler
+    (get_model_config("D2-A2-H32-I64", family="bort", vocab_size=100), ("classification", 3)),
+    (get_model_config("D2-A2-H32-I64", family="bort", vocab_size=100), ("multiple_choice", 4)),
     (get_model_config("D2-A2-H32-I64", family="bort", vocab_size=100), "mlm"),
     (get_model_config(Arch(1, 3, 32, 48, head_size=16), family="roberta", vocab_size=90,
                       max_positions=40), "mlm"),
@@ -207,6 +221,7 @@ def _xla_forward_flops(config, batch, seq_len, head, predictions):
     (SMALL.replace(family="bort", pooler=False, type_vocab_size=0), 2, 16, "mlm", None),
     (MEDIUM, 2, 64, "none", None),
     (SMALL, 2, 16, ("classification", 3), None),
+    (SMALL, 2, 16, ("classification", 3, "roberta"), None),
     (MEDIUM.replace(family="bort", pooler=False, type_vocab_size=0), 2, 64, "mlm", None),
 ])
 def test_analytic_flops_match_xla(config, batch, seq_len, head, predictions):

@@ -127,7 +127,8 @@ def test_init_tree_and_logical_axes():
   assert flat[("encoder", "layer_1", "attention", "query", "bias")].shape == (2, 16)
   assert flat[("encoder", "layer_1", "attention", "output", "kernel")].shape == (2, 16, 32)
   assert flat[("encoder", "layer_0", "output", "kernel")].shape == (64, 32)
-  assert flat[("classifier", "out_proj", "kernel")].shape == (32, 3)
+  # BERT's layout (the bert family's default): pooler, then one Linear named classifier.
+  assert flat[("classifier", "kernel")].shape == (32, 3)
   assert flat[("pooler", "kernel")].shape == (32, 32)
   assert not any(k[0] == "mlm_head" for k in flat)
   # Initialisers: zero biases, unit LN scales, normal(0.02) kernels and tables.
@@ -320,6 +321,54 @@ def test_unmasked_path_is_plain_and_equals_full_mask():
   count = lambda m: len(jax.make_jaxpr(lambda p: M.apply(p, cfg, batch, arch_mask=m))(
       params).jaxpr.eqns)
   assert count(None) < count(full)  # no mask arithmetic on the fast path
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "bort"])
+def test_head_layouts_follow_hugging_face(family):
+  """Each layout computes what transformers' class of that layout computes, by hand."""
+  cfg = _config("D1-A2-H32-I64", family)
+  batch = {k: v for k, v in _batch().items() if k in ("input_ids", "attention_mask")}
+  if family == "roberta":  # RoBERTa's ids are never the pad id
+    batch["input_ids"] = jnp.where(batch["attention_mask"] == 1, batch["input_ids"], cfg.pad_id)
+  dense = lambda x, p: np.asarray(x) @ np.asarray(p["kernel"]) + np.asarray(p["bias"])
+  for layout in ("bert", "roberta"):
+    head = M.HeadSpec("classification", 3, layout)
+    params = _random_params(cfg, head, seed=50)
+    out = _forward(cfg, head)(params, batch)
+    first = np.asarray(out["hidden"])[:, 0]
+    if layout == "bert":
+      assert set(params["classifier"]) == {"kernel", "bias"} and "pooler" in params
+      want = dense(np.tanh(dense(first, params["pooler"])), params["classifier"])
+    else:
+      assert set(params["classifier"]) == {"dense", "out_proj"}
+      assert ("pooler" in params) == cfg.pooler  # the head itself needs none
+      want = dense(np.tanh(dense(first, params["classifier"]["dense"])),
+                   params["classifier"]["out_proj"])
+    assert _max_diff(out["logits"], want) <= TOL
+  # The default layout comes from the family; Bort follows RoBERTa.
+  default = M.HeadSpec("regression").resolve(family)
+  assert default.layout == {"bert": "bert", "roberta": "roberta", "bort": "roberta"}[family]
+  assert M.HeadSpec("classification", 2, "bert").resolve(family).layout == "bert"
+  # Multiple choice: pooler, then Linear(H, 1) per choice, in both layouts.
+  for layout in ("bert", "roberta"):
+    head = M.HeadSpec("multiple_choice", layout=layout)
+    params = _random_params(cfg, head, seed=51)
+    assert params["classifier"]["kernel"].shape == (32, 1) and "pooler" in params
+    choices = {k: jnp.stack([v, v[::-1]], axis=1) for k, v in batch.items()}
+    out = _forward(cfg, head)(params, choices)
+    pooled = np.tanh(dense(np.asarray(out["hidden"])[:, :, 0], params["pooler"]))
+    assert _max_diff(out["logits"], dense(pooled, params["classifier"])[..., 0]) <= TOL
+    assert M.has_pooler(cfg, head)
+
+
+def test_head_spec_errors():
+  with pytest.raises(ValueError, match="layout"):
+    M.HeadSpec("classification", 2, "albert")
+  with pytest.raises(ValueError, match="no layout"):
+    M.HeadSpec("mlm", layout="bert")
+  with pytest.raises(ValueError, match="one output"):
+    M.HeadSpec("regression", 3)
+  assert M.MLM == M.HeadSpec("mlm") and M.MLM.resolve("bort") == M.MLM
 
 
 def test_clear_errors():

@@ -15,8 +15,9 @@ Definitions (they decide which of the paper's percentages come out):
 * ``embeddings``: the embedding *tables* only, word + position + token type. The embedding
   LayerNorm is counted apart (``embedding_layer_norm``) and belongs to the effective size.
 * ``total``: the model as pretrained: embeddings (tables and LayerNorm), encoder, the pooler iff
-  the config has one, and the head (by default the MLM head: dense H->H, LayerNorm and the
-  decoder bias; the decoder weight is tied to the word embeddings and not counted twice).
+  the config has one or the head reads it, and the head (by default the MLM head: dense H->H,
+  LayerNorm and the decoder bias; the decoder weight is tied to the word embeddings and not
+  counted twice). Task heads are counted as Hugging Face lays them out (``model.HeadSpec``).
 * ``effective``: ``total`` minus the embedding tables (PAPER.md section 1).
 
 With these definitions (MLM head included, pooler iff the config has one) ``bort-paper`` is
@@ -36,28 +37,34 @@ import time
 from typing import Any, Callable, Sequence
 
 from bort_jax.core.arch import PRESETS, ModelConfig, get_model_config
+from bort_jax.core.model import HEAD_KINDS, TASK_KINDS, HeadSpec, has_pooler
 
 # The archs `bort-jax cost` shows when none is named, and the yardstick of the percentages.
 DEFAULT_ARCHS = ("bort", "bort-paper", "bert-base", "bert-large")
 REFERENCE_ARCH = "bert-large"
 
-_HEAD_KINDS = ("none", "mlm", "classification", "regression", "multiple_choice")
 
+def _head(head: Any, config: ModelConfig) -> HeadSpec:
+  """A head given as a kind string or a ``model.HeadSpec``, its layout resolved for ``config``.
 
-def _head_kind(head: Any) -> tuple[str, int]:
-  """Normalises a head given as a string or a ``model.HeadSpec`` to (kind, outputs)."""
+  Raises:
+    ValueError: for an unknown kind or a classification kind without num_labels.
+  """
   if isinstance(head, str):
-    kind, num_labels = head, None
-  else:
-    kind, num_labels = getattr(head, "kind", None), getattr(head, "num_labels", None)
-  if kind not in _HEAD_KINDS:
-    raise ValueError(f"unknown head {head!r}; expected one of {_HEAD_KINDS} or a HeadSpec")
-  if kind == "classification":
-    if not num_labels or num_labels < 1:
-      raise ValueError(f"a classification head needs num_labels >= 1, got {head!r}")
-    return kind, int(num_labels)
-  # Regression and multiple choice score each (example or choice) with one output unit.
-  return kind, 1
+    head = HeadSpec(head)  # raises ValueError naming an unknown kind or missing num_labels
+  if not isinstance(head, HeadSpec):
+    raise ValueError(f"unknown head {head!r}; expected one of {HEAD_KINDS} or a HeadSpec")
+  return head.resolve(config.family)
+
+
+def _task_head_params(config: ModelConfig, head: HeadSpec) -> int:
+  """Parameters of a task head itself (the pooler it may read is counted apart)."""
+  if head.kind not in TASK_KINDS:
+    return 0
+  h, n = config.arch.hidden, head.outputs
+  if head.uses_pooler(config.family):
+    return h * n + n  # BERT layout and multiple choice: one Linear on the pooler
+  return (h * h + h) + (h * n + n)  # RoBERTa layout: classifier.dense, classifier.out_proj
 
 
 def _config(config: ModelConfig | str) -> ModelConfig:
@@ -92,7 +99,9 @@ def param_counts(config: ModelConfig | str, head: Any = "mlm") -> dict:
     config: a ModelConfig, preset name or arch string.
     head: "mlm" (default, the pretrained model), "none" (the base model), or a head kind /
       ``model.HeadSpec`` of a task head ("classification" with num_labels, "regression",
-      "multiple_choice"); task heads are dense H->H plus a projection H->outputs.
+      "multiple_choice"), counted as Hugging Face lays it out: BERT layout and multiple
+      choice are one Linear H->outputs on the pooler (which the model then has, and
+      ``pooler`` counts); the RoBERTa layout is dense H->H plus out_proj H->outputs.
 
   Returns:
     Integer fields ``embeddings`` (the three tables), ``embedding_layer_norm``, ``per_layer``,
@@ -100,16 +109,16 @@ def param_counts(config: ModelConfig | str, head: Any = "mlm") -> dict:
     minus the embedding tables); see the module docstring for the definitions.
   """
   config = _config(config)
-  kind, outputs = _head_kind(head)
+  head = _head(head, config)
   h = config.arch.hidden
   tables = (config.vocab_size + config.max_positions + config.type_vocab_size) * h
   embedding_ln = 2 * h
   per_layer = layer_param_count(config)
   encoder = config.arch.depth * per_layer
-  pooler = (h * h + h) if config.pooler else 0
+  pooler = (h * h + h) if has_pooler(config, head) else 0
   # Decoder weight tied to the word embeddings: only its bias is new.
-  mlm_head = (h * h + h) + 2 * h + config.vocab_size if kind == "mlm" else 0
-  task_head = (h * h + h) + (h * outputs + outputs) if kind not in ("none", "mlm") else 0
+  mlm_head = (h * h + h) + 2 * h + config.vocab_size if head.kind == "mlm" else 0
+  task_head = _task_head_params(config, head)
   total = tables + embedding_ln + encoder + pooler + mlm_head + task_head
   return {
       "embeddings": tables,
@@ -162,7 +171,8 @@ def forward_flops(config: ModelConfig | str, batch: int, seq_len: int, head: Any
     (batch * seq_len)).
   """
   config = _config(config)
-  kind, outputs = _head_kind(head)
+  head = _head(head, config)
+  kind, outputs = head.kind, head.outputs
   if batch < 1 or seq_len < 1:
     raise ValueError(f"batch and seq_len must be >= 1, got batch={batch}, seq_len={seq_len}")
   arch = config.arch
@@ -174,7 +184,8 @@ def forward_flops(config: ModelConfig | str, batch: int, seq_len: int, head: Any
   ffn = 2 * tokens * (2 * h * i)
   per_layer = projections + scores + ffn
   encoder = arch.depth * per_layer
-  pooler = 2 * batch * h * h if config.pooler else 0
+  pooled = has_pooler(config, head)
+  pooler = 2 * batch * h * h if pooled else 0
   gelu = _GELU_FLOPS[config.activation]
 
   # Elementwise, per token of a layer: biases (3W + H + I + H), two residual adds, two
@@ -183,7 +194,7 @@ def forward_flops(config: ModelConfig | str, batch: int, seq_len: int, head: Any
                        _SOFTMAX_FLOPS * arch.heads * seq_len)
   tables = 2 + (config.type_vocab_size > 0)
   elementwise = tokens * (arch.depth * layer_elementwise + (tables - 1) * h + _layer_norm(h))
-  elementwise += batch * h if config.pooler else 0
+  elementwise += batch * h if pooled else 0
   if kind == "mlm":
     predictions = seq_len if masked_predictions is None else masked_predictions
     if predictions < 0:
@@ -192,8 +203,12 @@ def forward_flops(config: ModelConfig | str, batch: int, seq_len: int, head: Any
     elementwise += batch * predictions * (h + gelu * h + _layer_norm(h) + config.vocab_size)
   elif kind == "none":
     head_flops = 0
+  elif head.uses_pooler(config.family):
+    # One Linear on the pooler; multiple choice runs one per choice, i.e. per sequence.
+    head_flops = 2 * batch * h * outputs
+    elementwise += batch * outputs
   else:
-    # Task heads read the first token; multiple choice runs one per choice, i.e. per sequence.
+    # RoBERTa layout: dense H->H and out_proj on the first token.
     head_flops = 2 * batch * (h * h + h * outputs)
     elementwise += batch * (h + outputs)
   total = encoder + pooler + head_flops
@@ -224,7 +239,7 @@ def count_xla_flops(fn: Callable, *args, **kwargs) -> float:
     the installed JAX returns one dict per program). XLA counts each elementwise operation as
     one flop per element and transcendentals (exp, tanh, rsqrt) apart, not as flops.
   """
-  import jax  # Deferred: the counting functions above must not need JAX.
+  import jax
 
   analysis = jax.jit(fn).lower(*args, **kwargs).compile().cost_analysis()
   if analysis is None:

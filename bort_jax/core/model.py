@@ -26,6 +26,11 @@ from flax.core import meta
 from bort_jax.core.arch import ModelConfig
 
 HEAD_KINDS = ("none", "mlm", "classification", "regression", "multiple_choice")
+TASK_KINDS = ("classification", "regression", "multiple_choice")
+HEAD_LAYOUTS = ("bert", "roberta")
+# The layout a task head takes when its HeadSpec names none. Bort follows RoBERTa: the original
+# release fine-tuned with the dense + tanh + out_proj head.
+DEFAULT_LAYOUT = {"bert": "bert", "roberta": "roberta", "bort": "roberta"}
 _INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "masked_positions")
 
 Params = Any
@@ -34,26 +39,71 @@ Mask = dict  # one layer's slice of an architecture mask, or None on the fast pa
 
 @dataclasses.dataclass(frozen=True)
 class HeadSpec:
-  """Which output head the model carries.
+  """Which output head the model carries, laid out as Hugging Face lays it out.
+
+  Task heads come in two layouts. ``"bert"``: the pooler (dense H->H + tanh on the first
+  token) -> dropout -> ``classifier`` Linear(H, n), as ``BertForSequenceClassification``.
+  ``"roberta"``: first token -> dropout -> ``classifier/dense`` (H->H) -> tanh -> dropout ->
+  ``classifier/out_proj`` (H->n), as ``RobertaForSequenceClassification``. Multiple choice is
+  the pooler then ``classifier`` Linear(H, 1) in both layouts (as both ``*ForMultipleChoice``).
 
   Attributes:
     kind: one of ``HEAD_KINDS``.
-    num_labels: classes of a classification head (ignored by the other kinds).
+    num_labels: classes of a classification head; 0 or 1 for regression; for multiple choice
+      the number of choices may be given but the head does not depend on it.
+    layout: ``"bert"``, ``"roberta"`` or None (the family's ``DEFAULT_LAYOUT``; see
+      :meth:`resolve`). Only task heads have a layout.
   """
 
   kind: str = "mlm"
   num_labels: int = 0
+  layout: str | None = None
 
   def __post_init__(self):
     if self.kind not in HEAD_KINDS:
       raise ValueError(f"unknown head kind {self.kind!r}; known: {HEAD_KINDS}")
     if self.kind == "classification" and self.num_labels < 1:
       raise ValueError(f"HeadSpec('classification') needs num_labels >= 1, got {self.num_labels}")
+    if self.kind == "regression" and self.num_labels not in (0, 1):
+      raise ValueError(f"HeadSpec('regression') has one output; num_labels {self.num_labels}")
+    if self.layout is not None and self.layout not in HEAD_LAYOUTS:
+      raise ValueError(f"unknown head layout {self.layout!r}; known: {HEAD_LAYOUTS}")
+    if self.layout is not None and self.kind not in TASK_KINDS:
+      raise ValueError(f"a {self.kind!r} head has no layout; got layout={self.layout!r}")
 
   @property
   def outputs(self) -> int:
     """Width of the task head's last projection."""
     return self.num_labels if self.kind == "classification" else 1
+
+  def resolve(self, family: str) -> "HeadSpec":
+    """This head with its layout filled in from the model family (task heads only)."""
+    if self.kind not in TASK_KINDS or self.layout is not None:
+      return self
+    return dataclasses.replace(self, layout=DEFAULT_LAYOUT[family])
+
+  def uses_pooler(self, family: str) -> bool:
+    """Whether the head reads the pooler (then the model has one whatever its config says)."""
+    if self.kind == "multiple_choice":
+      return True
+    return self.kind in TASK_KINDS and self.resolve(family).layout == "bert"
+
+
+MLM = HeadSpec("mlm")
+NO_HEAD = HeadSpec("none")
+
+
+def has_pooler(config: ModelConfig, head: HeadSpec) -> bool:
+  """Whether a model of ``config`` carrying ``head`` has pooler parameters.
+
+  Args:
+    config: the model config (``config.pooler`` asks for one).
+    head: the head (BERT-layout and multiple-choice heads need one).
+
+  Returns:
+    True when ``pooler/kernel`` and ``pooler/bias`` are in the parameters.
+  """
+  return bool(config.pooler) or head.uses_pooler(config.family)
 
 
 def _constrain(x, axes):
@@ -254,7 +304,7 @@ class MLMHead(nn.Module):
 
 
 class ClassificationHead(nn.Module):
-  """First token -> dropout -> dense(H, tanh) -> dropout -> dense(n) (RoBERTa's head)."""
+  """The RoBERTa layout: first token -> dropout -> dense(H, tanh) -> dropout -> out_proj(n)."""
 
   config: ModelConfig
   outputs: int
@@ -318,10 +368,11 @@ class Model(nn.Module):
     out = {"hidden": unflat(x.astype(jnp.float32))}
     if output_hidden_states:
       out["all_hidden"] = tuple(unflat(h.astype(jnp.float32)) for h in all_hidden)
-    if cfg.pooler:
+    if has_pooler(cfg, head):
       pooled = jnp.tanh(Dense((cfg.arch.hidden,), ("embed", "mlp"),
                               std=cfg.initializer_range, name="pooler")(x[:, 0]))
-      out["pooled"] = unflat(_masked(pooled, hidden_mask))
+      pooled = _masked(pooled, hidden_mask)
+      out["pooled"] = unflat(pooled)
 
     if head.kind == "mlm":
       positions = batch.get("masked_positions")
@@ -330,8 +381,14 @@ class Model(nn.Module):
         x = jnp.take_along_axis(x, positions[..., None].astype(jnp.int32), axis=1)
       out["logits"] = MLMHead(cfg, name="mlm_head")(x, embeddings.word_table(), hidden_mask)
     elif head.kind != "none":
-      logits = ClassificationHead(cfg, head.outputs, name="classifier")(
-          x, deterministic, hidden_mask)
+      if head.uses_pooler(cfg.family):
+        # BERT layout and every multiple-choice head: dropout on the pooler, one Linear.
+        dropped = nn.Dropout(cfg.dropout)(pooled, deterministic=deterministic)
+        logits = Dense((head.outputs,), ("embed", "classes"), std=cfg.initializer_range,
+                       name="classifier")(dropped)
+      else:
+        logits = ClassificationHead(cfg, head.outputs, name="classifier")(
+            x, deterministic, hidden_mask)
       if head.kind == "classification":
         out["logits"] = logits
       else:  # regression [B] and multiple choice [B, C] both score with one output
@@ -348,7 +405,7 @@ def _module(config: ModelConfig, head: HeadSpec) -> Model:
     raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
   if not isinstance(head, HeadSpec):
     raise TypeError(f"head must be a HeadSpec, got {head!r}")
-  return Model(config, head)
+  return Model(config, head.resolve(config.family))
 
 
 def _dummy_batch(config: ModelConfig, head: HeadSpec, seq_len: int) -> dict:
@@ -365,7 +422,7 @@ def _boxed_init(rng, config: ModelConfig, head: HeadSpec, seq_len: int):
   return _module(config, head).init({"params": rng}, _dummy_batch(config, head, seq_len))["params"]
 
 
-def init(rng, config: ModelConfig, head: HeadSpec = HeadSpec("mlm"), seq_len: int = 8) -> Params:
+def init(rng, config: ModelConfig, head: HeadSpec = MLM, seq_len: int = 8) -> Params:
   """Initialises parameters: normal(initializer_range) kernels, zero biases, unit LN scales.
 
   Args:
@@ -421,7 +478,7 @@ def _check_arch_mask(config: ModelConfig, arch_mask: dict):
                        f"{shape} for the padded arch {arch} (under vmap: one member's mask)")
 
 
-def apply(params: Params, config: ModelConfig, batch: dict, *, head: HeadSpec = HeadSpec("mlm"),
+def apply(params: Params, config: ModelConfig, batch: dict, *, head: HeadSpec = MLM,
           train: bool = False, rng=None, arch_mask: dict | None = None,
           output_hidden_states: bool = False) -> dict:
   """Runs the model.
@@ -457,7 +514,7 @@ def apply(params: Params, config: ModelConfig, batch: dict, *, head: HeadSpec = 
       output_hidden_states=output_hidden_states, rngs=rngs)
 
 
-def logical_axes(config: ModelConfig, head: HeadSpec = HeadSpec("mlm")) -> Params:
+def logical_axes(config: ModelConfig, head: HeadSpec = MLM) -> Params:
   """PartitionSpecs of logical axis names, with the same tree structure as the params.
 
   Args:

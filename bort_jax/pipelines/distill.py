@@ -37,8 +37,8 @@ from bort_jax.interop import export as export_lib
 from bort_jax.core import arch as arch_lib
 from bort_jax.runtime import checkpoint, sharding, train
 from bort_jax.core import losses, model, optim
+from bort_jax.core.model import MLM
 
-MLM = model.HeadSpec("mlm")
 TRAINABLE = ("all", "mlm_head")
 
 log = logging.getLogger(__name__)

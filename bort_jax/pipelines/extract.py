@@ -35,8 +35,7 @@ from bort_jax.core import cost, model
 from bort_jax.search import fptas, proxy, report
 from bort_jax.runtime import sharding
 from bort_jax.runtime.fileio import atomic_write_text
-
-MLM = model.HeadSpec("mlm")
+from bort_jax.core.model import MLM
 
 
 def search_space(space_cfg: Mapping[str, Any]) -> list[arch_lib.Arch]:

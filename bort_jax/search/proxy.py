@@ -64,8 +64,8 @@ from flax import traverse_util
 from bort_jax.core import cost, losses, model, optim
 from bort_jax.core import masks
 from bort_jax.core.arch import Arch, ModelConfig
+from bort_jax.core.model import MLM
 
-MLM = model.HeadSpec("mlm")
 THETA_KEYS = ("lr", "weight_decay")
 MODES = ("vmap", "map", "auto")
 _FIELDS = ("depth", "heads", "head_size", "hidden", "intermediate")

@@ -33,6 +33,16 @@ PARITY = {
     "bort_mlm": ("bort", "bort"),
     "bert_mlm_bin": ("bert", None),
 }
+# Fine-tuned fixtures: name -> (transformers class, the head load_hf_with_head must find).
+HEADS = {
+    "bert_seqcls": ("BertForSequenceClassification", model.HeadSpec("classification", 3, "bert")),
+    "bert_mc": ("BertForMultipleChoice", model.HeadSpec("multiple_choice", layout="bert")),
+    "roberta_seqcls": ("RobertaForSequenceClassification",
+                       model.HeadSpec("classification", 3, "roberta")),
+    "roberta_regression": ("RobertaForSequenceClassification",
+                           model.HeadSpec("regression", 1, "roberta")),
+    "roberta_mc": ("RobertaForMultipleChoice", model.HeadSpec("multiple_choice", layout="roberta")),
+}
 
 
 def _fixture(name):
@@ -342,12 +352,111 @@ def test_bort_detection_and_token_types():
 def test_save_hf_errors():
   config = _tiny("bert")
   params = _random_params(config, model.HeadSpec("classification", 3))
-  with pytest.raises(ValueError, match="classifier.*no place"):
+  with pytest.raises(ValueError, match="no head was given"):
     convert.params_to_hf(params, config)
+  with pytest.raises(ValueError, match="classifier.*no place"):  # the head the params lack
+    convert.params_to_hf(params, config, model.NO_HEAD)
   params = _random_params(config, model.HeadSpec("none"))
   del params["encoder"]["layer_1"]["output"]["LayerNorm"]
   with pytest.raises(ValueError, match="encoder/layer_1/output/LayerNorm/scale"):
     convert.params_to_hf(params, config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Task heads
+
+
+def _head_outputs(params, config, head, batch):
+  """Our logits, pooled output and hidden states with the leading dims flattened as
+  transformers flattens multiple-choice batches."""
+  batch = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+  if config.type_vocab_size == 0:
+    del batch["token_type_ids"]
+  out = model.apply(params, config, batch, head=head, output_hidden_states=True)
+  rows = int(np.prod(batch["input_ids"].shape[:-1]))
+  hidden = np.stack([np.asarray(h).reshape((rows,) + h.shape[-2:]) for h in out["all_hidden"]])
+  return np.asarray(out["logits"]), hidden
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_head_fixture_parity_and_round_trip(name, tmp_path):
+  class_name, want = HEADS[name]
+  config, params, head = convert.load_hf_with_head(_fixture(name))
+  assert head == want
+  expected = dict(np.load(os.path.join(_fixture(name), "expected.npz")))
+  logits, hidden = _head_outputs(params, config, head, expected)
+  # Regression is [B] here and [B, 1] in transformers.
+  want_logits = expected["logits"].reshape(logits.shape)
+  diffs = {"logits": float(np.abs(logits - want_logits).max()),
+           "all_hidden": float(np.abs(hidden - expected["all_hidden"]).max())}
+  print(f"{name}: max |diff| {diffs}")
+  assert max(diffs.values()) <= TOL, diffs
+  assert float(np.std(logits)) > 1e-2  # the head does something
+
+  out = str(tmp_path / "hf")
+  convert.save_hf(params, config, out, head)
+  hf_config = convert.read_hf_config(out)
+  assert hf_config["architectures"] == [class_name]
+  assert oct(os.stat(os.path.join(out, "model.safetensors")).st_mode & 0o777) == "0o644"
+  if head.kind != "multiple_choice":
+    assert len(hf_config["id2label"]) == head.outputs
+    assert hf_config["problem_type"] == _hf_config(name).get("problem_type",
+                                                           "single_label_classification")
+  original, back = _tensors(name), convert.read_hf_tensors(out)
+  assert sorted(back) == sorted(original)
+  for key, value in original.items():
+    assert np.array_equal(back[key], value), key
+  config2, params2, head2 = convert.load_hf_with_head(out)
+  assert (config2, head2) == (config, head)
+  _assert_trees_equal(params, params2)
+
+
+@pytest.mark.parametrize("family,head,class_name", [
+    ("bort", model.HeadSpec("classification", 3, "bert"), "BertForSequenceClassification"),
+    ("bort", model.HeadSpec("multiple_choice", 4), "BertForMultipleChoice"),
+    ("bort", model.HeadSpec("regression", layout="bert"), "BertForSequenceClassification"),
+    ("roberta", model.HeadSpec("classification", 2), "RobertaForSequenceClassification"),
+], ids=lambda x: getattr(x, "kind", x))
+def test_task_head_round_trip_ours_hf_ours(family, head, class_name, tmp_path):
+  config = _tiny(family)
+  params = _random_params(config, head, seed=5)
+  assert ("pooler" in params) == model.has_pooler(config, head)
+  convert.save_hf(params, config, str(tmp_path), head)
+  assert convert.read_hf_config(str(tmp_path))["architectures"] == [class_name]
+  loaded_config, loaded, loaded_head = convert.load_hf_with_head(str(tmp_path))
+  # Bort's config keeps pooler=False: the pooler belongs to the head.
+  assert loaded_config == config and loaded_head == head.resolve(family)
+  _assert_trees_equal(params, loaded)
+  with pytest.raises(ValueError, match="with_mlm_head"):
+    convert.load_hf(str(tmp_path))  # the default asks for an MLM head
+
+
+def test_heads_transformers_cannot_hold():
+  bort = _tiny("bort")
+  head = model.HeadSpec("classification", 3)  # Bort's default: the RoBERTa layout
+  with pytest.raises(ValueError, match="layout 'roberta'.*bort.*layout='bert'"):
+    convert.params_to_hf(_random_params(bort, head), bort, head)
+  roberta = _tiny("roberta")
+  head = model.HeadSpec("classification", 3, "bert")
+  with pytest.raises(ValueError, match="layout 'bert'.*roberta"):
+    convert.params_to_hf(_random_params(roberta, head), roberta, head)
+
+
+def test_head_checkpoint_errors():
+  tensors, hf_config = _tensors("bert_seqcls"), _hf_config("bert_seqcls")
+  with pytest.raises(ValueError, match="architectures"):
+    convert.hf_to_model(tensors, dict(hf_config, architectures=["BertForPreTraining"]))
+  broken = {k: v for k, v in tensors.items() if k != "classifier.bias"}
+  with pytest.raises(ValueError, match="classifier.bias"):
+    convert.hf_to_model(broken, hf_config)
+  wrong = dict(tensors, **{"classifier.bias": np.zeros(4, np.float32)})
+  with pytest.raises(ValueError, match="classifier.bias.*num_labels"):
+    convert.hf_to_model(wrong, hf_config)
+  # transformers' rule: one output and no problem_type is a regression head.
+  one = dict(tensors, **{"classifier.weight": tensors["classifier.weight"][:1],
+                         "classifier.bias": tensors["classifier.bias"][:1]})
+  plain = {k: v for k, v in hf_config.items() if k != "problem_type"}
+  assert convert.hf_to_model(one, plain)[2] == model.HeadSpec("regression", 1, "bert")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,3 +538,78 @@ def test_live_save_hf_loads_in_transformers(family, kind, tmp_path):
   diffs = _max_diffs(params, config, expected)
   print(f"save_hf {family}/{kind}: max |diff| {diffs}")
   assert max(diffs.values()) <= TOL, diffs
+
+
+def _torch_logits(hf_model, batch):
+  torch = pytest.importorskip("torch")
+  with torch.no_grad():
+    return hf_model(**{k: torch.from_numpy(np.asarray(v, np.int64))
+                       for k, v in batch.items()}).logits.numpy()
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("class_name,labels", [
+    ("BertForSequenceClassification", 3), ("RobertaForMultipleChoice", None),
+    ("BertForMultipleChoice", None), ("RobertaForSequenceClassification", 1)])
+def test_live_heads_both_ways(class_name, labels, tmp_path):
+  """A random transformers checkpoint with a head loads with transformers' logits, and the
+  directory save_hf writes back loads in transformers with nothing missing and those logits."""
+  transformers = pytest.importorskip("transformers")
+  torch = pytest.importorskip("torch")
+  torch.manual_seed(11)
+  is_roberta = class_name.startswith("Roberta")
+  config_class = transformers.RobertaConfig if is_roberta else transformers.BertConfig
+  extra = {"num_labels": labels} if labels else {}
+  hf_config = config_class(vocab_size=90, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=48,
+                           max_position_embeddings=40, type_vocab_size=1 if is_roberta else 2,
+                           pad_token_id=1 if is_roberta else 0, initializer_range=0.3, **extra)
+  hf_model = getattr(transformers, class_name)(hf_config).eval()
+  with torch.no_grad():  # LayerNorms away from their 1/0 init
+    for name, param in hf_model.named_parameters():
+      if "LayerNorm" in name:
+        param.add_(0.2 * torch.randn(param.shape))
+  hf_model.save_pretrained(str(tmp_path / "hf"))
+  config, params, head = convert.load_hf_with_head(str(tmp_path / "hf"))
+  batch = _padded_batch(90, hf_config.pad_token_id, hf_config.type_vocab_size)
+  if class_name.endswith("ForMultipleChoice"):  # 1 example x 2 choices
+    batch = {k: v[None] for k, v in batch.items()}
+  want = _torch_logits(hf_model, batch)
+  ours, _ = _head_outputs(params, config, head, batch)
+  diff = float(np.abs(ours - want.reshape(ours.shape)).max())
+  print(f"live {class_name}: {head}, max |diff| {diff:.2e}")
+  assert diff <= TOL
+
+  convert.save_hf(params, config, str(tmp_path / "back"), head)
+  back, info = getattr(transformers, class_name).from_pretrained(
+      str(tmp_path / "back"), output_loading_info=True)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  assert back.config.num_labels == hf_model.config.num_labels
+  assert np.array_equal(_torch_logits(back.eval(), batch), want)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("family,head", [
+    ("bort", model.HeadSpec("classification", 3, "bert")),
+    ("bort", model.HeadSpec("multiple_choice")),
+    ("roberta", model.HeadSpec("regression")),
+    ("bert", model.HeadSpec("classification", 2)),
+], ids=lambda x: getattr(x, "kind", x))
+def test_live_task_heads_from_ours_load_in_transformers(family, head, tmp_path):
+  transformers = pytest.importorskip("transformers")
+  pytest.importorskip("torch")
+  config = _tiny(family, pooler=False)
+  params = _random_params(config, head, seed=4)
+  convert.save_hf(params, config, str(tmp_path), head)
+  class_name = convert.read_hf_config(str(tmp_path))["architectures"][0]
+  hf_model, info = getattr(transformers, class_name).from_pretrained(
+      str(tmp_path), output_loading_info=True)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  batch = _padded_batch(100, config.pad_id, max(config.type_vocab_size, 1), seed=2)
+  if head.kind == "multiple_choice":
+    batch = {k: v[None] for k, v in batch.items()}
+  ours, _ = _head_outputs(params, config, head, batch)
+  want = _torch_logits(hf_model.eval(), batch)
+  diff = float(np.abs(ours - want.reshape(ours.shape)).max())
+  print(f"save_hf {family}/{head}: {class_name}, max |diff| {diff:.2e}")
+  assert diff <= TOL

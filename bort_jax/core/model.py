@@ -49,8 +49,8 @@ class HeadSpec:
 
   Attributes:
     kind: one of ``HEAD_KINDS``.
-    num_labels: classes of a classification head; 0 or 1 for regression; for multiple choice
-      the number of choices may be given but the head does not depend on it.
+    num_labels: classes of a classification head; regression takes 0 or 1 and keeps 1; for
+      multiple choice the number of choices may be given (the head does not depend on it).
     layout: ``"bert"``, ``"roberta"`` or None (the family's ``DEFAULT_LAYOUT``; see
       :meth:`resolve`). Only task heads have a layout.
   """
@@ -66,6 +66,8 @@ class HeadSpec:
       raise ValueError(f"HeadSpec('classification') needs num_labels >= 1, got {self.num_labels}")
     if self.kind == "regression" and self.num_labels not in (0, 1):
       raise ValueError(f"HeadSpec('regression') has one output; num_labels {self.num_labels}")
+    if self.kind == "regression":
+      object.__setattr__(self, "num_labels", 1)  # so HeadSpec("regression") == (.., 1)
     if self.layout is not None and self.layout not in HEAD_LAYOUTS:
       raise ValueError(f"unknown head layout {self.layout!r}; known: {HEAD_LAYOUTS}")
     if self.layout is not None and self.kind not in TASK_KINDS:

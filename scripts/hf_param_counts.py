@@ -1,8 +1,10 @@
 """Writes tests/fixtures/hf_param_counts.json: what transformers counts for every preset.
 
 Each preset's shape is built as the transformers model of its family (BERT and Bort:
-``BertForMaskedLM`` / ``BertModel``; RoBERTa: ``RobertaForMaskedLM`` / ``RobertaModel``) on the
-meta device, so nothing is allocated, and its parameters are counted (tied weights once).
+``BertForMaskedLM`` / ``BertModel``; RoBERTa: ``RobertaForMaskedLM`` / ``RobertaModel``; and the
+fine-tuning classes ``*ForSequenceClassification`` with 3 labels and 1 (regression) and
+``*ForMultipleChoice``) on the meta device, so nothing is allocated, and its parameters are
+counted (tied weights once).
 Bort is built as the Hugging Face port had it: a BERT with the RoBERTa vocabulary, 512
 positions and a one-row token-type table (our ``bort`` preset drops that row).
 
@@ -77,7 +79,25 @@ def hf_counts(config: ModelConfig) -> dict:
       "masked_lm": count(masked_lm),
       "base_model_with_pooler": count(with_pooler),
       "base_model_without_pooler": count(without_pooler),
+      **task_head_counts(config),
   }
+
+
+def task_head_counts(config: ModelConfig) -> dict:
+  """Counts of the fine-tuning classes of ``config``'s family, with their heads."""
+  import torch
+  import transformers
+
+  name = "Roberta" if config.family == "roberta" else "Bert"
+  counts = {}
+  for key, class_suffix, labels in (("sequence_classification_3", "ForSequenceClassification", 3),
+                                    ("sequence_classification_1", "ForSequenceClassification", 1),
+                                    ("multiple_choice", "ForMultipleChoice", 2)):
+    cfg = hf_config(config)
+    cfg.num_labels = labels
+    with torch.device("meta"):
+      counts[key] = count(getattr(transformers, name + class_suffix)(cfg))
+  return counts
 
 
 def main(argv=None) -> int:

@@ -81,6 +81,40 @@ def test_param_counts_equal_transformers_fixture():
   assert fixture["bort"]["hf_type_vocab_size"] - PRESETS["bort"].type_vocab_size == 1
 
 
+def _hf_head_count(config, hf, key):
+  """Our count of ``config`` with the head that transformers' class ``key`` has, and that
+  class's count corrected for Bort's dropped token-type row."""
+  layout = "roberta" if config.family == "roberta" else "bert"
+  head = {"sequence_classification_3": model.HeadSpec("classification", 3, layout),
+          "sequence_classification_1": model.HeadSpec("regression", layout=layout),
+          "multiple_choice": model.HeadSpec("multiple_choice", 2)}[key]
+  extra_types = (config.type_vocab_size - hf["hf_type_vocab_size"]) * config.arch.hidden
+  # transformers' fine-tuning classes have a pooler exactly when their head reads it.
+  ours = cost.param_counts(config.replace(pooler=False), head)["total"]
+  return ours, hf[key] + extra_types
+
+
+def test_task_head_counts_equal_transformers_fixture():
+  """Every preset with each fine-tuning class of its family, exactly as transformers counts."""
+  with open(FIXTURE) as f:
+    fixture = json.load(f)["presets"]
+  for name, config in PRESETS.items():
+    for key in ("sequence_classification_3", "sequence_classification_1", "multiple_choice"):
+      ours, theirs = _hf_head_count(config, fixture[name], key)
+      assert ours == theirs, (name, key)
+
+
+def test_task_head_counts_equal_the_head_fixtures():
+  """Our count of each committed fine-tuned checkpoint equals the numbers it stores."""
+  from bort_jax.interop import convert
+
+  for name in ("bert_seqcls", "bert_mc", "roberta_seqcls", "roberta_regression", "roberta_mc"):
+    path = os.path.join(ROOT, "tests", "fixtures", name)
+    config, _, head = convert.load_hf_with_head(path)
+    stored = sum(v.size for v in convert.read_hf_tensors(path).values())
+    assert cost.param_counts(config, head)["total"] == stored, name
+
+
 @pytest.mark.parity
 def test_param_counts_equal_live_transformers():
   pytest.importorskip("torch")
@@ -95,6 +129,9 @@ def test_param_counts_equal_live_transformers():
     extra_types = (config.type_vocab_size - hf["hf_type_vocab_size"]) * config.arch.hidden
     pooler = cost.param_counts(config)["pooler"]
     assert cost.param_counts(config)["total"] == hf["masked_lm"] + pooler + extra_types, name
+    for key in ("sequence_classification_3", "sequence_classification_1", "multiple_choice"):
+      ours, theirs = _hf_head_count(config, hf, key)
+      assert ours == theirs, (name, key)
 
 
 def test_paper_percentages_of_bert_large():

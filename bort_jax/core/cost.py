@@ -146,6 +146,26 @@ def _layer_norm(width: int) -> int:
   return _LAYER_NORM_FLOPS * width + 2
 
 
+def _head_flops(config: ModelConfig, head: HeadSpec, batch: int, seq_len: int,
+                masked_predictions: int | None) -> tuple[int, int]:
+  """(matmul flops, elementwise estimate) of the head alone; the pooler is counted apart."""
+  h, n = config.arch.hidden, head.outputs
+  if head.kind == "mlm":
+    predictions = seq_len if masked_predictions is None else masked_predictions
+    if predictions < 0:
+      raise ValueError(f"masked_predictions must be >= 0, got {masked_predictions}")
+    gelu = _GELU_FLOPS[config.activation]
+    return (2 * batch * predictions * (h * h + h * config.vocab_size),
+            batch * predictions * (h + gelu * h + _layer_norm(h) + config.vocab_size))
+  if head.kind == "none":
+    return 0, 0
+  if head.uses_pooler(config.family):
+    # One Linear on the pooler; multiple choice runs one per choice, i.e. per sequence.
+    return 2 * batch * h * n, batch * n
+  # RoBERTa layout: dense H->H and out_proj on the first token.
+  return 2 * batch * (h * h + h * n), batch * (h + n)
+
+
 def forward_flops(config: ModelConfig | str, batch: int, seq_len: int, head: Any = "none",
                   masked_predictions: int | None = None) -> dict:
   """Analytic floating-point operations of one forward pass (2 per multiply-add).
@@ -172,7 +192,6 @@ def forward_flops(config: ModelConfig | str, batch: int, seq_len: int, head: Any
   """
   config = _config(config)
   head = _head(head, config)
-  kind, outputs = head.kind, head.outputs
   if batch < 1 or seq_len < 1:
     raise ValueError(f"batch and seq_len must be >= 1, got batch={batch}, seq_len={seq_len}")
   arch = config.arch
@@ -186,31 +205,17 @@ def forward_flops(config: ModelConfig | str, batch: int, seq_len: int, head: Any
   encoder = arch.depth * per_layer
   pooled = has_pooler(config, head)
   pooler = 2 * batch * h * h if pooled else 0
-  gelu = _GELU_FLOPS[config.activation]
 
   # Elementwise, per token of a layer: biases (3W + H + I + H), two residual adds, two
   # LayerNorms, the activation, and the softmax over A * T logits.
+  gelu = _GELU_FLOPS[config.activation]
   layer_elementwise = ((3 * w + 2 * h + i) + 2 * h + 2 * _layer_norm(h) + gelu * i +
                        _SOFTMAX_FLOPS * arch.heads * seq_len)
   tables = 2 + (config.type_vocab_size > 0)
   elementwise = tokens * (arch.depth * layer_elementwise + (tables - 1) * h + _layer_norm(h))
   elementwise += batch * h if pooled else 0
-  if kind == "mlm":
-    predictions = seq_len if masked_predictions is None else masked_predictions
-    if predictions < 0:
-      raise ValueError(f"masked_predictions must be >= 0, got {masked_predictions}")
-    head_flops = 2 * batch * predictions * (h * h + h * config.vocab_size)
-    elementwise += batch * predictions * (h + gelu * h + _layer_norm(h) + config.vocab_size)
-  elif kind == "none":
-    head_flops = 0
-  elif head.uses_pooler(config.family):
-    # One Linear on the pooler; multiple choice runs one per choice, i.e. per sequence.
-    head_flops = 2 * batch * h * outputs
-    elementwise += batch * outputs
-  else:
-    # RoBERTa layout: dense H->H and out_proj on the first token.
-    head_flops = 2 * batch * (h * h + h * outputs)
-    elementwise += batch * (h + outputs)
+  head_flops, head_elementwise = _head_flops(config, head, batch, seq_len, masked_predictions)
+  elementwise += head_elementwise
   total = encoder + pooler + head_flops
   return {
       "attention_projections": arch.depth * projections,

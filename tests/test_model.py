@@ -361,6 +361,27 @@ def test_head_layouts_follow_hugging_face(family):
     assert M.has_pooler(cfg, head)
 
 
+def test_attach_head_keeps_the_body_and_fills_the_head():
+  cfg = _config("D1-A2-H32-I64", "bort")  # no pooler in the config
+  pretrained = _random_params(cfg, MLM, seed=52)
+  head = M.HeadSpec("multiple_choice", 4)
+  params = M.attach_head(jax.random.key(3), pretrained, cfg, head)
+  shapes = jax.tree.map(lambda x: x.shape, M.init(jax.random.key(0), cfg, head))
+  assert jax.tree.map(lambda x: x.shape, params) == shapes  # pooler added, MLM head dropped
+  word = ("embeddings", "word_embeddings", "embedding")
+  assert params[word[0]][word[1]][word[2]] is pretrained[word[0]][word[1]][word[2]]
+  assert params["encoder"]["layer_0"]["output"]["kernel"] is (
+      pretrained["encoder"]["layer_0"]["output"]["kernel"])
+  assert float(np.std(np.asarray(params["pooler"]["kernel"]))) > 0.01  # initialised, not zero
+  # A model that already has the head keeps it.
+  again = M.attach_head(jax.random.key(4), params, cfg, head)
+  assert all(a is b for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params)))
+  with pytest.raises(ValueError, match="encoder/layer_0/intermediate/kernel.*shape"):
+    broken = jax.tree.map(lambda x: x, pretrained)
+    broken["encoder"]["layer_0"]["intermediate"]["kernel"] = jnp.zeros((32, 8))
+    M.attach_head(jax.random.key(3), broken, cfg, head)
+
+
 def test_head_spec_errors():
   with pytest.raises(ValueError, match="layout"):
     M.HeadSpec("classification", 2, "albert")

@@ -1,8 +1,8 @@
 """The BERT / RoBERTa / Bort encoder in Flax Linen, with exact architecture masks.
 
 Public surface (docs/INTERFACES.md, "Model"): :class:`HeadSpec`, :func:`init`, :func:`apply`,
-:func:`logical_axes`, :func:`param_mask`, :func:`make_arch_mask`, :func:`embed_params` and
-:func:`slice_params`. Parameters are plain pytrees named after the Hugging Face layout.
+:func:`attach_head`, :func:`has_pooler` and :func:`logical_axes` (the padded-shape helpers are
+in ``core/masks.py``). Parameters are plain pytrees named after the Hugging Face layout.
 
 Architecture masks let one padded shape compute a smaller architecture exactly, which is what
 population training needs under ``jax.vmap`` (candidates of different shapes share one
@@ -21,6 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 from flax.core import meta
 
 from bort_jax.core.arch import ModelConfig
@@ -514,6 +515,41 @@ def apply(params: Params, config: ModelConfig, batch: dict, *, head: HeadSpec = 
   return _module(config, head).apply(
       {"params": params}, inputs, deterministic=not train, arch_mask=arch_mask,
       output_hidden_states=output_hidden_states, rngs=rngs)
+
+
+def attach_head(rng, params: Params, config: ModelConfig, head: HeadSpec) -> Params:
+  """Parameters for ``head`` on the body of ``params``: the start of a fine-tuning run.
+
+  The body is kept; so are a pooler and head of the right shapes. What the head needs but
+  ``params`` lacks (a Bort body's pooler under a multiple-choice head, a fresh classifier) is
+  initialised from ``rng`` as :func:`init` would; what it does not use is left out.
+
+  Args:
+    rng: PRNG key for the new parts.
+    params: a model's parameters, with any head or none.
+    config: their config.
+    head: the head to carry.
+
+  Returns:
+    A parameter tree laid out for ``(config, head)``.
+
+  Raises:
+    ValueError: when a body parameter is missing or has another shape than ``config`` gives.
+  """
+  fresh = traverse_util.flatten_dict(init(rng, config, head))
+  given = traverse_util.flatten_dict(params)
+  out = {}
+  for key, value in fresh.items():
+    old = given.get(key)
+    if old is not None and tuple(old.shape) == tuple(value.shape):
+      out[key] = old
+    elif key[0] in ("pooler", "classifier", "mlm_head"):
+      out[key] = value
+    else:
+      found = "missing" if old is None else f"of shape {tuple(old.shape)}"
+      raise ValueError(f"body parameter {'/'.join(key)} is {found}; {config.family} "
+                       f"{config.arch} needs {tuple(value.shape)}")
+  return traverse_util.unflatten_dict(out)
 
 
 def logical_axes(config: ModelConfig, head: HeadSpec = MLM) -> Params:

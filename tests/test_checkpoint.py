@@ -1,7 +1,10 @@
-"""The checkpoint layer: bitwise round trips, sharded targets, corruption, kills and SIGTERM."""
+"""The checkpoint layer: bitwise round trips, sharded targets, corruption and checksums, kills,
+SIGTERM, quiet recovery."""
 
+import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,11 +15,12 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bort_jax.runtime import checkpoint
 from bort_jax.core import optim
+from bort_jax.runtime import checkpoint, integrity, restore_noise
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -409,3 +413,219 @@ def test_two_processes_save_restore_and_agree_to_stop(tmp_path):
     result = [line for line in out.splitlines() if line.startswith("RESULT")]
     # Both processes stop, restore step 3 into a new sharding, and only process 0 wrote JSON.
     assert result == [f"RESULT {pid} True 3 0 True"], out[-3000:]
+  # Each process wrote the checksums of the shards it owns, inside the committed step.
+  folder = tmp_path / "ckpt" / "3" / "integrity"
+  records = [json.loads((folder / f"process_{pid}.json").read_text()) for pid in (0, 1)]
+  assert [r["process"] for r in records] == [0, 1]
+  assert all({s["leaf"] for s in r["shards"]} == {"w"} or {s["leaf"] for s in r["shards"]} ==
+             {"w", "step"} for r in records)
+  rows = sorted(tuple(s["index"][0]) for r in records for s in r["shards"] if s["leaf"] == "w")
+  assert rows == [(0, 1), (1, 2), (2, 3), (3, 4)]
+
+
+def test_noise_filter_passes_other_unraisable_errors():
+  seen = []
+  previous = sys.unraisablehook
+  sys.unraisablehook = seen.append
+  try:
+    quiet = restore_noise.RestoreNoiseFilter("/ckpt")
+    quiet.install()
+    unraisable = lambda e: type("U", (), {"exc_value": e})()
+    sys.unraisablehook(unraisable(RuntimeError("Event loop is closed")))
+    sys.unraisablehook(unraisable(RuntimeError("something else")))
+    quiet.uninstall()
+    assert sys.unraisablehook == seen.append
+  finally:
+    sys.unraisablehook = previous
+  assert quiet.dropped == 1 and [str(u.exc_value) for u in seen] == ["something else"]
+  record = logging.LogRecord("asyncio", logging.ERROR, "", 0, "Future exception was never "
+                             "retrieved\nfuture: <Future exception=ValueError('/ckpt/4/state')>",
+                             None, None)
+  other = logging.LogRecord("asyncio", logging.ERROR, "", 0, "Future exception was never "
+                            "retrieved\nfuture: <Future exception=ValueError('/elsewhere')>",
+                            None, None)
+  quiet.attempt_failed()
+  try:
+    assert not logging.getLogger("asyncio").filter(record)
+    assert logging.getLogger("asyncio").filter(other)
+  finally:
+    logging.getLogger("asyncio").removeFilter(quiet._log_filter)  # pylint: disable=protected-access
+
+
+# ------------------------------------------------------------------------------ integrity
+def _overwrite_middle(step_dir, n=64):
+  """Flips ``n`` bytes in the middle of the step's largest array data file, keeping its size."""
+  files = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(step_dir, "state"))
+           for name in names if os.sep + "d" in root]
+  path = max(files, key=os.path.getsize)
+  size = os.path.getsize(path)
+  assert size > 4 * n
+  with open(path, "r+b") as f:
+    f.seek(size // 2)
+    old = f.read(n)
+    f.seek(size // 2)
+    f.write(bytes(255 - b for b in old))
+  assert os.path.getsize(path) == size
+
+
+def _big_state(seed):
+  """Large enough that the array data sits in one file of several KB."""
+  return {"w": jnp.asarray(np.random.default_rng(seed).normal(size=(64, 64)), jnp.float32),
+          "b": jnp.full((100,), seed, jnp.float32)}
+
+
+@pytest.mark.parametrize("where", ["latest", "middle"])
+def test_same_size_overwrite_is_detected_and_skipped(tmp_path, caplog, where):
+  mgr = checkpoint.CheckpointManager(tmp_path, max_to_keep=5, async_save=False)
+  states = {s: _big_state(s) for s in (1, 2, 3)}
+  for s, st in states.items():
+    mgr.save(s, st, {"step": s})
+  damaged = [3] if where == "latest" else [2, 3]
+  for s in damaged:
+    _overwrite_middle(str(tmp_path / str(s)))
+  abstract = checkpoint.abstract_like(states[1])
+  # orbax alone reads the damaged bytes without complaint; the checksums catch them.
+  with pytest.raises(integrity.IntegrityError, match="checksum mismatch in 1 arr"):
+    mgr.restore(damaged[0], abstract)
+  with caplog.at_level(logging.WARNING, logger="bort_jax.runtime.checkpoint"):
+    step, got, meta = mgr.restore_latest(abstract)
+  good = min(damaged) - 1
+  assert step == good and meta == {"step": good}
+  _assert_bitwise(states[good], got)
+  warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  # One line per skipped step, naming it, the reason and where it went.
+  assert len(warnings) == len(damaged)
+  for s, line in zip(sorted(damaged, reverse=True), warnings):
+    assert f"step {s} " in line and "checksum mismatch" in line and ".corrupt-" in line
+    assert "\n" not in line
+  assert mgr.all_steps() == list(range(1, good + 1))
+  mgr.close()
+
+
+def test_checkpoint_without_integrity_data_restores_with_a_notice(tmp_path, caplog):
+  # Written the way this project wrote checkpoints before checksums: two items only.
+  state = _state()
+  old = ocp.CheckpointManager(tmp_path, item_handlers={
+      "state": ocp.PyTreeCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()})
+  old.save(4, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
+                                      metadata=ocp.args.JsonSave({"step": 4})))
+  old.wait_until_finished()
+  old.close()
+  mgr = checkpoint.CheckpointManager(tmp_path, async_save=False)
+  with caplog.at_level(logging.WARNING, logger="bort_jax.runtime.checkpoint"):
+    step, got, meta = mgr.restore_latest(checkpoint.abstract_like(state))
+  assert step == 4 and meta == {"step": 4}
+  _assert_bitwise(state, got)
+  notices = [r.getMessage() for r in caplog.records]
+  assert len(notices) == 1 and "predates integrity checksums" in notices[0]
+  mgr.close()
+
+
+def test_a_step_whose_checksums_were_deleted_is_unreadable(tmp_path, caplog):
+  mgr = checkpoint.CheckpointManager(tmp_path, max_to_keep=5, async_save=False)
+  for s in (1, 2):
+    mgr.save(s, _big_state(s))
+  shutil.rmtree(tmp_path / "2" / "integrity")
+  with caplog.at_level(logging.WARNING, logger="bort_jax.runtime.checkpoint"):
+    assert mgr.restore_latest(checkpoint.abstract_like(_big_state(0))).step == 1
+  assert "integrity folder" in caplog.records[0].getMessage()
+  mgr.close()
+
+
+def _reference_hash(array, offset_index=0):
+  """numpy re-implementation of the per-element checksum, over a whole C-order array."""
+  words = np.ascontiguousarray(array).view(np.uint32).ravel().astype(np.uint64)
+  index = np.arange(offset_index, offset_index + words.size, dtype=np.uint64)
+  mask = np.uint64(2**32 - 1)
+
+  def fmix(h):
+    h = h ^ (h >> np.uint64(16))
+    h = (h * np.uint64(0x85EBCA6B)) & mask
+    h = h ^ (h >> np.uint64(13))
+    h = (h * np.uint64(0xC2B2AE35)) & mask
+    return h ^ (h >> np.uint64(16))
+
+  return [int(fmix(words ^ fmix(index ^ np.uint64(seed))).sum() & mask)
+          for seed in (0x9E3779B9, 0x7F4A7C15)]
+
+
+def test_shard_checksums_add_up_whatever_the_sharding():
+  mesh = jax.make_mesh((4, 2), ("a", "b"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  x = np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32)
+  totals = []
+  for spec in (P(), P("a"), P(None, "b"), P("a", "b"), P("b", "a")):
+    placed = jax.device_put(x, NamedSharding(mesh, spec))
+    record = integrity.shard_records({"x": placed})
+    shards = record["shards"]
+    # One record per distinct shard (replicas are counted once), covering the array.
+    assert sum(np.prod([hi - lo for lo, hi in s["index"]]) for s in shards) == x.size
+    totals.append([sum(s["hash"][lane] for s in shards) % 2**32 for lane in (0, 1)])
+  assert all(t == totals[0] for t in totals)
+  assert totals[0] == _reference_hash(x)
+  # One flipped bit changes both lanes.
+  y = x.copy()
+  y.view(np.uint32)[3, 4] ^= 1
+  other = _reference_hash(y)
+  assert other[0] != totals[0][0] and other[1] != totals[0][1]
+
+
+_NOISE_CHILD = textwrap.dedent("""
+    import logging, os, sys, time
+    import jax, jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from bort_jax.runtime import checkpoint
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # as the CLI does
+    directory, scenario = sys.argv[1], sys.argv[2]
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+    sh = NamedSharding(mesh, P("x"))
+    tree = lambda s: {f"w{i}": jax.device_put(jnp.full((8000,), s, jnp.float32), sh)
+                      for i in range(100)}
+    mgr = checkpoint.CheckpointManager(directory, max_to_keep=5)
+    for s in (1, 2, 3, 4):
+      mgr.save(s, tree(s))
+    mgr.wait()
+    def truncate_all(step):
+      for root, _, files in os.walk(os.path.join(directory, str(step), "state")):
+        for name in files:
+          if os.sep + "d" in root:
+            open(os.path.join(root, name), "r+b").truncate(3)
+    os.remove(os.path.join(directory, "4", "state", "manifest.ocdbt"))
+    if scenario in ("two", "none"):
+      truncate_all(3)
+    if scenario == "none":
+      truncate_all(2)
+      truncate_all(1)
+    print("RESTORE", flush=True)
+    try:
+      got = mgr.restore_latest(checkpoint.abstract_like(tree(0)))
+      print("RESTORED", got.step, int(got.state["w7"][0]), flush=True)
+    except checkpoint.CheckpointRestoreError as e:
+      print("ERROR", e, flush=True)
+    time.sleep(1.0)  # late callbacks of the failed reads would arrive now
+    mgr.close()
+    print("DONE", flush=True)
+    """)
+
+
+@pytest.mark.parametrize("scenario,want", [("one", "RESTORED 3 3"), ("two", "RESTORED 2 2"),
+                                           ("none", "ERROR none of the checkpoints")])
+def test_recovery_is_one_warning_per_skipped_step(tmp_path, scenario, want):
+  script = tmp_path / "noise.py"
+  script.write_text(_NOISE_CHILD)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  out = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt"), scenario],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = (out.stdout + out.stderr).splitlines()
+  assert any(line.startswith(want) for line in lines), lines[-20:]
+  assert not any("Traceback" in line or "Event loop" in line for line in lines), lines[:20]
+  skipped = [line for line in out.stderr.splitlines() if "skipped checkpoint step" in line]
+  warnings = [line for line in out.stderr.splitlines() if line.startswith(("WARNING", "ERROR"))]
+  if scenario == "none":
+    assert skipped == [] and warnings == []
+    error = [line for line in lines if line.startswith("ERROR none")]
+    assert len(error) == 1 and "[1, 2, 3, 4]" in error[0] and "step 4:" in error[0]
+  else:
+    assert len(skipped) == {"one": 1, "two": 2}[scenario] == len(warnings), warnings

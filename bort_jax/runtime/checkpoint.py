@@ -1,8 +1,10 @@
 """The checkpoint layer: the only module that imports orbax.
 
-A checkpoint directory holds one sub-folder per step, each with two items: ``state`` (the
-train-state pytree: step, parameters, optimizer state) and ``metadata`` (a JSON dict, e.g. the
-data position or the resolved config). The teacher is never part of it.
+A checkpoint directory holds one sub-folder per step, each with three items: ``state`` (the
+train-state pytree: step, parameters, optimizer state), ``metadata`` (a JSON dict, e.g. the
+data position or the resolved config) and ``integrity`` (one checksum per array shard, written
+by the process that owns the shard; see ``runtime/integrity.py``). The teacher is never part
+of it.
 
 Guarantees:
 
@@ -10,19 +12,21 @@ Guarantees:
   when complete, so a run killed during a save (even by SIGKILL) leaves the previous step
   readable and the half-written folder is never listed. :meth:`CheckpointManager.clean_stale_tmp`
   removes such leftovers (done on start-up).
+* **No silent corruption.** Every restore compares the restored shards with the checksums
+  written at save time; a mismatch (e.g. bytes overwritten in place) makes the step unreadable.
+  A step saved before checksums existed restores with a one-line notice.
 * **Corruption fallback.** :meth:`CheckpointManager.restore_latest` tries steps newest first; an
-  unreadable step (truncated or missing files) is skipped with a warning and moved aside to
-  ``<step>.corrupt-<unix time>`` so the run can save that step again. If *every* step fails the
-  error is raised instead: that is almost always a wrong target (shapes, tree), and silently
-  restarting from scratch would be worse.
+  unreadable step (truncated, missing or overwritten files) is skipped with one warning line and
+  moved aside to ``<step>.corrupt-<unix time>`` so the run can save that step again. If *every*
+  step fails, :class:`CheckpointRestoreError` says so in one paragraph: that is almost always a
+  wrong target (shapes, tree), and silently restarting from scratch would be worse.
 * **Resume order** (:func:`resolve_initial_state`): the workdir's latest checkpoint, then
   ``init_from`` (another run's checkpoint, parameters only), then scratch.
-* **Preemption.** :func:`install_preemption_handler` turns SIGTERM into a flag the train loop
-  polls; the loop then saves and exits cleanly.
+* **Preemption.** ``runtime/preemption.py`` (re-exported here).
 
 Multi-host: every method that saves or restores is collective (all processes call it with the
-same arguments); orbax writes the JSON item from process 0 only, and the folder renames done
-here happen on process 0 followed by a barrier. Restore targets are abstract
+same arguments); orbax writes the metadata from process 0 only, each process writes its own
+checksums, and folder renames happen on process 0 followed by a barrier. Restore targets are abstract
 (``jax.ShapeDtypeStruct`` with a sharding, see :func:`abstract_like`), so arrays are read
 straight into their shards and no host holds a full copy.
 """
@@ -33,23 +37,28 @@ import json
 import logging
 import os
 import shutil
-import signal
-import threading
 import time
 from typing import Any, Callable, NamedTuple
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
-from bort_jax.runtime import sharding
+from bort_jax.runtime import integrity, restore_noise, sharding
+from bort_jax.runtime.fileio import to_jsonable
+from bort_jax.runtime.preemption import PreemptionFlag, install_preemption_handler  # noqa: F401
 
 _STATE = "state"
 _METADATA = "metadata"
+_INTEGRITY = "integrity"
 _TMP_MARKER = ".orbax-checkpoint-tmp"
 _CORRUPT_MARKER = ".corrupt-"
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointRestoreError(RuntimeError):
+  """Checkpoints exist but none can be restored; the message is one paragraph for the user."""
 
 
 class Restored(NamedTuple):
@@ -75,15 +84,6 @@ class InitialState(NamedTuple):
   step: int
   metadata: dict
 
-
-
-def _jsonable(value: Any) -> Any:
-  if isinstance(value, (np.generic, np.ndarray)) or hasattr(value, "__array__"):
-    value = np.asarray(value)
-    return value.item() if value.size == 1 else value.tolist()
-  if hasattr(value, "to_dict"):
-    return value.to_dict()
-  return str(value)
 
 
 def abstract_like(tree: Any) -> Any:
@@ -137,8 +137,7 @@ class CheckpointManager:
     save_interval_steps: ``save`` without ``force`` only writes when ``step`` is a multiple.
     max_to_keep: newest checkpoints kept (None keeps all).
     async_save: write in a background thread after the device-to-host copy (``save`` returns
-      once the arrays are on the host, so the caller may donate them). ``async`` is a Python
-      keyword, hence the name.
+      once the arrays are on the host, so the caller may donate them).
     read_only: open another run's checkpoints without ever writing or deleting.
   """
 
@@ -166,10 +165,17 @@ class CheckpointManager:
                                              enable_async_checkpointing=async_save)
     # Explicit handlers let a fresh manager read a step's array metadata before any restore
     # (init_from); the PyTree handler also allows partial restores.
+    # Every process writes its own integrity file (primary_host=None), inside the step's
+    # temporary folder, so the checksums are committed with the step they describe.
+    integrity_handler = ocp.JsonCheckpointHandler(
+        filename=f"process_{jax.process_index()}.json",
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=None))
     self._mgr = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={_STATE: ocp.PyTreeCheckpointHandler(),
-                       _METADATA: ocp.JsonCheckpointHandler()})
+                       _METADATA: ocp.JsonCheckpointHandler(),
+                       _INTEGRITY: integrity_handler})
+    self._quiet = restore_noise.RestoreNoiseFilter(self.directory)
     if not read_only:
       self.clean_stale_tmp()
 
@@ -185,23 +191,24 @@ class CheckpointManager:
       force: save even when ``step`` is not a multiple of ``save_interval_steps``.
 
     Returns:
-      Whether a save was started. False when the interval says no, or when this step is
-      already on disk (a resumed run reaching a step it had saved is not an error).
+      Whether a save was started: not when the interval says no, or when this step is
+      already on disk (not an error).
     """
     if self.read_only:
       raise PermissionError(f"{self.directory} was opened read-only; it cannot be saved to.")
     step = int(step)
-    # The interval is decided here (orbax's default policy would also save the first step it
-    # sees whatever the interval), and orbax is always forced.
+    # The interval is decided here (orbax's policy would also save the first step it sees).
     if not force and step % self.save_interval_steps:
       return False
     if step in self._mgr.all_steps():
       log.info("checkpoint for step %d already exists in %s; not saving it again.", step,
                self.directory)
       return False
-    meta = json.loads(json.dumps(dict(metadata or {}), default=_jsonable))
+    meta = to_jsonable(dict(metadata or {}))
+    # The checksums are computed on the shards' devices before orbax copies them to the host.
     items = ocp.args.Composite(**{_STATE: ocp.args.PyTreeSave(state),
-                                  _METADATA: ocp.args.JsonSave(meta)})
+                                  _METADATA: ocp.args.JsonSave(meta),
+                                  _INTEGRITY: ocp.args.JsonSave(integrity.shard_records(state))})
     return bool(self._mgr.save(step, args=items, force=True))
 
   def wait(self) -> None:
@@ -225,6 +232,9 @@ class CheckpointManager:
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores one step into the structure, dtypes and shardings of ``abstract_state``.
 
+    Collective: the restored shards are checked against the step's checksums and every
+    process reaches the same verdict.
+
     Args:
       step: a step from :meth:`all_steps`.
       abstract_state: pytree of ``jax.ShapeDtypeStruct`` (with shardings; see
@@ -232,16 +242,72 @@ class CheckpointManager:
 
     Returns:
       ``(state, metadata)``.
+
+    Raises:
+      integrity.IntegrityError: the data differs from what was saved (or its checksums are
+        missing); any error of orbax/tensorstore for a damaged folder.
     """
     if int(step) not in self.all_steps():
       raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available: "
                               f"{self.all_steps()}.")
-    restored = self._mgr.restore(int(step), args=ocp.args.Composite(
+    restored = self._restore_checked(int(step), abstract_state, ocp.args.Composite(
         **{_STATE: _restore_args(abstract_state), _METADATA: ocp.args.JsonRestore()}))
     return restored[_STATE], dict(restored[_METADATA] or {})
 
+  def metadata(self, step: int) -> dict:
+    """The JSON metadata saved with ``step`` (empty when there is no such step)."""
+    if int(step) not in self.all_steps():
+      return {}
+    restored = self._mgr.restore(int(step), args=ocp.args.Composite(
+        **{_METADATA: ocp.args.JsonRestore()}))
+    return dict(restored[_METADATA] or {})
+
+  def _restore_checked(self, step: int, abstract: Any, args: Any) -> Any:
+    """orbax restore of ``args`` plus the collective checksum comparison of its state item."""
+    records, restored, error = None, None, None
+    self._quiet.install()  # before: the noise can start as soon as orbax's loop closes
+    try:
+      records = self._integrity_records(step)
+      restored = self._mgr.restore(step, args=args)
+    except Exception as e:  # pylint: disable=broad-except
+      error = e  # raised below, after the other processes have heard of it
+      self._quiet.attempt_failed()  # its late callbacks may come after it returns
+    if error is None and not self._quiet.keep:
+      self._quiet.uninstall()
+    any_failed, bad = integrity.agreed_check(
+        abstract, None if restored is None else restored[_STATE], records, error is not None)
+    if error is not None:
+      raise error
+    if any_failed:
+      raise integrity.IntegrityError("another process could not read its part of this step")
+    if bad:
+      raise integrity.IntegrityError(
+          f"checksum mismatch in {len(bad)} array(s), e.g. {', '.join(bad[:3])}: the data "
+          "on disk differs from what was saved")
+    if records is None:
+      log.warning("checkpoint step %d in %s predates integrity checksums; restored without "
+                  "verifying it.", step, self.directory)
+    return restored
+
+  def _integrity_records(self, step: int) -> list[dict] | None:
+    """The step's checksums; None for a step saved before they existed."""
+    step_dir = self._step_dir(step)
+    if step_dir is None:
+      raise FileNotFoundError(f"step folder of step {step} not found in {self.directory}")
+    item = os.path.join(step_dir, _INTEGRITY)
+    if os.path.isdir(item):
+      return integrity.read_records(item)
+    try:  # orbax's record of the items the step was saved with
+      with open(os.path.join(step_dir, "_CHECKPOINT_METADATA")) as f:
+        saved_items = json.load(f).get("item_handlers") or {}
+    except (OSError, ValueError):
+      saved_items = {}
+    if _INTEGRITY in saved_items:
+      raise integrity.IntegrityError(f"its integrity folder {item} is missing")
+    return None
+
   def restore_latest(self, abstract_state: Any) -> Restored | None:
-    """Restores the newest readable step, skipping unreadable ones with a warning.
+    """Restores the newest readable step, skipping unreadable ones with one warning each.
 
     Args:
       abstract_state: the restore target, as in :meth:`restore`.
@@ -250,50 +316,51 @@ class CheckpointManager:
       ``Restored(step, state, metadata)`` (a 3-tuple), or None when there is no checkpoint.
 
     Raises:
-      RuntimeError: checkpoints exist but none can be restored into ``abstract_state`` (the
-        last error is chained); usually a target that does not match what was saved.
+      CheckpointRestoreError: checkpoints exist but none can be restored into
+        ``abstract_state`` (the last error is chained); usually a target that does not match
+        what was saved.
     """
     self.wait()
     steps = self.all_steps()
-    skipped, last_error = [], None
+    skipped: list[tuple[int, str]] = []
+    last_error = None
     for step in reversed(steps):
       try:
         state, metadata = self.restore(step, abstract_state)
       except Exception as e:  # pylint: disable=broad-except
-        # Anything tensorstore/orbax raise for a damaged folder (ValueError, OSError,
-        # KeyError...) counts as unreadable; whether it was damage or a bad target is decided
-        # below by whether an older step succeeds.
-        log.warning("checkpoint step %d in %s is unreadable (%s: %s); trying the previous one.",
-                    step, self.directory, type(e).__name__, str(e)[:500])
-        skipped.append(step)
+        # Any error counts as unreadable; damage or a bad target is decided by whether an older
+        # step succeeds.
+        skipped.append((step, restore_noise.one_line(e)))
         last_error = e
         continue
-      if skipped:
-        log.warning("restored step %d of %s after skipping unreadable step(s) %s.", step,
-                    self.directory, skipped)
-        self._quarantine(skipped)
+      self._quarantine(skipped, step)
       return Restored(step, state, metadata)
     if last_error is not None:
-      raise RuntimeError(
-          f"none of the checkpoints {steps} in {self.directory} could be restored into the "
-          "given target; check that the model, optimizer and shapes match the run that saved "
-          "them.") from last_error
+      reasons = "; ".join(f"step {s}: {r}" for s, r in skipped)
+      raise CheckpointRestoreError(
+          f"none of the checkpoints {steps} in {self.directory} could be restored ({reasons}). "
+          "If the config changed since they were saved (model, optimizer, shapes), restore "
+          "it, or start afresh in a new workdir (or move this checkpoint folder aside).") \
+          from last_error
     return None
 
-  def _quarantine(self, steps: list[int]) -> None:
+  def _quarantine(self, skipped: list[tuple[int, str]], restored_step: int) -> None:
     """Moves unreadable steps aside (kept for inspection) so those steps can be saved again."""
-    if self.read_only:
-      return
-    if jax.process_index() == 0:
+    moved = {}
+    if jax.process_index() == 0 and not self.read_only:
       stamp = int(time.time())
-      for step in steps:
+      for step, _ in skipped:
         src = self._step_dir(step)
         if src is not None:
-          dst = f"{src}{_CORRUPT_MARKER}{stamp}"
-          os.rename(src, dst)
-          log.warning("moved unreadable checkpoint %s to %s.", src, dst)
-    sharding.barrier("bort_jax.runtime.checkpoint.quarantine")
-    self._mgr.reload()
+          moved[step] = f"{src}{_CORRUPT_MARKER}{stamp}"
+          os.rename(src, moved[step])
+    for step, reason in skipped:
+      where = f"moved to {moved[step]}" if step in moved else "left in place"
+      log.warning("skipped checkpoint step %d in %s, unreadable (%s); %s; using step %d.",
+                  step, self.directory, reason, where, restored_step)
+    if skipped and not self.read_only:
+      sharding.barrier("bort_jax.runtime.checkpoint.quarantine")
+      self._mgr.reload()
 
   def _step_dir(self, step: int) -> str | None:
     for name in os.listdir(self.directory):
@@ -323,6 +390,7 @@ class CheckpointManager:
   def restore_subtree(self, step: int, abstract_subtree: Any) -> Any:
     """Restores only the leaves named by ``abstract_subtree`` (a nested dict of
     ``jax.ShapeDtypeStruct``, e.g. ``{"params": {...}}``), cast to its dtypes and shardings.
+    Those leaves are checked against the step's checksums, as in :meth:`restore`.
 
     Args:
       step: the step to read.
@@ -331,7 +399,7 @@ class CheckpointManager:
     Returns:
       The restored nested dict.
     """
-    restored = self._mgr.restore(int(step), args=ocp.args.Composite(**{
+    restored = self._restore_checked(int(step), abstract_subtree, ocp.args.Composite(**{
         _STATE: _restore_args(abstract_subtree, partial=True)}))
     return restored[_STATE]
 
@@ -368,6 +436,7 @@ class CheckpointManager:
     """Waits for pending saves and releases orbax's threads."""
     self._mgr.wait_until_finished()
     self._mgr.close()
+    self._quiet.uninstall()
 
   def __enter__(self) -> "CheckpointManager":
     return self
@@ -389,17 +458,15 @@ def _replace_params(state: Any, params: Any) -> Any:
   return state.replace(params=params)
 
 
-def _path_names(path) -> tuple[str, ...]:
-  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
-def load_params(init_from: str, abstract_params: Any, step: int | None = None
-                ) -> tuple[dict[tuple[str, ...], Any], list[str]]:
+def load_params_from_checkpoint(init_from: str, abstract_params: Any, step: int | None = None
+                                ) -> tuple[dict[tuple[str, ...], Any], list[str]]:
   """Reads the parameters of another run's checkpoint that the target also has.
 
   Leaves of ``abstract_params`` found in the checkpoint's ``params`` (same path) are restored
-  with the target's dtype and sharding; leaves it lacks (e.g. a fine-tuning head when starting
-  from a pretraining checkpoint) are reported as missing. Optimizer state is never read.
+  with the target's dtype and sharding (and checked against the step's checksums); leaves it
+  lacks (e.g. a fine-tuning head when starting from a pretraining checkpoint) are reported as
+  missing. Optimizer state is never read. (``interop.export.load`` reads the other format,
+  an exported model folder.)
 
   Args:
     init_from: a checkpoint directory written by :class:`CheckpointManager` (its latest step is
@@ -408,8 +475,8 @@ def load_params(init_from: str, abstract_params: Any, step: int | None = None
     step: an explicit step.
 
   Returns:
-    ``(loaded, missing)``: a dict from key path to restored array, and the ``/``-joined paths
-    of target leaves that the checkpoint does not hold.
+    ``(loaded, missing)``: a dict from key path (tuple of names) to restored array, and the
+    ``/``-joined paths of target leaves that the checkpoint does not hold.
 
   Raises:
     FileNotFoundError: no checkpoint there.
@@ -427,11 +494,9 @@ def load_params(init_from: str, abstract_params: Any, step: int | None = None
     stored = mgr.stored_tree(step)
     if not isinstance(stored, dict) or "params" not in stored:
       raise ValueError(f"checkpoint {directory} step {step} has no 'params' entry.")
-    stored_flat = {_path_names(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(
-        stored["params"], is_leaf=lambda x: hasattr(x, "shape"))}
+    stored_flat = traverse_util.flatten_dict(stored["params"])
     wanted, missing = {}, []
-    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params):
-      names = _path_names(path)
+    for names, leaf in traverse_util.flatten_dict(abstract_params).items():
       if names not in stored_flat:
         missing.append("/".join(names))
         continue
@@ -440,22 +505,13 @@ def load_params(init_from: str, abstract_params: Any, step: int | None = None
             f"parameter {'/'.join(names)} has shape {tuple(stored_flat[names].shape)} in "
             f"{init_from} but {tuple(leaf.shape)} in the new model.")
       wanted[names] = leaf
-    nested: dict = {}
-    for names, leaf in wanted.items():
-      node = nested
-      for n in names[:-1]:
-        node = node.setdefault(n, {})
-      node[names[-1]] = leaf
-    restored = mgr.restore_subtree(step, {"params": nested})["params"] if wanted else {}
+    restored = {}
+    if wanted:
+      restored = mgr.restore_subtree(step, {"params": traverse_util.unflatten_dict(wanted)})
+      restored = traverse_util.flatten_dict(restored["params"])
   finally:
     mgr.close()
-  loaded = {}
-  for names in wanted:
-    node = restored
-    for n in names:
-      node = node[n]
-    loaded[names] = node
-  return loaded, missing
+  return {names: restored[names] for names in wanted}, missing
 
 
 def resolve_initial_state(workdir_manager: CheckpointManager | None, init_from: str | None,
@@ -479,88 +535,14 @@ def resolve_initial_state(workdir_manager: CheckpointManager | None, init_from: 
       log.info("resuming from %s step %d.", workdir_manager.directory, found.step)
       return InitialState(found.state, "workdir", found.step, found.metadata)
   if init_from:
-    loaded, missing = load_params(init_from, _get_params(abstract_state))
+    loaded, missing = load_params_from_checkpoint(init_from, _get_params(abstract_state))
     if not loaded:
       raise ValueError(f"init_from={init_from!r} shares no parameter with the model.")
     if missing:
       log.warning("init_from %s lacks %d parameter(s), kept from scratch: %s", init_from,
                   len(missing), ", ".join(missing[:20]))
     state = init_fn()
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, x: loaded.get(_path_names(p), x), _get_params(state))
+    params = traverse_util.unflatten_dict(
+        {**traverse_util.flatten_dict(_get_params(state)), **loaded})
     return InitialState(_replace_params(state, params), "init_from", 0, {})
   return InitialState(init_fn(), "scratch", 0, {})
-
-
-# ------------------------------------------------------------------------------- preemption
-class PreemptionFlag:
-  """Set by SIGTERM (or :meth:`set`); the train loop polls :meth:`should_stop`.
-
-  In a multi-process run the processes must stop at the same step (saving is collective), so
-  every ``sync_every``-th poll all-gathers the local flags and stops everywhere if any process
-  was signalled. All processes must poll equally often (the loop polls once per step).
-  """
-
-  def __init__(self, sync_every: int = 1):
-    self._event = threading.Event()
-    self._stop = False
-    self._polls = 0
-    self._sync_every = max(1, int(sync_every))
-    self._previous: dict[int, Any] = {}
-    self.signal_number: int | None = None
-
-  def set(self, signum: int | None = None, frame: Any = None) -> None:
-    """Marks a stop request (also the signal handler)."""
-    del frame
-    self.signal_number = signum
-    self._event.set()
-
-  @property
-  def signalled(self) -> bool:
-    """Whether this process received a stop request (no cross-process agreement)."""
-    return self._event.is_set()
-
-  def should_stop(self) -> bool:
-    """Whether the loop should save and exit now (agreed across processes)."""
-    if self._stop:
-      return True
-    local = self._event.is_set()
-    if jax.process_count() == 1:
-      self._stop = local
-      return local
-    self._polls += 1
-    if self._polls % self._sync_every:
-      return False
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    flags = multihost_utils.process_allgather(np.asarray(int(local), np.int32))
-    self._stop = bool(np.asarray(flags).any())
-    return self._stop
-
-  __call__ = should_stop
-
-  def uninstall(self) -> None:
-    """Restores the signal handlers that were there before."""
-    for signum, handler in self._previous.items():
-      signal.signal(signum, handler)
-    self._previous.clear()
-
-
-def install_preemption_handler(signals: tuple[int, ...] = (signal.SIGTERM,),
-                               sync_every: int = 1) -> PreemptionFlag:
-  """Makes SIGTERM (by default) request a save-and-exit instead of killing the process.
-
-  Must be called from the main thread (Python delivers signals there).
-
-  Args:
-    signals: the signals to catch.
-    sync_every: polls between cross-process agreements (multi-process runs).
-
-  Returns:
-    The :class:`PreemptionFlag`; pass ``flag.should_stop`` to the train loop.
-  """
-  if threading.current_thread() is not threading.main_thread():
-    raise RuntimeError("install_preemption_handler must be called from the main thread.")
-  flag = PreemptionFlag(sync_every)
-  for signum in signals:
-    flag._previous[signum] = signal.signal(signum, flag.set)  # pylint: disable=protected-access
-  return flag

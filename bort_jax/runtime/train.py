@@ -8,8 +8,9 @@ Every mode (proxy training, distillation, fine-tuning) supplies a loss function
 * :func:`compile_step`, which jits it with shardings and donates the old state;
 * :func:`run_loop`, which feeds batches by step number (the input pipeline is random-access,
   so resuming needs no iterator state), logs ``metrics.jsonl`` and one-line progress reports
-  (process 0 only), saves checkpoints every N steps, on SIGTERM and at the end, and stops with
-  a clear error on a non-finite loss without overwriting the last good checkpoint.
+  (process 0 only; a resumed run's file reads as one uninterrupted run, each step once), saves
+  checkpoints every N steps, on SIGTERM and at the end, and stops with a clear error on a
+  non-finite loss without overwriting the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bort_jax.runtime.fileio import atomic_write_text
+from bort_jax.runtime.fileio import atomic_write_text, to_jsonable
 
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array, Any], tuple[jax.Array, dict]]
 
@@ -113,15 +114,41 @@ class LoopConfig:
 
 
 class MetricsWriter:
-  """Appends one JSON object per report to ``workdir/metrics.jsonl`` (process 0 only)."""
+  """Appends one JSON object per report to ``workdir/metrics.jsonl`` (process 0 only).
 
-  def __init__(self, workdir: str | None):
+  A run resumed from step ``k`` first drops the lines of steps after ``k`` (the interrupted run
+  wrote them, and they are about to be trained again) and a line torn by a kill, in one atomic
+  rewrite, so the file reads as one run: each step once.
+
+  Args:
+    workdir: where the file goes (None: write nothing).
+    resume_step: the step the run starts from (0: a fresh run, which keeps no old line).
+  """
+
+  def __init__(self, workdir: str | None, resume_step: int = 0):
     self.path = None
     if workdir and jax.process_index() == 0:
       os.makedirs(workdir, exist_ok=True)
       self.path = os.path.join(workdir, "metrics.jsonl")
+      if os.path.exists(self.path):
+        self._drop_after(resume_step)
+
+  def _drop_after(self, step: int) -> None:
+    with open(self.path) as f:
+      lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue  # a line cut short by a kill
+      if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+        kept.append(line)
+    if len(kept) != len(lines):
+      atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    """Appends ``{"step": step, **metrics}``."""
     if self.path is None:
       return
     record = {"step": int(step)}
@@ -152,12 +179,90 @@ def _format_seconds(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+_CARRIED = "unreported_metrics"
+
+
+class _Reports:
+  """Metrics of the steps not yet reported, and one report per window of ``log_every`` steps.
+
+  A window is the same steps whether or not the run was interrupted inside it: a checkpoint
+  carries the window's unreported per-step metrics (host floats, metadata ``_CARRIED``) and
+  the resumed run starts from them. Means are taken in float64 so carried and fresh values
+  (float32 on the device) average to the same bits.
+  """
+
+  def __init__(self, writer: MetricsWriter, report: Callable[[str], None], loop: LoopConfig,
+               start: int, carried: list):
+    self.writer, self.report, self.loop = writer, report, loop
+    self.pending = list(carried)
+    self.t_start = self.t_last = time.perf_counter()
+    self.step_last = start
+
+  def flush(self, step: int) -> dict:
+    """Checks, averages, writes and prints the window ending at ``step``."""
+    fetched, self.pending = self._fetch_finite(step), []
+    metrics = {k: float(np.mean(np.asarray([np.asarray(m[k], np.float64) for m in fetched])))
+               for k in fetched[-1]}
+    now = time.perf_counter()
+    rate = (step - self.step_last) / max(now - self.t_last, 1e-9)
+    metrics["steps_per_second"] = rate
+    if self.loop.tokens_per_step:
+      metrics["tokens_per_second"] = rate * self.loop.tokens_per_step
+    self.writer.write(step, metrics)
+    eta = (self.loop.total_steps - step) / rate if rate > 0 else float("inf")
+    self.report(f"step {step}/{self.loop.total_steps}  loss {metrics['loss']:.4f}  "
+                f"{rate:.2f} steps/s"
+                + (f"  {metrics['tokens_per_second']:.0f} tok/s" if self.loop.tokens_per_step
+                   else "")
+                + f"  elapsed {_format_seconds(now - self.t_start)}  eta {_format_seconds(eta)}")
+    self.t_last, self.step_last = now, step
+    return metrics
+
+  def evaluate(self, step: int, results: Mapping[str, Any]) -> dict:
+    """Writes and prints an evaluation's results as ``eval_*`` metrics."""
+    eval_metrics = {f"eval_{k}": v for k, v in results.items()}
+    self.writer.write(step, eval_metrics)
+    self.report(f"step {step}  " + "  ".join(f"{k} {float(np.asarray(v)):.4f}"
+                                             for k, v in eval_metrics.items()))
+    return eval_metrics
+
+  def checkpoint_metadata(self, step: int) -> dict:
+    """What a checkpoint at ``step`` carries; never a state whose window saw a bad loss."""
+    self.pending = self._fetch_finite(step, saving=True)
+    return {_CARRIED: [{k: to_jsonable(np.asarray(v)) for k, v in m.items()}
+                       for m in self.pending]}
+
+  def _fetch_finite(self, step: int, saving: bool = False) -> list:
+    fetched = jax.device_get(self.pending)
+    for offset, m in enumerate(fetched):
+      loss = float(np.asarray(m["loss"]))
+      if not math.isfinite(loss):
+        bad_step = step - len(fetched) + offset + 1
+        raise NonFiniteLossError(
+            f"loss is {loss} at step {bad_step}; "
+            + ("not saving this state. " if saving else "stopping. ")
+            + "The last good checkpoint (if any) is kept; lower the learning rate or check "
+            "the data.")
+    return fetched
+
+
+def _carried_metrics(checkpointer: Any, start: int) -> list:
+  """The unreported metrics saved with the checkpoint the run resumes from (if any)."""
+  if checkpointer is None or start == 0 or not hasattr(checkpointer, "metadata"):
+    return []
+  return list(checkpointer.metadata(start).get(_CARRIED) or [])
+
+
 def run_loop(state: TrainState, step_fn: Callable, get_batch: Callable[[int], Any],
              rng: jax.Array, loop: LoopConfig, *, frozen: Any = None, workdir: str | None = None,
              checkpointer: Any = None, eval_fn: Callable[[TrainState], dict] | None = None,
              should_stop: Callable[[], bool] | None = None,
              report: Callable[[str], None] | None = None) -> tuple[TrainState, dict]:
   """Trains from ``state.step`` to ``loop.total_steps``.
+
+  A resumed run's ``metrics.jsonl`` reads as one run: lines after the start step are dropped
+  first, and a window of ``log_every`` steps cut by the interruption is completed with the
+  metrics its checkpoint carried, so each reported value equals an uninterrupted run's.
 
   Args:
     state: the (possibly restored) state.
@@ -167,7 +272,8 @@ def run_loop(state: TrainState, step_fn: Callable, get_batch: Callable[[int], An
     loop: steps, intervals and the tokens per step.
     frozen: passed to every step (a teacher's parameters).
     workdir: where ``metrics.jsonl`` goes (process 0 only).
-    checkpointer: a ``checkpoint.CheckpointManager`` or None.
+    checkpointer: a ``checkpoint.CheckpointManager`` (``save(step, state, metadata, force)``,
+      ``wait()``, ``metadata(step)``) or None.
     eval_fn: called every ``loop.eval_every`` steps with the state; its dict is logged.
     should_stop: polled every step; True saves a checkpoint and returns (preemption).
     report: where progress lines go (default: print on process 0).
@@ -179,72 +285,30 @@ def run_loop(state: TrainState, step_fn: Callable, get_batch: Callable[[int], An
     NonFiniteLossError: the loss became NaN or infinite. The state of the bad step is not
       saved; the newest checkpoint on disk is the last good one.
   """
-  if report is None:
-    report = _default_report
-  writer = MetricsWriter(workdir)
-  start = int(jax.device_get(state.step))
+  report = report or _default_report
+  step = start = int(jax.device_get(state.step))
+  reports = _Reports(MetricsWriter(workdir, start), report, loop, start,
+                     _carried_metrics(checkpointer, start))
   last_metrics: dict = {}
-  pending: list[dict] = []
-  t_last, step_last = time.perf_counter(), start
-  t_start = t_last
-  step = start
   while step < loop.total_steps:
-    batch = get_batch(step)
-    state, metrics = step_fn(state, batch, rng, frozen)
+    state, metrics = step_fn(state, get_batch(step), rng, frozen)
     step += 1
-    pending.append(metrics)
+    reports.pending.append(metrics)
     at_end = step == loop.total_steps
     if step % loop.log_every == 0 or at_end:
-      fetched = jax.device_get(pending)
-      pending = []
-      for offset, m in enumerate(fetched):
-        loss = float(np.asarray(m["loss"]))
-        if not math.isfinite(loss):
-          bad_step = step - len(fetched) + offset + 1
-          raise NonFiniteLossError(
-              f"loss is {loss} at step {bad_step}; stopping. The last good checkpoint "
-              "(if any) is kept; lower the learning rate or check the data.")
-      last_metrics = {k: float(np.mean([np.asarray(m[k]) for m in fetched]))
-                      for k in fetched[-1]}
-      now = time.perf_counter()
-      rate = (step - step_last) / max(now - t_last, 1e-9)
-      last_metrics["steps_per_second"] = rate
-      if loop.tokens_per_step:
-        last_metrics["tokens_per_second"] = rate * loop.tokens_per_step
-      writer.write(step, last_metrics)
-      eta = (loop.total_steps - step) / rate if rate > 0 else float("inf")
-      report(f"step {step}/{loop.total_steps}  loss {last_metrics['loss']:.4f}  "
-             f"{rate:.2f} steps/s"
-             + (f"  {last_metrics['tokens_per_second']:.0f} tok/s" if loop.tokens_per_step else "")
-             + f"  elapsed {_format_seconds(now - t_start)}  eta {_format_seconds(eta)}")
-      t_last, step_last = now, step
+      last_metrics = reports.flush(step)
     if eval_fn is not None and loop.eval_every and (step % loop.eval_every == 0 or at_end):
-      eval_metrics = {f"eval_{k}": v for k, v in eval_fn(state).items()}
-      writer.write(step, eval_metrics)
-      report(f"step {step}  " + "  ".join(f"{k} {float(np.asarray(v)):.4f}"
-                                           for k, v in eval_metrics.items()))
-      last_metrics.update(eval_metrics)
+      last_metrics.update(reports.evaluate(step, eval_fn(state)))
     stop = bool(should_stop and should_stop())
-    if checkpointer is not None:
-      periodic = loop.checkpoint_every and step % loop.checkpoint_every == 0
-      if periodic or at_end or stop:
-        _check_finite_before_save(pending)
-        checkpointer.save(step, state, force=True)
+    periodic = loop.checkpoint_every and step % loop.checkpoint_every == 0
+    if checkpointer is not None and (periodic or at_end or stop):
+      checkpointer.save(step, state, metadata=reports.checkpoint_metadata(step), force=True)
     if stop:
       report(f"stop requested at step {step}: checkpoint saved, exiting")
       break
   if checkpointer is not None:
     checkpointer.wait()
   return state, last_metrics
-
-
-def _check_finite_before_save(pending: list[dict]) -> None:
-  """Never checkpoint a state whose unreported steps had a non-finite loss."""
-  for m in jax.device_get(pending):
-    loss = float(np.asarray(m["loss"]))
-    if not math.isfinite(loss):
-      raise NonFiniteLossError(f"loss is {loss}; not saving this state. The last good "
-                               "checkpoint is kept.")
 
 
 def _default_report(line: str) -> None:

@@ -7,6 +7,9 @@
     bort-jax distill --config=... --workdir=...        pretraining by distillation
     bort-jax extract --config=... --workdir=...        optimal subarchitecture extraction
     bort-jax demo --workdir=...                        the whole demo pipeline
+    bort-jax finetune --config=...:task=... --workdir  fine-tuning, dev metrics, submissions
+    bort-jax evaluate --checkpoint DIR --split ...     a fine-tuned checkpoint's metrics
+    bort-jax predict --checkpoint DIR --text ...       labels and probabilities for your text
 
 Modules are imported only when their mode runs, so ``bort-jax cost`` does not pay for TFDS.
 """
@@ -26,6 +29,9 @@ MODES = {
     "distill": ("bort_jax.pipelines.distill", "main", "pretrain a student by distillation"),
     "extract": ("bort_jax.pipelines.extract", "main", "optimal subarchitecture extraction (FPTAS)"),
     "demo": ("bort_jax.pipelines.demo", "main", "run the whole demo pipeline"),
+    "finetune": ("bort_jax.finetune.loop", "main", "fine-tune on a GLUE/SuperGLUE/RACE/demo task"),
+    "evaluate": ("bort_jax.finetune.evaluate", "main", "score a fine-tuned checkpoint on a split"),
+    "predict": ("bort_jax.finetune.predict", "main", "labels and probabilities for your text"),
 }
 
 

@@ -44,24 +44,27 @@ class StepConfig:
     kind: the task kind (``tasks.KINDS``).
     num_labels: the task's ``num_labels``.
     total_steps: length of the run (the learning-rate schedule's end).
+    layout: the task head's layout (``"bert"``, ``"roberta"``; None: the family's default).
   """
 
   model: ModelConfig
   kind: str
   num_labels: int
   total_steps: int
+  layout: str | None = None
 
   @property
   def head(self) -> model.HeadSpec:
-    return task_head(self.kind, self.num_labels)
+    return task_head(self.kind, self.num_labels, self.layout).resolve(self.model.family)
 
 
-def task_head(kind: str, num_labels: int) -> model.HeadSpec:
+def task_head(kind: str, num_labels: int, layout: str | None = None) -> model.HeadSpec:
   """The model head a task kind trains.
 
   Args:
     kind: ``classification``, ``regression``, ``multiple_choice`` or ``candidates``.
     num_labels: the task's ``num_labels`` (classes, 1, choices, 2).
+    layout: ``"bert"`` / ``"roberta"`` (``model.HeadSpec``), None for the family's default.
 
   Returns:
     ``HeadSpec("classification", n)`` for classification and candidates (a binary
@@ -69,11 +72,11 @@ def task_head(kind: str, num_labels: int) -> model.HeadSpec:
     ``HeadSpec("multiple_choice")`` (one score per choice).
   """
   if kind in ("classification", "candidates"):
-    return model.HeadSpec("classification", num_labels)
+    return model.HeadSpec("classification", num_labels, layout)
   if kind == "regression":
-    return model.HeadSpec("regression", 1)
+    return model.HeadSpec("regression", 1, layout)
   if kind == "multiple_choice":
-    return model.HeadSpec("multiple_choice", num_labels)
+    return model.HeadSpec("multiple_choice", num_labels, layout)
   raise ValueError(f"unknown task kind {kind!r}")
 
 

@@ -1,0 +1,182 @@
+"""``bort-jax evaluate``: a fine-tuned checkpoint on one split of a task, metrics as JSON.
+
+    bort-jax evaluate --checkpoint runs/ft/best --split validation
+    bort-jax evaluate --checkpoint runs/ft/best --task glue/ax --split test --submission out/
+    bort-jax evaluate --checkpoint hf_dir --task glue/mnli --split validation_matched \\
+        --tokenizer hf_dir
+
+The checkpoint is a ``bort-jax finetune`` ``WORKDIR/best`` (it names its task, head and
+sequence length, and holds its tokenizer) or a Hugging Face ``*ForSequenceClassification`` /
+``*ForMultipleChoice`` directory (then ``--task`` is required). Labelled splits are scored with
+the task's official metrics; test splits get a predictions file and, where the leaderboard has
+one, a submission file. Bad input (unknown task or split, a head that does not fit the task's
+label count, labels outside the label space) exits with status 2 and one paragraph, before
+anything is compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+import jax
+
+from bort_jax.finetune import loop
+from bort_jax.finetune import setup as setup_lib
+from bort_jax.finetune import steps
+from bort_jax.finetune import submission
+from bort_jax.finetune import tasks as tasks_lib
+from bort_jax.runtime import fileio, sharding
+
+
+@dataclasses.dataclass
+class Inference:
+  """A fine-tuned model ready to score batches (built by :func:`load_for_inference`)."""
+
+  spec: tasks_lib.TaskSpec
+  loaded: setup_lib.Loaded
+  compiled: loop.Compiled
+  params: Any
+  tokenizer: Any
+  mesh: Any
+  seq_len: int
+  batch_size: int
+
+
+def load_for_inference(checkpoint: str, task: str | None = None, tokenizer: str = "",
+                       seq_len: int | None = None, batch_size: int = 32,
+                       check: Callable[[tasks_lib.TaskSpec], None] | None = None
+                       ) -> Inference:
+  """Reads a fine-tuned checkpoint and checks it against the task (nothing compiled yet).
+
+  Args:
+    checkpoint: a ``WORKDIR/best`` or a Hugging Face directory with a task head.
+    task: the task (default: the one the checkpoint was fine-tuned on).
+    tokenizer: tokenizer directory (default: the checkpoint's own).
+    seq_len: padded length (default: the fine-tuning run's, else 128).
+    batch_size: rows per batch (rounded up to a multiple of the device count).
+    check: further input checks against the task, run before anything is compiled.
+
+  Raises:
+    setup.InputError: no task head, no task, or a head that does not fit the task.
+  """
+  loaded = setup_lib.load_model(checkpoint)
+  if loaded.head is None:
+    raise setup_lib.InputError(f"--checkpoint {checkpoint!r} has no task head: fine-tune it "
+                               "first (`bort-jax finetune`) or pass a fine-tuned checkpoint.")
+  task = task or loaded.meta.get("task")
+  if not task:
+    raise setup_lib.InputError(f"--checkpoint {checkpoint!r} does not say which task it was "
+                               "fine-tuned on: pass --task.")
+  spec = setup_lib.resolve_task(task)
+  params, layout = setup_lib.fit_head(loaded, spec)
+  if check is not None:
+    check(spec)
+  tok = setup_lib.load_tokenizer(setup_lib.tokenizer_dir(loaded.path, tokenizer), loaded.config)
+  seq_len = int(seq_len or loaded.meta.get("seq_len") or 128)
+  if not 2 <= seq_len <= loaded.config.max_length:
+    raise setup_lib.InputError(f"--seq-len {seq_len} must be in 2..{loaded.config.max_length}.")
+  mesh = sharding.make_mesh({"data": -1})
+  devices = mesh.shape["data"]
+  batch_size = -(-max(int(batch_size), 1) // devices) * devices
+  kind = "classification" if spec.kind == "candidates" else spec.kind
+  cfg = steps.StepConfig(loaded.config, kind, spec.num_labels, 1, layout)
+  compiled = loop.compile_steps(cfg, loop.direction_key({}), mesh,
+                                tuple(sharding.rules_from_config(None)))
+  full = setup_lib.init_params(loaded.config, cfg.head, 0, params)
+  placed = loop.place(full, compiled.param_shardings)
+  return Inference(spec, loaded, compiled, placed, tok, mesh, seq_len, batch_size)
+
+
+def run(checkpoint: str, task: str | None = None, split: str | None = None, *,
+        tokenizer: str = "", seq_len: int | None = None, batch_size: int = 32,
+        data_dir: str | None = None, download: bool = False, out: str | None = None,
+        submission_dir: str | None = None) -> dict:
+  """Scores a checkpoint on one split.
+
+  Args:
+    checkpoint: see :func:`load_for_inference`.
+    task: the task (default: the checkpoint's).
+    split: the split (default: the task's first dev split).
+    tokenizer: tokenizer directory (default: the checkpoint's).
+    seq_len: padded length (default: the fine-tuning run's).
+    batch_size: rows per batch.
+    data_dir: TFDS data directory.
+    download: let TFDS download the data.
+    out: also write the result JSON here.
+    submission_dir: for test splits: write predictions and the leaderboard file here.
+
+  Returns:
+    ``{"task", "split", "checkpoint", "units", "metrics"}`` (metrics empty when unlabelled).
+  """
+  chosen = {}
+
+  def check_split(spec):
+    name = split or (spec.validation_splits or spec.test_splits)[0]
+    if name not in spec.splits:
+      raise setup_lib.InputError(f"--split {name!r} is not a split of {spec.name!r}; its "
+                                 f"splits: {', '.join(spec.splits)}.")
+    chosen["split"] = name
+
+  inf = load_for_inference(checkpoint, task, tokenizer, seq_len, batch_size, check_split)
+  spec, split = inf.spec, chosen["split"]
+  test = split in spec.test_splits
+  data = loop.read_split(spec, split, data_dir, download, labelled=not test)
+  preds, _ = loop.predict_split(inf.params, inf.compiled, data, inf.tokenizer, inf.seq_len,
+                                inf.batch_size, inf.mesh)
+  labelled = bool(preds.labels) and all(not isinstance(x, (int, float)) or x != -1
+                                        for x in preds.labels)
+  result = {"task": spec.name, "split": split, "checkpoint": checkpoint,
+            "units": len(preds.predictions),
+            "metrics": loop.score(spec, preds) if labelled else {}}
+  if submission_dir and jax.process_index() == 0:
+    os.makedirs(submission_dir, exist_ok=True)
+    path = os.path.join(submission_dir, f"{spec.name.replace('/', '_')}_{split}.jsonl")
+    loop.write_predictions(path, data, preds)
+    result["files"] = [path]
+    try:
+      submission.submission_file_name(spec.name, split)
+      result["files"].append(submission.write_submission(
+          spec.name, data.records, preds.predictions, submission_dir, split))
+    except ValueError:
+      pass  # no leaderboard file for this task / split
+  if out and jax.process_index() == 0:
+    fileio.atomic_write_text(out, json.dumps(fileio.to_jsonable(result), indent=2))
+  return result
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="bort-jax evaluate", description=__doc__.split("\n")[0])
+  p.add_argument("--checkpoint", required=True, help="a fine-tuned WORKDIR/best or HF dir")
+  p.add_argument("--task", default=None, help="task name (default: the checkpoint's)")
+  p.add_argument("--split", default=None, help="split (default: the first dev split)")
+  p.add_argument("--tokenizer", default="", help="tokenizer dir (default: the checkpoint's)")
+  p.add_argument("--seq-len", type=int, default=None)
+  p.add_argument("--batch-size", type=int, default=32)
+  p.add_argument("--data-dir", default=None, help="TFDS data directory")
+  p.add_argument("--download", action="store_true", help="let TFDS download the data")
+  p.add_argument("--out", default=None, help="also write the metrics JSON here")
+  p.add_argument("--submission", default=None, help="test splits: write prediction files here")
+  p.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
+  return p
+
+
+def main(argv: Sequence[str]) -> int:
+  """``bort-jax evaluate``; exit status 2 on bad input."""
+  args = _parser().parse_args(list(argv))
+  try:
+    result = run(args.checkpoint, args.task, args.split, tokenizer=args.tokenizer,
+                 seq_len=args.seq_len, batch_size=args.batch_size, data_dir=args.data_dir,
+                 download=args.download, out=args.out, submission_dir=args.submission)
+  except setup_lib.InputError as error:
+    if args.debug:
+      raise
+    print(f"bort-jax evaluate: {error}", file=sys.stderr)
+    return 2
+  if jax.process_index() == 0:
+    print(json.dumps(fileio.to_jsonable(result), indent=2), flush=True)
+  return 0

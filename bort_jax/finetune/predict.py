@@ -1,0 +1,169 @@
+"""``bort-jax predict``: a fine-tuned checkpoint on your own text -> labels and probabilities.
+
+    bort-jax predict --checkpoint runs/ft/best --text "a gripping, funny film"
+    bort-jax predict --checkpoint runs/ft/best --text "The claim." --text-b "The evidence."
+    bort-jax predict --checkpoint runs/ft/best --input mine.jsonl --output predictions.jsonl
+
+Inputs: ``--text`` (repeatable) with an optional ``--text-b`` per text (sentence pairs) and,
+for multiple-choice tasks, ``--choice`` (repeatable, one set shared by every text); or
+``--input``: JSON lines with ``text`` (or ``text_a``), optional ``text_b`` and ``choices``,
+or a TSV file with one ``text_a[<TAB>text_b]`` row per line. Output: one JSON line per input
+with the predicted ``label`` (its name when the task has names), ``label_id`` and the class
+(or choice) ``probabilities``; regression tasks give a ``score``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from bort_jax.finetune import evaluate
+from bort_jax.finetune import loop
+from bort_jax.finetune import setup as setup_lib
+from bort_jax.finetune import tasks as tasks_lib
+from bort_jax.runtime import fileio, sharding
+
+
+def read_inputs(path: str) -> list[dict]:
+  """Rows of a JSONL (``.jsonl`` / ``.json``) or TSV file as ``{"text_a", "text_b", "choices"}``.
+
+  Raises:
+    setup.InputError: missing file, bad JSON, or a row without text (names the line).
+  """
+  if not os.path.isfile(path):
+    raise setup_lib.InputError(f"--input {path!r} is not a file (JSON lines or TSV).")
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      if path.endswith((".jsonl", ".json")):
+        try:
+          obj = json.loads(line)
+        except json.JSONDecodeError as error:
+          raise setup_lib.InputError(f"--input {path!r} line {n}: not JSON ({error}).") from None
+        text = obj.get("text", obj.get("text_a")) if isinstance(obj, dict) else None
+        if not isinstance(text, str) or not text:
+          raise setup_lib.InputError(f"--input {path!r} line {n}: needs a non-empty string "
+                                     "field 'text' (or 'text_a').")
+        rows.append({"text_a": text, "text_b": obj.get("text_b"),
+                     "choices": obj.get("choices")})
+      else:
+        parts = line.rstrip("\n").split("\t")
+        rows.append({"text_a": parts[0], "text_b": parts[1] if len(parts) > 1 else None,
+                     "choices": None})
+  if not rows:
+    raise setup_lib.InputError(f"--input {path!r} holds no rows.")
+  return rows
+
+
+def to_examples(spec: tasks_lib.TaskSpec, rows: Sequence[dict]) -> list[tasks_lib.Example]:
+  """Input rows as task examples (checked against the task's kind)."""
+  out = []
+  for i, row in enumerate(rows):
+    choices = row.get("choices")
+    if spec.kind == "multiple_choice":
+      if not choices or len(choices) != spec.num_labels:
+        raise setup_lib.InputError(
+            f"input {i + 1}: task {spec.name!r} is multiple choice with {spec.num_labels} "
+            f"choices; got {choices!r} (give --choice {spec.num_labels} times, or a "
+            "'choices' list per JSON line).")
+      choices = tuple(str(c) for c in choices)
+    else:
+      choices = None
+    out.append(tasks_lib.Example(str(row["text_a"]), row.get("text_b"), choices=choices,
+                                 example_id=i, candidate=0))
+  return out
+
+
+def predict(inf: evaluate.Inference, rows: Sequence[dict]) -> list[dict]:
+  """Labels and probabilities for each input row (in order)."""
+  spec = inf.spec
+  examples = to_examples(spec, rows)
+  logits = np.zeros((len(examples), 1 if spec.kind == "regression" else
+                     (2 if spec.kind == "candidates" else spec.num_labels)), np.float64)
+  for local in tasks_lib.batch_examples(spec, examples, inf.tokenizer, inf.seq_len,
+                                        inf.batch_size, process_index=jax.process_index(),
+                                        process_count=jax.process_count()):
+    batch = sharding.global_batch(local, inf.mesh)
+    out = loop.fetch({"logits": inf.compiled.eval_step(inf.params, batch)["logits"],
+                       "example_id": batch["example_id"], "weight": batch["weight"]})
+    real = np.asarray(out["weight"]) > 0
+    ids = np.asarray(out["example_id"])[real]
+    logits[ids] = np.asarray(out["logits"], np.float64).reshape(len(real), -1)[real]
+  names = spec.label_names if spec.kind in ("classification", "multiple_choice") else ()
+  results = []
+  for row, z in zip(rows, logits):
+    item: dict[str, Any] = {"text_a": row["text_a"]}
+    if row.get("text_b") is not None:
+      item["text_b"] = row["text_b"]
+    if spec.kind == "regression":
+      item["score"] = float(z[0])
+    else:
+      probs = np.exp(z - z.max())
+      probs /= probs.sum()
+      k = int(np.argmax(probs))
+      item.update(label=names[k] if k < len(names) else k, label_id=k,
+                  probabilities=[round(float(p), 6) for p in probs])
+    results.append(item)
+  return results
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="bort-jax predict", description=__doc__.split("\n")[0])
+  p.add_argument("--checkpoint", required=True, help="a fine-tuned WORKDIR/best or HF dir")
+  p.add_argument("--task", default=None, help="task (default: the checkpoint's)")
+  p.add_argument("--text", action="append", default=[], help="an input text (repeatable)")
+  p.add_argument("--text-b", action="append", default=[], help="second segment per --text")
+  p.add_argument("--choice", action="append", default=[], help="multiple choice: a choice")
+  p.add_argument("--input", default=None, help="JSON lines or TSV file of inputs")
+  p.add_argument("--output", default=None, help="write JSON lines here (default: stdout)")
+  p.add_argument("--tokenizer", default="", help="tokenizer dir (default: the checkpoint's)")
+  p.add_argument("--seq-len", type=int, default=None)
+  p.add_argument("--batch-size", type=int, default=32)
+  p.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
+  return p
+
+
+def _rows(args) -> list[dict]:
+  if bool(args.text) == bool(args.input):
+    raise setup_lib.InputError("give the inputs either as --text (repeatable) or as --input "
+                               "FILE, not both and not neither.")
+  if args.input:
+    return read_inputs(args.input)
+  if args.text_b and len(args.text_b) != len(args.text):
+    raise setup_lib.InputError(f"--text-b was given {len(args.text_b)} times for "
+                               f"{len(args.text)} --text: give one per text, or none.")
+  texts_b = args.text_b or [None] * len(args.text)
+  return [{"text_a": a, "text_b": b, "choices": args.choice or None}
+          for a, b in zip(args.text, texts_b)]
+
+
+def main(argv: Sequence[str]) -> int:
+  """``bort-jax predict``; exit status 2 on bad input."""
+  args = _parser().parse_args(list(argv))
+  try:
+    rows = _rows(args)
+    # Every input is checked against the task before anything compiles.
+    inf = evaluate.load_for_inference(args.checkpoint, args.task, args.tokenizer, args.seq_len,
+                                      args.batch_size, lambda spec: to_examples(spec, rows))
+    results = predict(inf, rows)
+  except setup_lib.InputError as error:
+    if args.debug:
+      raise
+    print(f"bort-jax predict: {error}", file=sys.stderr)
+    return 2
+  if jax.process_index() == 0:
+    text = "".join(json.dumps(fileio.to_jsonable(r)) + "\n" for r in results)
+    if args.output:
+      fileio.atomic_write_text(args.output, text)
+    else:
+      sys.stdout.write(text)
+      sys.stdout.flush()
+  return 0

@@ -452,6 +452,8 @@ def test_head_checkpoint_errors():
   wrong = dict(tensors, **{"classifier.bias": np.zeros(4, np.float32)})
   with pytest.raises(ValueError, match="classifier.bias.*num_labels"):
     convert.hf_to_model(wrong, hf_config)
+  with pytest.raises(ValueError, match="bort_jax.head.*sparkle"):
+    convert.hf_to_model(tensors, dict(hf_config, bort_jax={"head": {"kind": "sparkle"}}))
   # transformers' rule: one output and no problem_type is a regression head.
   one = dict(tensors, **{"classifier.weight": tensors["classifier.weight"][:1],
                          "classifier.bias": tensors["classifier.bias"][:1]})

@@ -168,7 +168,6 @@ def our_shape(entry: Entry, arch: Arch) -> tuple[int, ...]:
   return entry.hf_shape
 
 
-
 def head_entries(config: ModelConfig, head: HeadSpec) -> list[Entry]:
   """The tensors of a task head (none for "none" and "mlm"), in its resolved layout."""
   head = head.resolve(config.family)
@@ -244,7 +243,11 @@ def head_from_hf(hf_config: dict, names: dict[str, tuple[int, ...]], family: str
     MLM choice is the caller's), else the task head with its layout and width.
   """
   if saved:
-    return HeadSpec(saved["kind"], int(saved.get("num_labels", 0)), saved.get("layout"))
+    try:
+      return HeadSpec(saved["kind"], int(saved.get("num_labels", 0)), saved.get("layout"))
+    except (KeyError, TypeError, ValueError) as error:
+      raise ValueError(f"config.json field 'bort_jax.head' is {saved!r}, not a head: "
+                       f"{error}") from None
   if not any(n.startswith("classifier.") for n in names):
     prefixes = mlm_prefixes(family)
     return HeadSpec("mlm" if any(n.startswith(prefixes) for n in names) else "none")

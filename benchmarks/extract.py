@@ -4,7 +4,7 @@ The same population (a search space scaled for a small CPU: by default depth {1,
 {2,4}, hidden {64,128,256}, FFN {128,256,512}, 72 candidates with A | H) is trained for s proxy
 steps of distillation against fixed random teacher logits, by
 
-* ``bucketed``: ``proxy.plan_buckets`` with ``max_overhead`` 1.5, one masked program per bucket
+* ``bucketed``: ``buckets.plan_buckets`` with ``max_overhead`` 1.5, one masked program per bucket
   (in ``map`` and ``vmap`` mode), and
 * ``per_candidate``: ``max_overhead`` 1.0, so every distinct shape is its own unmasked program,
   compiled and run one after another.
@@ -68,15 +68,16 @@ def _worker(args) -> dict:
   """One contender in this (fresh) process."""
   import jax
 
-  from bort_jax.search import proxy
   from bort_jax.core.arch import ModelConfig
+  from bort_jax.search import buckets as buckets_lib
+  from bort_jax.search import proxy
 
   spec = json.loads(args.worker)
   archs = _space(args)
   data = _data(args, spec["steps"])
   base = ModelConfig(archs[0], family="bort", vocab_size=args.vocab, max_positions=512,
                      type_vocab_size=0, pooler=False, layer_norm_eps=1e-5)
-  master = proxy.padded_arch(archs)
+  master = buckets_lib.padded_arch(archs)
   pairs = [(a, {"lr": args.lr}) for a in archs]
   extra = {}
   if spec.get("compile_workers", 1) > 1:
@@ -101,7 +102,7 @@ def _worker(args) -> dict:
           "max_overhead": spec["max_overhead"], "candidates": len(archs),
           "wall_seconds": wall, "master_init_seconds": master_seconds,
           "num_buckets": len(buckets), **ledger,
-          "padded_flops_planned": proxy.padding_overhead(buckets, archs, trainer.flops),
+          "padded_flops_planned": buckets_lib.padding_overhead(buckets, archs, trainer.flops),
           "jax_device": jax.devices()[0].device_kind,
           "errors": {str(a): e for a, e in zip(archs, errors)}, "per_bucket": per_bucket}
 

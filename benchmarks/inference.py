@@ -14,10 +14,12 @@ compare like with like on a shared machine. Next to the latencies: the BERT-larg
 speed-up beside the FLOP ratio, achieved GFLOP/s and the share of a measured float32 matmul
 ceiling, and the JAX / PyTorch and JAX / ONNX Runtime latency ratios.
 
-Run (the parity venv has torch, transformers and onnxruntime):
+Run it in an environment with the ``parity`` extra (torch, transformers, onnxruntime; without
+them only the JAX rows are measured):
 
-    /work/venv-parity/bin/python benchmarks/inference.py --out results/inference.json
-    /work/venv-parity/bin/python benchmarks/inference.py --quick    # smoke run, ~1 minute
+    python3 -m venv .venv && .venv/bin/pip install -e '.[parity]'
+    .venv/bin/python benchmarks/inference.py --out benchmarks/results/inference.json
+    .venv/bin/python benchmarks/inference.py --quick    # smoke run, ~1 minute
 """
 
 from __future__ import annotations
@@ -152,7 +154,7 @@ def _ratio(a, b):
   return None if a is None or b is None else a / b
 
 
-def main(argv=None) -> int:
+def _parse(argv):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", help="also write the JSON here")
   parser.add_argument("--quick", action="store_true",
@@ -166,17 +168,15 @@ def main(argv=None) -> int:
   parser.add_argument("--no-torch", action="store_true", help="skip PyTorch and ONNX Runtime")
   parser.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
   args = parser.parse_args(argv)
-  names = args.models or (QUICK_MODELS if args.quick else MODELS)
-  batches = args.batches or ([1] if args.quick else [1, 8])
-  rounds = args.rounds or (3 if args.quick else 5)
-  log = common.log
+  args.models = args.models or (QUICK_MODELS if args.quick else MODELS)
+  args.batches = args.batches or ([1] if args.quick else [1, 8])
+  args.rounds = args.rounds or (3 if args.quick else 5)
+  return args
 
-  result = {"benchmark": "inference", "seq_len": args.seq_len, "batches": batches,
-            "models": list(names), "rounds": rounds, "threads_torch_onnx": args.threads,
-            "machine": common.machine_info()}
-  log("measuring the matmul ceiling")
-  result["matmul_ceiling"] = common.matmul_ceiling(n=2048)
 
+def _time_contenders(args, result, log) -> tuple[dict, dict, float]:
+  """Times every contender interleaved; returns (fns, timings, matmul ceiling in GFLOP/s)."""
+  names, batches = args.models, args.batches
   fns, result["jax_compile_s"] = _jax_contenders(names, batches, args.seq_len, log)
   # The ceiling is also timed among the contenders, so it sees the same machine load as they.
   matmul, matmul_flops = common.jax_matmul(2048)
@@ -194,19 +194,20 @@ def main(argv=None) -> int:
         onnx_fns, result["onnx"] = _onnx_contenders(
             models, batches, args.seq_len, args.threads, workdir, log)
         fns.update(onnx_fns)
-    log(f"timing {len(fns)} contenders x {rounds} rounds, interleaved")
+    log(f"timing {len(fns)} contenders x {args.rounds} rounds, interleaved")
     keyed = {"/".join(map(str, key)): fn for key, fn in fns.items()}
-    timings = common.interleaved_timing(keyed, rounds=rounds, warmup=1, log=log)
+    timings = common.interleaved_timing(keyed, rounds=args.rounds, warmup=1, log=log)
   result["load_average_1m_after"] = os.getloadavg()[0]
-
   ceiling_ms = timings.pop("jax/matmul-2048/0")["median_ms"]
   del fns[("jax", "matmul-2048", 0)]
-  ceiling = matmul_flops / ceiling_ms / 1e6
-  result["matmul_ceiling"]["jax_gflops_interleaved"] = ceiling
+  return fns, timings, matmul_flops / ceiling_ms / 1e6
+
+
+def _latency_rows(fns, timings, seq_len: int, ceiling: float) -> list[dict]:
   rows = []
   for (runtime, name, batch) in fns:
     t = timings[f"{runtime}/{name}/{batch}"]
-    flops = cost.forward_flops(name, batch, args.seq_len)["total"]
+    flops = cost.forward_flops(name, batch, seq_len)["total"]
     gflops = flops / t["median_ms"] / 1e6
     rows.append({"runtime": runtime, "model": name, "arch": str(get_model_config(name).arch),
                  "batch": batch, "median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"],
@@ -214,53 +215,74 @@ def main(argv=None) -> int:
                  "achieved_gflops": gflops,
                  # Share of the float32 matmul throughput measured interleaved with the models.
                  "utilisation_of_jax_matmul": gflops / ceiling})
-  result["latency"] = rows
+  return rows
+
+
+def _ratios(rows, names, batches, runtimes, seq_len: int) -> list[dict]:
+  """JAX against the other runtimes, and BERT / Bort speed-ups beside their FLOP ratio."""
   median = {(r["runtime"], r["model"], r["batch"]): r["median_ms"] for r in rows}
   # Best-of-rounds ratios too: on a loaded machine interference only adds time, so the
   # minimum is the steadier estimate of what each contender costs.
   best = {(r["runtime"], r["model"], r["batch"]): r["min_ms"] for r in rows}
-
   ratios = []
   for batch in batches:
     for name in names:
       entry = {"model": name, "batch": batch}
       for other in ("torch", "onnx"):
-        if other in result["runtimes"]:
+        if other in runtimes:
           entry[f"jax_over_{other}"] = _ratio(median.get(("jax", name, batch)),
                                               median.get((other, name, batch)))
           entry[f"jax_over_{other}_best"] = _ratio(best.get(("jax", name, batch)),
                                                    best.get((other, name, batch)))
       ratios.append(entry)
-    if "bort" in names:
-      for big in ("bert-large", "bert-base"):
-        if big not in names:
-          continue
-        flop_ratio = (cost.forward_flops(big, batch, args.seq_len)["total"] /
-                      cost.forward_flops("bort", batch, args.seq_len)["total"])
-        for runtime in result["runtimes"]:
-          speedup = _ratio(median.get((runtime, big, batch)), median.get((runtime, "bort", batch)))
-          speedup_best = _ratio(best.get((runtime, big, batch)), best.get((runtime, "bort", batch)))
-          ratios.append({"runtime": runtime, "batch": batch, "pair": f"{big}/bort",
-                         "speedup": speedup, "speedup_best": speedup_best,
-                         "flop_ratio": flop_ratio,
-                         "speedup_over_flop_ratio": _ratio(speedup, flop_ratio)})
-  result["ratios"] = ratios
+    for big in ("bert-large", "bert-base"):
+      if "bort" not in names or big not in names:
+        continue
+      flop_ratio = (cost.forward_flops(big, batch, seq_len)["total"] /
+                    cost.forward_flops("bort", batch, seq_len)["total"])
+      for runtime in runtimes:
+        speedup = _ratio(median.get((runtime, big, batch)), median.get((runtime, "bort", batch)))
+        speedup_best = _ratio(best.get((runtime, big, batch)), best.get((runtime, "bort", batch)))
+        ratios.append({"runtime": runtime, "batch": batch, "pair": f"{big}/bort",
+                       "speedup": speedup, "speedup_best": speedup_best,
+                       "flop_ratio": flop_ratio,
+                       "speedup_over_flop_ratio": _ratio(speedup, flop_ratio)})
+  return ratios
 
+
+def _targets(rows, ratios, runtimes) -> dict:
   jax_rows = [r for r in rows if r["runtime"] == "jax"]
   big_rows = [r for r in ratios if r.get("pair") == "bert-large/bort" and r["runtime"] == "jax"]
-  result["targets"] = {
+  return {
       "speedup_within_10pct_of_flop_ratio": (
           all(abs(r["speedup_over_flop_ratio"] - 1) <= 0.10 for r in big_rows)
           if big_rows else None),
       "min_utilisation_of_matmul_ceiling": min(r["utilisation_of_jax_matmul"] for r in jax_rows),
       "faster_than_torch_eager": (all(r["jax_over_torch"] < 1 for r in ratios
-                                      if "jax_over_torch" in r) if have_torch else None),
+                                      if "jax_over_torch" in r) if "torch" in runtimes else None),
       "at_least_as_fast_as_onnx": (all(r["jax_over_onnx"] <= 1 for r in ratios
-                                       if "jax_over_onnx" in r) if have_onnx else None),
+                                       if "jax_over_onnx" in r) if "onnx" in runtimes else None),
   }
+
+
+def main(argv=None) -> int:
+  args = _parse(argv)
+  log = common.log
+  result = {"benchmark": "inference", "seq_len": args.seq_len, "batches": args.batches,
+            "models": list(args.models), "rounds": args.rounds,
+            "threads_torch_onnx": args.threads, "machine": common.machine_info()}
+  log("measuring the matmul ceiling")
+  result["matmul_ceiling"] = common.matmul_ceiling(n=2048)
+  fns, timings, ceiling = _time_contenders(args, result, log)
+  result["matmul_ceiling"]["jax_gflops_interleaved"] = ceiling
+  rows = _latency_rows(fns, timings, args.seq_len, ceiling)
+  result["latency"] = rows
+  result["ratios"] = _ratios(rows, args.models, args.batches, result["runtimes"], args.seq_len)
+  result["targets"] = _targets(rows, result["ratios"], result["runtimes"])
   common.write_json(result, args.out)
-  for batch in batches:  # a readable digest on stderr; stdout stays JSON
-    for name in names:
+  median = {(r["runtime"], r["model"], r["batch"]): r["median_ms"] for r in rows}
+  for batch in args.batches:  # a readable digest on stderr; stdout stays JSON
+    for name in args.models:
       cells = "  ".join(f"{rt} {median[(rt, name, batch)]:8.1f} ms" for rt in result["runtimes"])
       log(f"{name:<11} b{batch}: {cells}")
   return 0

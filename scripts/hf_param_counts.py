@@ -8,9 +8,10 @@ counted (tied weights once).
 Bort is built as the Hugging Face port had it: a BERT with the RoBERTa vocabulary, 512
 positions and a one-row token-type table (our ``bort`` preset drops that row).
 
-Run (needs the ``parity`` extra):
+Run it in an environment with the ``parity`` extra (torch and transformers), made with
+``python3 -m venv .venv && .venv/bin/pip install -e '.[parity]'``:
 
-    /work/venv-parity/bin/python scripts/hf_param_counts.py [--out tests/fixtures/hf_param_counts.json]
+    .venv/bin/python scripts/hf_param_counts.py [--out tests/fixtures/hf_param_counts.json]
 """
 
 from __future__ import annotations

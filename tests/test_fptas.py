@@ -1,4 +1,5 @@
-"""Tests of the W-coefficient FPTAS (bort_jax/fptas.py): formula, intervals, guarantee, journal."""
+"""Tests of the W-coefficient FPTAS (bort_jax/search/fptas.py, journal.py): formula, intervals,
+guarantee, settings, journal."""
 
 import json
 import math
@@ -8,6 +9,12 @@ import pytest
 
 from bort_jax.search import fptas
 from bort_jax.core.arch import Arch
+
+
+def _run(candidates, p, i, train_and_eval, thetas, eps, rule="max_gain", **kwargs):
+  """run_fptas with its settings validated first (as the extraction config does)."""
+  settings = fptas.validate(eps, rule, thetas, len(candidates))
+  return fptas.run_fptas(candidates, p, i, train_and_eval, settings, **kwargs)
 
 
 # ------------------------------------------------------------------------ hand-computed W
@@ -94,7 +101,7 @@ def test_run_hand_case():
     calls.extend(pairs)
     return [err[c] * th["m"] for c, th in pairs]
 
-  res = fptas.run_fptas(names, p, i, train, [{"m": 1.0}, {"m": 2.0}], eps=2, rule="max_gain")
+  res = _run(names, p, i, train, [{"m": 1.0}, {"m": 2.0}], eps=2, rule="max_gain")
   # Intervals by p: [a, b], [c, d], [t]; max gain: a, c, t.
   assert [r.interval for r in res.rows] == [0, 0, 1, 1, 2]
   assert [r.trained for r in res.rows] == [True, False, True, False, True]
@@ -107,7 +114,7 @@ def test_run_hand_case():
   assert res.rows[4].w == 0.0
   assert [r.name for r in res.sorted_rows()] == ["c", "a", "t", "b", "d"]
   # Exhaustive search would pick d (.09/.1 = .9): the a priori bound must admit that gap.
-  exact = fptas.run_fptas(names, p, i, train, [{"m": 1.0}], eps=1)
+  exact = _run(names, p, i, train, [{"m": 1.0}], eps=1)
   assert exact.best.name == "d" and exact.best.w == pytest.approx(0.9)
 
 
@@ -120,11 +127,11 @@ def test_group_decides_the_calls_and_must_cover_every_pair():
     return [1.0 for _ in pairs]
 
   # One call per "bucket": the planner pairs up consecutive pending pairs.
-  res = fptas.run_fptas(names, p, i, train, [{"m": 1}], eps=1,
+  res = _run(names, p, i, train, [{"m": 1}], eps=1,
                         group=lambda pairs: [[0, 1], [2, 3]])
   assert calls == [["a", "b"], ["c", "t"]] and res.num_computed == 4
   with pytest.raises(ValueError, match="disjoint lists covering all"):
-    fptas.run_fptas(names, p, i, train, [{"m": 1}], eps=1, group=lambda pairs: [[0, 1], [1]])
+    _run(names, p, i, train, [{"m": 1}], eps=1, group=lambda pairs: [[0, 1], [1]])
 
 
 def test_diverged_theta_is_skipped_and_all_diverged_is_an_error():
@@ -133,10 +140,10 @@ def test_diverged_theta_is_skipped_and_all_diverged_is_an_error():
   def train(pairs):
     return [math.nan if th == 0 else 1.0 for _, th in pairs]
 
-  res = fptas.run_fptas(names, p, i, train, [0, 1], eps=1)
+  res = _run(names, p, i, train, [0, 1], eps=1)
   assert res.best.name == "a" and res.best.theta == 1 and math.isnan(res.best.errors[0])
   with pytest.raises(RuntimeError, match="diverged"):
-    fptas.run_fptas(names, p, i, lambda pairs: [math.inf] * len(pairs), [0], eps=1)
+    _run(names, p, i, lambda pairs: [math.inf] * len(pairs), [0], eps=1)
 
 
 # ----------------------------------------------------------------------- the guarantee
@@ -174,7 +181,7 @@ def test_guarantee_holds_against_exhaustive_search():
       return [error(p[index[c]] / p_T, th) for c, th in pairs]
 
     thetas = list(range(n_theta))
-    exact = fptas.run_fptas(names, p, i, train, thetas, eps=1)
+    exact = _run(names, p, i, train, thetas, eps=1)
     # Exhaustive optimum by brute force, independently of run_fptas.
     t = fptas.maximum_point(names, p, i)
     w_star = max(max(fptas.w_coefficient(p[t], i[t], p[k], i[k], error(p[k] / p_T, th))
@@ -184,7 +191,7 @@ def test_guarantee_holds_against_exhaustive_search():
       continue
     eps = int(rng.integers(1, n + 1))
     for rule in fptas.RULES:
-      res = fptas.run_fptas(names, p, i, train, thetas, eps=eps, rule=rule)
+      res = _run(names, p, i, train, thetas, eps=eps, rule=rule)
       trained = [k for k, r in enumerate(res.rows) if r.trained]
       bound = fptas.guarantee_bound(p, i, res.p_T, res.i_T, trained, lip, e_min)
       assert 0.0 <= bound <= 1.0
@@ -208,7 +215,7 @@ def test_bound_is_violated_when_the_assumption_is():
   # test above can fail.
   names, p, i = ["a", "b", "c", "d", "t"], [1, 2, 5, 7, 10], [1, 5, 2, 7, 10]
   err = {"a": 4.0, "b": 1.0, "c": 0.5, "d": 0.1, "t": 0.1}
-  res = fptas.run_fptas(names, p, i, lambda ps: [err[c] for c, _ in ps], [0], eps=2)
+  res = _run(names, p, i, lambda ps: [err[c] for c, _ in ps], [0], eps=2)
   trained = [k for k, r in enumerate(res.rows) if r.trained]
   bound = fptas.guarantee_bound(p, i, 10, 10, trained, lipschitz=1e-3, e_min=0.1)
   assert res.best.w / 0.9 < bound
@@ -218,7 +225,7 @@ def test_guarantee_bound_with_real_archs():
   space = [Arch(d, 4, h, 4 * h) for d in (2, 4, 6) for h in (64, 128, 256)]
   p = [a.depth * 12 * a.hidden ** 2 for a in space]
   i = [a.depth * a.hidden ** 2 * 1.0 for a in space]
-  res = fptas.run_fptas(space, p, i, lambda ps: [1.0 + str(a).count("2") for a, _ in ps], [0],
+  res = _run(space, p, i, lambda ps: [1.0 + str(a).count("2") for a, _ in ps], [0],
                         eps=3)
   assert res.rows[res.maximum_index].name == "D6-A4-H256-I1024"
   assert res.best.name in {str(a) for a in space}
@@ -249,21 +256,42 @@ def test_bad_inputs_fail_before_training():
       (dict(rule="middle"), "unknown interval rule"),
       (dict(maximum="zz"), "not a candidate"),
       (dict(maximum=(0.0, 1.0)), "p_T"),
-      (dict(batch_size=0), "batch_size"),
       (dict(columns={"flops": [1]}), "column 'flops'"),
   ]
   for overrides, pattern in cases:
     kwargs = dict(candidates=names, p=p, i=i, train_and_eval=train, thetas=[0], eps=1)
     kwargs.update(overrides)
     with pytest.raises(ValueError, match=pattern):
-      fptas.run_fptas(**kwargs)
+      _run(**kwargs)
   assert calls == []
   with pytest.raises(ValueError, match="returned 1 errors for 2 pairs"):
-    fptas.run_fptas(names, p, i, lambda ps: [1.0], [0], eps=1)
+    _run(names, p, i, lambda ps: [1.0], [0], eps=1)
   with pytest.raises(ValueError, match="<= 0 for b"):
-    fptas.run_fptas(names, p, i, lambda ps: [1.0 if c == "a" else 0.0 for c, _ in ps], [0],
+    _run(names, p, i, lambda ps: [1.0 if c == "a" else 0.0 for c, _ in ps], [0],
                     eps=1)
 
+
+
+def test_validate_names_the_config_field_and_applies_the_theta_check():
+  with pytest.raises(ValueError, match=r"fptas\.eps must be an int in \[1, 4\].*got 5"):
+    fptas.validate(5, "max_gain", [0], 4, where="fptas.")
+  with pytest.raises(ValueError, match=r"fptas\.rule='middle'"):
+    fptas.validate(1, "middle", [0], 4, where="fptas.")
+  with pytest.raises(ValueError, match="fptas.thetas is empty"):
+    fptas.validate(1, "all", [], 4, where="fptas.")
+
+  def check(theta):
+    if theta < 0:
+      raise ValueError("negative theta")
+    return theta * 10
+
+  with pytest.raises(ValueError, match="negative theta"):
+    fptas.validate(1, "all", [1, -1], 4, check_theta=check)
+  settings = fptas.validate(2, "endpoints", [1, 2], 4, check_theta=check)
+  assert settings == fptas.Settings(eps=2, rule="endpoints", thetas=(10, 20), num_candidates=4)
+  # Settings checked against another search space are refused rather than trusted.
+  with pytest.raises(ValueError, match="num_candidates=3"):
+    fptas.run_fptas(["a", "b", "c"], [1, 2, 3], [1, 2, 3], lambda ps: [1.0] * len(ps), settings)
 
 # ---------------------------------------------------------------------- journal / resume
 
@@ -287,8 +315,11 @@ class _Killed(Exception):
 
 def test_resume_after_kill_matches_uninterrupted(tmp_path):
   names, p, i, thetas, error = _problem()
+  # Two pairs per train_and_eval call, so a kill can land between calls.
+  in_twos = lambda pairs: [list(range(j, min(j + 2, len(pairs))))
+                           for j in range(0, len(pairs), 2)]
   common = dict(candidates=names, p=p, i=i, thetas=thetas, eps=3, rule="endpoints",
-                batch_size=2)
+                group=in_twos)
 
   def counting(log, kill_after=None):
     def train(pairs):
@@ -299,19 +330,19 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
     return train
 
   full_log = []
-  full = fptas.run_fptas(train_and_eval=counting(full_log), **common)
+  full = _run(train_and_eval=counting(full_log), **common)
 
   path = tmp_path / "journal.jsonl"
   first_log = []
   with pytest.raises(_Killed):
-    fptas.run_fptas(train_and_eval=counting(first_log, kill_after=3),
+    _run(train_and_eval=counting(first_log, kill_after=3),
                     journal=fptas.Journal(path, "cfg-1"), **common)
   done = {(c, fptas.theta_key(t)) for batch in first_log for c, t in batch}
   assert len(done) == 6
   assert len(path.read_text().splitlines()) == 1 + 6
 
   second_log = []
-  resumed = fptas.run_fptas(train_and_eval=counting(second_log),
+  resumed = _run(train_and_eval=counting(second_log),
                             journal=fptas.Journal(path, "cfg-1"), **common)
   redo = [(c, fptas.theta_key(t)) for batch in second_log for c, t in batch]
   assert not done & set(redo), "finished pairs were trained again"
@@ -322,7 +353,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
 
   # A third start trains nothing at all.
   third_log = []
-  again = fptas.run_fptas(train_and_eval=counting(third_log),
+  again = _run(train_and_eval=counting(third_log),
                           journal=fptas.Journal(path, "cfg-1"), **common)
   assert third_log == [] and again.num_computed == 0
   assert [r.to_dict() for r in again.rows] == [r.to_dict() for r in full.rows]
@@ -332,7 +363,7 @@ def test_torn_last_line_is_ignored_and_cut(tmp_path):
   names, p, i, thetas, error = _problem(6)
   path = tmp_path / "journal.jsonl"
   train = lambda ps: [error(c, th) for c, th in ps]  # noqa: E731
-  full = fptas.run_fptas(names, p, i, train, thetas, eps=1, journal=fptas.Journal(path, "h"))
+  full = _run(names, p, i, train, thetas, eps=1, journal=fptas.Journal(path, "h"))
   good = path.read_bytes()
   path.write_bytes(good + b'{"candidate": "D1-A2-H32-I64", "the')
   with pytest.warns(UserWarning, match="torn last line"):
@@ -343,7 +374,7 @@ def test_torn_last_line_is_ignored_and_cut(tmp_path):
   lines = [json.loads(line) for line in path.read_text().splitlines()]
   assert lines[-1] == {"candidate": "extra", "theta": {"lr": 1.0}, "e": 2.5}
   calls = []
-  res = fptas.run_fptas(names, p, i, lambda ps: calls.append(ps) or train(ps), thetas, eps=1,
+  res = _run(names, p, i, lambda ps: calls.append(ps) or train(ps), thetas, eps=1,
                         journal=fptas.Journal(path, "h"))
   assert calls == [] and res.best.name == full.best.name
 

@@ -1,5 +1,6 @@
-"""Tests of population training (bort_jax/proxy.py): bucket planning, exactness of padded
-members against solo runs (vmap and map), sharding over the mesh's data axis, bad input.
+"""Tests of population training (bort_jax/search/proxy.py, buckets.py): bucket planning,
+exactness of padded members against solo runs (vmap and map), sharding over the mesh's data
+axis, bad input.
 
 Tiny shapes throughout (vocab 64, seq 16, batch 4, 4 predictions, s=3 steps) so the whole file
 compiles a handful of small programs.
@@ -13,7 +14,7 @@ import pytest
 from flax import traverse_util
 
 from bort_jax.core import masks
-from bort_jax.search import proxy
+from bort_jax.search import buckets, proxy
 from bort_jax.runtime import sharding
 from bort_jax.core.arch import Arch, ModelConfig
 
@@ -63,7 +64,7 @@ def _trainer(mode="map", mesh=None, **kw):
 # Population: the target under two thetas, the three other shapes.
 ARCHS = [TARGET, OTHERS[0], TARGET, OTHERS[1], OTHERS[2]]
 THETAS = [THETA_A, THETA_A, THETA_B, {"lr": 1e-3}, THETA_B]
-BUCKET = proxy.Bucket(proxy.padded_arch(ARCHS), tuple(range(len(ARCHS))))
+BUCKET = buckets.Bucket(buckets.padded_arch(ARCHS), tuple(range(len(ARCHS))))
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +78,9 @@ def solo(data):
   trainer = _trainer("map")
   out = {}
   for name, theta in (("A", THETA_A), ("B", THETA_B)):
-    params, train, err = trainer.train_bucket(proxy.Bucket(TARGET, (0,)), [TARGET], [theta],
-                                              data, return_params=True)
+    trained = trainer.train([(TARGET, theta)], data, return_params=True)
     assert not trainer.stats[-1].masked
-    out[name] = (jax.tree.map(lambda x: x[0], params), train[0], err[0])
+    out[name] = (trained.params[0], trained.train_losses[0], trained.errors[0])
   # The second theta reused the first one's program: theta is data, not a compile.
   assert trainer.ledger()["compiles"] == 1
   return out
@@ -92,8 +92,10 @@ def bucketed(data):
   out = {}
   for mode in ("vmap", "map"):
     trainer = _trainer(mode)
-    out[mode] = trainer.train_bucket(BUCKET, ARCHS, THETAS, data, return_params=True)
-    assert trainer.stats[-1].masked
+    trained = trainer.train(list(zip(ARCHS, THETAS)), data, buckets=[BUCKET],
+                            return_params=True)
+    assert trainer.stats[-1].masked and len(trainer.stats) == 1
+    out[mode] = (trained.params, trained.train_losses, np.asarray(trained.errors))
   return out
 
 
@@ -106,30 +108,30 @@ def _hidden_flops(arch):
 
 def test_plan_identical_shapes_merge_first_and_overhead_one_is_one_per_shape():
   a, b = Arch(1, 2, 16, 32), Arch(1, 2, 20, 32)
-  buckets = proxy.plan_buckets([a, b, a, a], _hidden_flops, max_overhead=1.0)
-  assert buckets == [proxy.Bucket(a, (0, 2, 3)), proxy.Bucket(b, (1,))]
+  plan = buckets.plan_buckets([a, b, a, a], _hidden_flops, max_overhead=1.0)
+  assert plan == [buckets.Bucket(a, (0, 2, 3)), buckets.Bucket(b, (1,))]
   space = [Arch(d, h, 16 * h, i) for d, h, i in itertools.product((1, 2), (1, 2), (32, 64))]
-  plan = proxy.plan_buckets(space + space[:3], lambda x: x.depth * x.hidden * x.intermediate,
+  plan = buckets.plan_buckets(space + space[:3], lambda x: x.depth * x.hidden * x.intermediate,
                             max_overhead=1.0)
   assert len(plan) == len(set(space))
   assert all(len({(space + space[:3])[m] for m in b.members}) == 1 for b in plan)
   # With a loose bound the identical ones still share a bucket (zero added cost first).
-  loose = proxy.plan_buckets([a, b, a], _hidden_flops, max_overhead=1.01)
-  assert loose == [proxy.Bucket(a, (0, 2)), proxy.Bucket(b, (1,))]
+  loose = buckets.plan_buckets([a, b, a], _hidden_flops, max_overhead=1.01)
+  assert loose == [buckets.Bucket(a, (0, 2)), buckets.Bucket(b, (1,))]
 
 
 def test_plan_hand_case_cheapest_merge_and_bound():
   small, near, big = Arch(1, 1, 10, 8), Arch(1, 1, 11, 8), Arch(1, 1, 100, 8)
   # real = 121; merging small+near adds 1 (overhead 122/121), merging with big adds >= 89.
-  plan = proxy.plan_buckets([small, near, big], _hidden_flops, max_overhead=1.1)
-  assert plan == [proxy.Bucket(near, (0, 1)), proxy.Bucket(big, (2,))]
-  assert proxy.padding_overhead(plan, [small, near, big], _hidden_flops) == pytest.approx(
+  plan = buckets.plan_buckets([small, near, big], _hidden_flops, max_overhead=1.1)
+  assert plan == [buckets.Bucket(near, (0, 1)), buckets.Bucket(big, (2,))]
+  assert buckets.padding_overhead(plan, [small, near, big], _hidden_flops) == pytest.approx(
       122 / 121)
   # A bound that admits everything: one bucket at the elementwise maximum.
-  plan = proxy.plan_buckets([small, near, big], _hidden_flops, max_overhead=3.0)
-  assert plan == [proxy.Bucket(big, (0, 1, 2))]
+  plan = buckets.plan_buckets([small, near, big], _hidden_flops, max_overhead=3.0)
+  assert plan == [buckets.Bucket(big, (0, 1, 2))]
   # min_buckets stops merging early.
-  plan = proxy.plan_buckets([small, near, big], _hidden_flops, max_overhead=3.0, min_buckets=2)
+  plan = buckets.plan_buckets([small, near, big], _hidden_flops, max_overhead=3.0, min_buckets=2)
   assert len(plan) == 2
 
 
@@ -140,38 +142,43 @@ def test_plan_bound_members_and_determinism():
   flops = lambda a: a.depth * (4 * a.hidden ** 2 + 2 * a.hidden * a.intermediate) + 1000
   previous = None
   for bound in (1.0, 1.2, 1.5, 2.0, 4.0):
-    plan = proxy.plan_buckets(space, flops, max_overhead=bound, max_members=7)
-    assert proxy.padding_overhead(plan, space, flops) <= bound + 1e-9
+    plan = buckets.plan_buckets(space, flops, max_overhead=bound, max_members=7)
+    assert buckets.padding_overhead(plan, space, flops) <= bound + 1e-9
     assert max(len(b.members) for b in plan) <= 7
     assert sorted(m for b in plan for m in b.members) == list(range(len(space)))
     for b in plan:
-      assert b.padded == proxy.padded_arch([space[m] for m in b.members])
-    assert plan == proxy.plan_buckets(space, flops, max_overhead=bound, max_members=7)
+      assert b.padded == buckets.padded_arch([space[m] for m in b.members])
+    assert plan == buckets.plan_buckets(space, flops, max_overhead=bound, max_members=7)
     if previous is not None:
       assert len(plan) <= previous  # a looser bound never needs more programs
     previous = len(plan)
   assert previous < len(set(space))
-  many = proxy.plan_buckets([space[0]] * 10, flops, max_members=4)
+  many = buckets.plan_buckets([space[0]] * 10, flops, max_members=4)
   assert [len(b.members) for b in many] == [4, 4, 2]
   with pytest.raises(ValueError, match="max_overhead"):
-    proxy.plan_buckets(space, flops, max_overhead=0.9)
+    buckets.plan_buckets(space, flops, max_overhead=0.9)
   with pytest.raises(ValueError, match="max_members"):
-    proxy.plan_buckets(space, flops, max_members=0)
+    buckets.plan_buckets(space, flops, max_members=0)
 
 
 # ----------------------------------------------------------------------------- masks
 
 
-def test_member_param_mask_equals_model_param_mask():
+def test_param_mask_from_a_traced_arch_mask_equals_the_leading_slices():
+  # The one parameter mask, built inside a compiled program from a member's arch mask (as the
+  # population does), against its definition: 1 exactly on the leading slices of the small
+  # model's parameter shapes, 0 elsewhere (and on layers the small model lacks).
   padded = BASE.replace(arch=BUCKET.padded)
+  from_arch_mask = jax.jit(lambda m: masks.param_mask(padded, m))
   for arch in ARCHS:
-    want = traverse_util.flatten_dict(masks.param_mask(padded, arch))
-    got = traverse_util.flatten_dict(
-        proxy.member_param_mask(padded, masks.make_arch_mask(padded.arch, arch)))
-    assert set(got) == set(want)
-    for key in want:
-      np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]),
-                                    err_msg="/".join(key))
+    small = masks.param_shapes(padded.replace(arch=arch), proxy.MLM)
+    got = traverse_util.flatten_dict(from_arch_mask(masks.make_arch_mask(padded.arch, arch)))
+    assert set(got) == set(masks.param_shapes(padded, proxy.MLM))
+    for key, value in got.items():
+      want = np.zeros(value.shape, np.float32)
+      if key in small:
+        want[tuple(slice(0, n) for n in small[key])] = 1.0
+      np.testing.assert_array_equal(np.asarray(value), want, err_msg="/".join(key))
 
 
 # ----------------------------------------------------------------------------- exactness
@@ -185,8 +192,7 @@ def test_padded_member_matches_solo_run(mode, data, solo, bucketed):
     solo_params, solo_train, solo_err = solo[name]
     np.testing.assert_allclose(train[index], solo_train, rtol=0, atol=1e-5)
     np.testing.assert_allclose(errors[index], solo_err, rtol=0, atol=1e-5)
-    member = jax.tree.map(lambda x: x[index], params)
-    small = masks.slice_params(member, padded, TARGET)
+    small = masks.slice_params(params[index], padded, TARGET)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5),
                  small, solo_params)
   # Different thetas give different trajectories (the lr reached its member).
@@ -195,7 +201,7 @@ def test_padded_member_matches_solo_run(mode, data, solo, bucketed):
   # Every member's padded parameters are still exactly zero after s steps.
   for index, arch in enumerate(ARCHS):
     mask = traverse_util.flatten_dict(masks.param_mask(padded, arch))
-    member = traverse_util.flatten_dict(jax.tree.map(lambda x: x[index], params))
+    member = traverse_util.flatten_dict(params[index])
     for key, m in mask.items():
       outside = np.asarray(member[key])[np.asarray(m) == 0]
       assert np.all(outside == 0), f"{arch}: {'/'.join(key)} has nonzero padded entries"
@@ -251,13 +257,13 @@ def test_compile_ahead_in_threads_gives_the_same_errors(data, solo, bucketed):
   # Two buckets (the target alone under both thetas; the rest at the padded shape), compiled
   # ahead by two threads. Each member's error is the one its own bucket shape gives.
   pairs = list(zip(ARCHS, THETAS))
-  buckets = [proxy.Bucket(TARGET, (0, 2)), proxy.Bucket(BUCKET.padded, (1, 3, 4))]
+  two = [buckets.Bucket(TARGET, (0, 2)), buckets.Bucket(BUCKET.padded, (1, 3, 4))]
   ahead = _trainer("map", compile_workers=2)
-  errors = ahead.train_and_eval(pairs, data, buckets=buckets)
+  errors = ahead.train_and_eval(pairs, data, buckets=two)
   _, _, padded_errors = bucketed["map"]
   want = [solo["A"][2], padded_errors[1], solo["B"][2], padded_errors[3], padded_errors[4]]
   np.testing.assert_allclose(errors, want, rtol=0, atol=1e-5)
   assert ahead.ledger()["compiles"] == 2
   # A second call reuses both programs.
-  assert ahead.train_and_eval(pairs, data, buckets=buckets) == errors
+  assert ahead.train_and_eval(pairs, data, buckets=two) == errors
   assert ahead.ledger()["compiles"] == 2 and ahead.ledger()["buckets_trained"] == 4

@@ -21,9 +21,10 @@ def _result(rule="max_gain", eps=2):
   def train(pairs):
     return [1.0 / (a.depth * a.hidden) ** 0.3 * (1 + th["lr"]) for a, th in pairs]
 
-  return fptas.run_fptas(space, p_eff, latency, train, [{"lr": 0.5}, {"lr": 0.1}], eps=eps,
-                         rule=rule, columns={"params_total": p_total,
-                                             "params_effective": p_eff, "flops": flops})
+  settings = fptas.validate(eps, rule, [{"lr": 0.5}, {"lr": 0.1}], len(space))
+  return fptas.run_fptas(space, p_eff, latency, train, settings,
+                         columns={"params_total": p_total, "params_effective": p_eff,
+                                  "flops": flops})
 
 
 def test_pareto_front_hand_cases():

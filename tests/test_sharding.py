@@ -1,4 +1,4 @@
-"""Mesh construction, divisibility errors, batch assembly and sharded init."""
+"""Mesh construction, divisibility errors, batch assembly and parameter shardings."""
 
 import jax
 import jax.numpy as jnp
@@ -37,15 +37,18 @@ def test_batch_size_must_divide_batch_axes():
     sharding.check_batch_size(6, mesh)
 
 
-def test_init_sharded_places_params_and_rejects_indivisible_shapes():
+def test_parameters_born_sharded_by_the_rules_and_indivisible_shapes_refused():
+  # What a mode does to create its parameters: logical specs -> shardings -> a jitted init
+  # with those out_shardings, after the divisibility check.
   mesh = sharding.make_mesh({"fsdp": 2, "model": 4})
 
   def init(rng):
     return {"kernel": jax.random.normal(rng, (6, 8)), "bias": jnp.zeros((8,))}
 
   specs = {"kernel": P("embed", "mlp"), "bias": P("mlp")}
-  params, shardings = sharding.init_sharded(init, specs, mesh, sharding.DEFAULT_RULES,
-                                            jax.random.key(0))
+  shardings = sharding.logical_to_shardings(specs, mesh, sharding.DEFAULT_RULES)
+  sharding.check_divisible(jax.eval_shape(init, jax.random.key(0)), shardings)
+  params = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
   assert params["kernel"].sharding.spec == P("fsdp", "model")
   np.testing.assert_array_equal(np.asarray(params["kernel"]),
                                 np.asarray(init(jax.random.key(0))["kernel"]))
@@ -55,7 +58,7 @@ def test_init_sharded_places_params_and_rejects_indivisible_shapes():
     return {"kernel": jnp.zeros((6, 10)), "bias": jnp.zeros((10,))}
 
   with pytest.raises(ValueError, match="has shape \\(10,\\).*cannot be split over mesh axes"):
-    sharding.init_sharded(bad_init, specs, mesh, sharding.DEFAULT_RULES, jax.random.key(0))
+    sharding.check_divisible(jax.eval_shape(bad_init, jax.random.key(0)), shardings)
 
 
 def test_global_batch_from_local_rows():

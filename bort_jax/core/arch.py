@@ -3,7 +3,8 @@
 An :class:`Arch` is the part of a BERT that the Bort search varies: depth D, attention heads A,
 hidden size H and intermediate (FFN) size I, written ``D4-A8-H1024-I768``. A
 :class:`ModelConfig` adds what a model family fixes (vocabulary, positions, token types, layer
-norm eps, dropout). Presets name the shapes this project refers to (PAPER.md section 1).
+norm eps, dropout). Presets name the shapes this project refers to (docs/BORT.md section
+1).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class Arch:
     hidden: hidden size H.
     intermediate: feed-forward size I.
     head_size: size of each attention head; defaults to ``hidden // heads``. A padded
-      population shape may carry a head size that is not hidden / heads (see proxy.py).
+      population shape may carry a head size that is not hidden / heads (see search/proxy.py).
   """
 
   depth: int
@@ -259,6 +260,6 @@ class SearchSpace:
 
   @classmethod
   def paper(cls) -> "SearchSpace":
-    """The space of PAPER.md section 2: 300 candidates."""
+    """The space of docs/BORT.md section 2: 300 candidates."""
     return cls(depth=(2, 4, 6, 8, 10, 12), heads=(4, 8, 12, 16), hidden=(512, 768, 1024),
                intermediate=(256, 512, 768, 1024, 3072))

@@ -4,8 +4,8 @@ Every loss returns *sums* together with the total weight they were summed over, 
 caller can add them up across micro-batches, devices or hosts before dividing once. Inputs may
 be bfloat16; all arithmetic is done in float32.
 
-Distillation (PAPER.md §4) combines an MLM cross-entropy with a knowledge-distillation term at
-temperature ``T``:
+Distillation (docs/BORT.md section 4) combines an MLM cross-entropy with a
+knowledge-distillation term at temperature ``T``:
 
     loss = (alpha_mlm * sum MLM + alpha_kd * T^2 * sum KD) / (number of masked tokens)
 

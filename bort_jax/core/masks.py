@@ -8,7 +8,9 @@ parameter shape table of a config, the masks, and moving weights into and out of
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -89,23 +91,91 @@ def _leading(shape) -> tuple:
   return tuple(slice(0, n) for n in shape)
 
 
-def param_mask(padded: ModelConfig, arch: Arch, head: HeadSpec = HeadSpec("mlm")) -> Params:
-  """1 where a parameter of the smaller ``arch`` lives inside the padded shape, else 0.
+# The probe shape used to find which parameter axes follow which architecture field: every
+# field has a distinct size, and each is bumped by one in turn (see _axis_fields).
+_PROBE = Arch(depth=1, heads=2, hidden=5, intermediate=7, head_size=3)
+_AXIS_FIELDS = ("hidden", "heads", "head_size", "intermediate")
+# The arch-mask entry that masks an axis following a field.
+_MASK_KEY = {"hidden": "hidden", "heads": "heads", "head_size": "head_dim",
+             "intermediate": "ffn"}
+
+
+def _layer_of(key: tuple) -> int | None:
+  # Encoder parameters live under encoder/layer_{i}/... (the layout of docs/INTERFACES.md).
+  if len(key) > 1 and key[0] == "encoder" and key[1].startswith("layer_"):
+    return int(key[1][len("layer_"):])
+  return None
+
+
+def _generic(key: tuple) -> tuple:
+  return key[:1] + ("layer_*",) + key[2:] if _layer_of(key) is not None else key
+
+
+@functools.lru_cache(maxsize=64)
+def _axis_fields(config: ModelConfig, head: HeadSpec) -> dict:
+  """{generic path: per-axis arch field or None}, found by growing each field of a tiny probe.
+
+  Deriving the table from the model itself (rather than listing rules per parameter name)
+  keeps the masks right for any head layout the model gains.
+  """
+  probe = config.replace(arch=_PROBE)
+  base = param_shapes(probe, head)
+  fields = {key: [None] * len(shape) for key, shape in base.items()}
+  for field in _AXIS_FIELDS:
+    grown = param_shapes(
+        probe.replace(arch=dataclasses.replace(_PROBE, **{field: getattr(_PROBE, field) + 1})),
+        head)
+    for key, shape in base.items():
+      for axis, (a, b) in enumerate(zip(shape, grown[key])):
+        if a != b:
+          if fields[key][axis] is not None:
+            raise ValueError(f"parameter {'/'.join(key)} axis {axis} follows both "
+                             f"{fields[key][axis]} and {field}; it cannot be masked per unit")
+          fields[key][axis] = field
+  return {_generic(key): tuple(f) for key, f in fields.items()}
+
+
+def param_mask(padded: ModelConfig, arch: Arch | Mapping[str, jax.Array],
+               head: HeadSpec = HeadSpec("mlm")) -> Params:
+  """1 where a parameter of the smaller architecture lives inside the padded shape, else 0.
+
+  Each axis of a parameter follows one architecture field (hidden, heads, head size,
+  intermediate) or none (vocabulary, positions, classes); its mask is the outer product of the
+  arch mask's vectors for those fields, times the layer's own entry for encoder parameters.
+  Built from an arch mask, it is traceable: a compiled population program builds each member's
+  mask from that member's (traced) arch mask.
 
   Args:
     padded: config of the padded shape.
-    arch: the smaller architecture.
+    arch: the smaller architecture, or its arch mask (``make_arch_mask(padded.arch, arch)``,
+      possibly traced).
     head: the head the parameters carry.
 
   Returns:
     A float32 pytree with the padded parameters' structure.
   """
-  small = param_shapes(_small_config(padded, arch), head)
+  if isinstance(arch, Arch):  # concrete: numpy on the host, no eager device ops
+    xp = np
+    arch_mask = {k: np.asarray(v) for k, v in make_arch_mask(padded.arch, arch).items()}
+  else:
+    xp, arch_mask = jnp, arch
+  fields = _axis_fields(padded.replace(arch=_PROBE), head)
   out = {}
   for key, shape in param_shapes(padded, head).items():
-    mask = np.zeros(shape, np.float32)
-    if key in small:  # layers beyond the small depth are absent and stay all zero
-      mask[_leading(small[key])] = 1.0
+    layer = _layer_of(key)
+    mask = xp.ones((), xp.float32)
+    for axis, (size, field) in enumerate(zip(shape, fields[_generic(key)])):
+      if field is None:
+        vector = xp.ones((size,), xp.float32)
+      else:
+        vector = xp.asarray(arch_mask[_MASK_KEY[field]], xp.float32)
+        if vector.ndim == 2:  # per-layer rows: heads [D, A] and ffn [D, I]
+          if layer is None:
+            raise ValueError(f"{'/'.join(key)} follows {field} outside the encoder layers")
+          vector = vector[layer]
+      mask = mask[..., None] * vector.reshape((1,) * axis + (size,))
+    if layer is not None:
+      mask = mask * arch_mask["layers"][layer]
     out[key] = jnp.asarray(mask)
   return traverse_util.unflatten_dict(out)
 

@@ -1,8 +1,9 @@
 """Optimizers as optax transforms: Bort's Adam without bias correction, decay masks, schedules.
 
-Bort's optimizer (PAPER.md §4) is Adam *without* bias correction, with ``eps`` added after the
-square root, decoupled weight decay that skips LayerNorm parameters and biases, global-norm
-clipping and a linear warmup followed by a linear decay to zero. :func:`make_optimizer` builds
+Bort's optimizer (docs/BORT.md section 4) is Adam *without* bias correction, with ``eps``
+added after the square root, decoupled weight decay that skips LayerNorm parameters and biases,
+global-norm clipping and a linear warmup followed by a linear decay to zero.
+:func:`make_optimizer` builds
 
     chain(clip_by_global_norm(clip_norm),
           scale_by_adam_no_bias_correction(b1, b2, eps)   # or optax's bias-corrected Adam
@@ -23,6 +24,7 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 
 OPTIMIZER_NAMES = ("adam_nobc", "adamw")
 
@@ -72,13 +74,6 @@ def scale_by_adam_no_bias_correction(b1: float = 0.9, b2: float = 0.999,
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _key_name(key: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def _is_layer_norm(name: str) -> bool:
   lowered = name.lower()
   return "layernorm" in lowered or "layer_norm" in lowered
@@ -93,21 +88,18 @@ def decay_mask(params: Any) -> Any:
   (kernels, embeddings).
 
   Args:
-    params: a parameter pytree with named (dict or attribute) keys.
+    params: a parameter pytree of nested dicts (the model's layout).
 
   Returns:
     A pytree of Python bools with the structure of ``params``.
   """
 
   def decays(path, _):
-    names = [_key_name(k) for k in path]
-    if not names:
-      return True
-    if any(_is_layer_norm(n) for n in names):
+    if any(_is_layer_norm(str(name)) for name in path):
       return False
-    return names[-1] != "bias"
+    return path[-1] != "bias"
 
-  return jax.tree_util.tree_map_with_path(decays, params)
+  return traverse_util.path_aware_map(decays, params)
 
 
 def make_schedule(peak_lr: float, total_steps: int, warmup_fraction: float | None = None,
@@ -165,13 +157,21 @@ def _get(cfg: Any, name: str, default: Any = None) -> Any:
   return getattr(cfg, name, default) if hasattr(cfg, name) else default
 
 
-def schedule_from_config(cfg: Any) -> optax.Schedule:
+def schedule_from_config(cfg: Any, total_steps: int | None = None) -> optax.Schedule:
   """The learning-rate schedule of :func:`make_optimizer` (for logging the current lr).
 
   ``warmup`` is a fraction of ``total_steps`` when it is a float and a number of steps when it
   is an int; an explicit ``warmup_steps`` field wins over it.
+
+  Args:
+    cfg: the optimizer fields (see :func:`make_optimizer`).
+    total_steps: the run's length; wins over ``cfg.total_steps``, so a config can keep its
+      step count in one place (its train block).
+
+  Returns:
+    A function from the step count to the learning rate.
   """
-  total = _get(cfg, "total_steps")
+  total = total_steps if total_steps is not None else _get(cfg, "total_steps")
   if total is None:
     raise ValueError("optimizer config needs total_steps for the learning-rate schedule.")
   lr = _get(cfg, "lr")
@@ -188,8 +188,9 @@ def schedule_from_config(cfg: Any) -> optax.Schedule:
   return make_schedule(lr, int(total), warmup_fraction=float(warmup))
 
 
-def make_optimizer(cfg: Any) -> optax.GradientTransformation:
-  """Builds the optimizer from a config.
+def make_optimizer(cfg: Any, *, total_steps: int | None = None, lr: Any = None,
+                   weight_decay: Any = None) -> optax.GradientTransformation:
+  """Builds the optimizer from a config (the one optimizer chain of the project).
 
   Args:
     cfg: an ``ml_collections.ConfigDict`` or a dict with ``name`` (``"adam_nobc"``: Bort's Adam
@@ -198,9 +199,15 @@ def make_optimizer(cfg: Any) -> optax.GradientTransformation:
       0), ``b1`` (0.9), ``b2`` (0.999), ``eps`` (1e-6), ``clip_norm`` (global-norm clip; 0 or
       None disables it), ``warmup`` (float fraction or int steps, default 0) or
       ``warmup_steps``, and ``total_steps``.
+    total_steps: the run's length; wins over ``cfg.total_steps``.
+    lr: a constant learning rate instead of the config's schedule (the schedule fields are
+      then ignored). It may be a traced array: a population program builds one chain per
+      member inside the compiled function, so members' learning rates are data.
+    weight_decay: replaces the config's weight decay; may be traced like ``lr``, so it is not
+      checked here (the caller checks it) and the decay transform is always included.
 
   Returns:
-    ``chain(clip, adam, decayed weights, scale_by_learning_rate(schedule))``.
+    ``chain(clip, adam, decayed weights, scale_by_learning_rate(lr or schedule))``.
   """
   name = _get(cfg, "name", "adam_nobc")
   b1, b2 = float(_get(cfg, "b1", 0.9)), float(_get(cfg, "b2", 0.999))
@@ -216,10 +223,13 @@ def make_optimizer(cfg: Any) -> optax.GradientTransformation:
   if clip_norm:
     parts.append(optax.clip_by_global_norm(float(clip_norm)))
   parts.append(adam)
-  weight_decay = float(_get(cfg, "weight_decay", 0.0) or 0.0)
-  if weight_decay < 0:
-    raise ValueError(f"weight_decay must be non-negative, got {weight_decay}.")
-  if weight_decay:
+  if weight_decay is None:
+    weight_decay = float(_get(cfg, "weight_decay", 0.0) or 0.0)
+    if weight_decay < 0:
+      raise ValueError(f"weight_decay must be non-negative, got {weight_decay}.")
+  if not isinstance(weight_decay, float) or weight_decay:
     parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
-  parts.append(optax.scale_by_learning_rate(schedule_from_config(cfg)))
+  if lr is None:
+    lr = schedule_from_config(cfg, total_steps)
+  parts.append(optax.scale_by_learning_rate(lr))
   return optax.chain(*parts)

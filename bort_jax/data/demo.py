@@ -46,7 +46,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from bort_jax.data import fetch
-from bort_jax.runtime.fileio import atomic_write_text
+from bort_jax.runtime.fileio import atomic_write_text, to_jsonable
 
 CONFIGS = ("vitaminc", "movie_sentiment", "social_iqa")
 SPLITS = ("train", "validation", "test")
@@ -418,18 +418,6 @@ def build_demo(config: str, data_dir: str | None = None, cache_dir: str | None =
   return builder
 
 
-def _plain(value: Any) -> Any:
-  if isinstance(value, np.ndarray) and value.ndim == 0:
-    value = value.item()
-  if isinstance(value, (bytes, np.bytes_)):
-    return bytes(value).decode("utf-8")
-  if isinstance(value, np.integer):
-    return int(value)
-  if isinstance(value, np.floating):
-    return float(value)
-  return value
-
-
 @dataclasses.dataclass
 class DemoRecords(Sequence):
   """A split of a demo dataset as a sequence of plain dict records (str text, ints).
@@ -451,7 +439,7 @@ class DemoRecords(Sequence):
     i = i + n if i < 0 else i
     if not 0 <= i < n:  # IndexError (not array_record's ValueError) ends iteration
       raise IndexError(f"record {i} out of range for a split of {n}")
-    rec = {k: _plain(v) for k, v in self.source[i].items()}
+    rec = {k: to_jsonable(v) for k, v in self.source[i].items()}
     if self.config == "social_iqa":
       rec["choices"] = [rec["answerA"], rec["answerB"], rec["answerC"]]
     return rec

@@ -32,7 +32,7 @@ import numpy as np
 
 from bort_jax.core import arch as arch_lib
 from bort_jax.core import cost, model
-from bort_jax.search import fptas, proxy, report
+from bort_jax.search import buckets, fptas, proxy, report
 from bort_jax.runtime import sharding
 from bort_jax.runtime.fileio import atomic_write_text
 from bort_jax.core.model import MLM
@@ -51,22 +51,14 @@ def search_space(space_cfg: Mapping[str, Any]) -> list[arch_lib.Arch]:
   return candidates
 
 
-def validate(config: ml_collections.ConfigDict, n: int) -> list[dict]:
-  """Checks eps, the interval rule and Theta before anything is built; returns the thetas."""
-  eps = config.fptas.eps
-  if isinstance(eps, bool) or not isinstance(eps, int) or not 1 <= eps <= n:
-    raise ValueError(f"fptas.eps must be an int in [1, {n}] (the number of candidates), "
-                     f"got {eps!r}")
-  if config.fptas.rule not in fptas.RULES:
-    raise ValueError(f"unknown interval rule {config.fptas.rule!r}; known: {fptas.RULES}")
-  thetas = [dict(t) for t in config.fptas.thetas]
-  if not thetas:
-    raise ValueError("fptas.thetas is empty: at least one hyperparameter set is needed")
-  for theta in thetas:
-    proxy.check_theta(theta)
+def validate(config: ml_collections.ConfigDict, n: int) -> fptas.Settings:
+  """Checks eps, the interval rule and Theta before anything is built; returns the settings."""
+  settings = fptas.validate(config.fptas.eps, config.fptas.rule,
+                            [dict(t) for t in config.fptas.thetas], n,
+                            check_theta=proxy.check_theta, where="fptas.")
   if config.proxy.steps < 1:
     raise ValueError(f"proxy.steps must be >= 1, got {config.proxy.steps}")
-  return thetas
+  return settings
 
 
 # ----------------------------------------------------------------------------- costs
@@ -159,7 +151,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t_start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
   candidates = search_space(config.space)
-  thetas = validate(config, len(candidates))
+  settings = validate(config, len(candidates))
 
   teacher_cfg, teacher_params = distill.load_teacher(config.teacher)
   student_spec = ml_collections.ConfigDict(
@@ -183,7 +175,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     data.teacher, data.heldout_teacher = jnp.stack(logits[:-1]), logits[-1]
 
   mesh = sharding.make_mesh(dict(config.mesh)) if config.get("mesh") else None
-  master = proxy.padded_arch(candidates)
+  master = buckets.padded_arch(candidates)
   trainer = proxy.PopulationTrainer(
       base, master, dict(config.loss), dict(config.proxy.optim), error=config.proxy.error,
       mode=config.proxy.mode, max_overhead=config.proxy.max_overhead,
@@ -208,9 +200,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return trainer.train_and_eval(list(pairs), data, one_bucket=True)
 
   result = fptas.run_fptas(
-      candidates, p, i, train_and_eval, thetas, config.fptas.eps, rule=config.fptas.rule,
-      journal=journal, maximum=config.fptas.get("maximum") or None,
-      group=trainer.group,
+      candidates, p, i, train_and_eval, settings, journal=journal,
+      maximum=config.fptas.get("maximum") or None, group=trainer.group,
       columns=_report_columns(config, configs, counts))
   t_end = time.perf_counter()
 

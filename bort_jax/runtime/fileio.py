@@ -42,30 +42,39 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> str:
   return path
 
 
-def to_jsonable(value: Any) -> Any:
-  """A strict-JSON form of ``value``: the one converter for reports, logs and metadata.
+def to_jsonable(value: Any, strict: bool = False) -> Any:
+  """A strict-JSON form of ``value``: the one converter for reports, logs, records and metadata.
 
   Arrays and numpy/jax scalars become Python numbers or nested lists, ``bytes`` become UTF-8
   text, config dicts (anything with ``to_dict``) become dicts, dicts, lists and tuples are
   converted recursively, and non-finite floats become None (JSON has no NaN or infinity).
   Anything else is returned unchanged when JSON can hold it, else as ``str(value)``.
+
+  Args:
+    value: what to convert.
+    strict: raise ``ValueError`` for a value JSON cannot hold instead of writing its ``str``.
+
+  Returns:
+    Plain dicts, lists, strings, numbers, booleans and None.
   """
   if isinstance(value, dict):
-    return {str(k): to_jsonable(v) for k, v in value.items()}
+    return {str(k): to_jsonable(v, strict) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
-    return [to_jsonable(v) for v in value]
+    return [to_jsonable(v, strict) for v in value]
   if isinstance(value, (bytes, np.bytes_)):
     return bytes(value).decode("utf-8")
   if hasattr(value, "to_dict") and not isinstance(value, np.ndarray):
-    return to_jsonable(value.to_dict())
+    return to_jsonable(value.to_dict(), strict)
   if isinstance(value, (np.generic, np.ndarray)) or hasattr(value, "__array__"):
     array = np.asarray(value)
     value = array.item() if array.ndim == 0 else array.tolist()
-    return to_jsonable(value) if isinstance(value, list) else _finite_or_none(value)
+    return to_jsonable(value, strict) if isinstance(value, list) else _finite_or_none(value)
   if isinstance(value, float):
     return _finite_or_none(value)
   if value is None or isinstance(value, (str, int, bool)):
     return value
+  if strict:
+    raise ValueError(f"{value!r} ({type(value).__name__}) is not JSON-serialisable")
   return str(value)
 
 

@@ -1,4 +1,4 @@
-"""The sharding layer: device mesh, logical axis rules, sharded init and global batches.
+"""The sharding layer: device mesh, logical axis rules, parameter shardings and global batches.
 
 Parameters carry logical axis names (``embed``, ``heads``, ``kv``, ``mlp``, ``vocab``, ...; see
 ``model.logical_axes``). Rules in the config map them to the mesh axes ``data``, ``fsdp`` and
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -28,7 +28,6 @@ MESH_AXES = ("data", "fsdp", "model")
 # RoBERTa's 50,265 rows divide by no even axis size.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
-    ("population", "data"),
     ("embed", "fsdp"),
     ("heads", "model"),
     ("mlp", "model"),
@@ -202,27 +201,6 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
     sharding = batch_sharding(mesh, value.ndim)
     out[key] = jax.make_array_from_process_local_data(sharding, value)
   return out
-
-
-def init_sharded(init_fn: Callable[..., Any], logical_specs: Any, mesh: Mesh,
-                 rules: Sequence[tuple[str, Any]] = DEFAULT_RULES, *args) -> tuple[Any, Any]:
-  """Runs ``init_fn(*args)`` so that every parameter is created directly in its shards.
-
-  Args:
-    init_fn: pure function returning a parameter pytree.
-    logical_specs: logical PartitionSpecs with the structure of ``init_fn``'s output.
-    mesh: the device mesh.
-    rules: logical axis rules.
-    *args: arguments of ``init_fn`` (an rng key, typically), replicated.
-
-  Returns:
-    (params, shardings).
-  """
-  abstract = jax.eval_shape(init_fn, *args)
-  shardings = logical_to_shardings(logical_specs, mesh, rules)
-  check_divisible(abstract, shardings)
-  params = jax.jit(init_fn, out_shardings=shardings)(*args)
-  return params, shardings
 
 
 def tree_shardings_like(tree: Any, params_treedef: Any, param_shardings: Any,

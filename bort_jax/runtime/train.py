@@ -152,7 +152,7 @@ class MetricsWriter:
     if self.path is None:
       return
     record = {"step": int(step)}
-    record.update({k: _to_python(v) for k, v in metrics.items()})
+    record.update({k: to_jsonable(v) for k, v in metrics.items()})
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
 
@@ -165,11 +165,6 @@ def write_config(workdir: str, config: Any) -> None:
   data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   atomic_write_text(os.path.join(workdir, "config.json"),
                     json.dumps(data, indent=2, sort_keys=True, default=str))
-
-
-def _to_python(value: Any) -> Any:
-  value = np.asarray(value)
-  return value.item() if value.size == 1 else value.tolist()
 
 
 def _format_seconds(seconds: float) -> str:

@@ -1,4 +1,4 @@
-"""The W-coefficient FPTAS of Bort (PAPER.md section 3), as a pure algorithm.
+"""The W-coefficient FPTAS of Bort (docs/EXTRACTION.md), as a pure algorithm.
 
 Nothing here knows about models or JAX: candidates are any objects whose ``str`` is a unique
 name (``Arch`` prints ``D4-A8-H1024-I768``), their parameter size ``p`` and inference cost
@@ -15,26 +15,23 @@ The steps:
 4. return the trained candidate of largest W with the whole table (:func:`run_fptas`).
 
 ``docs/EXTRACTION.md`` states the interval rules and proves the guarantee that
-:func:`guarantee_bound` computes. A :class:`Journal` makes a killed run resumable.
+:func:`guarantee_bound` computes. A :class:`~bort_jax.search.journal.Journal` makes a killed
+run resumable.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
-import os
-import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from bort_jax.search.journal import Journal, config_hash, theta_key  # noqa: F401  (API)
+
 RULES = ("max_gain", "endpoints", "all")
 """Interval rules: which members of an interval are trained (see :func:`representatives`)."""
 
-JOURNAL_KIND = "bort_jax.fptas.journal"
-JOURNAL_VERSION = 1
 
 
 # ----------------------------------------------------------------------------- the formula
@@ -45,6 +42,11 @@ def _check_positive(name: str, value: float) -> float:
   if not math.isfinite(value) or value <= 0:
     raise ValueError(f"{name} must be a finite positive number, got {value!r}")
   return value
+
+
+def _gain(p_T, i_T, p_b, i_b):
+  # The one definition of the cost part of W; works on floats and on numpy arrays of b.
+  return ((p_T - p_b) / p_T) * ((i_T - i_b) / i_T)
 
 
 def gain(p_T: float, i_T: float, p_b: float, i_b: float) -> float:
@@ -63,11 +65,11 @@ def gain(p_T: float, i_T: float, p_b: float, i_b: float) -> float:
   for name, value in (("p_b", p_b), ("i_b", i_b)):
     if not math.isfinite(float(value)):
       raise ValueError(f"{name} must be finite, got {value!r}")
-  return ((p_T - float(p_b)) / p_T) * ((i_T - float(i_b)) / i_T)
+  return _gain(p_T, i_T, float(p_b), float(i_b))
 
 
 def w_coefficient(p_T: float, i_T: float, p_b: float, i_b: float, e_b: float) -> float:
-  """W(T, b) = [(p_T - p_b) / p_T] * [(i_T - i_b) / i_T] * [1 / e_b] (PAPER.md section 3).
+  """W(T, b) = [(p_T - p_b) / p_T] * [(i_T - i_b) / i_T] * [1 / e_b] (docs/EXTRACTION.md).
 
   Args:
     p_T, i_T: size and inference cost of the maximum point T (both > 0).
@@ -109,38 +111,67 @@ def _as_costs(name: str, values: Sequence[float], n: int) -> np.ndarray:
   return arr
 
 
-def _check_eps(eps: int, n: int) -> int:
-  if isinstance(eps, bool) or not isinstance(eps, (int, np.integer)):
-    raise ValueError(f"eps (interval size) must be an int, got {eps!r}")
-  if not 1 <= eps <= n:
-    raise ValueError(f"eps (interval size) must lie in [1, {n}] for {n} candidates, got {eps}")
+def _check_eps(eps: int, n: int, where: str = "") -> int:
+  if isinstance(eps, bool) or not isinstance(eps, (int, np.integer)) or not 1 <= eps <= n:
+    raise ValueError(f"{where}eps must be an int in [1, {n}] (the interval size, at most the "
+                     f"number of candidates), got {eps!r}")
   return int(eps)
 
 
-def theta_key(theta: Any) -> str:
-  """Canonical JSON text of a hyperparameter set; keys the journal.
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The search's settings, checked once by :func:`validate`; the search trusts them.
 
-  Raises:
-    ValueError: when ``theta`` is not JSON-serialisable.
+  Attributes:
+    eps: interval size, 1 <= eps <= num_candidates.
+    rule: interval rule, one of :data:`RULES`.
+    thetas: the hyperparameter sets (JSON-serialisable, distinct), at least one.
+    num_candidates: the size of the search space the settings were checked against.
   """
-  try:
-    return json.dumps(theta, sort_keys=True, separators=(",", ":"), allow_nan=False)
-  except (TypeError, ValueError) as err:
-    raise ValueError(f"hyperparameter set {theta!r} is not JSON-serialisable ({err}); pass "
-                     "plain dicts of numbers and strings") from err
+
+  eps: int
+  rule: str
+  thetas: tuple
+  num_candidates: int
 
 
-def config_hash(obj: Any) -> str:
-  """A short stable hash of a JSON-able object (for a journal header).
+def validate(eps: int, rule: str, thetas: Sequence[Any], num_candidates: int,
+             check_theta: Callable[[Any], Any] | None = None, where: str = "") -> Settings:
+  """Checks the search settings: the one validation of eps, the rule and the thetas.
+
+  Call it where the settings enter (a config's validation, before anything is built); the
+  search and the trainer then trust the typed values.
 
   Args:
-    obj: whatever determines the proxy errors of a run (proxy steps, batch, teacher, seed...).
+    eps: interval size.
+    rule: interval rule.
+    thetas: hyperparameter sets.
+    num_candidates: how many candidates the search space has (eps is at most that).
+    check_theta: the trainer's own check of one theta (it raises ``ValueError``); what it
+      returns is stored (e.g. ``proxy.check_theta``'s typed sets).
+    where: prefix of the field names in messages (``"fptas."`` names the config fields).
 
   Returns:
-    16 hex digits of the SHA-256 of its canonical JSON.
+    A :class:`Settings`.
+
+  Raises:
+    ValueError: naming the field, its value and what is allowed.
   """
-  text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-  return hashlib.sha256(text.encode()).hexdigest()[:16]
+  if num_candidates < 1:
+    raise ValueError("the candidate list is empty: nothing to search (did a constraint remove "
+                     "every member of the search space?)")
+  eps = _check_eps(eps, num_candidates, where)
+  if rule not in RULES:
+    raise ValueError(f"unknown interval rule {where}rule={rule!r}; expected one of {RULES}")
+  thetas = list(thetas)
+  if not thetas:
+    raise ValueError(f"{where}thetas is empty: at least one hyperparameter set is needed")
+  keys = [theta_key(t) for t in thetas]
+  if len(set(keys)) != len(keys):
+    raise ValueError(f"{where}thetas contain duplicates: {keys}")
+  if check_theta is not None:
+    thetas = [check_theta(t) for t in thetas]
+  return Settings(eps=eps, rule=rule, thetas=tuple(thetas), num_candidates=num_candidates)
 
 
 # ------------------------------------------------------------------------------ the steps
@@ -210,7 +241,10 @@ def intervals(order: Sequence[int], eps: int) -> list[list[int]]:
   order = [int(k) for k in order]
   if not order:
     raise ValueError("cannot partition an empty candidate list")
-  eps = _check_eps(eps, len(order))
+  return _cut(order, _check_eps(eps, len(order)))
+
+
+def _cut(order: list[int], eps: int) -> list[list[int]]:
   return [order[s:s + eps] for s in range(0, len(order), eps)]
 
 
@@ -283,7 +317,7 @@ def guarantee_bound(p: Sequence[float], i: Sequence[float], p_T: float, i_T: flo
   i_T = _check_positive("i_T", i_T)
   p = np.asarray(p, dtype=np.float64)
   i = np.asarray(i, dtype=np.float64)
-  g = ((p_T - p) / p_T) * ((i_T - i) / i_T)
+  g = _gain(p_T, i_T, p, i)
   tr = np.asarray(sorted(set(int(k) for k in trained)), dtype=np.int64)
   tr = tr[g[tr] >= 0] if tr.size else tr
   targets = np.flatnonzero(g > 0)
@@ -327,115 +361,6 @@ def certified_ratio(result: "Result", lipschitz: float, e_min: float) -> float:
       floor = max(floor, r.e - lipschitz * abs(r.p - row.p) / result.p_T)
     upper = max(upper, row.gain / floor)
   return float(min(1.0, best_w / upper))
-
-
-# ---------------------------------------------------------------------------- the journal
-
-
-class Journal:
-  """Append-only JSONL record of finished (candidate, theta) proxy errors.
-
-  Line 1 is a header ``{"kind", "version", "config_hash"}``; every other line is
-  ``{"candidate": name, "theta": theta, "e": error}``. Lines are written whole, then flushed
-  and fsynced, so after a kill the file holds every finished pair plus at most one torn last
-  line, which loading drops with a warning (and cuts off, so later appends stay parseable).
-  A journal written under a different config hash is refused rather than mixed in.
-  Only one process may write a journal (process 0 in a multi-host run).
-
-  Attributes:
-    path: the file.
-    config_hash: the hash this journal belongs to.
-    entries: {(candidate name, theta key): e} loaded or appended so far.
-  """
-
-  def __init__(self, path: str | os.PathLike, config_hash: str):
-    """Opens (or creates) the journal at ``path`` for runs of ``config_hash``."""
-    self.path = os.fspath(path)
-    self.config_hash = str(config_hash)
-    self.entries: dict[tuple[str, str], float] = {}
-    if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
-      self._load()
-    else:
-      self._write_header()
-
-  def _write_header(self):
-    parent = os.path.dirname(self.path)
-    if parent:
-      os.makedirs(parent, exist_ok=True)
-    header = {"kind": JOURNAL_KIND, "version": JOURNAL_VERSION,
-              "config_hash": self.config_hash}
-    with open(self.path, "w", encoding="utf-8") as f:
-      f.write(json.dumps(header) + "\n")
-      f.flush()
-      os.fsync(f.fileno())
-
-  def _load(self):
-    with open(self.path, "rb") as f:
-      data = f.read()
-    lines = data.split(b"\n")
-    # A file that ends with "\n" splits into [..., b""]; otherwise the last piece is torn.
-    complete, tail = lines[:-1], lines[-1]
-    parsed, good_bytes = [], 0
-    for k, raw in enumerate(complete):
-      try:
-        parsed.append(json.loads(raw.decode("utf-8")))
-      except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        if k == len(complete) - 1 and not tail:
-          tail = raw  # An unreadable final line is a torn write too (e.g. zero-filled).
-          break
-        raise ValueError(f"journal {self.path} line {k + 1} is corrupt ({err}); only the last "
-                         "line may be torn by a kill") from err
-      good_bytes += len(raw) + 1
-    if tail:
-      warnings.warn(f"journal {self.path}: ignoring a torn last line ({len(tail)} bytes) left "
-                    "by an interrupted write")
-      with open(self.path, "r+b") as f:
-        f.truncate(good_bytes)
-        f.flush()
-        os.fsync(f.fileno())
-    if not parsed:  # Only a torn header: start afresh.
-      self._write_header()
-      return
-    header = parsed[0]
-    if not isinstance(header, dict) or header.get("kind") != JOURNAL_KIND:
-      raise ValueError(f"{self.path} is not an FPTAS journal (first line {header!r})")
-    if header.get("version") != JOURNAL_VERSION:
-      raise ValueError(f"journal {self.path} has version {header.get('version')}, this code "
-                       f"reads version {JOURNAL_VERSION}")
-    if header.get("config_hash") != self.config_hash:
-      raise ValueError(
-          f"journal {self.path} was written for config hash {header.get('config_hash')!r} but "
-          f"this run's config hash is {self.config_hash!r}; its proxy errors are not "
-          "comparable. Use a fresh workdir (or delete the journal) to start over.")
-    for line_no, rec in enumerate(parsed[1:], start=2):
-      if not isinstance(rec, dict) or not {"candidate", "theta", "e"} <= set(rec):
-        raise ValueError(f"journal {self.path} line {line_no} lacks candidate/theta/e: {rec!r}")
-      key = (str(rec["candidate"]), theta_key(rec["theta"]))
-      # The first record of a pair wins: a duplicate can only come from a rerun of the same
-      # deterministic pair, so it carries the same value.
-      self.entries.setdefault(key, float(rec["e"]))
-
-  def get(self, name: str, theta: Any) -> float | None:
-    """The recorded error of (candidate name, theta), or None."""
-    return self.entries.get((str(name), theta_key(theta)))
-
-  def append(self, records: Sequence[tuple[str, Any, float]]):
-    """Appends finished (candidate name, theta, e) records durably.
-
-    Args:
-      records: the pairs finished by one ``train_and_eval`` call.
-    """
-    if not records:
-      return
-    text = "".join(
-        json.dumps({"candidate": str(n), "theta": t, "e": float(e)}) + "\n"
-        for n, t, e in records)
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    for n, t, e in records:
-      self.entries.setdefault((str(n), theta_key(t)), float(e))
 
 
 # ----------------------------------------------------------------------------- the search
@@ -533,104 +458,39 @@ class Result:
 TrainAndEval = Callable[[list[tuple[Any, Any]]], Sequence[float]]
 
 
-def run_fptas(candidates: Sequence[Any], p: Sequence[float], i: Sequence[float],
-              train_and_eval: TrainAndEval, thetas: Sequence[Any], eps: int,
-              rule: str = "max_gain", journal: Journal | None = None,
-              maximum: str | tuple[float, float] | None = None,
-              batch_size: int | None = None,
-              columns: Mapping[str, Sequence[Any]] | None = None,
-              group: Callable[[list], list[list[int]]] | None = None) -> Result:
-  """Steps 1 to 4 of PAPER.md section 3.
-
-  All input checks run before the first training. The pairs are trained in size order
-  (interval by interval, theta innermost), ``batch_size`` pairs per ``train_and_eval`` call;
-  each call's results are journalled before the next call, so a kill loses at most one call's
-  work. Untrained candidates get no e and no W.
-
-  Args:
-    candidates: the search space (``str`` of each is its unique name).
-    p, i: size and inference cost per candidate (finite, > 0).
-    train_and_eval: maps a list of (candidate, theta) pairs to their proxy errors, in order.
-      An error must be > 0; a non-finite error marks a diverged proxy (W = -inf for that theta).
-    thetas: hyperparameter sets (JSON-serialisable), at least one.
-    eps: interval size, 1 <= eps <= len(candidates).
-    rule: interval rule, one of :data:`RULES`.
-    journal: optional :class:`Journal`; pairs already in it are not retrained.
-    maximum: T as a candidate name, or as a (p_T, i_T) reference point outside the space;
-      None picks :func:`maximum_point`.
-    batch_size: pairs per ``train_and_eval`` call; None sends every pending pair at once.
-    columns: extra per-candidate values copied into each row's ``extra`` (for the report).
-    group: optional planner that splits the pending (candidate, theta) pairs into the lists of
-      indices sent together to ``train_and_eval`` (the population trainer's buckets), so each
-      group is journalled as soon as it finishes. Replaces ``batch_size``.
-
-  Returns:
-    A :class:`Result`.
-  """
-  names = _names(candidates)
-  n = len(names)
-  p = _as_costs("p (parameter size)", p, n)
-  i = _as_costs("i (inference cost)", i, n)
-  eps = _check_eps(eps, n)
-  if rule not in RULES:
-    raise ValueError(f"unknown interval rule {rule!r}; expected one of {RULES}")
-  thetas = list(thetas)
-  if not thetas:
-    raise ValueError("thetas (hyperparameter sets) is empty: at least one is needed to train")
-  keys = [theta_key(t) for t in thetas]
-  if len(set(keys)) != len(keys):
-    raise ValueError(f"thetas contain duplicates: {keys}")
-  if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
-    raise ValueError(f"batch_size must be None or a positive int, got {batch_size!r}")
-  if not callable(train_and_eval):
-    raise ValueError("train_and_eval must be callable")
-  extra_cols = {}
+def _columns(columns: Mapping[str, Sequence[Any]] | None, n: int) -> dict:
+  out = {}
   for col, values in (columns or {}).items():
     values = list(values)
     if len(values) != n:
       raise ValueError(f"column {col!r} has {len(values)} values for {n} candidates")
-    extra_cols[col] = values
+    out[col] = values
+  return out
 
-  # Step 1: the maximum point.
+
+def _maximum(candidates, p, i, maximum) -> tuple[int | None, float, float]:
+  """Step 1: T as (index or None, p_T, i_T)."""
   if isinstance(maximum, (tuple, list)):
     if len(maximum) != 2:
       raise ValueError(f"maximum must be a name or a (p_T, i_T) pair, got {maximum!r}")
-    t_index = None
-    p_T = _check_positive("p_T of the given maximum point", maximum[0])
-    i_T = _check_positive("i_T of the given maximum point", maximum[1])
-  else:
-    t_index = maximum_point(candidates, p, i, name=maximum)
-    p_T, i_T = float(p[t_index]), float(i[t_index])
-  gains = ((p_T - p) / p_T) * ((i_T - i) / i_T)
+    return (None, _check_positive("p_T of the given maximum point", maximum[0]),
+            _check_positive("i_T of the given maximum point", maximum[1]))
+  t_index = maximum_point(candidates, p, i, name=maximum)
+  return t_index, float(p[t_index]), float(i[t_index])
 
-  # Step 2: sort and partition. Step 3: choose who is trained.
-  groups = intervals(sort_by_size(p, i), eps)
-  interval_of = np.empty(n, dtype=np.int64)
-  trained_order = []
-  for g_idx, members in enumerate(groups):
-    interval_of[members] = g_idx
-    trained_order.extend(representatives(members, rule, gains))
-  trained = set(trained_order)
 
-  errors: dict[tuple[int, int], float] = {}
-  pending = []
-  for k in trained_order:
-    for t_idx, theta in enumerate(thetas):
-      known = journal.get(names[k], theta) if journal is not None else None
-      if known is not None:
-        errors[(k, t_idx)] = known
-      else:
-        pending.append((k, t_idx))
-  num_pairs = len(trained_order) * len(thetas)
-
+def _train_pending(candidates, names, settings: Settings, pending: list, train_and_eval,
+                   journal: Journal | None, group) -> dict:
+  """Trains the pending (candidate, theta) index pairs, journalling each call's results."""
+  thetas = settings.thetas
   if group is not None:
     calls = [[pending[j] for j in indices]
              for indices in group([(candidates[k], thetas[t]) for k, t in pending])]
     if sorted(x for call in calls for x in call) != sorted(pending):
       raise ValueError("group() must split the pending pairs into disjoint lists covering all")
   else:
-    step = max(len(pending) if batch_size is None else int(batch_size), 1)
-    calls = [pending[start:start + step] for start in range(0, len(pending), step)]
+    calls = [pending] if pending else []
+  errors = {}
   for chunk in calls:
     out = list(train_and_eval([(candidates[k], thetas[t]) for k, t in chunk]))
     if len(out) != len(chunk):
@@ -640,25 +500,94 @@ def run_fptas(candidates: Sequence[Any], p: Sequence[float], i: Sequence[float],
       e = float(e)
       if math.isfinite(e) and e <= 0:
         raise ValueError(f"train_and_eval gave error {e} <= 0 for {names[k]} under theta "
-                         f"{keys[t]}; W needs a positive error")
+                         f"{theta_key(thetas[t])}; W needs a positive error")
       errors[(k, t)] = e
       records.append((names[k], thetas[t], e))
     if journal is not None:
       journal.append(records)
+  return errors
+
+
+def _row(k: int, names, candidates, p, i, p_T: float, i_T: float, interval: int,
+         errors: tuple | None, thetas, extra: dict) -> Row:
+  """One candidate's row: W per theta (a diverged theta gets -inf), the best theta kept."""
+  row = Row(name=names[k], candidate=candidates[k], p=float(p[k]), i=float(i[k]),
+            gain=gain(p_T, i_T, p[k], i[k]), interval=interval, trained=errors is not None,
+            extra=extra)
+  if errors is not None:
+    ws = [w_coefficient(p_T, i_T, p[k], i[k], e) if math.isfinite(e) else -math.inf
+          for e in errors]
+    best_t = int(np.argmax(ws))
+    row.errors, row.w, row.e, row.theta = errors, float(ws[best_t]), errors[best_t], thetas[best_t]
+  return row
+
+
+def run_fptas(candidates: Sequence[Any], p: Sequence[float], i: Sequence[float],
+              train_and_eval: TrainAndEval, settings: Settings,
+              journal: Journal | None = None,
+              maximum: str | tuple[float, float] | None = None,
+              columns: Mapping[str, Sequence[Any]] | None = None,
+              group: Callable[[list], list[list[int]]] | None = None) -> Result:
+  """Steps 1 to 4 of the search (docs/EXTRACTION.md).
+
+  All input checks run before the first training. The pairs are trained in size order
+  (interval by interval, theta innermost); each ``train_and_eval`` call's results are
+  journalled before the next call, so a kill loses at most one call's work. Untrained
+  candidates get no e and no W.
+
+  Args:
+    candidates: the search space (``str`` of each is its unique name).
+    p, i: size and inference cost per candidate (finite, > 0).
+    train_and_eval: maps a list of (candidate, theta) pairs to their proxy errors, in order.
+      An error must be > 0; a non-finite error marks a diverged proxy (W = -inf for that theta).
+    settings: eps, the interval rule and the thetas, from :func:`validate`.
+    journal: optional :class:`Journal`; pairs already in it are not retrained.
+    maximum: T as a candidate name, or as a (p_T, i_T) reference point outside the space;
+      None picks :func:`maximum_point`.
+    columns: extra per-candidate values copied into each row's ``extra`` (for the report).
+    group: optional planner that splits the pending (candidate, theta) pairs into the lists of
+      indices sent together to ``train_and_eval`` (the population trainer's buckets), so each
+      group is journalled as soon as it finishes; None sends every pending pair at once.
+
+  Returns:
+    A :class:`Result`.
+  """
+  names = _names(candidates)
+  n = len(names)
+  p = _as_costs("p (parameter size)", p, n)
+  i = _as_costs("i (inference cost)", i, n)
+  if not isinstance(settings, Settings) or settings.num_candidates != n:
+    raise ValueError(f"settings must come from fptas.validate(..., num_candidates={n})")
+  if not callable(train_and_eval):
+    raise ValueError("train_and_eval must be callable")
+  extra_cols = _columns(columns, n)
+  t_index, p_T, i_T = _maximum(candidates, p, i, maximum)
+
+  # Step 2: sort and partition. Step 3: choose who is trained.
+  gains = _gain(p_T, i_T, p, i)
+  groups = _cut(sort_by_size(p, i), settings.eps)
+  interval_of = np.empty(n, dtype=np.int64)
+  trained_order = []
+  for g_idx, members in enumerate(groups):
+    interval_of[members] = g_idx
+    trained_order.extend(representatives(members, settings.rule, gains))
+  thetas = list(settings.thetas)
+  errors, pending = {}, []
+  for k in trained_order:
+    for t_idx, theta in enumerate(thetas):
+      known = journal.get(names[k], theta) if journal is not None else None
+      if known is not None:
+        errors[(k, t_idx)] = known
+      else:
+        pending.append((k, t_idx))
+  errors.update(_train_pending(candidates, names, settings, pending, train_and_eval, journal,
+                               group))
 
   # Step 3 (end): W per theta, best over theta. Step 4: the best trained candidate.
-  rows = []
-  for k in range(n):
-    row = Row(name=names[k], candidate=candidates[k], p=float(p[k]), i=float(i[k]),
-              gain=float(gains[k]), interval=int(interval_of[k]), trained=k in trained,
-              extra={col: vals[k] for col, vals in extra_cols.items()})
-    if row.trained:
-      errs = tuple(errors[(k, t)] for t in range(len(thetas)))
-      ws = [gains[k] / e if math.isfinite(e) else -math.inf for e in errs]
-      best_t = int(np.argmax(ws))
-      row.errors, row.w, row.e, row.theta = errs, float(ws[best_t]), errs[best_t], thetas[best_t]
-    rows.append(row)
-
+  trained = set(trained_order)
+  rows = [_row(k, names, candidates, p, i, p_T, i_T, int(interval_of[k]),
+               tuple(errors[(k, t)] for t in range(len(thetas))) if k in trained else None,
+               thetas, {col: vals[k] for col, vals in extra_cols.items()}) for k in range(n)]
   finite = [k for k in trained_order if math.isfinite(rows[k].w)]
   if not finite:
     raise RuntimeError("every trained candidate diverged under every theta (non-finite proxy "
@@ -667,5 +596,5 @@ def run_fptas(candidates: Sequence[Any], p: Sequence[float], i: Sequence[float],
   position = {k: pos for pos, k in enumerate(trained_order)}
   best_index = max(finite, key=lambda k: (rows[k].w, -position[k]))
   return Result(rows=rows, best_index=best_index, maximum_index=t_index, p_T=p_T, i_T=i_T,
-                eps=eps, rule=rule, thetas=thetas, num_pairs=num_pairs,
-                num_computed=len(pending))
+                eps=settings.eps, rule=settings.rule, thetas=thetas,
+                num_pairs=len(trained_order) * len(thetas), num_computed=len(pending))

@@ -24,23 +24,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from bort_jax.runtime.fileio import atomic_write_text
+from bort_jax.runtime.fileio import atomic_write_text, to_jsonable
 
 LEDGER_KEYS = ("wall_time_s", "compile_time_s", "compile_count", "flops")
 """Keys every cost ledger must have (more are allowed)."""
-
-
-def _plain(value: Any) -> Any:
-  """JSON-able form: numpy scalars to Python, non-finite floats to None (strict JSON)."""
-  if isinstance(value, dict):
-    return {str(k): _plain(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_plain(v) for v in value]
-  if isinstance(value, np.generic):
-    value = value.item()
-  if isinstance(value, float) and not math.isfinite(value):
-    return None
-  return value
 
 
 def _columns(result) -> list[str]:
@@ -70,7 +57,7 @@ def _md(value: Any) -> str:
       return f"{value:,.0f}"
     return f"{value:.4g}"
   if isinstance(value, (dict, list, tuple)):
-    text = json.dumps(_plain(value), sort_keys=True, separators=(",", ":"))
+    text = json.dumps(to_jsonable(value), sort_keys=True, separators=(",", ":"))
   else:
     text = str(value)
   return text.replace("|", "\\|")
@@ -80,7 +67,7 @@ def _csv(value: Any) -> Any:
   if value is None:
     return ""
   if isinstance(value, (dict, list, tuple)):
-    return json.dumps(_plain(value), sort_keys=True, separators=(",", ":"))
+    return json.dumps(to_jsonable(value), sort_keys=True, separators=(",", ":"))
   if isinstance(value, np.generic):
     return value.item()
   return value
@@ -135,7 +122,7 @@ def write_tables(result, workdir: str | os.PathLike) -> dict[str, str]:
   writer.writerows([[_csv(v) for v in cells] for cells in table])
   atomic_write_text(paths["csv"], buf.getvalue())
 
-  atomic_write_text(paths["json"], json.dumps(_plain(result.to_dict()), indent=1) + "\n")
+  atomic_write_text(paths["json"], json.dumps(to_jsonable(result.to_dict()), indent=1) + "\n")
   atomic_write_text(paths["chosen"], best.name + "\n")
   return paths
 
@@ -257,7 +244,8 @@ def write_ledger(workdir: str | os.PathLike, ledger: Mapping[str, Any]) -> str:
         or not math.isfinite(value) or value < 0):
       raise ValueError(f"cost ledger entry {key!r} must be a finite number >= 0, got {value!r}")
   try:
-    text = json.dumps(_plain(dict(ledger)), indent=1, sort_keys=True, allow_nan=False)
+    text = json.dumps(to_jsonable(dict(ledger), strict=True), indent=1, sort_keys=True,
+                      allow_nan=False)
   except (TypeError, ValueError) as err:
     raise ValueError(f"cost ledger is not JSON-serialisable: {err}") from err
   workdir = os.fspath(workdir)

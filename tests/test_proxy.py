@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from bort_jax.core import masks
+from bort_jax.core import masks, model
 from bort_jax.search import buckets, proxy
 from bort_jax.runtime import sharding
 from bort_jax.core.arch import Arch, ModelConfig
@@ -171,9 +171,9 @@ def test_param_mask_from_a_traced_arch_mask_equals_the_leading_slices():
   padded = BASE.replace(arch=BUCKET.padded)
   from_arch_mask = jax.jit(lambda m: masks.param_mask(padded, m))
   for arch in ARCHS:
-    small = masks.param_shapes(padded.replace(arch=arch), proxy.MLM)
+    small = masks.param_shapes(padded.replace(arch=arch), model.MLM)
     got = traverse_util.flatten_dict(from_arch_mask(masks.make_arch_mask(padded.arch, arch)))
-    assert set(got) == set(masks.param_shapes(padded, proxy.MLM))
+    assert set(got) == set(masks.param_shapes(padded, model.MLM))
     for key, value in got.items():
       want = np.zeros(value.shape, np.float32)
       if key in small:

@@ -13,6 +13,7 @@ The steps:
 3. train the representatives of every interval (:func:`representatives`) under every theta,
    keep the best W over theta;
 4. return the trained candidate of largest W with the whole table (:func:`run_fptas`).
+The settings (eps, rule, thetas) are checked once, by :func:`validate`, where they enter.
 
 ``docs/EXTRACTION.md`` states the interval rules and proves the guarantee that
 :func:`guarantee_bound` computes. A :class:`~bort_jax.search.journal.Journal` makes a killed

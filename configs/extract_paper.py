@@ -1,4 +1,4 @@
-"""The paper's extraction: 300 candidates, RoBERTa-large teacher (PAPER.md sections 2 and 3).
+"""The paper's extraction: 300 candidates, RoBERTa-large teacher (docs/BORT.md sections 2-3).
 
 For an accelerator (a GPU or a TPU host); populations are vmapped and sharded over the mesh's
 data axis. i is the measured latency of each candidate's compiled forward pass (batch 1, 128

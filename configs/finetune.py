@@ -1,4 +1,4 @@
-"""Fine-tuning on one task: the paper's recipe and grid (PAPER.md section 5), and demo defaults.
+"""Fine-tuning on one task: the paper's recipe and grid (docs/BORT.md section 5), and demo defaults.
 
     bort-jax data fetch
     bort-jax finetune --config=configs/finetune.py:task=demo/movie_sentiment \\

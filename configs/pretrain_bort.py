@@ -1,6 +1,6 @@
 """Bort itself: distil D4-A8-H1024-I768 from RoBERTa-large with the paper's hyperparameters.
 
-For a Cloud TPU pod or a multi-GPU host (PAPER.md section 4). The teacher is a local Hugging
+For a Cloud TPU pod or a multi-GPU host (docs/BORT.md section 4). The teacher is a local Hugging
 Face RoBERTa-large directory (config.json + model.safetensors); the corpus is any set of text
 files with documents separated by blank lines; the tokenizer is RoBERTa's vocab.json/merges.txt.
 

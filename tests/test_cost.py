@@ -225,7 +225,7 @@ def test_forward_flops_are_twice_the_weight_macs():
 def test_flop_ratio_large_over_bort():
   ratio = (cost.forward_flops("bert-large", 1, 128)["total"] /
            cost.forward_flops("bort", 1, 128)["total"])
-  assert 12.5 < ratio < 13.1, ratio  # BASELINES.md: the matmul-FLOP ratio is 12.8x
+  assert 12.5 < ratio < 13.1, ratio  # the matmul-FLOP ratio is 12.8x
 
 
 SMALL = get_model_config("D2-A2-H64-I128", family="bert", vocab_size=100, max_positions=64)

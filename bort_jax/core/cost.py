@@ -1,6 +1,6 @@
 """Cost model: exact parameter counts, analytic FLOPs and measured latency of BERT shapes.
 
-Three views of what a shape costs, used by the extraction search (PAPER.md section 3: p(b) and
+Three views of what a shape costs, used by the extraction search (docs/BORT.md section 3: p(b) and
 i(b)) and by ``bort-jax cost``:
 
 * :func:`param_counts` counts parameters exactly, per part of the model.
@@ -18,7 +18,7 @@ Definitions (they decide which of the paper's percentages come out):
   the config has one or the head reads it, and the head (by default the MLM head: dense H->H,
   LayerNorm and the decoder bias; the decoder weight is tied to the word embeddings and not
   counted twice). Task heads are counted as Hugging Face lays them out (``model.HeadSpec``).
-* ``effective``: ``total`` minus the embedding tables (PAPER.md section 1).
+* ``effective``: ``total`` minus the embedding tables (docs/BORT.md section 1).
 
 With these definitions (MLM head included, pooler iff the config has one) ``bort-paper`` is
 5.39% of BERT-large's effective size and 16.48% of its total, the paper's "5.5%" and "16%";
@@ -74,7 +74,7 @@ def _config(config: ModelConfig | str) -> ModelConfig:
 def layer_param_count(config: ModelConfig | str) -> int:
   """Parameters of one encoder layer.
 
-  4(H^2 + H) + 2HI + I + H + 4H when heads * head_size == H (PAPER.md section 1); in general
+  4(H^2 + H) + 2HI + I + H + 4H when heads * head_size == H (docs/BORT.md section 1); in general
   with attention width W = heads * head_size: Q, K, V are 3(HW + W), the output projection
   WH + H, the FFN HI + I + IH + H, and the two LayerNorms 4H.
 

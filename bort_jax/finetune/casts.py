@@ -1,4 +1,4 @@
-"""Casts: how one raw GLUE / SuperGLUE / RACE record becomes model text (PAPER.md section 5).
+"""Casts: how one raw GLUE / SuperGLUE / RACE record becomes model text (docs/BORT.md section 5).
 
 The task registry (``tasks.py``) names a cast, a decoder and a grouping per task; they live here
 so the registry stays a table. Text comes back as ``bytes`` from a real array_record source and
@@ -104,7 +104,7 @@ def cast_wic(record: Record) -> list[Example]:
 
 
 def cast_wsc(record: Record) -> list[Example]:
-  # span2 is the pronoun, span1 the candidate referent (PAPER.md section 5).
+  # span2 is the pronoun, span1 the candidate referent (docs/BORT.md section 5).
   claim = f"{as_text(record['span2_text'])} means {as_text(record['span1_text'])}"
   return [Example(as_text(record["text"]), claim, label=label_of(record))]
 

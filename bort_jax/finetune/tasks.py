@@ -3,7 +3,7 @@
 A :class:`TaskSpec` says where a task's records come from (a TFDS catalog builder such as
 ``glue/rte``, or a ``source`` hook for local tasks), which splits it has, what the model
 predicts (``kind``) and how one raw record becomes model text (``cast``). The casting follows
-PAPER.md section 5:
+docs/BORT.md section 5:
 
 * COPA: ``premise + " because " / " so " + choice``, one binary example per choice, the more
   plausible choice wins;

@@ -1,4 +1,4 @@
-"""Pretraining by knowledge distillation (PAPER.md section 4), and plain masked-LM training.
+"""Pretraining by knowledge distillation (docs/BORT.md section 4), and plain masked-LM training.
 
 The student comes from a preset, an arch string or an extraction result; the teacher from a
 Hugging Face checkpoint or one of ours. The teacher is frozen: its parameters travel into the

@@ -1,4 +1,4 @@
-"""Optimal subarchitecture extraction (PAPER.md section 3): the W-coefficient FPTAS, end to end.
+"""Optimal subarchitecture extraction (docs/BORT.md section 3): the W-coefficient FPTAS, end to end.
 
 1. Enumerate the search space; compute every candidate's parameter size p (exact counts) and
    inference cost i (analytic FLOPs, or the measured latency of its compiled forward pass on

@@ -2,8 +2,8 @@
 
 The folders of ``bort_jax`` are its architecture (README, "Layout"): ``core`` sits on nothing
 else of the package; ``runtime``, ``interop``, ``data`` and ``search`` never reach up into the
-modes (``pipelines``, the fine-tuning loops, the CLI); the pure algorithms import no array
-library. Every check collects all offenders before failing, so one run lists everything a
+modes (``pipelines``, the fine-tuning loops, the CLI); ``finetune`` sits beside ``pipelines``,
+not on it; the pure algorithms import no array library. Every check collects all offenders before failing, so one run lists everything a
 change has to fix.
 """
 
@@ -107,6 +107,14 @@ def test_lower_layers_never_import_a_mode():
                      for target in _internal(name) if _is_mode(target))
   assert not offenders, ("core/, runtime/, interop/, data/ and search/ must not import "
                          "pipelines/, fine-tuning loops or the CLI:\n" + "\n".join(offenders))
+
+
+def test_finetune_never_imports_the_pretraining_pipelines():
+  offenders = sorted(f"{name} imports {target}" for name in MODULES
+                     if _layer(name) == "finetune" for target in _internal(name)
+                     if _layer(target) == "pipelines")
+  assert not offenders, ("finetune/ sits beside pipelines/, not on it (shared setup belongs "
+                         "in a lower layer):\n" + "\n".join(offenders))
 
 
 def _closure(name: str) -> set:

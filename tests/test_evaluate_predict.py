@@ -104,3 +104,27 @@ def test_evaluate_unknown_split_exits_2(checkpoint, capsys):
   assert evaluate.main(["--checkpoint", checkpoint["path"], "--split", "dev"]) == 2
   err = capsys.readouterr().err.strip()
   assert "--split 'dev' is not a split of 'glue/rte'" in err and "\n" not in err
+
+
+def test_hugging_face_checkpoint_with_its_head(checkpoint, tmp_path):
+  """A BertForSequenceClassification (3 labels) directory: its head and layout are kept."""
+  from bort_jax.finetune import setup
+  from bort_jax.interop import convert
+  cfg = checkpoint["config"]
+  head = model.HeadSpec("classification", 3, "bert")
+  params = model.init(jax.random.key(9), cfg, head)
+  hf_dir = str(tmp_path / "hf")
+  convert.save_hf(params, cfg, hf_dir, head=head)
+  loaded = setup.load_model(hf_dir)
+  assert loaded.kind == "hf" and loaded.head.layout == "bert" and loaded.head.outputs == 3
+  kept, layout = setup.fit_head(loaded, tasks.get_task("glue/mnli"))
+  assert layout == "bert" and "classifier" in kept
+  with pytest.raises(setup.InputError, match="has a classification head with 3 output"):
+    setup.fit_head(loaded, tasks.get_task("glue/rte"))
+  fresh, layout = setup.fit_head(loaded, tasks.get_task("glue/rte"), reset_head=True)
+  assert layout is None and "classifier" not in fresh
+  with tfds.testing.mock_data(num_examples=4):
+    result = evaluate.run(hf_dir, task="glue/mnli", split="validation_matched",
+                          tokenizer=os.path.join(checkpoint["path"], "tokenizer"),
+                          seq_len=SEQ_LEN)
+  assert result["units"] == 4 and set(result["metrics"]) == {"accuracy"}

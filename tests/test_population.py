@@ -1,74 +1,91 @@
 """Seeds x learning rates as one population: equal to separate runs, reports, resume."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
 
-from bort_jax.core import model, optim
+from bort_jax.core import model
 from bort_jax.core.arch import get_model_config
+from bort_jax.finetune import loop, setup, steps, tasks
 from bort_jax.finetune import population as pop_lib
-from bort_jax.runtime import train
 
-VOCAB, T, N = 40, 8, 48
+VOCAB, T, N = 40, 8, 44  # 44 rows: the last batch of an epoch is padded
+
+
+class _Tokenizer:
+  """Words ``w<id>`` -> ids; [CLS]=2 and [SEP]=3 around each segment; padding 0."""
+
+  pad_id = 0
+
+  def encode_pair(self, a, b, max_length):
+    ids = [2] + [int(w[1:]) for w in a.split()] + [3]
+    if b:
+      ids += [int(w[1:]) for w in b.split()] + [3]
+    ids = ids[:max_length]
+    return ids, [0] * len(ids)
+
+
+SPEC = tasks.TaskSpec(name="test/pattern", builder=None, kind="classification", num_labels=2,
+                      cast=lambda record: [], source=lambda split, data_dir: [])
+
+
+def _examples(n, seed):
+  """Binary task: does word 7 occur? Sentences of 3-6 words from ids 8..39 (and 7)."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(n):
+    words = rng.integers(8, VOCAB, size=rng.integers(3, 7))
+    if rng.random() < 0.5:
+      words[rng.integers(len(words))] = 7
+    out.append(tasks.Example(" ".join(f"w{w}" for w in words), label=int(7 in words),
+                             example_id=i))
+  return out
 
 
 def _config():
   return get_model_config("D1-A2-H16-I32", family="bert", vocab_size=VOCAB, max_positions=16)
 
 
-def _data(n, seed):
-  """Binary task: is token 7 in the sentence? Rows start with 2 ([CLS]); 0 is padding."""
-  rng = np.random.default_rng(seed)
-  ids = rng.integers(8, VOCAB, size=(n, T)).astype(np.int32)
-  ids[:, 0] = 2
-  label = rng.integers(0, 2, size=n).astype(np.int32)
-  where = rng.integers(1, T - 2, size=n)
-  ids[label == 1, where[label == 1]] = 7
-  lengths = rng.integers(T - 3, T + 1, size=n)
-  mask = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
-  ids = np.where(mask > 0, ids, 0)
-  label = np.where(np.any(ids == 7, axis=1), 1, 0).astype(np.int32)
-  return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids),
-          "label": label, "weight": np.ones(n, np.float32)}
+def _setup():
+  config = _config()
+  train_ex, dev_ex = _examples(N, 0), _examples(24, 1)
+  train_data = pop_lib.encode_examples(SPEC, train_ex, _Tokenizer(), T)
+  dev = pop_lib.encode_examples(SPEC, dev_ex, _Tokenizer(), T)
+  init_params = model.init(jax.random.key(99), config, model.HeadSpec("mlm"))  # "pretrained"
+  members = [pop_lib.Member(3e-3, 0.0, seed=0), pop_lib.Member(1e-3, 0.01, warmup=0.5, seed=1)]
+  return config, train_ex, train_data, dev, init_params, members
 
 
-def _separate_run(config, head, member, settings, train_data, dev, init_params):
-  """One member alone, with the project's optimizer and train step (the reference)."""
-  tx = optim.make_optimizer(settings.optimizer_config(member))
-  params = pop_lib.merge_params(model.init(pop_lib.init_key(member.seed), config, head),
-                                init_params)
-  state = train.create_state(params, tx)
-  step = jax.jit(lambda s, b, r: train.train_step(
-      s, b, r, None, loss_fn=pop_lib.make_loss_fn(config, head), tx=tx))
-  rng = pop_lib.dropout_key(member.seed)
+def _separate_run(config, member, settings, train_ex, dev, init_params):
+  """One member alone, as ``bort-jax finetune`` runs one model (the reference)."""
+  cfg = steps.StepConfig(config, "classification", 2, settings.total_steps)
+  tx = steps.make_direction(settings.direction_config())
+  state = steps.init_state(setup.init_params(config, cfg.head, member.seed, init_params), tx)
+  step = jax.jit(functools.partial(steps.train_step, cfg=cfg, tx=tx))
+  hp = steps.hparams(member.lr, member.weight_decay, member.warmup)
   losses = []
   for t in range(settings.total_steps):
-    rows = pop_lib.batch_indices(member.seed, t, N, settings.batch_size)
-    state, metrics = step(state, {k: v[rows] for k, v in train_data.items()}, rng)
+    batch = loop.train_batch(SPEC, train_ex, _Tokenizer(), T, settings.batch_size, member.seed,
+                             t)
+    state, metrics = step(state, batch, jax.random.key(member.seed), hp)
     losses.append(float(metrics["loss"]))
-  logits = jax.jit(lambda p: model.apply(p, config, dev, head=head)["logits"])(state.params)
+  logits = jax.jit(lambda p: steps.forward(p, dev, cfg))(state.params)
   return state.params, np.asarray(logits), losses
 
 
-def _setup():
-  config = _config()
-  head = model.HeadSpec("classification", 2)
-  train_data, dev = _data(N, 0), _data(24, 1)
-  init_params = model.init(jax.random.key(99), config, model.HeadSpec("mlm"))  # "pretrained"
-  members = [pop_lib.Member(3e-3, 0.0, seed=0), pop_lib.Member(1e-3, 0.01, warmup=0.5, seed=1)]
-  return config, head, train_data, dev, init_params, members
-
-
 def test_population_equals_separate_runs():
-  config, head, train_data, dev, init_params, members = _setup()
-  # Chunks of 4 and 2 steps: the short last chunk runs in the same program, padded.
+  config, train_ex, train_data, dev, init_params, members = _setup()
+  # Chunks of 4 and 2 steps: the short last chunk runs in the same program, padded; step 5
+  # is the padded last batch of the first epoch.
   settings = pop_lib.Settings(total_steps=6, batch_size=8, eval_every=4, mode="map")
   score = pop_lib.accuracy_scorer(dev)
-  result = pop_lib.train_population(config, head, members, settings, train_data, dev, score,
-                                    init_params=init_params)
+  result = pop_lib.train_population(config, "classification", 2, members, settings,
+                                    train_data, dev, score, init_params=init_params)
   assert [h["step"] for h in result.history] == [4, 6]
   for i, member in enumerate(members):
-    params, logits, losses = _separate_run(config, head, member, settings, train_data, dev,
+    params, logits, losses = _separate_run(config, member, settings, train_ex, dev,
                                            init_params)
     np.testing.assert_allclose(result.dev_logits[i], logits, atol=1e-5)
     assert result.metrics[i] == pytest.approx(score(logits), abs=1e-5)
@@ -81,27 +98,27 @@ def test_population_equals_separate_runs():
 
 
 def test_vmap_and_map_populations_agree():
-  config, head, train_data, dev, init_params, members = _setup()
+  config, _, train_data, dev, init_params, members = _setup()
   score = pop_lib.accuracy_scorer(dev)
   out = {}
   for mode in ("vmap", "map"):
     settings = pop_lib.Settings(total_steps=3, batch_size=8, mode=mode)
-    out[mode] = pop_lib.train_population(config, head, members, settings, train_data, dev,
-                                         score, init_params=init_params)
+    out[mode] = pop_lib.train_population(config, "classification", 2, members, settings,
+                                         train_data, dev, score, init_params=init_params)
   np.testing.assert_allclose(out["vmap"].dev_logits, out["map"].dev_logits, atol=1e-5)
   np.testing.assert_allclose(out["vmap"].train_loss, out["map"].train_loss, atol=1e-5)
 
 
-def test_batch_indices_are_a_function_of_seed_and_step():
+def test_batch_indices_follow_the_loop_order():
   a = pop_lib.batch_indices(3, 7, 50, 8)
   assert np.array_equal(a, pop_lib.batch_indices(3, 7, 50, 8))
   assert not np.array_equal(a, pop_lib.batch_indices(4, 7, 50, 8))
-  # One epoch (6 batches of 8 out of 50) visits 48 distinct rows.
-  epoch = np.concatenate([pop_lib.batch_indices(3, t, 50, 8) for t in range(6)])
-  assert len(set(epoch.tolist())) == 48
-  assert np.array_equal(epoch, np.random.default_rng([3, 0]).permutation(50)[:48])
-  with pytest.raises(ValueError, match="fewer than one batch"):
-    pop_lib.batch_indices(0, 0, 5, 8)
+  # One epoch is 7 batches of 8 over 50 rows: every row once, the last batch padded with -1.
+  epoch = np.concatenate([pop_lib.batch_indices(3, t, 50, 8) for t in range(7)])
+  assert np.array_equal(epoch[:50], np.random.default_rng([3, 0]).permutation(50))
+  assert np.all(epoch[50:] == -1)
+  assert np.array_equal(pop_lib.batch_indices(3, 7, 50, 8),
+                        np.random.default_rng([3, 1]).permutation(50)[:8])
 
 
 def test_summarize_reports_mean_std_best_per_setting():
@@ -119,22 +136,18 @@ def test_summarize_reports_mean_std_best_per_setting():
 
 
 def test_bad_inputs_are_refused_before_compiling():
-  config = _config()
-  head = model.HeadSpec("classification", 2)
-  train_data, dev = _data(N, 0), _data(8, 1)
+  config, _, train_data, dev, _, _ = _setup()
   settings = pop_lib.Settings(total_steps=2)
+  score = pop_lib.accuracy_scorer(dev)
   bad = dict(train_data, label=np.where(train_data["label"] == 1, 2, 0).astype(np.int32))
   with pytest.raises(ValueError, match="label 2 is outside the label space 0..1"):
-    pop_lib.train_population(config, head, pop_lib.grid([1e-3]), settings, bad, dev,
-                             pop_lib.accuracy_scorer(dev))
+    pop_lib.train_population(config, "classification", 2, pop_lib.grid([1e-3]), settings, bad,
+                             dev, score)
   with pytest.raises(ValueError, match="same .setting, seed. twice"):
-    pop_lib.train_population(config, head, pop_lib.grid([1e-3, 1e-3]), settings, train_data,
-                             dev, pop_lib.accuracy_scorer(dev))
+    pop_lib.train_population(config, "classification", 2, pop_lib.grid([1e-3, 1e-3]),
+                             settings, train_data, dev, score)
   with pytest.raises(ValueError, match="lr must be a finite positive"):
     pop_lib.Member(lr=0.0)
-  other = model.init(jax.random.key(0), config, model.HeadSpec("classification", 3))
-  with pytest.raises(ValueError, match=r"classifier/out_proj/\w+ of the checkpoint has shape \(.*3"):
-    pop_lib.merge_params(model.init(jax.random.key(0), config, head), other)
 
 
 class _Killed(Exception):
@@ -142,28 +155,26 @@ class _Killed(Exception):
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path):
-  config = _config()
-  head = model.HeadSpec("classification", 2)
-  train_data, dev = _data(N, 0), _data(16, 1)
+  config, _, train_data, dev, _, _ = _setup()
   members = pop_lib.grid([2e-3], seeds=(0, 1))
   settings = pop_lib.Settings(total_steps=4, eval_every=2)
   score = pop_lib.accuracy_scorer(dev)
-  full = pop_lib.train_population(config, head, members, settings, train_data, dev, score)
+  args = (config, "classification", 2, members, settings, train_data, dev, score)
+  full = pop_lib.train_population(*args)
 
   def kill(line):
     if "step 2/4" in line:
       raise _Killed(line)  # after the first chunk's checkpoint
 
   with pytest.raises(_Killed):
-    pop_lib.train_population(config, head, members, settings, train_data, dev, score,
-                             workdir=str(tmp_path), report=kill)
+    pop_lib.train_population(*args, workdir=str(tmp_path), report=kill)
   lines = []
-  resumed = pop_lib.train_population(config, head, members, settings, train_data, dev, score,
-                                     workdir=str(tmp_path), report=lines.append)
+  resumed = pop_lib.train_population(*args, workdir=str(tmp_path), report=lines.append)
   assert len(lines) == 1 and "step 4/4" in lines[0]  # only the second chunk ran again
   assert resumed.history == full.history
   for a, b in zip(jax.tree.leaves(resumed.state.params), jax.tree.leaves(full.state.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  other = pop_lib.grid([1e-3], seeds=(0, 1))
   with pytest.raises(ValueError, match="other members"):
-    pop_lib.train_population(config, head, pop_lib.grid([1e-3], seeds=(0, 1)), settings,
-                             train_data, dev, score, workdir=str(tmp_path))
+    pop_lib.train_population(config, "classification", 2, other, settings, train_data, dev,
+                             score, workdir=str(tmp_path))

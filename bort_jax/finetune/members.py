@@ -82,7 +82,7 @@ class Settings:
   Attributes:
     total_steps: optimizer steps of each member.
     batch_size: training batch (rows; multiple-choice rows hold every choice).
-    optimizer: ``"adamw"`` (bias-corrected Adam) or ``"adam_nobc"`` (Bort's).
+    optimizer: ``"adam_nobc"`` (Bort's Adam without bias correction) or ``"adamw"``.
     b1, b2, eps: Adam's constants.
     clip_norm: global-norm clipping (0: off).
     dropout: train with the model config's dropout (False switches it off).
@@ -93,7 +93,7 @@ class Settings:
 
   total_steps: int
   batch_size: int = 8
-  optimizer: str = "adamw"
+  optimizer: str = "adam_nobc"
   b1: float = 0.9
   b2: float = 0.999
   eps: float = 1e-6
@@ -121,25 +121,28 @@ class Settings:
       return self.mode
     return "map" if jax.default_backend() == "cpu" else "vmap"
 
-  def optimizer_config(self, member: Member) -> dict:
-    """The ``optim.make_optimizer`` config that trains ``member`` alone (the reference)."""
-    return {"name": self.optimizer, "lr": member.lr, "weight_decay": member.weight_decay,
-            "warmup": float(member.warmup), "total_steps": self.total_steps, "b1": self.b1,
-            "b2": self.b2, "eps": self.eps, "clip_norm": self.clip_norm}
+  def direction_config(self) -> dict:
+    """The optimizer fields of ``steps.make_direction`` (lr, decay and schedule are data)."""
+    return {"name": self.optimizer, "b1": self.b1, "b2": self.b2, "eps": self.eps,
+            "clip_norm": self.clip_norm}
 
 
 def init_key(seed) -> jax.Array:
-  """The key of a member's fresh weights."""
-  return jax.random.fold_in(jax.random.key(seed), 0)
+  """The key of a member's fresh parts (its task head): ``setup.init_params``' rule."""
+  return jax.random.fold_in(jax.random.key(seed), 2)
 
 
 def dropout_key(seed) -> jax.Array:
-  """The base dropout key of a member; step ``t`` uses ``fold_in(dropout_key, t)``."""
-  return jax.random.fold_in(jax.random.key(seed), 1)
+  """The base dropout key of a member (``loop.py``'s); step ``t`` uses ``fold_in(key, t)``."""
+  return jax.random.key(seed)
 
 
 def batch_indices(seed: int, step: int, num_examples: int, batch_size: int) -> np.ndarray:
   """Rows of the training split that step ``step`` of a member seeded ``seed`` trains on.
+
+  ``loop.train_batch``'s order: epoch ``e = step // ceil(N / B)`` visits the rows in the order
+  ``default_rng([seed, e]).permutation(N)``; a final partial batch is padded with -1 (rows of
+  weight 0), so every row is seen once per epoch.
 
   Args:
     seed: the member's seed.
@@ -148,15 +151,15 @@ def batch_indices(seed: int, step: int, num_examples: int, batch_size: int) -> n
     batch_size: rows per step.
 
   Returns:
-    ``[batch_size]`` int32 row indices (see the module docstring for the order).
+    ``[batch_size]`` int32 row indices, -1 on padding.
   """
-  per_epoch = num_examples // batch_size
-  if per_epoch < 1:
-    raise ValueError(f"the training split has {num_examples} rows, fewer than one batch of "
-                     f"{batch_size}")
+  if num_examples < 1:
+    raise ValueError("the training split is empty")
+  per_epoch = -(-num_examples // batch_size)
   epoch, slot = divmod(int(step), per_epoch)
   order = np.random.default_rng([int(seed), epoch]).permutation(num_examples)
-  return order[slot * batch_size:(slot + 1) * batch_size].astype(np.int32)
+  rows = order[slot * batch_size:(slot + 1) * batch_size]
+  return np.concatenate([rows, np.full(batch_size - len(rows), -1)]).astype(np.int32)
 
 
 # ----------------------------------------------------------------------------- reports

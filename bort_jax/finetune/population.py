@@ -9,20 +9,16 @@ Members run under ``jax.vmap`` on accelerators and under ``jax.lax.map`` on a CP
 after another inside the same program: vmap adds no throughput on a small CPU, see
 ``benchmarks/results/finetune.json``); ``mode`` chooses.
 
-What a member is, exactly (so a single run with the project's ordinary optimizer and train
-step reproduces it; ``tests/test_population.py`` checks that to 1e-5):
+What a member is, exactly: what ``loop.py`` does for one model with that seed and those
+hyperparameters, through the same functions, so K separate ``bort-jax finetune`` runs and one
+population of K members reach the same parameters (``tests/test_population.py`` checks it to
+1e-5 against ``steps.train_step`` run alone on ``loop.train_batch``'s batches):
 
-* initial weights: ``model.init(fold_in(key(seed), 0))``, then every parameter found in
-  ``init_params`` (a distilled, extracted or teacher checkpoint) replaces the fresh one, so
-  the body comes from the checkpoint and only the task head depends on the seed;
-* dropout: ``train.train_step``'s rule, ``fold_in(fold_in(key(seed), 1), step)``;
-* data order: epoch ``e`` is ``np.random.default_rng([seed, e]).permutation(N)`` cut into
-  ``N // B`` batches (the last partial batch is dropped), step ``t`` takes batch
-  ``t mod (N // B)`` of epoch ``t // (N // B)`` (:func:`batch_indices`); the same order as
-  ``tasks.batch_examples(shuffle_seed=seed, epoch=e, drop_remainder=True)``;
-* optimizer: ``optim.make_optimizer`` with the member's lr, weight decay and warmup: the chain
-  (clip, Adam, decoupled weight decay off LayerNorm and biases, linear warmup then linear
-  decay to 0 at ``total_steps``), rebuilt inside the program from traced values.
+* initial weights: ``setup.init_params`` (the checkpoint's body, a task head from
+  ``fold_in(key(seed), 2)``), traced inside the program;
+* updates: ``steps.train_step`` with the member's ``steps.hparams`` as arrays; dropout from
+  ``fold_in(key(seed), step)``;
+* data order: ``loop.train_batch``'s (:func:`members.batch_indices`).
 
 Every random choice is therefore a function of (seed, step); the population runs the whole
 grid on each process, so the process index does not enter. The training split is tokenised
@@ -45,137 +41,28 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import traverse_util
 
-from bort_jax.core import losses, model, optim
 from bort_jax.core.arch import ModelConfig
 from bort_jax.finetune import metrics as metrics_lib
+from bort_jax.finetune import setup as setup_lib
+from bort_jax.finetune import steps
 from bort_jax.finetune import tasks as tasks_lib
 from bort_jax.finetune.members import (MODES, Member, Settings, batch_indices, dropout_key,
                                        format_table, grid, init_key, summarize)
 from bort_jax.runtime import train
 
 __all__ = ["MODES", "Member", "Settings", "batch_indices", "dropout_key", "format_table", "grid",
-           "init_key", "summarize", "Population", "Result", "train_population", "head_for",
-           "make_loss_fn", "make_tx", "merge_params", "initial_state", "check_data",
+           "init_key", "summarize", "Population", "Result", "train_population", "check_data",
            "encode_examples", "task_scorer", "accuracy_scorer", "get_population"]
 
 DATA_KEYS = ("input_ids", "attention_mask", "token_type_ids", "label", "weight")
 Scorer = Callable[[np.ndarray], dict]
 
 
-# ----------------------------------------------------------------------------- pure pieces
+# ----------------------------------------------------------------------------- data
 
 
-def head_for(spec: tasks_lib.TaskSpec) -> model.HeadSpec:
-  """The model head a task trains (candidates tasks score each candidate with 2 classes)."""
-  if spec.kind == "regression":
-    return model.HeadSpec("regression")
-  if spec.kind == "multiple_choice":
-    return model.HeadSpec("multiple_choice", spec.num_labels)
-  return model.HeadSpec("classification", spec.num_labels)
-
-
-def make_loss_fn(config: ModelConfig, head: model.HeadSpec, train_mode: bool = True
-                 ) -> train.LossFn:
-  """The task loss in ``train.train_step``'s signature ``(params, batch, rng, frozen)``.
-
-  Cross-entropy over classes or choices, squared error for regression, averaged over rows
-  with weight > 0 (padding rows carry label -1 and weight 0).
-
-  Args:
-    config: the model config.
-    head: the task head.
-    train_mode: apply dropout (needs the step's rng).
-
-  Returns:
-    ``loss_fn(params, batch, rng, frozen) -> (loss, {"accuracy": ...})``.
-  """
-
-  def loss_fn(params, batch, rng, frozen):
-    del frozen  # fine-tuning trains every parameter
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")
-              if k in batch}
-    out = model.apply(params, config, inputs, head=head, train=train_mode, rng=rng)
-    logits, weight = out["logits"], batch["weight"]
-    if head.kind == "regression":
-      total, count = losses.mse(logits, batch["label"].astype(jnp.float32), weight)
-      return losses.safe_divide(total, count), {}
-    labels = jnp.maximum(batch["label"], 0)  # padding rows: any valid index, weight 0
-    total, count = losses.softmax_cross_entropy(logits, labels, weight)
-    hits, _ = losses.correct_predictions(logits, labels, weight)
-    return losses.safe_divide(total, count), {"accuracy": losses.safe_divide(hits, count)}
-
-  return loss_fn
-
-
-def make_tx(settings: Settings) -> Callable[..., optax.GradientTransformation]:
-  """``optim.make_optimizer`` as a function of a member's traced (lr, weight decay, warmup).
-
-  The schedule is ``optim.make_schedule``'s: ``lr * clip(min((s + 1) / W, (T - s) / (T - W)),
-  0, 1)`` with ``W = round(warmup * T)`` (pure decay ``(T - s) / T`` when ``W = 0``).
-
-  Args:
-    settings: the shared optimizer constants and ``total_steps``.
-
-  Returns:
-    ``factory(lr, weight_decay, warmup) -> optax.GradientTransformation``.
-  """
-  total = float(settings.total_steps)
-
-  def factory(lr, weight_decay, warmup):
-    warm = jnp.round(jnp.asarray(warmup, jnp.float32) * total)
-
-    def schedule(count):
-      s = jnp.asarray(count, jnp.float32)
-      decay = (total - s) / jnp.maximum(total - warm, 1.0)
-      factor = jnp.where(warm > 0, jnp.minimum((s + 1.0) / jnp.maximum(warm, 1.0), decay),
-                         decay)
-      return lr * jnp.clip(factor, 0.0, 1.0)
-
-    if settings.optimizer == "adam_nobc":
-      adam = optim.scale_by_adam_no_bias_correction(settings.b1, settings.b2, settings.eps)
-    else:
-      adam = optax.scale_by_adam(b1=settings.b1, b2=settings.b2, eps=settings.eps,
-                                 eps_root=0.0)
-    parts = [optax.clip_by_global_norm(settings.clip_norm)] if settings.clip_norm else []
-    parts += [adam, optax.add_decayed_weights(weight_decay, mask=optim.decay_mask),
-              optax.scale_by_learning_rate(schedule)]
-    return optax.chain(*parts)
-
-  return factory
-
-
-def merge_params(fresh: Any, loaded: Any | None) -> Any:
-  """``fresh`` with every parameter that ``loaded`` also has replaced by the loaded one.
-
-  Raises:
-    ValueError: a shared parameter has another shape (a head for another label count, or a
-      checkpoint of another architecture).
-  """
-  if loaded is None:
-    return fresh
-  flat = traverse_util.flatten_dict(fresh)
-  for path, value in traverse_util.flatten_dict(loaded).items():
-    if path not in flat:
-      continue  # an MLM head or a pooler the task model does not use
-    if tuple(np.shape(value)) != tuple(np.shape(flat[path])):
-      raise ValueError(f"parameter {'/'.join(path)} of the checkpoint has shape "
-                       f"{tuple(np.shape(value))}; this task's model needs "
-                       f"{tuple(np.shape(flat[path]))}")
-    flat[path] = jnp.asarray(value, flat[path].dtype)
-  return traverse_util.unflatten_dict(flat)
-
-
-def initial_state(seed, config: ModelConfig, head: model.HeadSpec, init_params: Any,
-                  tx: optax.GradientTransformation) -> train.TrainState:
-  """A member's state at step 0 (traceable in ``seed``)."""
-  params = merge_params(model.init(init_key(seed), config, head), init_params)
-  return train.create_state(params, tx)
-
-
-def check_data(data: Mapping[str, np.ndarray], head: model.HeadSpec, name: str) -> int:
+def check_data(data: Mapping[str, np.ndarray], kind: str, num_labels: int, name: str) -> int:
   """Checks a tokenised split; returns its number of rows.
 
   Raises:
@@ -188,13 +75,12 @@ def check_data(data: Mapping[str, np.ndarray], head: model.HeadSpec, name: str) 
   for key in DATA_KEYS:
     if len(data[key]) != n:
       raise ValueError(f"{name} split: {key} has {len(data[key])} rows, input_ids {n}")
-  if head.kind != "regression":
+  if kind != "regression":
     labels = np.asarray(data["label"])[np.asarray(data["weight"]) > 0]
-    limit = head.num_labels
-    bad = labels[(labels < 0) | (labels >= limit)]
+    bad = labels[(labels < 0) | (labels >= num_labels)]
     if bad.size:
       raise ValueError(f"{name} split: label {int(bad[0])} is outside the label space "
-                       f"0..{limit - 1} of this {head.kind} head")
+                       f"0..{num_labels - 1} of this {kind} task")
   return n
 
 
@@ -241,11 +127,10 @@ def accuracy_scorer(data: Mapping) -> Scorer:
 # ----------------------------------------------------------------------------- programs
 
 
-def _member_arrays(members: Sequence[Member]) -> dict[str, np.ndarray]:
+def _member_arrays(members: Sequence[Member]) -> dict[str, Any]:
+  hp = [steps.hparams(m.lr, m.weight_decay, m.warmup) for m in members]
   return {"seed": np.asarray([m.seed for m in members], np.uint32),
-          "lr": np.asarray([m.lr for m in members], np.float32),
-          "weight_decay": np.asarray([m.weight_decay for m in members], np.float32),
-          "warmup": np.asarray([m.warmup for m in members], np.float32)}
+          "hp": {k: np.stack([np.asarray(h[k]) for h in hp]) for k in hp[0]}}
 
 
 def _over_members(fn, mode: str, per_member: tuple, shared: tuple):
@@ -269,49 +154,48 @@ def _eval_rows(data: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.
 
 
 class Population:
-  """Compiled programs of one population (one task head, one model config, one Settings).
+  """Compiled programs of one population (one model config, task head and Settings).
 
   Args:
     config: the model config (its arch fixes every shape).
-    head: the task head (:func:`head_for`).
+    kind: the task kind (``tasks.KINDS``).
+    num_labels: the task's ``num_labels``.
     settings: what the members share.
+    layout: the task head's layout (None: the family's default).
   """
 
-  def __init__(self, config: ModelConfig, head: model.HeadSpec, settings: Settings):
+  def __init__(self, config: ModelConfig, kind: str, num_labels: int, settings: Settings,
+               layout: str | None = None):
     if not settings.dropout:
       config = config.replace(dropout=0.0, attention_dropout=0.0)
-    self.config, self.head, self.settings = config, head, settings
+    self.cfg = steps.StepConfig(config, kind, num_labels, settings.total_steps, layout)
+    self.settings = settings
     self.mode = settings.resolved_mode()
-    self.tx_factory = make_tx(settings)
-    self.loss_fn = make_loss_fn(config, head, train_mode=settings.dropout)
+    self.tx = steps.make_direction(settings.direction_config())
     self._init = jax.jit(self._init_program)
     self._train = jax.jit(self._train_program, donate_argnums=(0,))
     self._eval = jax.jit(self._eval_program)
 
-  def tx(self, member: Member) -> optax.GradientTransformation:
-    """The optimizer of one member (concrete values)."""
-    return self.tx_factory(member.lr, member.weight_decay, member.warmup)
-
   def _init_program(self, members, init_params):
-    def one(seed, lr, wd, warmup, loaded):
-      return initial_state(seed, self.config, self.head, loaded,
-                           self.tx_factory(lr, wd, warmup))
+    def one(seed, loaded):
+      params = setup_lib.init_params(self.cfg.model, self.cfg.head, seed, loaded)
+      return steps.init_state(params, self.tx)
 
-    per = (members["seed"], members["lr"], members["weight_decay"], members["warmup"])
-    return _over_members(one, self.mode, per, (init_params,))
+    return _over_members(one, self.mode, (members["seed"],), (init_params,))
 
   def _train_program(self, state, members, indices, active, data):
-    def one(state, seed, lr, wd, warmup, idx, data):
-      tx = self.tx_factory(lr, wd, warmup)
+    step_fn = functools.partial(steps.train_step, cfg=self.cfg, tx=self.tx)
+
+    def one(state, seed, hp, idx, data):
       rng = dropout_key(seed)
 
       def step(state, xs):
         rows, on = xs
 
         def run(state):
-          batch = {k: jnp.take(v, rows, axis=0) for k, v in data.items()}
-          state, metrics = train.train_step(state, batch, rng, None, loss_fn=self.loss_fn,
-                                            tx=tx)
+          batch = {k: jnp.take(v, jnp.maximum(rows, 0), axis=0) for k, v in data.items()}
+          batch["weight"] = batch["weight"] * (rows >= 0)  # padding rows of a last batch
+          state, metrics = step_fn(state, batch, rng, hp)
           return state, metrics["loss"]
 
         # Steps past the end of a short last chunk are skipped, so every chunk of a run
@@ -320,46 +204,45 @@ class Population:
 
       return jax.lax.scan(step, state, (idx, active))
 
-    per = (state, members["seed"], members["lr"], members["weight_decay"], members["warmup"],
-           indices)
+    per = (state, members["seed"], members["hp"], indices)
     return _over_members(one, self.mode, per, (data,))
 
   def _eval_program(self, params, rows):
     def one(params, rows):
       def batch_logits(batch):
-        return model.apply(params, self.config, batch, head=self.head)["logits"]
+        return steps.forward(params, batch, self.cfg)
       logits = jax.lax.map(batch_logits, rows)
       return logits.reshape((-1,) + logits.shape[2:])
 
     return _over_members(one, self.mode, (params,), (rows,))
 
-  def init(self, members: Sequence[Member], init_params: Any = None) -> train.TrainState:
+  def init(self, members: Sequence[Member], init_params: Any = None) -> Any:
     """The stacked state of every member at step 0."""
     return self._init(_member_arrays(members), init_params)
 
-  def train_steps(self, state: train.TrainState, members: Sequence[Member], start: int,
-                  steps: int, data: Mapping[str, Any], num_rows: int, length: int = 0
-                  ) -> tuple[train.TrainState, np.ndarray]:
-    """Runs ``steps`` steps of every member from step ``start`` (the state's step).
+  def train_steps(self, state: Any, members: Sequence[Member], start: int, count: int,
+                  data: Mapping[str, Any], num_rows: int, length: int = 0
+                  ) -> tuple[Any, np.ndarray]:
+    """Runs ``count`` steps of every member from step ``start`` (the state's step).
 
     Args:
       state: the stacked state.
       members: the population.
       start: the state's step.
-      steps: steps to run.
+      count: steps to run.
       data: the training split on the device.
       num_rows: its number of rows.
-      length: the program's chunk length (>= steps; the extra steps are skipped).
+      length: the program's chunk length (>= count; the extra steps are skipped).
 
     Returns:
-      The new state and the training losses ``[M, steps]``.
+      The new state and the training losses ``[M, count]``.
     """
-    b, length = self.settings.batch_size, max(length, steps)
-    idx = np.stack([np.stack([batch_indices(m.seed, start + min(t, steps - 1), num_rows, b)
+    b, length = self.settings.batch_size, max(length, count)
+    idx = np.stack([np.stack([batch_indices(m.seed, start + min(t, count - 1), num_rows, b)
                               for t in range(length)]) for m in members])
-    active = np.arange(length) < steps
+    active = np.arange(length) < count
     state, step_losses = self._train(state, _member_arrays(members), idx, active, data)
-    return state, np.asarray(jax.device_get(step_losses))[:, :steps]
+    return state, np.asarray(jax.device_get(step_losses))[:, :count]
 
   def logits(self, params: Any, data: Mapping[str, np.ndarray]) -> np.ndarray:
     """Every member's logits on a split, ``[M, N, ...]`` (numpy)."""
@@ -369,9 +252,10 @@ class Population:
 
 
 @functools.lru_cache(maxsize=8)
-def get_population(config: ModelConfig, head: model.HeadSpec, settings: Settings) -> Population:
+def get_population(config: ModelConfig, kind: str, num_labels: int, settings: Settings,
+                   layout: str | None = None) -> Population:
   """A cached :class:`Population`, so runs of the same shape reuse its compiled programs."""
-  return Population(config, head, settings)
+  return Population(config, kind, num_labels, settings, layout)
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -428,16 +312,18 @@ def _score_all(pop: Population, state, dev: Mapping, score: Scorer
   return [{k: float(v) for k, v in score(logits[m]).items()} for m in range(len(logits))], logits
 
 
-def train_population(config: ModelConfig, head: model.HeadSpec, members: Sequence[Member],
-                     settings: Settings, train_data: Mapping[str, np.ndarray],
-                     dev_data: Mapping[str, np.ndarray], score: Scorer,
-                     init_params: Any = None, workdir: str | None = None,
+def train_population(config: ModelConfig, kind: str, num_labels: int,
+                     members: Sequence[Member], settings: Settings,
+                     train_data: Mapping[str, np.ndarray], dev_data: Mapping[str, np.ndarray],
+                     score: Scorer, init_params: Any = None, layout: str | None = None,
+                     workdir: str | None = None,
                      report: Callable[[str], None] | None = None) -> Result:
   """Fine-tunes every member on ``train_data`` and scores it on ``dev_data``.
 
   Args:
     config: the model config.
-    head: the task head.
+    kind: the task kind.
+    num_labels: the task's ``num_labels``.
     members: the population (:func:`grid`).
     settings: what the members share.
     train_data: the tokenised training split (:func:`encode_examples`): ``input_ids``,
@@ -445,6 +331,7 @@ def train_population(config: ModelConfig, head: model.HeadSpec, members: Sequenc
     dev_data: the tokenised dev split.
     score: ``score(logits of one member on dev_data) -> {metric: value}``.
     init_params: a checkpoint's parameters (body, and head when it fits); None: scratch.
+    layout: the task head's layout (None: the family's default).
     workdir: checkpoint the population here after every chunk and resume from it.
     report: progress lines (default: none).
 
@@ -453,10 +340,9 @@ def train_population(config: ModelConfig, head: model.HeadSpec, members: Sequenc
   """
   t0 = time.perf_counter()
   members = _check_members(members)
-  n = check_data(train_data, head, "training")
-  check_data(dev_data, head, "dev")
-  batch_indices(0, 0, n, settings.batch_size)  # fails early when the split is too small
-  pop = get_population(config, head, settings)
+  n = check_data(train_data, kind, num_labels, "training")
+  check_data(dev_data, kind, num_labels, "dev")
+  pop = get_population(config, kind, num_labels, settings, layout)
   data = {k: jnp.asarray(train_data[k]) for k in DATA_KEYS}
   state = pop.init(members, init_params)
   manager, history = None, []

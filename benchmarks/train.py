@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 
 from bort_jax.core import arch as arch_lib  # noqa: E402
 from bort_jax.core import cost, model, optim
-from bort_jax.pipelines import distill
+from bort_jax.pipelines import distill, setup
 from bort_jax.runtime import train  # noqa: E402
 
 SHAPES = {
@@ -88,7 +88,7 @@ def measure(name: str, shape: dict, rounds: int, teacher_override: str | None = 
   """Compiles and times the distillation step of one shape set."""
   teacher_name = teacher_override or shape["teacher"]
   teacher = arch_lib.get_model_config(teacher_name)
-  student = distill.student_config(
+  student = setup.student_config(
       ml_collections.ConfigDict({"arch": shape["student"], "family": "teacher",
                                  "overrides": {}}), teacher)
   b, t, p = shape["batch"], shape["seq_len"], shape["predictions"]

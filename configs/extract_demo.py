@@ -17,9 +17,12 @@ import os
 
 import ml_collections
 
+from configs import common
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  cache = os.environ.get("BORT_JAX_CACHE", os.path.expanduser("~/.cache/bort_jax"))
+  args = common.parse_arg(arg, {"tiny": common.FLAG}, "extract_demo.py")
+  cache = common.cache_dir()
   config = ml_collections.ConfigDict()
   config.seed = 0
 
@@ -60,8 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.proxy.optim = ml_collections.ConfigDict(
       {"name": "adam_nobc", "b1": 0.9, "b2": 0.999, "eps": 1e-6, "clip_norm": 1.0})
 
-  config.loss = ml_collections.ConfigDict(
-      {"kind": "kl", "temperature": 2.0, "alpha_kd": 0.5, "alpha_mlm": 0.1})
+  config.loss = common.loss()
 
   config.data = ml_collections.ConfigDict()
   config.data.kind = "corpus"           # "corpus" (text files) or "synthetic" (random tokens)
@@ -75,7 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.global_batch_size = 8     # |B|
 
   config.mesh = None                    # e.g. {"data": -1}: shard vmapped populations
-  if arg == "tiny":
+  if args.get("tiny"):
     config.space.depth = (1, 2)
     config.space.heads = (2, 4)
     config.space.hidden = (16, 32)

@@ -11,19 +11,14 @@ interval of 4 candidates (75 per theta) under the max-gain rule; eps=1 trains al
         --config.data.corpus_files='("/data/corpus/*.txt",)'
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-# The same fields as the demo config, loaded by path (config files are not a package).
-_spec = importlib.util.spec_from_file_location(
-    "extract_demo", os.path.join(os.path.dirname(os.path.abspath(__file__)), "extract_demo.py"))
-extract_demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(extract_demo)
+from configs import common
+from configs import extract_demo  # the same fields, other values
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  common.parse_arg(arg, {}, "extract_paper.py")
   config = extract_demo.get_config()
   config.space.depth = (2, 4, 6, 8, 10, 12)
   config.space.heads = (4, 8, 12, 16)

@@ -32,26 +32,17 @@ import os
 
 import ml_collections
 
-_KEYS = ("task", "init", "init_kind", "tokenizer", "seed", "lr", "wd", "warmup", "batch",
-         "steps", "epochs", "tiny")
+from configs import common
 
-
-def _parse_arg(arg):
-  out = {}
-  for part in (arg or "").split(","):
-    part = part.strip()
-    if not part:
-      continue
-    key, sep, value = part.partition("=")
-    if key not in _KEYS:
-      raise ValueError(f"unknown finetune config arg {part!r}; known: {', '.join(_KEYS)}")
-    out[key] = value if sep else True
-  return out
+# Every arg takes a value (task=glue/rte) except tiny.
+ARGS = {**{key: common.VALUE for key in ("task", "init", "init_kind", "tokenizer", "seed", "lr",
+                                         "wd", "warmup", "batch", "steps", "epochs")},
+        "tiny": common.FLAG}
 
 
 def get_config(arg=None):
-  args = _parse_arg(arg)
-  cache = os.environ.get("BORT_JAX_CACHE") or os.path.expanduser("~/.cache/bort_jax")
+  args = common.parse_arg(arg, ARGS, "finetune.py")
+  cache = common.cache_dir()
   task = str(args.get("task", "glue/rte"))
   demo = task.startswith("demo/")
   config = ml_collections.ConfigDict()

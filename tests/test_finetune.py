@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from bort_jax import main as cli_main
 from bort_jax.core import arch as arch_lib
 from bort_jax.core import model, optim
 from bort_jax.finetune import loop, steps, submission, tasks
@@ -311,8 +312,9 @@ def test_bad_input_exits_2_with_one_paragraph_before_compiling(tiny, tmp_path, m
   else:
     task, want = "glue/ax", "fine-tuned on 'glue/mnli'"
   workdir = tmp_path / "wd"
-  code = loop.main([f"--config=configs/finetune.py:task={task},tiny", f"--workdir={workdir}",
-                    f"--config.init.path={init}", f"--config.tokenizer={tiny['tokenizer']}"])
+  code = cli_main.main(["finetune", f"--config=configs/finetune.py:task={task},tiny",
+                        f"--workdir={workdir}", f"--config.init.path={init}",
+                        f"--config.tokenizer={tiny['tokenizer']}"])
   err = capsys.readouterr().err.strip()
   assert code == 2
   assert want in err and "\n" not in err and "Traceback" not in err

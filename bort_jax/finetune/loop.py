@@ -477,23 +477,3 @@ def finish(prep: Prepared, compiled: Compiled, config: Any, workdir: str, best: 
             spec.name, split.records, preds.predictions, os.path.join(workdir, "submission"),
             name))
   return out
-
-
-def main(argv: Sequence[str]) -> int:
-  """``bort-jax finetune --config=configs/finetune.py:task=... --workdir=...``."""
-  from bort_jax import cli  # pylint: disable=import-outside-toplevel
-  argv = list(argv)
-  debug = "--debug" in argv
-  argv = [a for a in argv if a != "--debug"]
-  flags = cli.parse(argv, "finetune", default_config="configs/finetune.py")
-  sharding.maybe_initialize_distributed()
-  try:
-    results = run(flags.config, flags.workdir)
-  except setup_lib.InputError as error:
-    if debug:
-      raise
-    print(f"bort-jax finetune: {error}", file=sys.stderr)
-    return 2
-  if jax.process_index() == 0:
-    print(json.dumps(fileio.to_jsonable(results), indent=2), flush=True)
-  return 0

@@ -26,7 +26,6 @@ CLI::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -509,41 +508,3 @@ def save_hf(params: dict, config: ModelConfig, out_dir: str, head: HeadSpec | No
     save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf_config, f, indent=2, sort_keys=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-  """``bort-jax convert``: Hugging Face directory <-> our checkpoint.
-
-  Args:
-    argv: the arguments after ``convert``.
-
-  Returns:
-    The process exit code.
-  """
-  parser = argparse.ArgumentParser(prog="bort-jax convert", description=__doc__.split("\n")[0])
-  source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument("--from-hf", metavar="DIR", help="Hugging Face checkpoint directory")
-  source.add_argument("--to-hf", metavar="CKPT", help="bort_jax checkpoint directory")
-  parser.add_argument("--out", required=True, help="output directory")
-  parser.add_argument("--family", choices=sorted(FAMILY_DEFAULTS),
-                      help="force the model family (default: from config.json)")
-  parser.add_argument("--no-mlm-head", action="store_true",
-                      help="leave the MLM head out (default: keep it when present)")
-  args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
-  try:
-    if args.from_hf:
-      config, params = load_hf(args.from_hf, with_mlm_head=False if args.no_mlm_head else None,
-                               family=args.family)
-      export.save(args.out, params, config)
-    else:
-      config, params = export.load(args.to_hf)
-      if args.no_mlm_head:
-        params = {k: v for k, v in params.items() if k != "mlm_head"}
-      save_hf(params, config, args.out)
-  except ValueError as error:
-    print(f"bort-jax convert: {error}", file=sys.stderr)
-    return 1
-  count = sum(int(np.prod(np.shape(v))) for v in traverse_util.flatten_dict(params).values())
-  print(f"wrote {args.out}: {config.family} {config.arch}, {count:,} parameters")
-  return 0

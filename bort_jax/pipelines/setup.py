@@ -1,0 +1,279 @@
+"""Run setup shared by the pipelines: the teacher, the student's config and the input data.
+
+Distillation, teacher adaptation and extraction all load a frozen teacher, derive a student's
+``ModelConfig`` from a config block (copying the teacher's vocabulary and embedding
+conventions when asked) and read the masked-LM pretraining input; this module is the one home
+of those three steps, so no pipeline borrows its setup from another.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from bort_jax.core import arch as arch_lib
+from bort_jax.interop import export as export_lib
+from bort_jax.runtime import sharding
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def load_teacher(teacher_cfg: ml_collections.ConfigDict) -> tuple[arch_lib.ModelConfig, Any]:
+  """Loads the teacher named by ``config.teacher``.
+
+  Args:
+    teacher_cfg: ``kind`` ("hf": a Hugging Face directory, "params": our
+      ``export.save`` format, "none": no teacher) and ``path``.
+
+  Returns:
+    ``(model config, params)`` with the MLM head, or ``(None, None)`` for kind "none".
+  """
+  from bort_jax.interop import convert  # Lazy: only the modes with a teacher need the converter.
+  kind = teacher_cfg.get("kind", "none")
+  if kind == "none":
+    return None, None
+  if not teacher_cfg.get("path"):
+    raise ValueError(f"config.teacher.kind={kind!r} needs config.teacher.path")
+  if kind == "hf":
+    config, params = convert.load_hf(teacher_cfg.path, with_mlm_head=None)
+  elif kind == "params":
+    config, params = export_lib.load(teacher_cfg.path)
+  else:
+    raise ValueError(f"unknown config.teacher.kind {kind!r}; use 'hf', 'params' or 'none'")
+  if "mlm_head" not in params:
+    raise ValueError(f"teacher {teacher_cfg.path} has no MLM head; give it one first with "
+                     "`bort-jax teacher-adapt` (the demo does this for all-MiniLM-L6-v2)")
+  return config, params
+
+
+def resolve_student_arch(spec: str) -> str:
+  """An arch string or preset; ``extract:WORKDIR`` reads an extraction's chosen architecture."""
+  if spec.startswith("extract:"):
+    path = os.path.join(spec[len("extract:"):], "chosen_arch.txt")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"no extraction result at {path}; run `bort-jax extract` first")
+    with open(path) as f:
+      return f.read().strip()
+  return spec
+
+
+def student_config(student_cfg: ml_collections.ConfigDict,
+                   teacher: arch_lib.ModelConfig | None) -> arch_lib.ModelConfig:
+  """The student's ModelConfig: its shape from the config, its vocabulary from the teacher.
+
+  Args:
+    student_cfg: ``arch`` (preset, arch string or ``extract:WORKDIR``), ``family`` ("bort",
+      "bert", "roberta", or "teacher" to copy the teacher's embedding conventions:
+      vocabulary, positions, token types, pad id) and ``overrides`` (ModelConfig fields).
+    teacher: the teacher's config, or None.
+
+  Returns:
+    The student's config.
+
+  Raises:
+    ValueError: the student's vocabulary differs from the teacher's.
+  """
+  spec = resolve_student_arch(student_cfg.arch)
+  family = student_cfg.get("family", "teacher")
+  overrides = dict(student_cfg.get("overrides", {}) or {})
+  if family == "teacher":
+    if teacher is None:
+      raise ValueError("config.student.family='teacher' needs a teacher (config.teacher.kind)")
+    fields = {f: getattr(teacher, f) for f in (
+        "family", "vocab_size", "max_positions", "position_offset", "type_vocab_size",
+        "pad_id", "layer_norm_eps", "mlm_layer_norm_eps", "activation")}
+    fields.update(overrides)
+    config = arch_lib.get_model_config(spec, family=teacher.family).replace(**fields)
+  else:
+    config = arch_lib.get_model_config(spec, family=family, **overrides)
+  if teacher is not None and config.vocab_size != teacher.vocab_size:
+    raise ValueError(
+        f"student vocabulary ({config.vocab_size}, family {config.family!r}) differs from the "
+        f"teacher's ({teacher.vocab_size}, family {teacher.family!r}): distillation compares "
+        "logits over one vocabulary. Use config.student.family='teacher' or set "
+        "config.student.overrides.vocab_size.")
+  return config
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def make_input(data_cfg: ml_collections.ConfigDict, tokenizer_family: str, seed: int,
+               split: str = "train"):
+  """The pretraining input pipeline of ``config.data`` for this process.
+
+  Process 0 builds the corpus dataset (TFDS, array_record) first and the others open it after
+  a barrier, so processes sharing a file system never build it concurrently.
+
+  Args:
+    data_cfg: ``corpus_files`` (glob patterns), ``data_dir``, optional ``corpus_name``,
+      ``validation_fraction`` (share of documents held out, by a hash of their text) and
+      ``cache_dir``, ``tokenizer``, ``seq_len``, ``global_batch_size``, ``max_predictions``.
+    tokenizer_family: "bert", "roberta" or "bort".
+    seed: the data seed (order and masking).
+    split: "train" or "validation".
+
+  Returns:
+    ``(pretrain.PretrainInput, tokenizer)``.
+  """
+  from bort_jax.data import corpus, pretrain, tokenization  # Lazy: TFDS import is slow.
+  patterns = [p for p in data_cfg.corpus_files if p]
+  files = sorted({f for pattern in patterns for f in glob.glob(os.path.expanduser(pattern))})
+  if not files:
+    raise FileNotFoundError(f"no corpus files match config.data.corpus_files={patterns}")
+  if not data_cfg.get("tokenizer"):
+    raise ValueError("config.data.tokenizer must name the tokenizer files (a directory)")
+  tokenizer = tokenization.load_tokenizer(os.path.expanduser(data_cfg.tokenizer),
+                                          tokenizer_family)
+  name = data_cfg.get("corpus_name", "corpus")
+  data_dir = os.path.expanduser(data_cfg.data_dir)
+  build = lambda: corpus.build_corpus(
+      files, data_dir, name=name,
+      validation_fraction=float(data_cfg.get("validation_fraction", 0.01)))
+  if jax.process_index() == 0:
+    sources = build()
+  sharding.barrier("bort_jax.pipelines.setup.build_corpus")
+  if jax.process_index() != 0:
+    sources = build()
+  if split not in sources:
+    raise ValueError(f"corpus {name!r} has no {split!r} split (it has {sorted(sources)}); "
+                     "add documents or turn evaluation off (config.train.eval_batches=0)")
+  cache_dir = data_cfg.get("cache_dir") or None
+  inputs = pretrain.PretrainInput(
+      sources[split], tokenizer, seq_len=data_cfg.seq_len,
+      global_batch_size=data_cfg.global_batch_size, seed=seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      max_predictions=data_cfg.get("max_predictions") or None,
+      cache_dir=os.path.expanduser(cache_dir) if cache_dir else None)
+  return inputs, tokenizer
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _integer(block: str, cfg: Any, field: str, low: int, allowed: str) -> None:
+  value = cfg.get(field)
+  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    raise ValueError(f"config.{block}.{field}={value!r}: must be {allowed}")
+
+
+def check_config(config: ml_collections.ConfigDict, paths: bool = True) -> None:
+  """Checks the shared blocks of a run config before anything is created or written.
+
+  Looks at whichever of ``train``, ``optim``, ``loss``, ``data``, ``student``, ``teacher`` and
+  ``mesh`` the config has: integer fields and their ranges, the optimizer and its schedule, the
+  loss kind, arch strings, teacher kinds, and whether the global batch divides over the mesh.
+
+  Args:
+    config: a run config (distillation, teacher adaptation or extraction).
+    paths: also check that the input paths (teacher, student, tokenizer, corpus, an
+      ``extract:WORKDIR`` result) exist; the demo turns this off for paths its earlier steps
+      produce.
+
+  Raises:
+    ValueError: naming the field, its value and what is allowed.
+  """
+  from bort_jax.core import losses, optim  # pylint: disable=import-outside-toplevel
+  if "train" in config:
+    for field, low, allowed in (
+        ("total_steps", 1, "an integer >= 1 (the number of training steps)"),
+        ("log_every", 1, "an integer >= 1 (steps between metrics lines)"),
+        ("checkpoint_every", 1, "an integer >= 1 (steps between checkpoints)"),
+        ("keep_checkpoints", 1, "an integer >= 1 (checkpoints kept)"),
+        ("eval_every", 0, "an integer >= 0 (0 turns evaluation off)"),
+        ("eval_batches", 0, "an integer >= 0 (0 turns evaluation off)")):
+      if field in config.train:
+        _integer("train", config.train, field, low, allowed)
+  if "optim" in config and "train" in config:
+    optim.make_optimizer(optimizer_config(config))  # its own checks name the field
+  if "loss" in config:
+    if config.loss.kind not in losses.KD_KINDS:
+      raise ValueError(f"config.loss.kind={config.loss.kind!r}: must be one of "
+                       f"{', '.join(losses.KD_KINDS)}")
+    if not config.loss.temperature > 0:
+      raise ValueError(f"config.loss.temperature={config.loss.temperature!r}: must be > 0")
+  if "data" in config:
+    _check_data(config.data)
+  if "teacher" in config:
+    _check_teacher(config.teacher)
+  if "student" in config and "arch" in config.student:
+    _check_arch(config.student.arch, paths)
+  if config.get("mesh") and "data" in config:
+    sharding.check_batch_size(config.data.global_batch_size,
+                              sharding.make_mesh(dict(config.mesh)))
+  if paths:  # last: a bad value is reported before a missing file
+    _check_paths(config)
+
+
+def optimizer_config(config: ml_collections.ConfigDict) -> dict:
+  """``config.optim`` with the schedule's length, which is ``config.train.total_steps``."""
+  return {**config.optim.to_dict(), "total_steps": config.train.total_steps}
+
+
+def _check_data(data_cfg: ml_collections.ConfigDict) -> None:
+  _integer("data", data_cfg, "global_batch_size", 1, "an integer >= 1")
+  _integer("data", data_cfg, "seq_len", 8, "an integer >= 8 (tokens per sequence)")
+  if "max_predictions" in data_cfg:
+    _integer("data", data_cfg, "max_predictions", 1, "an integer >= 1")
+    if data_cfg.max_predictions > data_cfg.seq_len:
+      raise ValueError(f"config.data.max_predictions={data_cfg.max_predictions}: must not "
+                       f"exceed config.data.seq_len={data_cfg.seq_len}")
+
+
+def _check_paths(config: ml_collections.ConfigDict) -> None:
+  teacher = config.get("teacher") or {}
+  if teacher.get("kind", "none") != "none" and not os.path.isdir(
+      os.path.expanduser(teacher.path)):
+    raise FileNotFoundError(f"config.teacher.path={teacher.path!r}: no such folder; give the "
+                            f"teacher's folder (kind {teacher.kind!r})")
+  student = config.get("student") or {}
+  if student.get("path") and not os.path.isdir(os.path.expanduser(student.path)):
+    raise FileNotFoundError(f"config.student.path={student.path!r}: no such folder; give the "
+                            "folder of the model to adapt")
+  if config.get("init_from") and "://" not in config.init_from and not os.path.isdir(
+      os.path.expanduser(config.init_from)):
+    raise FileNotFoundError(f"config.init_from={config.init_from!r}: no such folder; give a "
+                            "checkpoint folder or leave it empty")
+  data_cfg = config.get("data")
+  if data_cfg is None or data_cfg.get("kind", "corpus") != "corpus":
+    return
+  patterns = [p for p in data_cfg.corpus_files if p]
+  if not any(glob.glob(os.path.expanduser(p)) for p in patterns):
+    raise FileNotFoundError(f"config.data.corpus_files={tuple(data_cfg.corpus_files)!r}: no "
+                            "file matches; give glob patterns of text files (the demo's "
+                            "come from `bort-jax data fetch`)")
+  tokenizer = os.path.expanduser(data_cfg.get("tokenizer") or "")
+  if not os.path.isdir(tokenizer):
+    raise FileNotFoundError(f"config.data.tokenizer={data_cfg.get('tokenizer')!r}: not a "
+                            "folder; give the folder with the tokenizer's files")
+
+
+def _check_teacher(teacher_cfg: ml_collections.ConfigDict) -> None:
+  kind = teacher_cfg.get("kind", "none")
+  if kind not in ("hf", "params", "none"):
+    raise ValueError(f"config.teacher.kind={kind!r}: must be 'hf' (a Hugging Face folder), "
+                     "'params' (our export format) or 'none'")
+  if kind == "none":
+    return
+  if not teacher_cfg.get("path"):
+    raise ValueError(f"config.teacher.path is empty: config.teacher.kind={kind!r} needs the "
+                     "teacher's folder")
+
+
+def _check_arch(spec: str, paths: bool) -> None:
+  if spec.startswith("extract:"):
+    if paths:
+      resolve_student_arch(spec)
+    return
+  if spec in arch_lib.PRESETS:
+    return
+  try:
+    arch_lib.Arch.parse(spec)
+  except ValueError as error:
+    raise ValueError(f"config.student.arch: {error} (or extract:WORKDIR, an extraction's "
+                     "result)") from None

@@ -1,0 +1,27 @@
+"""The whole demo pipeline: fetch, teacher-adapt, extract, distil (``bort-jax demo``).
+
+    bort-jax demo --workdir=runs/demo [--cache-dir=DIR] [--quick]
+
+Holds the three step configs (``adapt``, ``extract``, ``distill``) as they come from
+``pretrain_demo.py:adapt``, ``extract_demo.py`` and ``pretrain_demo.py``; the pipeline points
+their data at the cache and their teacher at the workdir's adapted one, so any of their fields
+can be overridden here (``--config.distill.train.total_steps=400``). Arg: ``quick`` (the same
+as ``--quick``: every step shortened, a smoke run of the same path).
+"""
+
+import ml_collections
+
+from configs import common
+from configs import extract_demo
+from configs import pretrain_demo
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = common.parse_arg(arg, {"quick": common.FLAG}, "demo.py")
+  config = ml_collections.ConfigDict()
+  config.cache_dir = ""                # "" = $BORT_JAX_CACHE or ~/.cache/bort_jax
+  config.quick = bool(args.get("quick"))  # shorten every step (a smoke run)
+  config.adapt = pretrain_demo.get_config("adapt")
+  config.extract = extract_demo.get_config()
+  config.distill = pretrain_demo.get_config()
+  return config

@@ -143,7 +143,9 @@ if has run; then
   for arg in "$@"; do
     case "$arg" in
       --workdir=gs://*) ;;
-      --workdir=*) [ "${workers:-1}" -le 1 ] || printf '%s\n' "tpu_pod.sh: warning: $arg is local to each worker; a ${workers}-host slice needs a shared workdir (gs://...) for its checkpoints" >&2 ;;
+      --workdir=*)
+        [ "${workers:-1}" -le 1 ] || printf 'tpu_pod.sh: warning: %s is local to each worker; %s\n' \
+          "$arg" "a ${workers}-host slice needs a shared workdir (gs://...) for its checkpoints" >&2 ;;
     esac
   done
 fi
@@ -188,11 +190,15 @@ wait_active() {
 do_setup() {
   # jax 0.10 needs Python >= 3.11 and the TPU images ship Ubuntu 22.04's 3.10, so uv brings a
   # Python of its own into ~/venv.
-  local install="python3 -m pip install --quiet --user uv && ~/.local/bin/uv venv --quiet --python 3.11 ~/venv && ~/.local/bin/uv pip install --quiet --python ~/venv/bin/python ~/bort_jax 'jax[tpu]==$jax_version'"
+  local install="python3 -m pip install --quiet --user uv"
+  install+=" && ~/.local/bin/uv venv --quiet --python 3.11 ~/venv"
+  install+=" && ~/.local/bin/uv pip install --quiet --python ~/venv/bin/python ~/bort_jax"
+  install+=" 'jax[tpu]==$jax_version'"
   local fetch
   if [ "$source_kind" = dir ]; then
     local tarball="${TMPDIR:-/tmp}/bort_jax_src_$name.tgz"
-    step tar -C "$source_" --exclude=./.venv --exclude=./.git --exclude=./runs --exclude=__pycache__ -czf "$tarball" .
+    step tar -C "$source_" --exclude=./.venv --exclude=./.git --exclude=./runs \
+      --exclude=__pycache__ -czf "$tarball" .
     step "${tpu_vm[@]}" scp "$tarball" "$name:bort_jax_src.tgz" --worker=all "${gflags[@]}"
     fetch="mkdir -p ~/bort_jax && tar -C ~/bort_jax -xzf ~/bort_jax_src.tgz"
   else

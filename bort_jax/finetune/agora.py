@@ -1,0 +1,340 @@
+"""Agora: fine-tuning that feeds the best model's dev mistakes back as labelled new points.
+
+The authors' method (PAPER.md section 5; never released), as implemented here:
+
+1. fine-tune one model per hyperparameter set in Theta (one population: every set is a
+   :class:`population.Member`, trained from the same checkpoint in one compiled program) on
+   the current training set; record each one's dev accuracy;
+2. take the best model's dev mistakes;
+3. make nearby new points from each mistake with a pluggable transformation (default
+   ``augment.MLMTokenTransform``: resample some tokens with an MLM head, then a simple token
+   edit);
+4. label them with a pluggable labeller (default :class:`ModelLabeller`: a fine-tuned teacher
+   named in the config) whose dev accuracy must exceed 2/3 (one at or below it is refused
+   before anything trains), and add them to the training set;
+5. prune Theta (below);
+6. repeat while Theta is not empty; return the best model of every round.
+
+**Step 5, made precise.** Theta is sorted by dev accuracy, best first (ties keep Theta's
+order). "The longest common run rooted at the best one" is read as the maximal prefix of
+that list whose accuracies are within one standard error of the best one,
+``acc_best - acc <= sqrt(acc_best * (1 - acc_best) / n_dev)`` (a binomial standard error on
+the n_dev dev points): the sets this dev set cannot tell apart from the best. They have had
+their chance on the data the best one also saw, so they leave, and the next round tries the
+remaining sets on the augmented data. Why this reading and not "shares a hyperparameter
+value with the best": that one depends on how the grid is written (a grid with one weight
+decay removes everything in round 1), while a statistical tie depends only on the results.
+The best set is always in its own run, so Theta loses at least one set per round and the
+loop ends after at most ``len(Theta)`` rounds.
+
+**Preconditions.** Agora is defined for binary classification. Tasks are cast to binary
+(:func:`to_binary`): a binary classification or a candidates task (COPA, MultiRC, ReCoRD,
+already one binary row per candidate) stays as it is; a multi-class task becomes
+"majority class of the training split vs the rest" (one vs rest, the class the model most
+needs to separate); a multiple-choice task becomes one (context, choice) row per choice,
+labelled 1 for the right choice. Regression is refused. The accuracy reported is on the
+binary-cast dev rows.
+
+**Journal and resume.** Each finished round appends one line to ``workdir/agora.jsonl``
+(written, flushed and fsync'd): the round, Theta's members and dev accuracies, the best set,
+mistakes, points added, the sets removed and those left. The round's new points are written
+to ``points_<round>.npz`` and, when the round's best model beats every earlier round's, its
+parameters to ``best/`` (``interop.export`` format), both before the journal line. A killed
+run replays the journal, reloads the points, and starts at the round after the last finished
+one; every random choice is a function of (seed, round, step, row), so it ends where an
+uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import jax
+import numpy as np
+
+from bort_jax.core import model
+from bort_jax.core.arch import ModelConfig
+from bort_jax.finetune import population as pop_lib
+from bort_jax.finetune.augment import ROW_KEYS, Transform
+
+MIN_LABELLER_ACCURACY = 2.0 / 3.0
+JOURNAL = "agora.jsonl"
+
+
+class AgoraError(ValueError):
+  """Agora cannot run as configured (a task it cannot cast, a weak labeller)."""
+
+
+# ----------------------------------------------------------------------------- casting
+
+
+def majority_class(labels: np.ndarray, weight: np.ndarray) -> int:
+  """The most frequent label among weighted rows (the smallest id on a tie)."""
+  counts = np.bincount(np.asarray(labels)[np.asarray(weight) > 0])
+  return int(np.argmax(counts))
+
+
+def to_binary(data: Mapping[str, np.ndarray], kind: str, num_labels: int,
+              positive: int | None = None) -> dict[str, np.ndarray]:
+  """Casts a tokenised split to binary rows (see the module docstring).
+
+  Args:
+    data: ``input_ids``, ``attention_mask``, ``token_type_ids`` (``[N, T]``, or ``[N, C, T]``
+      for multiple choice), ``label``, ``weight``.
+    kind: the task kind.
+    num_labels: the task's label count.
+    positive: multi-class only: the class that becomes 1 (pass the training split's
+      majority class for every split).
+
+  Returns:
+    ``[M, T]`` rows with 0/1 ``label`` and ``weight``.
+  """
+  keep = np.asarray(data["weight"]) > 0
+  rows = {k: np.asarray(data[k])[keep] for k in ROW_KEYS + ("label",)}
+  if kind == "regression":
+    raise AgoraError("Agora needs a classification task; regression has no classes to cast")
+  if kind == "multiple_choice":
+    n, c = rows["input_ids"].shape[:2]
+    out = {k: rows[k].reshape((n * c,) + rows[k].shape[2:]) for k in ROW_KEYS}
+    out["label"] = (np.arange(c)[None, :] == rows["label"][:, None]).reshape(-1).astype(np.int32)
+  elif kind in ("classification", "candidates"):
+    out = {k: rows[k] for k in ROW_KEYS}
+    label = rows["label"].astype(np.int32)
+    if num_labels > 2:
+      if positive is None:
+        raise AgoraError("a multi-class task needs the class cast to 1 (positive=...)")
+      label = (label == positive).astype(np.int32)
+    out["label"] = label
+  else:
+    raise AgoraError(f"Agora cannot cast task kind {kind!r}")
+  out["weight"] = np.ones(len(out["label"]), np.float32)
+  return out
+
+
+# ----------------------------------------------------------------------------- labellers
+
+
+class Labeller(Protocol):
+  """What Agora needs from a labeller."""
+
+  def __call__(self, rows: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Binary labels ``[N]`` int32 for ``[N, T]`` rows."""
+
+
+class ModelLabeller:
+  """Labels rows with a model that carries a 2-class classification head.
+
+  Args:
+    config: its model config.
+    params: its parameters (a fine-tuned teacher).
+    batch_size: rows per forward pass.
+    layout: its head's layout (None: the family's default).
+  """
+
+  def __init__(self, config: ModelConfig, params: Any, batch_size: int = 32,
+               layout: str | None = None):
+    self.config = config.replace(dropout=0.0, attention_dropout=0.0)
+    self.params = params
+    self.batch_size = batch_size
+    head = model.HeadSpec("classification", 2, layout).resolve(config.family)
+    self._forward = jax.jit(lambda p, b: model.apply(p, self.config, b, head=head)["logits"])
+
+  def __call__(self, rows: Mapping[str, np.ndarray]) -> np.ndarray:
+    n = len(rows["input_ids"])
+    out = []
+    for start in range(0, n, self.batch_size):
+      batch = {k: np.asarray(rows[k][start:start + self.batch_size]) for k in ROW_KEYS}
+      if self.config.type_vocab_size == 0:
+        batch.pop("token_type_ids")
+      out.append(np.argmax(np.asarray(self._forward(self.params, batch)), axis=-1))
+    return np.concatenate(out).astype(np.int32) if out else np.zeros((0,), np.int32)
+
+
+def check_labeller(labeller: Labeller, dev: Mapping[str, np.ndarray]) -> float:
+  """The labeller's dev accuracy; refuses one at or below 2/3 (the authors' "ok-ish").
+
+  Raises:
+    AgoraError: accuracy <= 2/3.
+  """
+  accuracy = float(np.mean(np.asarray(labeller(dev)) == np.asarray(dev["label"])))
+  if accuracy <= MIN_LABELLER_ACCURACY:
+    raise AgoraError(f"the labeller's dev accuracy is {accuracy:.4f}, at or below 2/3; Agora "
+                     "needs a labeller better than that (fine-tune the teacher longer or name "
+                     "another one in config.agora.labeller)")
+  return accuracy
+
+
+# ----------------------------------------------------------------------------- pruning
+
+
+def prune(accuracies: Sequence[float], n_dev: int) -> list[int]:
+  """Indices of the Theta sets that step 5 removes (see the module docstring).
+
+  Args:
+    accuracies: dev accuracy of each set, in Theta's order.
+    n_dev: number of dev rows the accuracies were measured on.
+
+  Returns:
+    The indices of the run rooted at the best set, best first (never empty).
+  """
+  if not accuracies:
+    raise ValueError("prune needs at least one accuracy")
+  order = sorted(range(len(accuracies)), key=lambda i: (-accuracies[i], i))
+  best = accuracies[order[0]]
+  stderr = math.sqrt(max(best * (1.0 - best), 0.0) / max(n_dev, 1))
+  run = [order[0]]
+  for i in order[1:]:
+    if best - accuracies[i] > stderr + 1e-12:
+      break
+    run.append(i)
+  return run
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass
+class AgoraResult:
+  """What :func:`run_agora` returns.
+
+  Attributes:
+    rounds: the journal entries, one per round.
+    best: ``{"round", "member", "accuracy"}`` of the best model over every round.
+    best_params: its parameters.
+    labeller_accuracy: the labeller's dev accuracy.
+    train_rows: rows of the final training set (original + added).
+  """
+
+  rounds: list[dict]
+  best: dict
+  best_params: Any
+  labeller_accuracy: float
+  train_rows: int
+
+
+def _read_journal(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  entries = []
+  with open(path) as f:
+    for line in f:
+      try:
+        entries.append(json.loads(line))
+      except ValueError:
+        break  # a line torn by a kill: that round did not finish
+  return entries
+
+
+def _append_journal(path: str, entry: dict) -> None:
+  with open(path, "a") as f:
+    f.write(json.dumps(entry, sort_keys=True) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _points_path(workdir: str, round_index: int) -> str:
+  return os.path.join(workdir, f"points_{round_index:03d}.npz")
+
+
+def _save_points(path: str, points: Mapping[str, np.ndarray]) -> None:
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **{k: np.asarray(v) for k, v in points.items()})
+  os.replace(tmp, path)
+
+
+def _concat(parts: Sequence[Mapping[str, np.ndarray]]) -> dict:
+  keys = ROW_KEYS + ("label", "weight")
+  return {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in keys}
+
+
+def _new_points(best_logits, dev, transform: Transform, labeller: Labeller, round_index: int):
+  """Step 2-4: the best model's dev mistakes, their transformed neighbours, labelled."""
+  mistakes = np.flatnonzero(np.argmax(best_logits, axis=-1) != np.asarray(dev["label"]))
+  made = transform({k: np.asarray(dev[k])[mistakes] for k in ROW_KEYS}, round_index, mistakes)
+  points = {k: np.asarray(made[k], np.int32) for k in ROW_KEYS}
+  points["label"] = np.asarray(labeller(points), np.int32).reshape(-1)
+  points["weight"] = np.ones(len(points["label"]), np.float32)
+  return mistakes, points
+
+
+def run_agora(config: ModelConfig, thetas: Sequence[pop_lib.Member],
+              settings: pop_lib.Settings, train_data: Mapping[str, np.ndarray],
+              dev_data: Mapping[str, np.ndarray], transform: Transform, labeller: Labeller,
+              workdir: str, init_params: Any = None, layout: str | None = None,
+              report: Callable[[str], None] | None = None) -> AgoraResult:
+  """Runs Agora to the end (Theta empty), resuming from ``workdir``'s journal.
+
+  Args:
+    config: the model config being fine-tuned.
+    thetas: Theta, the hyperparameter sets (each a population member, seed included).
+    settings: what the sets share (steps, batch size, optimizer constants).
+    train_data, dev_data: binary-cast tokenised splits (:func:`to_binary`).
+    transform: ``transform(rows, round, row_ids) -> rows`` (``augment.py``).
+    labeller: ``labeller(rows) -> 0/1 labels``; refused at dev accuracy <= 2/3.
+    workdir: journal, points and the best model's parameters go here.
+    init_params: the checkpoint every round fine-tunes from (None: scratch).
+    layout: the binary head's layout (None: the family's default).
+    report: progress lines.
+
+  Returns:
+    An :class:`AgoraResult`.
+  """
+  from bort_jax.interop import export  # pylint: disable=import-outside-toplevel
+  say = report or (lambda line: None)
+  thetas = pop_lib._check_members(thetas)  # pylint: disable=protected-access
+  pop_lib.check_data(dev_data, "classification", 2, "dev")
+  pop_lib.check_data(train_data, "classification", 2, "training")
+  labeller_accuracy = check_labeller(labeller, dev_data)
+  os.makedirs(workdir, exist_ok=True)
+  journal_path = os.path.join(workdir, JOURNAL)
+  rounds = _read_journal(journal_path)
+  left, added, best, best_params = list(thetas), [], None, None
+  for entry in rounds:  # replay the finished rounds
+    left = [pop_lib.Member(**m) for m in entry["left"]]
+    added.append(dict(np.load(_points_path(workdir, entry["round"]))))
+    if best is None or entry["best"]["accuracy"] > best["accuracy"]:
+      best = dict(entry["best"], round=entry["round"])
+  if rounds:
+    say(f"agora: resuming after round {rounds[-1]['round']} ({len(left)} sets left)")
+  n_dev = len(dev_data["label"])
+  while left:
+    round_index = len(rounds)
+    t0 = time.perf_counter()
+    train = _concat([train_data] + added)
+    result = pop_lib.train_population(config, "classification", 2, left, settings, train,
+                                      dev_data, pop_lib.accuracy_scorer(dev_data), init_params,
+                                      layout=layout)
+    accs = [m["accuracy"] for m in result.metrics]
+    b = int(np.argmax(accs))
+    mistakes, points = _new_points(result.dev_logits[b], dev_data, transform, labeller,
+                                   round_index)
+    removed = prune(accs, n_dev)
+    _save_points(_points_path(workdir, round_index), points)
+    round_best = {"member": dataclasses.asdict(left[b]), "accuracy": accs[b]}
+    if best is None or accs[b] > best["accuracy"]:
+      best = dict(round_best, round=round_index)
+      best_params = result.params(b)
+      export.save(os.path.join(workdir, "best"), jax.device_get(best_params), config)
+    entry = {"round": round_index, "train_rows": len(train["label"]),
+             "members": [dataclasses.asdict(m) for m in left], "dev_accuracy": accs,
+             "best": round_best, "mistakes": len(mistakes), "points_added": len(points["label"]),
+             "positive_points": int(points["label"].sum()),
+             "removed": [dataclasses.asdict(left[i]) for i in removed],
+             "left": [dataclasses.asdict(m) for i, m in enumerate(left) if i not in removed],
+             "seconds": time.perf_counter() - t0}
+    _append_journal(journal_path, entry)
+    rounds.append(entry)
+    added.append(points)
+    left = [pop_lib.Member(**m) for m in entry["left"]]
+    say(f"agora round {round_index}: dev accuracy best {accs[b]:.4f} of {len(accs)} sets, "
+        f"{len(mistakes)} mistakes -> {len(points['label'])} points, removed {len(removed)}, "
+        f"{len(left)} left")
+  if best_params is None:  # every round ran before a resume: the best is on disk
+    _, best_params = export.load(os.path.join(workdir, "best"))
+  return AgoraResult(rounds, best, best_params, labeller_accuracy,
+                     sum(len(p["label"]) for p in [train_data] + added))

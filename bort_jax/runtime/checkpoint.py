@@ -274,7 +274,7 @@ class CheckpointManager:
       self._quiet.attempt_failed()  # its late callbacks may come after it returns
     if error is None and not self._quiet.keep:
       self._quiet.uninstall()
-    any_failed, bad = integrity.agreed_check(
+    any_failed, bad, unchecked = integrity.agreed_check(
         abstract, None if restored is None else restored[_STATE], records, error is not None)
     if error is not None:
       raise error
@@ -287,6 +287,9 @@ class CheckpointManager:
     if records is None:
       log.warning("checkpoint step %d in %s predates integrity checksums; restored without "
                   "verifying it.", step, self.directory)
+    elif unchecked:  # a restore sharding that cuts saved shards across processes
+      log.warning("checkpoint step %d in %s: %d saved shard(s) span processes in this sharding "
+                  "and were not verified.", step, self.directory, unchecked)
     return restored
 
   def _integrity_records(self, step: int) -> list[dict] | None:
@@ -355,7 +358,8 @@ class CheckpointManager:
           moved[step] = f"{src}{_CORRUPT_MARKER}{stamp}"
           os.rename(src, moved[step])
     for step, reason in skipped:
-      where = f"moved to {moved[step]}" if step in moved else "left in place"
+      where = (f"moved to {moved[step]}" if step in moved else "left in place (read-only)"
+               if self.read_only else "moved aside by process 0")
       log.warning("skipped checkpoint step %d in %s, unreadable (%s); %s; using step %d.",
                   step, self.directory, reason, where, restored_step)
     if skipped and not self.read_only:

@@ -73,7 +73,7 @@ def load_for_inference(checkpoint: str, task: str | None = None, tokenizer: str 
     raise setup_lib.InputError(f"--checkpoint {checkpoint!r} does not say which task it was "
                                "fine-tuned on: pass --task.")
   spec = setup_lib.resolve_task(task)
-  params, layout = setup_lib.fit_head(loaded, spec)
+  params, layout = setup_lib.fit_head(loaded, spec, training=False)
   if check is not None:
     check(spec)
   tok = setup_lib.load_tokenizer(setup_lib.tokenizer_dir(loaded.path, tokenizer), loaded.config)

@@ -201,9 +201,15 @@ def load_model(path: str, kind: str = "auto", seed: int = 0) -> Loaded:
   return Loaded(config, params, kind, path, meta, head)
 
 
-def fit_head(loaded: Loaded, spec: tasks_lib.TaskSpec, reset_head: bool = False
-             ) -> tuple[Any, str | None]:
+def fit_head(loaded: Loaded, spec: tasks_lib.TaskSpec, reset_head: bool = False,
+             training: bool = True) -> tuple[Any, str | None]:
   """The checkpoint's parameters with a task head that fits ``spec`` (or none, to be made).
+
+  Args:
+    loaded: the checkpoint.
+    spec: the task.
+    reset_head: replace a head that does not fit with a fresh one (fine-tuning).
+    training: whether the head may be replaced at all (False: evaluation, prediction).
 
   Returns:
     ``(host params, head layout)``: the checkpoint's own head and layout kept when it fits;
@@ -223,11 +229,13 @@ def fit_head(loaded: Loaded, spec: tasks_lib.TaskSpec, reset_head: bool = False
   if reset_head:
     return {k: v for k, v in loaded.params.items() if k != "classifier"}, None
   trained_on = f" (fine-tuned on {loaded.meta['task']!r})" if loaded.meta.get("task") else ""
+  fix = ("Start from a checkpoint without a task head, or set config.init.reset_head=True to "
+         "train a fresh head." if training else
+         "Score it on a task with that head (--task), or fine-tune it for this one first.")
   raise InputError(
       f"the checkpoint {loaded.path!r}{trained_on} has a {have.kind} head with "
       f"{have.outputs} output(s), but task {spec.name!r} ({spec.kind}, {spec.num_labels} "
-      f"labels) needs a {want.kind} head with {want.outputs}. Start from a checkpoint without "
-      "a task head, or set config.init.reset_head=True to train a fresh head.")
+      f"labels) needs a {want.kind} head with {want.outputs}. {fix}")
 
 
 def init_params(config: ModelConfig, head: model.HeadSpec, seed: int,

@@ -128,3 +128,20 @@ def test_hugging_face_checkpoint_with_its_head(checkpoint, tmp_path):
                           tokenizer=os.path.join(checkpoint["path"], "tokenizer"),
                           seq_len=SEQ_LEN)
   assert result["units"] == 4 and set(result["metrics"]) == {"accuracy"}
+
+
+def test_random_init_keeps_only_the_shape(checkpoint):
+  """``init_kind=random``: the checkpoint's config, fresh weights from the seed (the baseline)."""
+  from bort_jax.finetune import setup
+  loaded = setup.load_model(checkpoint["path"], "random", seed=1)
+  assert loaded.params is None and loaded.head is None and loaded.config == checkpoint["config"]
+  head = steps.task_head("classification", 2).resolve(loaded.config.family)
+  a = setup.init_params(loaded.config, head, 1)
+  b = setup.init_params(loaded.config, head, 1)
+  c = setup.init_params(loaded.config, head, 2)
+  emb = lambda p: np.asarray(p["embeddings"]["word_embeddings"]["embedding"])
+  np.testing.assert_array_equal(emb(a), emb(b))
+  assert not np.allclose(emb(a), emb(c))
+  assert not np.allclose(emb(a), emb(checkpoint["params"]))
+  with pytest.raises(setup.InputError, match="not one of"):
+    setup.load_model(checkpoint["path"], "orbax")

@@ -128,6 +128,8 @@ ROWS = [
     ("demo", "bad-step-field", ["--config.distill.train.log_every=0"], None,
      "config.distill: config.train.log_every=0: must be an integer >= 1"),
     ("demo", "unknown-flag", ["--quik"], None, "unrecognized arguments: --quik"),
+    ("finetune", "misspelt-config-arg", ["--config=configs/finetune.py:tsk=glue/rte"], None,
+     "unknown arg 'tsk=glue/rte'; did you mean task?"),
     ("cost", "bad-arch", ["--arch", "D4-X8"], None, "bad --arch 'D4-X8'"),
     ("cost", "bad-seq-len", ["--seq-len", "0"], None, "--seq-len=0"),
     ("convert", "missing-input", ["--from-hf", "/nonexistent/hf", "--out", "WORKDIR"], None,
@@ -143,7 +145,7 @@ ROWS = [
 def _argv(mode: str, args: list[str], workdir: str, teacher: str) -> list[str]:
   argv = [mode] + [a.replace("WORKDIR", workdir).replace("TEACHER", teacher) for a in args]
   has_workdir = any(a.startswith("--workdir") or a == "WORKDIR" for a in args)
-  if mode in ("distill", "teacher-adapt", "extract", "demo") and not has_workdir:
+  if mode in ("distill", "teacher-adapt", "extract", "demo", "finetune") and not has_workdir:
     argv.append(f"--workdir={workdir}")
   return argv
 

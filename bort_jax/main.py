@@ -160,7 +160,14 @@ MODES = {
 
 
 def cost_main(args: argparse.Namespace) -> int:
-  """``bort-jax cost``: a table (or JSON) of counts, FLOPs and optionally latency."""
+  """``bort-jax cost``: a table (or JSON) of counts, FLOPs and optionally latency.
+
+  Args:
+    args: the parsed flags of the mode.
+
+  Returns:
+    The exit status.
+  """
   from bort_jax.core import arch, cost  # pylint: disable=import-outside-toplevel
   if args.batch < 1 or args.seq_len < 1 or args.repeats < 1:
     raise UsageError(f"--batch={args.batch}, --seq-len={args.seq_len}, "
@@ -189,7 +196,14 @@ def cost_main(args: argparse.Namespace) -> int:
 
 
 def convert_main(args: argparse.Namespace) -> int:
-  """``bort-jax convert``: Hugging Face directory <-> our export format."""
+  """``bort-jax convert``: Hugging Face directory <-> our export format.
+
+  Args:
+    args: the parsed flags of the mode.
+
+  Returns:
+    The exit status.
+  """
   import numpy as np  # pylint: disable=import-outside-toplevel
   from bort_jax.interop import convert, export  # pylint: disable=import-outside-toplevel
   cli.check_workdir(args.out, "--out")
@@ -210,7 +224,14 @@ def convert_main(args: argparse.Namespace) -> int:
 
 
 def data_main(args: argparse.Namespace) -> int:
-  """``bort-jax data fetch``: the demo suite into the cache."""
+  """``bort-jax data fetch``: the demo suite into the cache.
+
+  Args:
+    args: the parsed flags of the mode.
+
+  Returns:
+    The exit status.
+  """
   from bort_jax.data import fetch  # pylint: disable=import-outside-toplevel
   items = [i for i in args.items.split(",") if i]
   unknown = sorted(set(items) - set(fetch.ARTEFACTS))
@@ -281,7 +302,16 @@ def _function(spec: str) -> Callable:
 
 
 def run_mode(name: str, argv: Sequence[str], debug: bool = False) -> int:
-  """Parses one mode's arguments and runs it (errors propagate; see :func:`main`)."""
+  """Parses one mode's arguments and runs it (errors propagate; see :func:`main`).
+
+  Args:
+    name: the mode (a key of ``MODES``).
+    argv: the arguments after the mode's name, ``--debug`` removed.
+    debug: whether ``--debug`` was given (passed on to modes with their own parser).
+
+  Returns:
+    The exit status.
+  """
   mode = MODES[name]
   if mode.own_parser:
     configure_logging()

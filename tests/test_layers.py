@@ -191,3 +191,22 @@ def test_import_walk_finds_deferred_and_from_imports(tmp_path, source, pattern):
   path = tmp_path / "probe.py"
   path.write_text(source)
   assert pattern in _imports("bort_jax.core.probe", path)
+
+
+def test_no_file_cites_a_document_outside_the_repository():
+  # The decisions the code relies on are in docs/ (BORT.md, EXTRACTION.md, ...); a reader of a
+  # clone must not be sent to a specification or a machine path the clone does not have.
+  # The names are assembled here so that this file does not match itself.
+  outside = [name + ".md" for name in ("PAPER", "BASELINES", "DESIGN", "STYLE")]
+  outside.append("/" + "work/")
+  root = PACKAGE.parent
+  offenders = []
+  for path in sorted(root.rglob("*")):
+    rel = path.relative_to(root)
+    if (not path.is_file() or rel.parts[0].startswith(".") or "fixtures" in rel.parts
+        or path.suffix not in (".py", ".md", ".sh", ".cfg", ".toml", ".json", ".txt")):
+      continue
+    text = path.read_text(errors="replace")
+    offenders += [f"{rel}: {name}" for name in outside if name in text]
+  assert not offenders, "\n".join(offenders)
+

@@ -1,6 +1,6 @@
 """Agora: fine-tuning that feeds the best model's dev mistakes back as labelled new points.
 
-The authors' method (PAPER.md section 5; never released), as implemented here:
+The authors' method (docs/BORT.md section 5; never released), as implemented here:
 
 1. fine-tune one model per hyperparameter set in Theta (one population: every set is a
    :class:`population.Member`, trained from the same checkpoint in one compiled program) on

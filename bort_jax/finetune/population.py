@@ -1,6 +1,6 @@
 """Seeds x learning rates of one task, fine-tuned as one population in one compiled program.
 
-Fine-tuning small BERTs is noisy (PAPER.md section 5: the authors ran seeds 0-4 over a grid of
+Fine-tuning small BERTs is noisy (docs/BORT.md section 5: the authors ran seeds 0-4 over a grid of
 learning rates and weight decays), so one number per setting is not a result. Here K seeds x L
 hyperparameter settings are *members* of one population: every member carries its own
 ``lr``, ``weight_decay``, ``warmup`` (fraction of the run) and ``seed`` as data, so the whole

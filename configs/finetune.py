@@ -36,8 +36,9 @@ from configs import common
 
 # Every arg takes a value (task=glue/rte) except tiny.
 ARGS = {**{key: common.VALUE for key in ("task", "init", "init_kind", "tokenizer", "seed", "lr",
-                                         "wd", "warmup", "batch", "steps", "epochs")},
-        "tiny": common.FLAG}
+                                         "wd", "warmup", "batch", "steps", "epochs", "seeds",
+                                         "lrs")},
+        "tiny": common.FLAG, "agora": common.FLAG}
 
 
 def get_config(arg=None):
@@ -89,6 +90,28 @@ def get_config(arg=None):
   config.grid.batch_size = (8, 16)
   config.grid.seeds = (0, 1, 2, 3, 4)
 
+  # Seeds x settings as one population (finetune/population.py): on when seeds is set
+  # (``seeds=3``, ``lrs=3e-5/1e-4``); an empty field takes the single value of config.optim.
+  config.population = ml_collections.ConfigDict()
+  config.population.seeds = 0          # N runs seeds 0..N-1 (0: a plain single run)
+  config.population.lrs = ()
+  config.population.weight_decays = ()
+  config.population.warmups = ()
+  config.population.mode = "auto"      # vmap | map | auto (map on CPU)
+
+  # Agora (finetune/agora.py; ``agora`` arg): Theta is config.population's grid.
+  config.agora = ml_collections.ConfigDict()
+  config.agora.enabled = False
+  config.agora.labeller = ""           # a fine-tuned teacher ("" = config.init.path); one
+                                       # without a binary head is fine-tuned on the binary cast
+  config.agora.labeller_steps = 0      # 0 = the run's total steps
+  config.agora.labeller_lr = 1e-4
+  config.agora.mlm = ""                # MLM head for the transformation ("" = config.init.path;
+                                       # none there: token edits only)
+  config.agora.points_per_mistake = 2
+  config.agora.resample_fraction = 0.15
+  config.agora.edit_prob = 0.5
+
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
   config.rules = None
 
@@ -117,6 +140,15 @@ def get_config(arg=None):
                            ("batch", "batch_size", int)):
     if key in args:
       config[field] = kind(args[key])
+
+  if "seeds" in args:
+    config.population.seeds = int(args["seeds"])
+  if "lrs" in args:
+    config.population.lrs = tuple(float(x) for x in args["lrs"].split("/"))
+  if args.get("agora"):
+    config.agora.enabled = True
+    if not config.population.seeds:
+      config.population.seeds = len(config.grid.seeds)
 
   if args.get("tiny"):
     config.seq_len = 32

@@ -178,3 +178,66 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
   with pytest.raises(ValueError, match="other members"):
     pop_lib.train_population(config, "classification", 2, other, settings, train_data, dev,
                              score, workdir=str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+  """A tiny pretrained model (our export, MLM head), a WordPiece vocabulary, a local task."""
+  from bort_jax.interop import export
+  root = tmp_path_factory.mktemp("population_cli")
+  tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(59)]
+  (root / "tok").mkdir()
+  (root / "tok" / "vocab.txt").write_text("\n".join(tokens) + "\n")
+  cfg = get_model_config("D1-A2-H16-I32", family="bert", vocab_size=64, max_positions=64,
+                         pad_id=0)
+  export.save(str(root / "pretrained"), model.init(jax.random.key(3), cfg,
+                                                   model.HeadSpec("mlm")), cfg)
+  rng = np.random.default_rng(0)
+  records = []
+  for i in range(40):
+    words = [f"w{w}" for w in rng.integers(10, 59, size=5)]
+    label = int(rng.random() < 0.5)
+    if label:
+      words[rng.integers(5)] = "w7"
+    records.append({"sentence": " ".join(words), "label": int("w7" in words), "idx": i})
+  tasks.register_task(tasks.TaskSpec(
+      name="test/population_cli", builder=None, kind="classification", num_labels=2,
+      cast=tasks.pair_cast("sentence"), source=lambda split, data_dir: records),
+      overwrite=True)
+  return {"init": str(root / "pretrained"), "tokenizer": str(root / "tok")}
+
+
+def _cli(assets, workdir, arg, *flags):
+  from bort_jax import main as cli_main
+  return cli_main.main(["finetune", f"--config=configs/finetune.py:task=test/population_cli,"
+                        f"tiny,{arg}", f"--workdir={workdir}",
+                        f"--config.init.path={assets['init']}",
+                        f"--config.tokenizer={assets['tokenizer']}", *flags])
+
+
+def test_finetune_mode_runs_seeds_and_lrs_as_one_population(assets, tmp_path, capsys):
+  import json
+  code = _cli(assets, tmp_path / "wd", "seeds=2,lrs=1e-3/3e-3")
+  assert code == 0, capsys.readouterr().err
+  out = json.loads((tmp_path / "wd" / "population.json").read_text())
+  assert out["metric"] == "accuracy"
+  assert [r["lr"] for r in out["settings"]] == [1e-3, 3e-3]
+  for row in out["settings"]:
+    assert row["seeds"] == [0, 1]
+    values = row["accuracy"]["values"]
+    assert len(values) == 2 and row["accuracy"]["best"] == max(values)
+    assert row["accuracy"]["mean"] == pytest.approx(np.mean(values))
+  assert [h["step"] for h in out["history"]] == [2, 4]
+
+
+def test_agora_mode_refuses_a_weak_labeller(assets, tmp_path, capsys):
+  # The labeller is the MLM-only init checkpoint fine-tuned for one tiny step: near chance.
+  code = _cli(assets, tmp_path / "wd", "agora,seeds=2", "--config.agora.labeller_steps=1",
+              "--config.agora.labeller_lr=1e-6")
+  err = capsys.readouterr().err.strip()
+  assert code == 2
+  assert "at or below 2/3" in err and "Traceback" not in err
+  assert not (tmp_path / "wd" / "agora.jsonl").exists()

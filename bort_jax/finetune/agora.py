@@ -338,3 +338,77 @@ def run_agora(config: ModelConfig, thetas: Sequence[pop_lib.Member],
     _, best_params = export.load(os.path.join(workdir, "best"))
   return AgoraResult(rounds, best, best_params, labeller_accuracy,
                      sum(len(p["label"]) for p in [train_data] + added))
+
+
+# ----------------------------------------------------------------------------- the mode
+
+
+def _labeller_from_config(config, train, dev, settings, seed: int) -> Labeller:
+  """``config.agora.labeller``: a checkpoint with a binary head, else fine-tuned here."""
+  from bort_jax.finetune import setup  # pylint: disable=import-outside-toplevel
+  path = config.agora.labeller or config.init.path
+  loaded = setup.load_model(path, "auto", seed)
+  head = loaded.head
+  if head is not None and head.kind == "classification" and head.num_labels == 2:
+    return ModelLabeller(loaded.config, loaded.params, layout=head.layout)
+  # A teacher without a binary head: fine-tune it on the binary-cast training split first.
+  steps_ = int(config.agora.labeller_steps) or settings.total_steps
+  member = pop_lib.Member(float(config.agora.labeller_lr), seed=seed)
+  result = pop_lib.train_population(
+      loaded.config, "classification", 2, [member],
+      dataclasses.replace(settings, total_steps=steps_, eval_every=0), train, dev,
+      pop_lib.accuracy_scorer(dev), init_params=loaded.params)
+  return ModelLabeller(loaded.config, result.params(0))
+
+
+def _transform_from_config(config, tokenizer) -> Transform:
+  """``config.agora.mlm`` (default: the init checkpoint) when it has an MLM head."""
+  from bort_jax.finetune import augment  # pylint: disable=import-outside-toplevel
+  from bort_jax.interop import export  # pylint: disable=import-outside-toplevel
+  cfg, specials = config.agora, [int(i) for i in tokenizer.special_ids]
+  path = cfg.mlm or config.init.path
+  common = dict(special_ids=specials, pad_id=int(tokenizer.pad_id),
+                points_per_row=int(cfg.points_per_mistake), seed=int(config.seed))
+  if path and os.path.exists(os.path.join(path, export.MODEL_CONFIG_FILE)):
+    mlm_config, params = export.load(path)
+    if "mlm_head" in params:
+      return augment.MLMTokenTransform(**common, mlm_config=mlm_config, mlm_params=params,
+                                       mask_id=int(tokenizer.mask_id),
+                                       resample_fraction=float(cfg.resample_fraction),
+                                       edit_prob=float(cfg.edit_prob))
+  return augment.TokenEditTransform(**common)
+
+
+def run(config: Any, workdir: str) -> dict:
+  """``bort-jax finetune ...,agora``: Agora on one task with ``config.population``'s grid.
+
+  Inputs are checked by ``loop.prepare`` (exit status 2 before compiling); the task is cast
+  to binary (module docstring). Writes the journal, points and ``best/`` (see above) and
+  ``agora.json``.
+
+  Returns:
+    ``{"task", "rounds", "best", "labeller_accuracy", "train_rows"}``.
+  """
+  from bort_jax.finetune import loop  # pylint: disable=import-outside-toplevel  (loop calls us)
+  from bort_jax.runtime import fileio  # pylint: disable=import-outside-toplevel
+  prep = loop.prepare(config)
+  spec, seq_len = prep.spec, int(config.seq_len)
+  train = pop_lib.encode_examples(spec, prep.train.examples, prep.tokenizer, seq_len)
+  dev = pop_lib.encode_examples(spec, prep.dev[0].examples, prep.tokenizer, seq_len)
+  positive = None
+  if spec.kind == "classification" and spec.num_labels > 2:
+    positive = majority_class(train["label"], train["weight"])
+  train = to_binary(train, spec.kind, spec.num_labels, positive)
+  dev = to_binary(dev, spec.kind, spec.num_labels, positive)
+  settings = pop_lib.settings_from_config(config, prep.total_steps, config.population.mode)
+  labeller = _labeller_from_config(config, train, dev, settings, int(config.seed))
+  result = run_agora(prep.loaded.config, pop_lib.members_from_config(config), settings, train,
+                     dev, _transform_from_config(config, prep.tokenizer), labeller, workdir,
+                     init_params=prep.params, layout=prep.layout, report=print)
+  out = {"task": spec.name, "binary_positive_class": positive, "rounds": result.rounds,
+         "best": result.best, "labeller_accuracy": result.labeller_accuracy,
+         "train_rows": result.train_rows}
+  fileio.atomic_write_text(os.path.join(workdir, "agora.json"),
+                           json.dumps(fileio.to_jsonable(out), indent=2) + "\n")
+  return {k: out[k] for k in ("task", "best", "labeller_accuracy", "train_rows")} | {
+      "rounds": len(result.rounds)}

@@ -328,6 +328,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Raises:
     setup.InputError: bad input, before anything is compiled.
   """
+  if "agora" in config and config.agora.enabled:  # Agora: rounds of populations
+    from bort_jax.finetune import agora  # pylint: disable=import-outside-toplevel
+    return agora.run(config, workdir)
+  if "population" in config and config.population.seeds:  # seeds x settings at once
+    from bort_jax.finetune import population  # pylint: disable=import-outside-toplevel
+    return population.run(config, workdir)
   prep = prepare(config)
   spec, seed = prep.spec, int(config.seed)
   # Candidates train a binary classifier: one compiled step with binary classification.

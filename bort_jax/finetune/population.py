@@ -392,3 +392,58 @@ def _resume(workdir: str, state, members):
   if restored.metadata.get("members") != _members_json(members):
     raise ValueError(f"{workdir} holds a population of other members; use a fresh workdir")
   return restored.state, list(restored.metadata.get("history", [])), manager
+
+
+# ----------------------------------------------------------------------------- the mode
+
+
+def members_from_config(config: Any) -> list[Member]:
+  """``config.population``'s grid; an empty field takes the single value of ``config.optim``."""
+  pop = config.population
+  seeds = pop.seeds
+  seeds = list(range(int(seeds))) if isinstance(seeds, int) else [int(s) for s in seeds]
+  return grid(list(pop.lrs) or [config.optim.lr], seeds or [int(config.seed)],
+              list(pop.weight_decays) or [config.optim.weight_decay],
+              list(pop.warmups) or [config.optim.warmup])
+
+
+def settings_from_config(config: Any, total_steps: int, mode: str = "auto") -> Settings:
+  """The shared :class:`Settings` of a ``configs/finetune.py`` config."""
+  return Settings(total_steps=int(total_steps), batch_size=int(config.batch_size),
+                  optimizer=config.optim.name, b1=float(config.optim.b1),
+                  b2=float(config.optim.b2), eps=float(config.optim.eps),
+                  clip_norm=float(config.optim.clip_norm or 0.0),
+                  eval_every=int(config.train.eval_every),
+                  eval_batch_size=int(config.eval_batch_size), mode=mode)
+
+
+def run(config: Any, workdir: str) -> dict:
+  """``bort-jax finetune ...,seeds=N[,lrs=A/B]``: the grid as one population on one task.
+
+  Inputs are checked by ``loop.prepare`` (exit status 2 before compiling). Writes
+  ``population.json`` (per-setting mean, std, best and every seed's value, plus the dev
+  history) and checkpoints the population in ``workdir/population`` (resumable).
+
+  Returns:
+    ``{"task", "dev_split", "metric", "settings": summarize(...), "seconds"}``.
+  """
+  import json  # pylint: disable=import-outside-toplevel
+  from bort_jax.finetune import loop  # pylint: disable=import-outside-toplevel  (loop calls us)
+  from bort_jax.runtime import fileio  # pylint: disable=import-outside-toplevel
+  prep = loop.prepare(config)
+  spec, seq_len, dev_split = prep.spec, int(config.seq_len), prep.dev[0]
+  members = members_from_config(config)
+  settings = settings_from_config(config, prep.total_steps, config.population.mode)
+  train = encode_examples(spec, prep.train.examples, prep.tokenizer, seq_len)
+  dev = encode_examples(spec, dev_split.examples, prep.tokenizer, seq_len)
+  result = train_population(prep.loaded.config, spec.kind, spec.num_labels, members, settings,
+                            train, dev, task_scorer(spec, dev_split.records, dev),
+                            init_params=prep.params, layout=prep.layout, workdir=workdir,
+                            report=print)
+  rows = summarize(members, result.metrics)
+  out = {"task": spec.name, "dev_split": dev_split.name, "metric": spec.metrics[0],
+         "settings": rows, "history": result.history, "seconds": result.seconds}
+  fileio.atomic_write_text(os.path.join(workdir, "population.json"),
+                           json.dumps(fileio.to_jsonable(out), indent=2) + "\n")
+  print(format_table(rows, spec.metrics[0]))
+  return {k: out[k] for k in ("task", "dev_split", "metric", "settings", "seconds")}

@@ -5,6 +5,10 @@
         --workdir=runs/demo/ft/movie
     bort-jax finetune --config=configs/finetune.py:task=glue/rte,init=runs/bort/export \\
         --workdir=runs/rte --config.data_dir=~/tensorflow_datasets --config.download=True
+    bort-jax finetune --config=configs/finetune.py:task=demo/vitaminc,seeds=3,lrs=1e-4/3e-4 \\
+        --workdir=runs/demo/ft/vitaminc_population
+    bort-jax finetune --config=configs/finetune.py:task=demo/movie_sentiment,agora,seeds=3 \\
+        --workdir=runs/demo/ft/movie_agora
 
 Args (comma-separated ``key=value`` or flags):
 
@@ -15,13 +19,19 @@ Args (comma-separated ``key=value`` or flags):
 * ``init_kind=auto|params|finetuned|hf|random``;
 * ``tokenizer=DIR``: the tokenizer files (default: next to the checkpoint);
 * ``seed=N``, ``lr=X``, ``wd=X``, ``warmup=X``, ``batch=N``, ``steps=N``, ``epochs=N``;
+* ``seeds=N``: seeds 0..N-1 as one population (``finetune/population.py``), with
+  ``lrs=A/B/C`` (``/``-separated) for several learning rates; per setting the dev metric's
+  mean, standard deviation and best land in ``WORKDIR/population.json``;
+* ``agora``: Agora (``finetune/agora.py``) with ``config.population``'s grid as Theta and
+  ``config.agora`` for the labeller and the transformation;
 * ``tiny``: a few steps at sequence length 32 (smoke tests).
 
 The paper's recipe: lr 5e-5, weight decay 110 (as printed; "sic" in the paper: with a decay
 that is scaled by the learning rate, as here and in AdamW, it shrinks every weight by 0.55 %
 per step, so demo runs use 0.01), warmup 0.45 of the run, batch 8, the RoBERTa-style head.
-Its grid is ``config.grid`` (read by population fine-tuning and Agora): lr {1e-4, 1e-5,
-9e-6}, weight decay {0, 10, 100, 350}, warmup 0.35-0.50, batch {8, 16}, seeds 0-4.
+Its grid is ``config.grid``: lr {1e-4, 1e-5, 9e-6}, weight decay {0, 10, 100, 350}, warmup
+0.35-0.50, batch {8, 16}, seeds 0-4. Population runs and Agora train ``config.population``'s
+grid (copy values from ``config.grid`` into it; batch size is shared by a population).
 
 GLUE, SuperGLUE and RACE are read through TFDS from ``config.data_dir``; they download only
 where the internet is reachable (``config.download=True``). The demo tasks come from the

@@ -12,7 +12,7 @@ from bort_jax.core.arch import get_model_config
 from bort_jax.finetune import agora, augment
 from bort_jax.finetune import population as pop_lib
 
-VOCAB, T = 40, 10
+VOCAB, T, N_DEV = 40, 10, 60
 SPECIALS = (0, 2, 3)  # padding, [CLS], [SEP]
 
 
@@ -45,23 +45,23 @@ class _Killed(Exception):
 
 
 def _run(workdir, report=None):
-  thetas = [pop_lib.Member(3e-3, seed=0), pop_lib.Member(1e-3, seed=1),
-            pop_lib.Member(3e-4, seed=2)]
-  settings = pop_lib.Settings(total_steps=4, batch_size=8, mode="map")
+  thetas = [pop_lib.Member(1e-2, seed=0), pop_lib.Member(3e-3, seed=1),
+            pop_lib.Member(1e-4, seed=2)]
+  settings = pop_lib.Settings(total_steps=16, batch_size=8, mode="map")
   transform = augment.TokenEditTransform(SPECIALS, pad_id=0, points_per_row=2, seed=5)
-  return agora.run_agora(_config(), thetas, settings, _rows(40, 0), _rows(24, 1), transform,
+  return agora.run_agora(_config(), thetas, settings, _rows(40, 0), _rows(N_DEV, 1), transform,
                          oracle, str(workdir), report=report)
 
 
 def test_agora_rounds_add_labelled_points_prune_theta_end_and_resume(tmp_path):
   full = _run(tmp_path / "full")
   rounds = full.rounds
-  assert rounds and not rounds[-1]["left"]  # the loop ends with Theta empty
+  assert len(rounds) >= 2 and not rounds[-1]["left"]  # several rounds, ending with Theta empty
   train_rows = 40
   for entry in rounds:
     members = entry["members"]
     # Theta shrinks by the rule: the removed sets are prune()'s run, the rest are left.
-    removed = agora.prune(entry["dev_accuracy"], 24)
+    removed = agora.prune(entry["dev_accuracy"], N_DEV)
     assert entry["removed"] == [members[i] for i in removed]
     assert entry["left"] == [m for i, m in enumerate(members) if i not in removed]
     assert len(entry["left"]) < len(members)

@@ -191,7 +191,7 @@ def cost_main(args: argparse.Namespace) -> int:
   if args.json:
     print(json.dumps(rows, indent=2))
   else:
-    print(cost._format_table(rows, cost.REFERENCE_ARCH))  # pylint: disable=protected-access
+    print(cost.format_table(rows, cost.REFERENCE_ARCH))
   return 0
 
 

@@ -29,13 +29,11 @@ The released ``bort`` shape is 76.2M parameters with its MLM head (75.1M without
 
 from __future__ import annotations
 
-import json
 import statistics
-import sys
 import time
 from typing import Any, Callable, Sequence
 
-from bort_jax.core.arch import PRESETS, ModelConfig, get_model_config
+from bort_jax.core.arch import ModelConfig, get_model_config
 from bort_jax.core.model import HEAD_KINDS, TASK_KINDS, HeadSpec, has_pooler
 
 # The archs `bort-jax cost` shows when none is named, and the yardstick of the percentages.
@@ -406,7 +404,7 @@ def cost_row(name: str, batch: int = 1, seq_len: int = 128,
   }
 
 
-def _format_table(rows: list[dict], reference: str) -> str:
+def format_table(rows: list[dict], reference: str) -> str:
   columns = [("name", "name", "{}"), ("arch", "arch", "{}"),
              ("total", "params_total", "{:,}"), ("effective", "params_effective", "{:,}"),
              ("embeddings", "params_embeddings", "{:,}"),

@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import sys
 from typing import Any, Callable, Sequence
 
 import jax

@@ -30,14 +30,13 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 
 import numpy as np
 from flax import traverse_util
 
 from bort_jax.core.arch import FAMILY_DEFAULTS, Arch, ModelConfig
 from bort_jax.core.model import MLM, NO_HEAD, TASK_KINDS, HeadSpec, has_pooler
-from bort_jax.interop import export, hf_layout
+from bort_jax.interop import hf_layout
 from bort_jax.runtime import fileio
 from bort_jax.interop.torch_reader import read_torch_bin
 

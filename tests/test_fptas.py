@@ -408,3 +408,51 @@ def test_journal_errors(tmp_path):
     fresh = fptas.Journal(torn, "x")
   assert fresh.entries == {} and json.loads(torn.read_text())["config_hash"] == "x"
   assert fptas.config_hash({"a": 1, "b": 2}) == fptas.config_hash({"b": 2, "a": 1})
+
+
+# ------------------------------------------------------------------------------------ ties
+
+
+def test_ties_all_trains_every_member_of_a_tie_and_first_keeps_the_sort_order():
+  # b1, b2, b3 share (p, i) = (2, 2), as the A2/A4/A8 variants of one shape do; their errors
+  # differ, and the last one in sort order is the best.
+  names = ["a", "b1", "b2", "b3", "c", "t"]
+  p = [1, 2, 2, 2, 5, 10]
+  i = [1, 2, 2, 2, 5, 10]
+  err = {"a": 10.0, "b1": 1.0, "b2": 0.8, "b3": 0.5, "c": 1.0, "t": 1.0}
+  calls = []
+
+  def train(pairs):
+    calls.extend(c for c, _ in pairs)
+    return [err[c] for c, _ in pairs]
+
+  assert fptas.tie_sizes(p, i) == [1, 3, 3, 3, 1, 1]
+  # Intervals [a, b1], [b2, b3], [c, t]. "first" is the old behaviour: max gain trains a,
+  # then b2 (the first of a tie in sort order), then c.
+  settings = fptas.validate(2, "max_gain", [{"lr": 1}], len(names), ties="first")
+  first = fptas.run_fptas(names, p, i, train, settings)
+  assert sorted(calls) == ["a", "b2", "c"] and first.tie_extra == 0 and first.ties == "first"
+  assert first.best.name == "b2"
+  calls.clear()
+  every = fptas.run_fptas(names, p, i, train,
+                          fptas.validate(2, "max_gain", [{"lr": 1}], len(names), ties="all"))
+  assert sorted(calls) == ["a", "b1", "b2", "b3", "c"]
+  assert every.tie_extra == 2 and every.ties == "all" and every.best.name == "b3"
+  assert [r.tie for r in every.rows] == [1, 3, 3, 3, 1, 1]
+  assert every.to_dict()["tie_extra"] == 2 and every.to_dict()["rows"][1]["tie"] == 3
+  # The default is "all".
+  assert fptas.validate(2, "max_gain", [{"lr": 1}], len(names)).ties == "all"
+  with pytest.raises(ValueError, match="config.fptas.ties='some'"):
+    fptas.validate(2, "max_gain", [{"lr": 1}], len(names), where="config.fptas.", ties="some")
+
+
+def test_with_ties_keeps_size_order_across_interval_boundaries():
+  p = [3, 1, 3, 2, 3]
+  i = [1, 1, 1, 1, 1]
+  order = fptas.sort_by_size(p, i)
+  assert order == [1, 3, 0, 2, 4]
+  # The tie {0, 2, 4} straddles intervals [1, 3], [0, 2], [4]; one representative pulls all.
+  assert fptas.with_ties([1, 0], order, p, i, "all") == [1, 0, 2, 4]
+  assert fptas.with_ties([1, 0], order, p, i, "first") == [1, 0]
+  with pytest.raises(ValueError, match="tie handling"):
+    fptas.with_ties([1], order, p, i, "none")

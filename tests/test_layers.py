@@ -23,7 +23,7 @@ MAX_FUNCTION_LINES = 80
 FINETUNE_REGISTRY = {"bort_jax.finetune", "bort_jax.finetune.tasks", "bort_jax.finetune.metrics",
                      "bort_jax.finetune.submission", "bort_jax.finetune.casts"}
 LOWER = ("core", "runtime", "interop", "data", "search")
-PURE = ("bort_jax.search.fptas", "bort_jax.search.buckets")
+PURE = ("bort_jax.search.fptas", "bort_jax.search.buckets", "bort_jax.search.audit")
 ARRAY_LIBRARIES = ("jax", "jaxlib", "flax", "optax", "orbax")
 
 # Functions allowed over MAX_FUNCTION_LINES, each with its reason.

@@ -10,14 +10,15 @@ The steps:
 1. find the maximum point T (:func:`maximum_point`);
 2. sort the candidates by p and cut the sorted list into consecutive intervals of ``eps``
    candidates (:func:`sort_by_size`, :func:`intervals`);
-3. train the representatives of every interval (:func:`representatives`) under every theta,
-   keep the best W over theta;
+3. train the representatives of every interval (:func:`representatives`), and with
+   ``ties="all"`` every candidate of equal (p, i) (:func:`with_ties`), under every theta; keep
+   the best W over theta;
 4. return the trained candidate of largest W with the whole table (:func:`run_fptas`).
-The settings (eps, rule, thetas) are checked once, by :func:`validate`, where they enter.
+The settings (eps, rule, ties, thetas) are checked once, by :func:`validate`, where they enter.
 
 ``docs/EXTRACTION.md`` states the interval rules and proves the guarantee that
-:func:`guarantee_bound` computes. A :class:`~bort_jax.search.journal.Journal` makes a killed
-run resumable.
+:func:`guarantee_bound` computes (``guarantee.py``; the formula is ``formula.py``). A
+:class:`~bort_jax.search.journal.Journal` makes a killed run resumable.
 """
 
 from __future__ import annotations
@@ -28,60 +29,17 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from bort_jax.search.formula import check_positive as _check_positive, raw_gain as _gain
+from bort_jax.search.formula import gain, gain_parts, w_coefficient  # noqa: F401  (API)
+from bort_jax.search.guarantee import certified_ratio, guarantee_bound  # noqa: F401  (API)
 from bort_jax.search.journal import Journal, config_hash, theta_key  # noqa: F401  (API)
 
 RULES = ("max_gain", "endpoints", "all")
 """Interval rules: which members of an interval are trained (see :func:`representatives`)."""
 
+TIES = ("all", "first")
+"""What to do with candidates of equal (p, i) (see :func:`with_ties`)."""
 
-
-# ----------------------------------------------------------------------------- the formula
-
-
-def _check_positive(name: str, value: float) -> float:
-  value = float(value)
-  if not math.isfinite(value) or value <= 0:
-    raise ValueError(f"{name} must be a finite positive number, got {value!r}")
-  return value
-
-
-def _gain(p_T, i_T, p_b, i_b):
-  # The one definition of the cost part of W; works on floats and on numpy arrays of b.
-  return ((p_T - p_b) / p_T) * ((i_T - i_b) / i_T)
-
-
-def gain(p_T: float, i_T: float, p_b: float, i_b: float) -> float:
-  """The cost part of W: [(p_T - p_b) / p_T] * [(i_T - i_b) / i_T].
-
-  Args:
-    p_T, i_T: size and inference cost of the maximum point T (both > 0).
-    p_b, i_b: size and inference cost of the candidate b (finite).
-
-  Returns:
-    The product of the relative savings; 0 for b = T, negative when b is larger than T in
-    exactly one of the two.
-  """
-  p_T = _check_positive("p_T (size of the maximum point)", p_T)
-  i_T = _check_positive("i_T (inference cost of the maximum point)", i_T)
-  for name, value in (("p_b", p_b), ("i_b", i_b)):
-    if not math.isfinite(float(value)):
-      raise ValueError(f"{name} must be finite, got {value!r}")
-  return _gain(p_T, i_T, float(p_b), float(i_b))
-
-
-def w_coefficient(p_T: float, i_T: float, p_b: float, i_b: float, e_b: float) -> float:
-  """W(T, b) = [(p_T - p_b) / p_T] * [(i_T - i_b) / i_T] * [1 / e_b] (docs/EXTRACTION.md).
-
-  Args:
-    p_T, i_T: size and inference cost of the maximum point T (both > 0).
-    p_b, i_b: size and inference cost of the candidate b.
-    e_b: proxy error of b (> 0; a loss of 0 would make W infinite).
-
-  Returns:
-    W; larger is better. W(T, T) = 0.
-  """
-  e_b = _check_positive("e_b (proxy error)", e_b)
-  return gain(p_T, i_T, p_b, i_b) / e_b
 
 
 # ----------------------------------------------------------------------- input validation
@@ -128,16 +86,20 @@ class Settings:
     rule: interval rule, one of :data:`RULES`.
     thetas: the hyperparameter sets (JSON-serialisable, distinct), at least one.
     num_candidates: the size of the search space the settings were checked against.
+    ties: one of :data:`TIES`: train every member of a (p, i) tie ("all") or only the one the
+      sort order puts first ("first").
   """
 
   eps: int
   rule: str
   thetas: tuple
   num_candidates: int
+  ties: str = "all"
 
 
 def validate(eps: int, rule: str, thetas: Sequence[Any], num_candidates: int,
-             check_theta: Callable[[Any], Any] | None = None, where: str = "") -> Settings:
+             check_theta: Callable[[Any], Any] | None = None, where: str = "",
+             ties: str = "all") -> Settings:
   """Checks the search settings: the one validation of eps, the rule and the thetas.
 
   Call it where the settings enter (a config's validation, before anything is built); the
@@ -151,6 +113,7 @@ def validate(eps: int, rule: str, thetas: Sequence[Any], num_candidates: int,
     check_theta: the trainer's own check of one theta (it raises ``ValueError``); what it
       returns is stored (e.g. ``proxy.check_theta``'s typed sets).
     where: prefix of the field names in messages (``"fptas."`` names the config fields).
+    ties: tie handling, one of :data:`TIES`.
 
   Returns:
     A :class:`Settings`.
@@ -164,6 +127,8 @@ def validate(eps: int, rule: str, thetas: Sequence[Any], num_candidates: int,
   eps = _check_eps(eps, num_candidates, where)
   if rule not in RULES:
     raise ValueError(f"unknown interval rule {where}rule={rule!r}; expected one of {RULES}")
+  if ties not in TIES:
+    raise ValueError(f"unknown tie handling {where}ties={ties!r}; expected one of {TIES}")
   thetas = list(thetas)
   if not thetas:
     raise ValueError(f"{where}thetas is empty: at least one hyperparameter set is needed")
@@ -172,7 +137,8 @@ def validate(eps: int, rule: str, thetas: Sequence[Any], num_candidates: int,
     raise ValueError(f"{where}thetas contain duplicates: {keys}")
   if check_theta is not None:
     thetas = [check_theta(t) for t in thetas]
-  return Settings(eps=eps, rule=rule, thetas=tuple(thetas), num_candidates=num_candidates)
+  return Settings(eps=eps, rule=rule, thetas=tuple(thetas), num_candidates=num_candidates,
+                  ties=ties)
 
 
 # ------------------------------------------------------------------------------ the steps
@@ -285,83 +251,42 @@ def representatives(interval: Sequence[int], rule: str,
   raise ValueError(f"unknown interval rule {rule!r}; expected one of {RULES}")
 
 
-# -------------------------------------------------------------------------- the guarantee
+def tie_sizes(p: Sequence[float], i: Sequence[float]) -> list[int]:
+  """For every candidate, how many candidates (itself included) share its exact (p, i)."""
+  keys = list(zip(np.asarray(p, np.float64).tolist(), np.asarray(i, np.float64).tolist()))
+  counts: dict = {}
+  for key in keys:
+    counts[key] = counts.get(key, 0) + 1
+  return [counts[key] for key in keys]
 
 
-def guarantee_bound(p: Sequence[float], i: Sequence[float], p_T: float, i_T: float,
-                    trained: Sequence[int], lipschitz: float, e_min: float) -> float:
-  """A priori lower bound on W(returned) / W(exhaustive optimum).
+def with_ties(trained: Sequence[int], order: Sequence[int], p: Sequence[float],
+              i: Sequence[float], ties: str) -> list[int]:
+  """The trained candidates once the tie handling has been applied.
 
-  Assumptions (docs/EXTRACTION.md): the best-over-theta proxy error e satisfies
-  (A1) e(b) >= e_min > 0 for every candidate, and
-  (A2) |e(b) - e(b')| <= lipschitz * |p(b) - p(b')| / p_T (Lipschitz in the relative size);
-  and the exhaustive optimum W* is positive. Then for every candidate b with gain g(b) > 0
-  and every trained r with g(r) >= 0:
-      W(r) / W(b) >= [g(r) / g(b)] * e_min / (e_min + lipschitz * |p(r) - p(b)| / p_T),
-  and the returned candidate has W >= W(r). The bound is the minimum over b of the best
-  such r. It does not use any measured error, so it can be computed before training.
-
-  Args:
-    p, i: size and inference cost of every candidate.
-    p_T, i_T: the maximum point's size and cost.
-    trained: indices of the trained candidates (the representatives).
-    lipschitz: L of (A2), >= 0.
-    e_min: the floor of (A1), > 0.
-
-  Returns:
-    A number in [0, 1]; 1 when every candidate with positive gain is trained.
-  """
-  if not math.isfinite(lipschitz) or lipschitz < 0:
-    raise ValueError(f"lipschitz must be finite and >= 0, got {lipschitz!r}")
-  e_min = _check_positive("e_min", e_min)
-  p_T = _check_positive("p_T", p_T)
-  i_T = _check_positive("i_T", i_T)
-  p = np.asarray(p, dtype=np.float64)
-  i = np.asarray(i, dtype=np.float64)
-  g = _gain(p_T, i_T, p, i)
-  tr = np.asarray(sorted(set(int(k) for k in trained)), dtype=np.int64)
-  tr = tr[g[tr] >= 0] if tr.size else tr
-  targets = np.flatnonzero(g > 0)
-  if targets.size == 0:
-    return 1.0  # No candidate can have positive W: the guarantee is vacuous but true.
-  if tr.size == 0:
-    return 0.0
-  dist = np.abs(p[targets][:, None] - p[tr][None, :]) / p_T
-  ratio = (g[tr][None, :] / g[targets][:, None]) * (e_min / (e_min + lipschitz * dist))
-  return float(np.clip(ratio.max(axis=1).min(), 0.0, 1.0))
-
-
-def certified_ratio(result: "Result", lipschitz: float, e_min: float) -> float:
-  """A posteriori lower bound on W(returned) / W*, from the measured errors.
-
-  Under (A1) and (A2) of :func:`guarantee_bound`, an untrained b has
-  e(b) >= max(e_min, max over trained r of e(r) - L |p(r) - p(b)| / p_T), which bounds
-  its W from above; trained candidates have their exact W. The ratio of the returned W to
-  the largest of these upper bounds is certified.
+  Candidates of equal (p, i) (in the demo space the A2, A4 and A8 variants of one shape have
+  the same size and FLOPs) get the same cost gain, so an interval rule cannot tell them apart;
+  their proxy errors can differ. ``"all"`` trains every member of a tie any representative
+  belongs to, so W decides between them; ``"first"`` trains only the member the sort order
+  (p, then i, then input position) puts first, which is the rule the search used before ties
+  were handled.
 
   Args:
-    result: a finished :func:`run_fptas` result.
-    lipschitz, e_min: the constants of the assumptions.
+    trained: the interval rule's representatives, in size order.
+    order: every candidate index in size order (:func:`sort_by_size`).
+    p, i: size and inference cost per candidate.
+    ties: one of :data:`TIES`.
 
   Returns:
-    A number in [0, 1] (1 when no untrained candidate can beat the returned one).
+    The trained candidates in size order, without duplicates.
   """
-  if not math.isfinite(lipschitz) or lipschitz < 0:
-    raise ValueError(f"lipschitz must be finite and >= 0, got {lipschitz!r}")
-  e_min = _check_positive("e_min", e_min)
-  best_w = result.best.w
-  if best_w is None or best_w <= 0:
-    return 0.0
-  trained = [r for r in result.rows if r.trained and r.e is not None and math.isfinite(r.e)]
-  upper = best_w
-  for row in result.rows:
-    if row.trained or row.gain <= 0:
-      continue
-    floor = e_min
-    for r in trained:
-      floor = max(floor, r.e - lipschitz * abs(r.p - row.p) / result.p_T)
-    upper = max(upper, row.gain / floor)
-  return float(min(1.0, best_w / upper))
+  if ties == "first":
+    return list(trained)
+  if ties != "all":
+    raise ValueError(f"unknown tie handling {ties!r}; expected one of {TIES}")
+  keys = list(zip(np.asarray(p, np.float64).tolist(), np.asarray(i, np.float64).tolist()))
+  wanted = {keys[k] for k in trained}
+  return [int(k) for k in order if keys[k] in wanted]
 
 
 # ----------------------------------------------------------------------------- the search
@@ -383,6 +308,7 @@ class Row:
     theta: the theta that gave ``w`` (None if not trained).
     errors: e under every theta, in the order of ``thetas`` (None if not trained).
     extra: caller-supplied columns (e.g. params_total, params_effective, flops).
+    tie: how many candidates (itself included) share its (p, i); 1 when it has no tie.
   """
 
   name: str
@@ -397,6 +323,7 @@ class Row:
   theta: Any = None
   errors: tuple[float, ...] | None = None
   extra: dict = dataclasses.field(default_factory=dict)
+  tie: int = 1
 
   def to_dict(self) -> dict:
     """JSON-able form (the candidate as its name)."""
@@ -419,6 +346,8 @@ class Result:
     thetas: the hyperparameter sets.
     num_pairs: (candidate, theta) pairs the rule asks for.
     num_computed: pairs computed by this call (the rest came from the journal).
+    ties: the tie handling used (:data:`TIES`).
+    tie_extra: candidates trained only because they tie with a representative.
   """
 
   rows: list[Row]
@@ -431,6 +360,8 @@ class Result:
   thetas: list
   num_pairs: int
   num_computed: int
+  ties: str = "all"
+  tie_extra: int = 0
 
   @property
   def best(self) -> Row:
@@ -452,6 +383,7 @@ class Result:
                           if self.maximum_index is not None else None),
         "p_T": self.p_T, "i_T": self.i_T, "eps": self.eps, "rule": self.rule,
         "thetas": self.thetas, "num_pairs": self.num_pairs, "num_computed": self.num_computed,
+        "ties": self.ties, "tie_extra": self.tie_extra,
         "rows": [r.to_dict() for r in self.rows],
     }
 
@@ -566,12 +498,14 @@ def run_fptas(candidates: Sequence[Any], p: Sequence[float], i: Sequence[float],
 
   # Step 2: sort and partition. Step 3: choose who is trained.
   gains = _gain(p_T, i_T, p, i)
-  groups = _cut(sort_by_size(p, i), settings.eps)
+  order = sort_by_size(p, i)
+  groups = _cut(order, settings.eps)
   interval_of = np.empty(n, dtype=np.int64)
-  trained_order = []
+  chosen = []
   for g_idx, members in enumerate(groups):
     interval_of[members] = g_idx
-    trained_order.extend(representatives(members, settings.rule, gains))
+    chosen.extend(representatives(members, settings.rule, gains))
+  trained_order = with_ties(chosen, order, p, i, settings.ties)
   thetas = list(settings.thetas)
   errors, pending = {}, []
   for k in trained_order:
@@ -589,6 +523,8 @@ def run_fptas(candidates: Sequence[Any], p: Sequence[float], i: Sequence[float],
   rows = [_row(k, names, candidates, p, i, p_T, i_T, int(interval_of[k]),
                tuple(errors[(k, t)] for t in range(len(thetas))) if k in trained else None,
                thetas, {col: vals[k] for col, vals in extra_cols.items()}) for k in range(n)]
+  for row, size in zip(rows, tie_sizes(p, i)):
+    row.tie = size
   finite = [k for k in trained_order if math.isfinite(rows[k].w)]
   if not finite:
     raise RuntimeError("every trained candidate diverged under every theta (non-finite proxy "
@@ -598,4 +534,5 @@ def run_fptas(candidates: Sequence[Any], p: Sequence[float], i: Sequence[float],
   best_index = max(finite, key=lambda k: (rows[k].w, -position[k]))
   return Result(rows=rows, best_index=best_index, maximum_index=t_index, p_T=p_T, i_T=i_T,
                 eps=settings.eps, rule=settings.rule, thetas=thetas,
-                num_pairs=len(trained_order) * len(thetas), num_computed=len(pending))
+                num_pairs=len(trained_order) * len(thetas), num_computed=len(pending),
+                ties=settings.ties, tie_extra=len(trained_order) - len(set(chosen)))

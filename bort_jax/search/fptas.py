@@ -455,6 +455,17 @@ def _row(k: int, names, candidates, p, i, p_T: float, i_T: float, interval: int,
   return row
 
 
+def _plan(p: np.ndarray, i: np.ndarray, gains: np.ndarray, settings: Settings) -> tuple:
+  """Steps 2 and 3: (interval of each candidate, representatives, trained in size order)."""
+  order = sort_by_size(p, i)
+  interval_of = np.empty(len(p), dtype=np.int64)
+  chosen = []
+  for g_idx, members in enumerate(_cut(order, settings.eps)):
+    interval_of[members] = g_idx
+    chosen.extend(representatives(members, settings.rule, gains))
+  return interval_of, chosen, with_ties(chosen, order, p, i, settings.ties)
+
+
 def run_fptas(candidates: Sequence[Any], p: Sequence[float], i: Sequence[float],
               train_and_eval: TrainAndEval, settings: Settings,
               journal: Journal | None = None,
@@ -497,15 +508,7 @@ def run_fptas(candidates: Sequence[Any], p: Sequence[float], i: Sequence[float],
   t_index, p_T, i_T = _maximum(candidates, p, i, maximum)
 
   # Step 2: sort and partition. Step 3: choose who is trained.
-  gains = _gain(p_T, i_T, p, i)
-  order = sort_by_size(p, i)
-  groups = _cut(order, settings.eps)
-  interval_of = np.empty(n, dtype=np.int64)
-  chosen = []
-  for g_idx, members in enumerate(groups):
-    interval_of[members] = g_idx
-    chosen.extend(representatives(members, settings.rule, gains))
-  trained_order = with_ties(chosen, order, p, i, settings.ties)
+  interval_of, chosen, trained_order = _plan(p, i, _gain(p_T, i_T, p, i), settings)
   thetas = list(settings.thetas)
   errors, pending = {}, []
   for k in trained_order:

@@ -57,7 +57,13 @@ def test_write_tables(tmp_path):
     rows = list(csv.DictReader(f))
   assert len(rows) == len(res.rows)
   assert list(rows[0]) == ["rank", "arch", "p", "flops", "params_effective", "params_total",
-                           "i", "e", "W", "theta", "trained", "interval"]
+                           "i", "gain_p", "gain_i", "e", "1/e", "W", "theta", "trained", "tie",
+                           "interval"]
+  for r in rows:  # W is the product of the three factors the table shows
+    if r["W"]:
+      assert float(r["W"]) == pytest.approx(
+          float(r["gain_p"]) * float(r["gain_i"]) * float(r["1/e"]), rel=1e-9)
+      assert float(r["1/e"]) == pytest.approx(1 / float(r["e"]))
   trained = [r for r in rows if r["trained"] == "True"]
   untrained = [r for r in rows if r["trained"] == "False"]
   assert len(trained) == sum(r.trained for r in res.rows) and untrained
@@ -109,3 +115,64 @@ def test_write_ledger(tmp_path):
     report.write_ledger(tmp_path, dict(ledger, flops=math.nan))
   with pytest.raises(ValueError, match="JSON"):
     report.write_ledger(tmp_path, dict(ledger, device=object()))
+
+
+def _flat_or_separated(errors):
+  """Four candidates and T with gains .8*.8, .6*.6, .4*.4, .2*.2, 0 and the given errors."""
+  names = ["a", "b", "c", "d", "t"]
+  p = [2.0, 4.0, 6.0, 8.0, 10.0]
+  err = dict(zip(names, errors))
+  settings = fptas.validate(1, "max_gain", [{"lr": 1}], len(names))
+  return fptas.run_fptas(names, p, p, lambda pairs: [err[c] for c, _ in pairs], settings)
+
+
+def test_flat_errors_give_the_size_alone_warning_and_separated_ones_do_not(tmp_path, caplog):
+  flat = _flat_or_separated([1.92, 1.85, 1.79, 1.72, 1.67])
+  why = report.explain(flat)
+  assert why["size"]["warn"] and why["max_gain"] == "a" and flat.best.name == "a"
+  report.write_tables(flat, tmp_path / "flat")
+  text = open(tmp_path / "flat" / "results.md").read()
+  assert "WARNING: the choice is made by size alone" in text
+  # The margin: W(a) = .64/1.92, runner-up W(b) = .36/1.85.
+  w_a, w_b = 0.64 / 1.92, 0.36 / 1.85
+  assert why["runner_up"] == "b"
+  assert why["margin"]["winner_e_rise"] == pytest.approx(w_a / w_b - 1)
+  assert f"rises by {100 * (w_a / w_b - 1):.2f}%" in text
+  assert f"b's e falls by {100 * (1 - w_b / w_a):.2f}%" in text
+  # Errors that spread more than the gains (.64/.04 = 16x) separate the candidates.
+  separated = _flat_or_separated([40.0, 9.0, 2.0, 0.2, 1.0])
+  why = report.explain(separated)
+  assert not why["size"]["warn"] and separated.best.name == "d"
+  report.write_tables(separated, tmp_path / "sep")
+  assert "WARNING" not in open(tmp_path / "sep" / "results.md").read()
+
+
+def test_ties_show_in_the_report(tmp_path):
+  names = ["a2", "a4", "b", "t"]
+  p = [1.0, 1.0, 2.0, 4.0]
+  err = {"a2": 2.0, "a4": 1.0, "b": 2.0, "t": 1.0}
+  train = lambda pairs: [err[c] for c, _ in pairs]
+  for ties, want in (("all", "1 extra trainings"), ("first", "`ties=first`")):
+    settings = fptas.validate(2, "max_gain", [{"lr": 1}], len(names), ties=ties)
+    res = fptas.run_fptas(names, p, p, train, settings)
+    paths = report.write_tables(res, tmp_path / ties, notes=["an extra note"])
+    text = open(paths["md"]).read()
+    assert "ties in (p, i): 2 candidates" in text and want in text
+    assert "- an extra note" in text
+    with open(paths["csv"], newline="") as f:
+      assert [r["tie"] for r in csv.DictReader(f) if r["arch"] in ("a2", "a4")] == ["2", "2"]
+  assert res.best.name == "a2"  # "first" never trains a4, the better of the tie
+
+
+def test_audit_plot(tmp_path):
+  from bort_jax.search import audit
+  rows = [{"name": n, "short": s, "long": l} for n, s, l in (
+      ("a", 1.92, 1.4), ("b", 1.85, 1.3), ("c", 1.79, 1.35), ("d", 1.67, 0.9))]
+  summary = audit.audit_summary([r["name"] for r in rows], [0.8, 0.6, 0.4, 0.2],
+                                [r["short"] for r in rows], [r["long"] for r in rows], "a", 0.6)
+  out = report.audit_plot(rows, summary, tmp_path / "audit.png", 3, 30)
+  from matplotlib.image import imread
+  img = imread(out)
+  assert img.shape[0] > 500 and img.shape[1] > 600
+  import matplotlib.pyplot as plt
+  assert plt.get_fignums() == []

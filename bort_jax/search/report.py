@@ -6,6 +6,7 @@ Everything is written into the run's workdir:
 - ``chosen_arch.txt``: the returned architecture string;
 - ``pareto.png``: size and inference cost against proxy error, Pareto fronts highlighted and
   the chosen candidate marked;
+- ``audit.png``: the proxy audit's s-step against S-step errors, the chosen candidate marked;
 - ``ledger.json``: what the run cost (wall time, compile time, compile count, FLOPs).
 
 Plots use matplotlib's object API on an Agg canvas, so no display and no pyplot global state
@@ -25,6 +26,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from bort_jax.runtime.fileio import atomic_write_text, to_jsonable
+from bort_jax.search import audit
+from bort_jax.search.formula import gain_parts
 
 LEDGER_KEYS = ("wall_time_s", "compile_time_s", "compile_count", "flops")
 """Keys every cost ledger must have (more are allowed)."""
@@ -32,12 +35,69 @@ LEDGER_KEYS = ("wall_time_s", "compile_time_s", "compile_count", "flops")
 
 def _columns(result) -> list[str]:
   extra = sorted({k for row in result.rows for k in row.extra})
-  return ["rank", "arch", "p", *extra, "i", "e", "W", "theta", "trained", "interval"]
+  return ["rank", "arch", "p", *extra, "i", "gain_p", "gain_i", "e", "1/e", "W", "theta",
+          "trained", "tie", "interval"]
 
 
-def _cells(rank: int, row, extra_keys: Sequence[str]) -> list[Any]:
-  return [rank, row.name, row.p, *[row.extra.get(k) for k in extra_keys], row.i, row.e,
-          row.w, row.theta, row.trained, row.interval]
+def _cells(rank: int, row, extra_keys: Sequence[str], p_T: float, i_T: float) -> list[Any]:
+  # W = gain_p * gain_i * (1/e): the three factors are shown beside it.
+  gain_p, gain_i = gain_parts(p_T, i_T, row.p, row.i)
+  inv_e = 1.0 / row.e if row.e is not None and math.isfinite(row.e) else None
+  return [rank, row.name, row.p, *[row.extra.get(k) for k in extra_keys], row.i, gain_p,
+          gain_i, row.e, inv_e, row.w, row.theta, row.trained, row.tie, row.interval]
+
+
+def explain(result) -> dict:
+  """Why W chose what it chose: the runner-up, the margin and whether size alone decided.
+
+  Args:
+    result: a :class:`bort_jax.search.fptas.Result`.
+
+  Returns:
+    {"runner_up": name or None, "margin": :func:`audit.choice_margin`,
+     "max_gain": the trained candidate of largest gain, "size": :func:`audit.size_decides`}.
+  """
+  trained = [r for r in result.rows if r.trained]
+  best, second = audit.best_two([r.w for r in trained])
+  runner_up = trained[second] if second is not None else None
+  max_gain = max(trained, key=lambda r: (r.gain, -r.p)).name
+  return {"runner_up": runner_up.name if runner_up is not None else None,
+          "margin": audit.choice_margin(trained[best].w,
+                                        runner_up.w if runner_up is not None else None),
+          "max_gain": max_gain,
+          "size": audit.size_decides([r.e for r in trained], [r.gain for r in trained])}
+
+
+def explanation_lines(result, why: Mapping[str, Any]) -> list[str]:
+  """results.md's lines on ties, the margin of the choice and the size-alone warning."""
+  lines = []
+  ties = sum(1 for r in result.rows if r.tie > 1)
+  if ties:
+    rule = ("every member of a tie with a representative is trained (`ties=all`, "
+            f"{result.tie_extra} extra trainings)" if result.ties == "all" else
+            "only the member the sort order puts first is trained (`ties=first`: p, then i, "
+            "then input order)")
+    lines.append(f"- ties in (p, i): {ties} candidates share their size and cost with another; "
+                 f"{rule}; column `tie` counts each one's tie")
+  margin = why["margin"]
+  if why["runner_up"] is None:
+    lines.append("- margin: only one candidate was trained")
+  elif margin["runner_up_e_fall"] is None:
+    lines.append(f"- margin: the runner-up {why['runner_up']} has W <= 0; no change of the "
+                 "errors can make it overtake")
+  else:
+    lines.append(
+        f"- margin: the choice changes if {result.best.name}'s e rises by "
+        f"{100 * margin['winner_e_rise']:.2f}% or the runner-up {why['runner_up']}'s e falls "
+        f"by {100 * margin['runner_up_e_fall']:.2f}%")
+  size = why["size"]
+  if size["warn"]:
+    lines.append(
+        f"- **WARNING: the choice is made by size alone**: the proxy errors spread by "
+        f"{size['error_spread']:.3g}x (max/min over the trained candidates) against "
+        f"{size['gain_spread']:.3g}x for the cost gains gain_p*gain_i, so W ranks the "
+        f"candidates mostly by size and cost (the largest gain is {why['max_gain']})")
+  return lines
 
 
 def _md(value: Any) -> str:
@@ -73,13 +133,15 @@ def _csv(value: Any) -> Any:
   return value
 
 
-def write_tables(result, workdir: str | os.PathLike) -> dict[str, str]:
+def write_tables(result, workdir: str | os.PathLike,
+                 notes: Sequence[str] = ()) -> dict[str, str]:
   """Writes results.md, results.csv, results.json and chosen_arch.txt.
 
   Args:
     result: a :class:`bort_jax.search.fptas.Result`. Row ``extra`` columns (e.g. params_total,
       params_effective, flops, latency_ms) become table columns after ``p``.
     workdir: the run's directory (created if needed).
+    notes: more lines for results.md's summary (e.g. the proxy audit's verdict).
 
   Returns:
     {"md", "csv", "json", "chosen"} -> path.
@@ -89,7 +151,8 @@ def write_tables(result, workdir: str | os.PathLike) -> dict[str, str]:
   columns = _columns(result)
   extra_keys = columns[3:columns.index("i")]
   rows = result.sorted_rows()
-  table = [_cells(rank, row, extra_keys) for rank, row in enumerate(rows, start=1)]
+  table = [_cells(rank, row, extra_keys, result.p_T, result.i_T)
+           for rank, row in enumerate(rows, start=1)]
 
   best = result.best
   t_name = (result.rows[result.maximum_index].name if result.maximum_index is not None
@@ -104,7 +167,10 @@ def write_tables(result, workdir: str | os.PathLike) -> dict[str, str]:
       f"- interval size eps = {result.eps}, rule `{result.rule}`: {trained} of "
       f"{len(result.rows)} candidates trained, {result.num_pairs} (candidate, theta) pairs, "
       f"{result.num_computed} computed in the last run",
-      "- sorted by W, largest first; untrained candidates (no e, no W) last",
+      *explanation_lines(result, explain(result)),
+      *[f"- {note}" for note in notes],
+      "- sorted by W = gain_p * gain_i * (1/e), largest first; untrained candidates (no e, "
+      "no W) last",
       "",
       "| " + " | ".join(columns) + " |",
       "|" + "|".join("---:" if c not in ("arch", "theta", "trained") else "---"
@@ -212,6 +278,10 @@ def pareto_plot(result, path: str | os.PathLike, size_key: str = "params_effecti
   fig.suptitle(f"Extraction: {len(result.rows)} candidates, eps={result.eps}, rule "
                f"{result.rule}, {untrained} not trained or diverged; chosen {result.best.name}")
   fig.tight_layout()
+  return _save(fig, path)
+
+
+def _save(fig, path: str) -> str:
   parent = os.path.dirname(path)
   if parent:
     os.makedirs(parent, exist_ok=True)
@@ -219,6 +289,60 @@ def pareto_plot(result, path: str | os.PathLike, size_key: str = "params_effecti
   fig.savefig(tmp, format="png")
   os.replace(tmp, path)
   return path
+
+
+def audit_plot(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any],
+               path: str | os.PathLike, short_steps: int, long_steps: int,
+               error_label: str = "held-out proxy loss (nats)") -> str:
+  """The proxy audit's scatter: error after s steps (x) against error after S steps (y).
+
+  Every audited candidate is a point; the search's choice is a red star, the choice W makes
+  with the S-step errors (when it differs) a blue diamond. Axes are in the loss's own units
+  with plain tick labels (no offset or scientific notation), so the numbers read as they are.
+
+  Args:
+    rows: the audited candidates, each with "name", "short" and "long" errors.
+    summary: :func:`bort_jax.search.audit.audit_summary`'s result.
+    path: the PNG to write.
+    short_steps, long_steps: s and S.
+    error_label: what the error is, with its unit.
+
+  Returns:
+    The path written.
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  path = os.fspath(path)
+  keep = [r for r in rows if math.isfinite(r["short"]) and math.isfinite(r["long"])]
+  if not keep:
+    raise ValueError("no audited candidate with finite errors to plot")
+  x = np.array([r["short"] for r in keep])
+  y = np.array([r["long"] for r in keep])
+  fig = Figure(figsize=(7, 6), dpi=110)
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot(1, 1, 1)
+  ax.scatter(x, y, s=30, c="0.45", label=f"audited ({len(keep)})", zorder=2)
+  for name, marker, color, size, label in (
+      (summary["chosen"], "*", "tab:red", 280, "chosen by the search"),
+      (summary["choice_long"] if summary["choice_changed"] else None, "D", "tab:blue", 90,
+       f"W's choice with {long_steps}-step errors")):
+    match = [k for k, r in enumerate(keep) if r["name"] == name]
+    if match:
+      k = match[0]
+      ax.scatter([x[k]], [y[k]], marker=marker, s=size, c=color, edgecolors="k", label=label,
+                 zorder=4)
+      ax.annotate(name, (x[k], y[k]), xytext=(10, 10), textcoords="offset points", fontsize=9)
+  ax.set_xlabel(f"{error_label} after s={short_steps} steps")
+  ax.set_ylabel(f"{error_label} after S={long_steps} steps")
+  ax.ticklabel_format(axis="both", style="plain", useOffset=False)
+  ax.grid(alpha=0.3)
+  ax.legend(loc="upper left", fontsize=8)
+  ax.set_title(f"Proxy audit: Kendall tau-b {summary['kendall_tau_b']:.3f}, Spearman rho "
+               f"{summary['spearman_rho']:.3f}; " + ("trusted" if summary["trusted"]
+                                                      else "not trusted"), fontsize=10)
+  fig.tight_layout()
+  return _save(fig, path)
 
 
 def write_ledger(workdir: str | os.PathLike, ledger: Mapping[str, Any]) -> str:

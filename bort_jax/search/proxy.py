@@ -34,8 +34,9 @@ are sharded over its ``data`` axis (filler members pad the population to a multi
 their results are dropped).
 
 Determinism and exactness choices:
-* A candidate's initial weights are the leading slices of one *master* initialisation of the
-  largest shape of the search space (seeded). They do not depend on the bucket, so bucketing
+* A candidate's initial weights are the leading slices of one *master* set of weights of the
+  largest shape of the search space: a seeded random initialisation, or whatever the caller's
+  ``master_init`` provides (the extraction's ``proxy.init``). They do not depend on the bucket, so bucketing
   cannot change a candidate's proxy error, and a resumed run re-creates them exactly. The
   program receives the master cut to the bucket's shape once and multiplies it by each
   member's parameter mask (``masks.param_mask`` of its traced arch mask), so no per-member
@@ -59,7 +60,7 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -73,55 +74,9 @@ from bort_jax.core.model import MLM
 from bort_jax.search import proxy_data
 from bort_jax.search.buckets import Bucket, check_bounds, exceeded_field, padded_arch, plan_buckets
 from bort_jax.search.proxy_data import ProxyData
+from bort_jax.search.theta import THETA_KEYS, Theta, check_theta  # noqa: F401  (API)
 
-THETA_KEYS = ("lr", "weight_decay")
 MODES = ("vmap", "map", "auto")
-
-
-# ----------------------------------------------------------------------------- thetas
-
-
-class Theta(dict):
-  """A checked proxy hyperparameter set, made by :func:`check_theta`.
-
-  It keeps the mapping as the user wrote it (so its journal key and its column in the result
-  table do not change) and adds the typed values the trainer uses.
-  """
-
-  @property
-  def lr(self) -> float:
-    return float(self["lr"])
-
-  @property
-  def weight_decay(self) -> float:
-    return float(self.get("weight_decay", 0.0))
-
-
-def check_theta(theta: Mapping[str, Any]) -> Theta:
-  """Validates a hyperparameter set: ``lr`` (required, > 0), ``weight_decay`` (default 0).
-
-  Args:
-    theta: a mapping with keys from ``THETA_KEYS``; a :class:`Theta` is returned as it is.
-
-  Returns:
-    The set as a :class:`Theta`.
-  """
-  if isinstance(theta, Theta):
-    return theta
-  if not isinstance(theta, Mapping):
-    raise ValueError(f"theta must be a mapping like {{'lr': 1e-4}}, got {theta!r}")
-  unknown = set(theta) - set(THETA_KEYS)
-  if unknown:
-    raise ValueError(f"unknown hyperparameters {sorted(unknown)} in theta {dict(theta)}; "
-                     f"proxy training understands {THETA_KEYS}")
-  if "lr" not in theta:
-    raise ValueError(f"theta {dict(theta)} needs a learning rate 'lr'")
-  checked = Theta(theta)
-  if not (math.isfinite(checked.lr) and checked.lr > 0):
-    raise ValueError(f"theta {dict(theta)}: 'lr' must be a finite positive number")
-  if not (math.isfinite(checked.weight_decay) and checked.weight_decay >= 0):
-    raise ValueError(f"theta {dict(theta)}: 'weight_decay' must be finite and >= 0")
-  return checked
 
 
 def _leading_slice(flat_master: Mapping[tuple, np.ndarray], config: ModelConfig) -> dict:
@@ -185,13 +140,16 @@ class PopulationTrainer:
       model and checked against the data.
     compile_workers: threads that compile bucket programs ahead of their run (1: compile
       each program just before it runs).
+    master_init: ``f(master_config) -> params`` giving the master weights (an MLM tree of the
+      master shape, e.g. the teacher's inherited weights); None: ``model.init`` seeded with
+      ``seed``. Called once, when the first bucket needs it.
   """
 
   def __init__(self, base: ModelConfig, master_arch: Arch, loss_cfg: Mapping[str, Any],
                optim_cfg: Mapping[str, Any], error: str = "distill", mode: str = "auto",
                max_overhead: float = 1.5, max_members: int = 64, mesh=None, seed: int = 0,
                batch_size: int = 8, seq_len: int = 128, max_predictions: int = 20,
-               compile_workers: int = 1):
+               compile_workers: int = 1, master_init: Callable[[ModelConfig], Any] | None = None):
     if error not in ("distill", "mlm"):
       raise ValueError(f"proxy error must be 'distill' or 'mlm', got {error!r}")
     if mode not in MODES:
@@ -212,6 +170,7 @@ class PopulationTrainer:
     self.error, self.mode, self.mesh = error, mode, mesh
     self.compile_workers = int(compile_workers)
     self.seed = seed
+    self.master_init = master_init
     self._shape = (int(batch_size), int(seq_len), int(max_predictions))
     self._master = None
     self._flops: dict[Arch, float] = {}
@@ -258,9 +217,20 @@ class PopulationTrainer:
   def master(self) -> dict:
     """Flat {path: numpy array} of the master initialisation (host memory, made once)."""
     if self._master is None:
-      init = jax.jit(lambda r: model.init(r, self.master_config, MLM))
-      params = jax.device_get(init(jax.random.key(self.seed)))
-      self._master = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+      if self.master_init is None:
+        init = jax.jit(lambda r: model.init(r, self.master_config, MLM))
+        params = init(jax.random.key(self.seed))
+      else:
+        params = self.master_init(self.master_config)
+      flat = traverse_util.flatten_dict(jax.device_get(params))
+      want = masks.param_shapes(self.master_config, MLM)
+      got = {k: tuple(np.shape(v)) for k, v in flat.items()}
+      bad = sorted("/".join(k) for k in set(got) | set(want) if got.get(k) != want.get(k))
+      if bad:
+        raise ValueError(f"master_init's weights do not have the master shape "
+                         f"{self.master_config.arch}: {len(bad)} parameter(s) differ, e.g. "
+                         f"{bad[:3]}")
+      self._master = {k: np.asarray(v) for k, v in flat.items()}
     return self._master
 
   # -- the compiled program of one bucket
@@ -495,18 +465,24 @@ class PopulationTrainer:
     """
     return self.train(pairs, data, buckets=buckets, one_bucket=one_bucket).errors
 
-  def ledger(self) -> dict:
-    """Compile count and time, run time and FLOPs spent so far (JSON-able)."""
-    padded = sum(s.padded_flops for s in self.stats)
-    real = sum(s.real_flops for s in self.stats)
+  def ledger(self, since: int = 0) -> dict:
+    """Compile count and time, run time and FLOPs spent so far (JSON-able).
+
+    Args:
+      since: count only the buckets trained after the first ``since`` (``len(stats)`` taken
+        before a phase gives that phase's own cost).
+    """
+    stats = self.stats[since:]
+    padded = sum(s.padded_flops for s in stats)
+    real = sum(s.real_flops for s in stats)
     return {
-        "buckets_trained": len(self.stats),
-        "compiles": sum(s.compiled for s in self.stats),
-        "compile_seconds": sum(s.compile_seconds for s in self.stats),
-        "run_seconds": sum(s.run_seconds for s in self.stats),
-        "host_seconds": sum(s.host_seconds for s in self.stats),
+        "buckets_trained": len(stats),
+        "compiles": sum(s.compiled for s in stats),
+        "compile_seconds": sum(s.compile_seconds for s in stats),
+        "run_seconds": sum(s.run_seconds for s in stats),
+        "host_seconds": sum(s.host_seconds for s in stats),
         "padded_flops": padded, "real_flops": real,
         "padding_overhead": padded / real if real else None,
         "mode": self.mode,
-        "buckets": [dataclasses.asdict(s) for s in self.stats],
+        "buckets": [dataclasses.asdict(s) for s in stats],
     }

@@ -9,8 +9,8 @@ measured latency with --config.cost.inference=latency). Needs the demo teacher f
     bort-jax teacher-adapt --config=configs/pretrain_demo.py:adapt --workdir=runs/demo/teacher
     bort-jax extract --config=configs/extract_demo.py --workdir=runs/demo/extract
 
-Produces runs/demo/extract/{results.md,results.csv,pareto.png,chosen_arch.txt,ledger.json} in a
-few minutes on a 2-core CPU. The `tiny` arg (a random teacher, synthetic tokens) is for tests.
+Produces runs/demo/extract/{results.md,results.csv,pareto.png,audit.json,audit.png,chosen_arch.txt,
+ledger.json} in a few minutes on a 2-core CPU. The `tiny` arg (a random teacher, synthetic tokens) is for tests.
 """
 
 import os
@@ -52,9 +52,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.fptas.rule = "max_gain"        # which members of an interval are trained
   config.fptas.maximum = ""             # T by name; "" = the largest p and i
   config.fptas.thetas = ({"lr": 5e-4},)  # Theta: hyperparameter sets tried per candidate
+  config.fptas.ties = "all"             # equal (p, i): "all" members trained, or "first" in sort
+                                        # order only (the behaviour before ties were handled)
 
   config.proxy = ml_collections.ConfigDict()
   config.proxy.steps = 3                # s: proxy training steps
+  config.proxy.init = "random"          # initial weights: "random" (the paper) or "inherit"
+                                        # (the teacher's, reordered and sliced)
   config.proxy.error = "distill"        # e: held-out "distill" loss or "mlm" cross-entropy
   config.proxy.error_teacher = True     # train and score against the teacher's logits
   config.proxy.mode = "auto"            # "vmap", "map" (one member at a time), "auto"
@@ -64,6 +68,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       {"name": "adam_nobc", "b1": 0.9, "b2": 0.999, "eps": 1e-6, "clip_norm": 1.0})
 
   config.loss = common.loss()
+
+  # The proxy audit: after the search, a sample of the trained candidates is trained for S >> s
+  # steps in the same populations; audit.json, audit.png and a verdict line in results.md say
+  # whether the s-step errors rank the candidates as the S-step ones do.
+  config.audit = ml_collections.ConfigDict()
+  config.audit.enabled = True
+  config.audit.steps = 30               # S: proxy steps of the audit (> proxy.steps)
+  config.audit.sample = 8               # strata along p (plus the chosen one and the runner-up)
+  config.audit.seed = 0                 # which member of each stratum is drawn
+  config.audit.tau_min = 0.6            # trusted: Kendall tau-b >= tau_min, choice unchanged
 
   config.data = ml_collections.ConfigDict()
   config.data.kind = "corpus"           # "corpus" (text files) or "synthetic" (random tokens)
@@ -89,4 +103,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.max_predictions = 4
     config.data.global_batch_size = 4
     config.cost.seq_len = 16
+    config.audit.steps = 6
+    config.audit.sample = 3
   return config

@@ -34,6 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.fptas.thetas = ({"lr": 1e-4}, {"lr": 5e-4})
   config.proxy.mode = "vmap"
   config.proxy.max_members = 16
+  config.audit.enabled = False          # turn on to audit the proxy (S-step trainings)
 
   config.data.seq_len = 512
   config.data.max_predictions = 80

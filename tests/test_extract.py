@@ -40,31 +40,59 @@ def _config(tmp_path, **changes):
   return config
 
 
-def test_tiny_extraction_writes_every_output(tmp_path):
+def test_tiny_extraction_writes_every_output(tmp_path, monkeypatch):
   config = _config(tmp_path)
   workdir = str(tmp_path / "run")
   summary = extract.run(config, workdir)
   candidates = extract.search_space(config.space)
   assert summary["candidates"] == len(candidates) == 16
-  assert summary["trained"] == 8  # eps=2, one representative per interval
+  # eps=2 makes each interval one (p, i) tie of an A2 and an A4 variant: ties="all" trains both.
+  assert summary["trained"] == 16 and summary["tie_extra"] == 8
   for name in ("results.md", "results.csv", "results.json", "pareto.png", "chosen_arch.txt",
-               "ledger.json", "journal.jsonl"):
+               "ledger.json", "journal.jsonl", "audit.json", "audit.png", "audit_journal.jsonl"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
   chosen = open(os.path.join(workdir, "chosen_arch.txt")).read().strip()
   assert chosen == summary["chosen"]
   assert arch_lib.Arch.parse(chosen) in candidates
   table = json.load(open(os.path.join(workdir, "results.json")))
   rows = [r for r in table["rows"] if r["trained"]]
-  assert len(rows) == 8 and all(r["e"] > 0 for r in rows)
+  assert len(rows) == 16 and all(r["e"] > 0 for r in rows)
   ws = [r["w"] for r in rows]
   assert max(ws) == pytest.approx(summary["w"])
   ledger = json.load(open(os.path.join(workdir, "ledger.json")))
-  assert 1 <= ledger["compile_count"] <= 8
+  assert 1 <= ledger["compile_count"] <= 16
   assert 1.0 <= ledger["padding_overhead"] <= config.proxy.max_overhead + 1e-9
+  assert ledger["ties"] == "all" and ledger["tie_extra_trainings"] == 8
+  # The audit: S=6 steps on >= 3 strata plus the chosen one, its cost in the ledger.
+  report_ = json.load(open(os.path.join(workdir, "audit.json")))
+  names = [r["name"] for r in report_["rows"]]
+  assert summary["chosen"] in names and 3 <= len(names) <= 5
+  assert report_["long_steps"] == 6 and report_["short_steps"] == 3
+  short = {r["name"]: r["e"] for r in table["rows"] if r["trained"]}
+  assert all(r["short"] == pytest.approx(short[r["name"]]) for r in report_["rows"])
+  assert all(r["long"] != pytest.approx(r["short"]) for r in report_["rows"])
+  assert -1 <= report_["summary"]["kendall_tau_b"] <= 1
+  assert ledger["audit"]["wall_time_s"] > 0 and ledger["audit"]["pairs"] == len(names)
+  assert ledger["audit"]["trained_now"] == len(names)
+  assert ledger["wall_time_s"] >= ledger["search_wall_time_s"] + ledger["audit"]["wall_time_s"] - 1e-6
+  md = open(os.path.join(workdir, "results.md")).read()
+  assert "proxy audit: the 3-step proxy" in md and "tau-b >= 0.6" in md
+  assert "- margin:" in md and "ties in (p, i): 16 candidates" in md
+  assert "config.cost.size='total'" in md and "config.proxy.init='random'" in md
+
+  # A rerun in the same workdir trains nothing: search and audit come from their journals.
+  trained = []
+  original = proxy.PopulationTrainer.train_and_eval
+  monkeypatch.setattr(proxy.PopulationTrainer, "train_and_eval",
+                      lambda self, pairs, data, **k: trained.extend(pairs) or original(
+                          self, pairs, data, **k))
+  again = extract.run(config, workdir)
+  assert trained == [] and again["audit"] == summary["audit"]
 
 
 def test_killed_extraction_resumes_without_recomputing(tmp_path, monkeypatch):
-  config = _config(tmp_path)
+  # One representative per interval (ties="first") and no audit: 8 trainings of the search.
+  config = _config(tmp_path, **{"fptas.ties": "first", "audit.enabled": False})
   full = extract.run(config, str(tmp_path / "full"))
 
   calls = {"n": 0}
@@ -102,7 +130,8 @@ def test_killed_extraction_resumes_without_recomputing(tmp_path, monkeypatch):
 def test_sigkilled_extraction_resumes_and_matches_an_uninterrupted_run(tmp_path, monkeypatch):
   # One bucket per distinct shape, so the journal grows a line at a time and a kill lands
   # between two buckets' trainings.
-  config = _config(tmp_path, **{"proxy.max_overhead": 1.0})
+  config = _config(tmp_path, **{"proxy.max_overhead": 1.0, "fptas.ties": "first",
+                                "audit.enabled": False})
   full = extract.run(config, str(tmp_path / "full"))
   workdir = tmp_path / "killed"
   journal = workdir / "journal.jsonl"
@@ -111,7 +140,8 @@ def test_sigkilled_extraction_resumes_and_matches_an_uninterrupted_run(tmp_path,
          f"--config={os.path.join(repo, 'configs', 'extract_demo.py')}:tiny",
          f"--workdir={workdir}", f"--config.teacher.path={config.teacher.path}",
          f"--config.cost.latency_table={config.cost.latency_table}",
-         "--config.proxy.max_overhead=1.0"]
+         "--config.proxy.max_overhead=1.0", "--config.fptas.ties=first",
+         "--config.audit.enabled=False"]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo,
              XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_DEFAULT_MATMUL_PRECISION="highest")
@@ -160,6 +190,11 @@ def test_sigkilled_extraction_resumes_and_matches_an_uninterrupted_run(tmp_path,
     ({"fptas.eps": 17}, "fptas.eps must be an int"),
     ({"fptas.thetas": ()}, "thetas is empty"),
     ({"fptas.thetas": ({"lr": 1e-3, "momentum": 0.9},)}, "unknown hyperparameters"),
+    ({"fptas.ties": "random"}, "config.fptas.ties='random'"),
+    ({"audit.steps": 3}, "config.audit.steps=3: must be an integer larger than"),
+    ({"audit.sample": 0}, "config.audit.sample=0"),
+    ({"audit.tau_min": 1.5}, "config.audit.tau_min=1.5"),
+    ({"proxy.init": "teacher"}, "config.proxy.init='teacher'"),
 ])
 def test_bad_input_fails_before_training(tmp_path, monkeypatch, change, message):
   monkeypatch.setattr(proxy.PopulationTrainer, "train_and_eval",

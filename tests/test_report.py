@@ -137,8 +137,8 @@ def test_flat_errors_give_the_size_alone_warning_and_separated_ones_do_not(tmp_p
   w_a, w_b = 0.64 / 1.92, 0.36 / 1.85
   assert why["runner_up"] == "b"
   assert why["margin"]["winner_e_rise"] == pytest.approx(w_a / w_b - 1)
-  assert f"rises by {100 * (w_a / w_b - 1):.2f}%" in text
-  assert f"b's e falls by {100 * (1 - w_b / w_a):.2f}%" in text
+  assert f"rises by {100 * (w_a / w_b - 1):.3g}%" in text
+  assert f"b's e falls by {100 * (1 - w_b / w_a):.3g}%" in text
   # Errors that spread more than the gains (.64/.04 = 16x) separate the candidates.
   separated = _flat_or_separated([40.0, 9.0, 2.0, 0.2, 1.0])
   why = report.explain(separated)

@@ -9,10 +9,15 @@
    on a held-out batch, compute W, keep the best theta.
 4. Return the candidate of largest W with the full table.
 
+5. With ``config.audit.enabled``, audit the proxy: train a sample for S >> s steps and compare
+   (``extract_audit.py``).
+
 Outputs in the workdir: ``journal.jsonl`` (one line per finished candidate and theta; a killed
 run resumes without redoing them), ``results.md`` / ``results.csv`` / ``results.json`` sorted
-by W, ``pareto.png``, ``chosen_arch.txt`` and ``ledger.json`` (wall time, compile time and count,
-FLOPs spent).
+by W (with the margin of the choice, the tie handling and, when the errors spread less than the
+gains, a warning), ``pareto.png``, ``chosen_arch.txt``, ``ledger.json`` (wall time, compile
+time and count, FLOPs spent; the audit's own cost under ``audit``) and, with the audit,
+``audit.json``, ``audit.png`` and ``audit_journal.jsonl``.
 
     bort-jax extract --config=configs/extract_demo.py --workdir=runs/extract
 """
@@ -33,7 +38,7 @@ import numpy as np
 from bort_jax.core import arch as arch_lib
 from bort_jax.core import cost, model
 from bort_jax.core.model import MLM
-from bort_jax.pipelines import setup
+from bort_jax.pipelines import extract_audit, setup
 from bort_jax.runtime import sharding
 from bort_jax.runtime.fileio import atomic_write_text
 from bort_jax.search import buckets, fptas, proxy, report
@@ -67,20 +72,56 @@ def validate(config: ml_collections.ConfigDict, n: int, paths: bool = True) -> f
   # eps, the rule and Theta: the search's one validation (the search then trusts them).
   settings = fptas.validate(config.fptas.eps, config.fptas.rule,
                             [dict(t) for t in config.fptas.thetas], n,
-                            check_theta=proxy.check_theta, where="config.fptas.")
+                            check_theta=proxy.check_theta, where="config.fptas.",
+                            ties=config.fptas.get("ties", "all"))
   for field, value, allowed in (
       ("cost.size", config.cost.size, ("total", "effective")),
       ("cost.inference", config.cost.inference, ("flops", "latency")),
       ("data.kind", config.data.kind, ("corpus", "synthetic")),
       ("proxy.error", config.proxy.error, ("distill", "mlm")),
-      ("proxy.mode", config.proxy.mode, proxy.MODES)):
+      ("proxy.mode", config.proxy.mode, proxy.MODES),
+      ("proxy.init", config.proxy.get("init", "random"), PROXY_INITS)):
     if value not in allowed:
       raise ValueError(f"config.{field}={value!r}: must be one of {', '.join(allowed)}")
   if isinstance(config.proxy.steps, bool) or not isinstance(config.proxy.steps, int) or (
       config.proxy.steps < 1):
     raise ValueError(f"config.proxy.steps={config.proxy.steps!r}: must be an integer >= 1")
+  _check_init(config)
+  extract_audit.check_config(config)
   setup.check_config(config, paths)
   return settings
+
+
+PROXY_INITS = ("random", "inherit")
+
+
+def _check_init(config: ml_collections.ConfigDict) -> None:
+  """``proxy.init="inherit"`` needs a teacher and the inheritance module."""
+  if config.proxy.get("init", "random") != "inherit":
+    return
+  if config.teacher.get("kind", "none") == "none":
+    raise ValueError("config.proxy.init='inherit' needs a teacher to inherit from "
+                     "(config.teacher.kind is 'none')")
+  if master_init(config, None, None) is None:
+    raise ValueError("config.proxy.init='inherit' is not yet available: this version has no "
+                     "bort_jax.core.inherit (the teacher-to-student weight inheritance); use "
+                     "config.proxy.init='random'")
+
+
+def master_init(config: ml_collections.ConfigDict, teacher_cfg, teacher_params):
+  """The proxy's master weights for ``config.proxy.init``: None means the seeded random ones.
+
+  "inherit" would give ``inherit(teacher -> master shape)``: the teacher's heads, FFN neurons
+  and hidden units reordered by importance, its layers selected, the leading slices taken; it
+  returns None while this version lacks ``bort_jax.core.inherit`` (validation then refuses it).
+  """
+  if config.proxy.get("init", "random") == "random":
+    return None
+  try:
+    from bort_jax.core import inherit  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  return lambda master_config: inherit.inherit(teacher_params, teacher_cfg, master_config)
 
 
 # ----------------------------------------------------------------------------- costs
@@ -142,14 +183,22 @@ def synthetic_batch(rng: np.random.Generator, vocab: int, batch: int, seq_len: i
 
 
 def proxy_batches(config: ml_collections.ConfigDict, base: arch_lib.ModelConfig,
-                  family: str) -> tuple[list[dict], dict]:
-  """The s training batches and the held-out batch B of the proxy phase."""
-  d, steps = config.data, config.proxy.steps
+                  family: str, steps: int | None = None) -> tuple[list[dict], dict]:
+  """The training batches and the held-out batch B of the proxy phase.
+
+  ``steps`` (default ``proxy.steps``, the audit passes S) batches; whatever ``steps``, the
+  first s batches and the held-out batch are the search's own, so the audit's S-step errors
+  extend the search's s-step trajectories on the same held-out batch.
+  """
+  d, s = config.data, config.proxy.steps
+  steps = s if steps is None else steps
   if d.kind == "synthetic":
     rng = np.random.default_rng([config.seed, 7])
     make = lambda: synthetic_batch(rng, base.vocab_size, d.global_batch_size, d.seq_len,
                                    d.max_predictions)
-    return [make() for _ in range(steps)], make()
+    batches = [make() for _ in range(min(s, steps))]
+    heldout = make()  # drawn after the search's s batches, as before the audit existed
+    return batches + [make() for _ in range(steps - len(batches))], heldout
   if d.kind != "corpus":
     raise ValueError(f"data.kind must be 'corpus' or 'synthetic', got {d.kind!r}")
   train_input, _ = setup.make_input(d, family, config.seed)
@@ -197,7 +246,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       max_members=config.proxy.max_members,
       mesh=sharding.make_mesh(dict(config.mesh)) if config.get("mesh") else None,
       seed=config.seed, batch_size=config.data.global_batch_size,
-      seq_len=config.data.seq_len, max_predictions=config.data.max_predictions)
+      seq_len=config.data.seq_len, max_predictions=config.data.max_predictions,
+      master_init=master_init(config, teacher_cfg, teacher_params))
 
   os.makedirs(workdir, exist_ok=True)
   journal = fptas.Journal(journal_path, journal_hash) if jax.process_index() == 0 else None
@@ -208,14 +258,55 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       settings, journal=journal, maximum=config.fptas.get("maximum") or None,
       group=trainer.group, columns=_report_columns(config, configs, counts))
   t_end = time.perf_counter()
+  search_ledger = trainer.ledger()
+  _warn_if_size_decides(result)
 
   summary = {"chosen": result.best.name, "w": result.best.w, "e": result.best.e,
              "candidates": len(candidates), "trained": sum(r.trained for r in result.rows),
-             "computed_now": result.num_computed}
+             "computed_now": result.num_computed, "ties": result.ties,
+             "tie_extra": result.tie_extra}
+  audited = None
+  if extract_audit.enabled(config):
+    audited = extract_audit.run_audit(
+        config, result, trainer,
+        lambda: proxy_data(config, base, family, teacher_cfg, teacher_params,
+                           steps=config.audit.steps),
+        workdir, journal_hash, _error_label(config), write=jax.process_index() == 0)
+    summary["audit"] = audited["summary"]
   if jax.process_index() == 0:
-    summary["files"] = write_outputs(result, trainer, workdir, i_label, {
-        "wall_time_s": t_end - t_start, "cost_model_s": t_costs - t_start})
+    summary["files"] = write_outputs(result, search_ledger, workdir, i_label, {
+        "wall_time_s": time.perf_counter() - t_start, "search_wall_time_s": t_end - t_start,
+        "cost_model_s": t_costs - t_start}, audited, notes=[_measures_line(config, i_label)])
   return summary
+
+
+def _measures_line(config: ml_collections.ConfigDict, i_label: str) -> str:
+  """results.md's line on what p, i and the proxy's starting weights are."""
+  size = ("the total parameter count" if config.cost.size == "total" else
+          "the effective parameter count (embedding tables left out)")
+  init = config.proxy.get("init", "random")
+  start = ("seeded random weights" if init == "random" else
+           "the teacher's weights (importance-ordered, inherited)")
+  return (f"p is {size} (config.cost.size={config.cost.size!r}), i the {i_label}; the "
+          f"{config.proxy.steps}-step proxies start from {start} (config.proxy.init={init!r})")
+
+
+def _error_label(config: ml_collections.ConfigDict) -> str:
+  """The proxy error with its unit, for the audit plot's axes."""
+  if config.proxy.error == "mlm" or not config.proxy.error_teacher:
+    return "held-out masked-LM cross-entropy (nats)"
+  return "held-out distillation loss (nats)"
+
+
+def _warn_if_size_decides(result: fptas.Result) -> None:
+  """Logs a WARNING when the errors spread less than the gains (report.explain)."""
+  size = report.explain(result)["size"]
+  if size["warn"]:
+    logging.warning(
+        "the choice %s is made by size alone: the proxy errors spread by %.3gx over the trained "
+        "candidates, the cost gains by %.3gx, so W ranks them mostly by size and cost (see "
+        "results.md; the proxy audit measures whether the errors mean anything)",
+        result.best.name, size["error_spread"], size["gain_spread"])
 
 
 def base_student(config: ml_collections.ConfigDict, candidates: Sequence[arch_lib.Arch],
@@ -237,14 +328,18 @@ def _determines_e(config: ml_collections.ConfigDict, base: arch_lib.ModelConfig,
   return {
       "seed": config.seed, "student": base.to_dict(), "master": str(master),
       "teacher": dict(config.teacher), "data": config.data.to_dict(),
-      "proxy": {k: v for k, v in config.proxy.to_dict().items() if k not in ("mode",)},
+      # proxy.init="random" is what every run did before the field existed: left out, so
+      # those journals stay valid.
+      "proxy": {k: v for k, v in config.proxy.to_dict().items()
+                if k != "mode" and not (k == "init" and v == "random")},
       "loss": config.loss.to_dict()}
 
 
 def proxy_data(config: ml_collections.ConfigDict, base: arch_lib.ModelConfig, family: str,
-               teacher_cfg: arch_lib.ModelConfig | None, teacher_params: Any) -> proxy.ProxyData:
+               teacher_cfg: arch_lib.ModelConfig | None, teacher_params: Any,
+               steps: int | None = None) -> proxy.ProxyData:
   """The proxy phase's stacked training batches, held-out batch and teacher logits."""
-  batches, heldout = proxy_batches(config, base, family)
+  batches, heldout = proxy_batches(config, base, family, steps)
   stack = lambda bs: {k: jnp.stack([jnp.asarray(b[k]) for b in bs]) for k in bs[0]}
   data = proxy.ProxyData(batches=stack(batches),
                          heldout={k: jnp.asarray(v) for k, v in heldout.items()})
@@ -254,18 +349,33 @@ def proxy_data(config: ml_collections.ConfigDict, base: arch_lib.ModelConfig, fa
   return data
 
 
-def write_outputs(result: fptas.Result, trainer: proxy.PopulationTrainer, workdir: str,
-                  i_label: str, times: Mapping[str, float]) -> dict:
-  """The result tables, the Pareto plot and the cost ledger; returns the tables' paths."""
-  paths = report.write_tables(result, workdir)
+def write_outputs(result: fptas.Result, ledger: Mapping[str, Any], workdir: str,
+                  i_label: str, times: Mapping[str, float],
+                  audited: Mapping[str, Any] | None = None,
+                  notes: Sequence[str] = ()) -> dict:
+  """The result tables, the Pareto plot and the cost ledger; returns the tables' paths.
+
+  Args:
+    result: the search.
+    ledger: the trainer's ledger of the search alone (``PopulationTrainer.ledger``).
+    workdir: the run's directory.
+    i_label: the inference cost's name and unit.
+    times: wall times (``wall_time_s`` is the whole run, audit included).
+    audited: ``extract_audit.run_audit``'s result, or None without an audit: its verdict line
+      goes into results.md, its cost into the ledger under ``audit``.
+    notes: more lines for results.md.
+  """
+  notes = list(notes) + ([audited["line"]] if audited is not None else [])
+  paths = report.write_tables(result, workdir, notes=notes)
   report.pareto_plot(result, os.path.join(workdir, "pareto.png"), i_label=i_label)
-  ledger = trainer.ledger()
   report.write_ledger(workdir, {
       **times, "compile_time_s": ledger["compile_seconds"],
       "compile_count": ledger["compiles"], "flops": ledger["padded_flops"],
       "real_flops": ledger["real_flops"], "padding_overhead": ledger["padding_overhead"],
       "proxy_run_s": ledger["run_seconds"], "population_mode": ledger["mode"],
-      "device": str(jax.devices()[0].device_kind), "buckets": ledger["buckets"]})
+      "device": str(jax.devices()[0].device_kind), "buckets": ledger["buckets"],
+      "ties": result.ties, "tie_extra_trainings": result.tie_extra,
+      "audit": audited["ledger"] if audited is not None else None})
   return paths
 
 

@@ -88,8 +88,8 @@ def explanation_lines(result, why: Mapping[str, Any]) -> list[str]:
   else:
     lines.append(
         f"- margin: the choice changes if {result.best.name}'s e rises by "
-        f"{100 * margin['winner_e_rise']:.2f}% or the runner-up {why['runner_up']}'s e falls "
-        f"by {100 * margin['runner_up_e_fall']:.2f}%")
+        f"{100 * margin['winner_e_rise']:.3g}% or the runner-up {why['runner_up']}'s e falls "
+        f"by {100 * margin['runner_up_e_fall']:.3g}%")
   size = why["size"]
   if size["warn"]:
     lines.append(

@@ -1,9 +1,12 @@
 """Extraction on this machine: a space scaled around the demo teacher (all-MiniLM-L6-v2).
 
 108 candidates (depth 1-4, heads 2/4/8, hidden 128/256/384, FFN 256/512/1024), intervals of
-eps=3 with the max-gain rule (36 proxy trainings per theta), s=3 proxy steps of distillation
-from the adapted MiniLM teacher on the demo Wikipedia corpus, i = analytic FLOPs (switch to
-measured latency with --config.cost.inference=latency). Needs the demo teacher first:
+eps=3 with the max-gain rule, s=3 proxy steps of distillation from the adapted MiniLM teacher on
+the demo Wikipedia corpus, i = analytic FLOPs (switch to measured latency with
+--config.cost.inference=latency). The A2/A4/A8 variants of a shape tie in (p, i) and the
+intervals of 3 are exactly those ties, so with ties="all" every candidate is trained (108 per
+theta; ties="first" trains 36). Then the proxy audit trains a sample for S=30 steps. Needs the
+demo teacher first:
 
     bort-jax data fetch
     bort-jax teacher-adapt --config=configs/pretrain_demo.py:adapt --workdir=runs/demo/teacher

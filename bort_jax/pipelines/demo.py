@@ -67,6 +67,8 @@ def step_configs(config: ml_collections.ConfigDict, workdir: str, cache_dir: str
       cfg.train.log_every = 5
       cfg.train.eval_batches = min(cfg.train.eval_batches, 1)
     extract_cfg.fptas.eps = 12
+    extract_cfg.audit.steps = min(extract_cfg.audit.steps, 10)
+    extract_cfg.audit.sample = min(extract_cfg.audit.sample, 4)
   return {"adapt": adapt, "extract": extract_cfg, "distill": distill_cfg}
 
 
@@ -139,6 +141,16 @@ def _last_metrics(path: str) -> dict:
   return out
 
 
+def _audit_lines(workdir: str) -> list[str]:
+  """The extraction's proxy-audit verdict (extract/audit.json), when the audit ran."""
+  path = os.path.join(workdir, "extract", "audit.json")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    line = json.load(f)["line"]
+  return [f"The extraction's {line[0].lower()}{line[1:]} (extract/audit.png)", ""]
+
+
 def write_summary(workdir: str, times: dict) -> dict:
   """``SUMMARY.md`` and ``summary.json``: the chosen student against the teacher."""
   from bort_jax.core import arch as arch_lib
@@ -162,7 +174,7 @@ def write_summary(workdir: str, times: dict) -> dict:
              "seconds": times}
   lines = ["# bort_jax demo", "",
            f"Chosen architecture: **{chosen}** (the full search table is extract/results.md, "
-           "the Pareto plot extract/pareto.png).", "",
+           "the Pareto plot extract/pareto.png).", "", *_audit_lines(workdir),
            "| model | arch | params (total) | params (effective) | GFLOPs (B=1, T=128) | "
            "latency ms (B=1, T=128, this machine) |", "|---|---|---|---|---|---|"]
   for r in rows:

@@ -144,6 +144,8 @@ MODES = {
                     run="bort_jax.pipelines.distill:run", config="configs/pretrain_demo.py"),
     "extract": Mode("optimal subarchitecture extraction (FPTAS)",
                     run="bort_jax.pipelines.extract:run", config="configs/extract_demo.py"),
+    "study": Mode("distil and fine-tune an extraction's choice against its rivals",
+                  run="bort_jax.pipelines.study:run", config="configs/study_demo.py"),
     "demo": Mode("run the whole demo pipeline", run="bort_jax.pipelines.demo:run",
                  config="configs/demo.py", flags=_demo_flags, apply_flags=_demo_apply,
                  workdir_default="runs/demo", print_result=False),

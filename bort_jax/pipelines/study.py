@@ -1,0 +1,239 @@
+"""The downstream test of an extraction's choice: distil and fine-tune it against its rivals.
+
+The paper's claim is that the W-optimal architecture is the best trade-off after full
+distillation and fine-tuning. This mode tests it on one extraction: it takes the chosen
+architecture and its rivals from the extraction's workdir (:func:`pick_rivals`), distils each
+under the same step budget (``pipelines/distill.run``, one config for all), fine-tunes each on
+the same tasks as a population of seeds (``finetune/population.run``), measures each one's
+latency on this device, and writes:
+
+- ``study.json``: every architecture's roles, size, latency and dev metric per task (mean, std
+  and values over the seeds);
+- ``study.md``: the table (arch, roles, parameters, measured latency, dev metric mean +- std per
+  task) and, per task, whether the chosen one is on the accuracy/latency front;
+- ``study.png``: dev metric against latency, one panel per task, the chosen one marked.
+
+Every step is resumable: a finished distillation (its export) or fine-tuning population (its
+``population.json``) is not redone.
+
+    bort-jax study --config=configs/study_demo.py --workdir=runs/demo/study
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import ml_collections
+
+from bort_jax.runtime.fileio import atomic_write_text, to_jsonable
+
+ROLES = ("chosen", "smallest", "near_latency", "teacher_shaped")
+
+
+def _read_json(path: str, what: str) -> dict:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no {what} at {path}; run `bort-jax extract` (with "
+                            "config.audit.enabled=True) into config.extract_dir first")
+  with open(path) as f:
+    return json.load(f)
+
+
+def pick_rivals(results: Mapping[str, Any], audit: Mapping[str, Any],
+                band: float) -> list[tuple[str, list[str]]]:
+  """The architectures of the study, each with its roles, the chosen one first.
+
+  * ``chosen``: the extraction's choice;
+  * ``smallest``: the candidate of smallest p (then i, then name);
+  * ``near_latency``: among the audited candidates other than the chosen and the smallest one
+    whose inference cost i lies within ``band`` (relative) of the chosen one's, the one of
+    lowest S-step error; when none does, the audited candidate nearest in i. i is the extraction's inference cost:
+    measured latency, or FLOPs standing in for it (``config.cost.inference``);
+  * ``teacher_shaped``: the maximum point T (the space's largest shape, the nearest to the
+    teacher's), or the largest p when T was given as a point outside the space.
+  An architecture with several roles is trained once.
+
+  Args:
+    results: the extraction's results.json.
+    audit: its audit.json.
+    band: the relative latency band of ``near_latency`` (>= 0).
+
+  Returns:
+    [(arch name, [roles])], in the order of :data:`ROLES` by first role.
+  """
+  rows = {r["name"]: r for r in results["rows"]}
+  chosen = results["best"]
+  smallest = min(rows.values(), key=lambda r: (r["p"], r["i"], r["name"]))["name"]
+  i_c = rows[chosen]["i"]
+  audited = [r for r in audit["rows"] if r["name"] not in (chosen, smallest)
+             and r.get("long") is not None and math.isfinite(r["long"])]
+  if not audited:
+    raise ValueError("the audit has no candidate besides the chosen and the smallest one; "
+                     "raise config.audit.sample in the extraction")
+  near = [r for r in audited if abs(r["i"] - i_c) <= band * i_c]
+  pick = (min(near, key=lambda r: (r["long"], r["name"])) if near else
+          min(audited, key=lambda r: (abs(r["i"] - i_c), r["name"])))
+  teacher = results.get("maximum_point") or max(
+      rows.values(), key=lambda r: (r["p"], r["i"], r["name"]))["name"]
+  out: dict[str, list[str]] = {}
+  for role, name in zip(ROLES, (chosen, smallest, pick["name"], teacher)):
+    out.setdefault(name, []).append(role)
+  return list(out.items())
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The study's own fields (the step configs check theirs when they run)."""
+  if not config.get("extract_dir"):
+    raise ValueError("config.extract_dir is empty: give the extraction's workdir")
+  if not config.finetune:
+    raise ValueError("config.finetune is empty: give at least one task's fine-tuning config")
+  if not (isinstance(config.near_band, (int, float)) and config.near_band >= 0):
+    raise ValueError(f"config.near_band={config.near_band!r}: must be a number >= 0")
+  from bort_jax.finetune import tasks  # pylint: disable=import-outside-toplevel
+  for key, ft in config.finetune.items():
+    seeds = ft.population.seeds
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+      raise ValueError(f"config.finetune.{key}.population.seeds={seeds!r}: must be an integer "
+                       ">= 1 (the seeds of the mean +- std)")
+    tasks.get_task(ft.task)
+
+
+def tasks_of(config: ml_collections.ConfigDict) -> list[str]:
+  """The fine-tuning tasks, in the order of ``config.finetune``."""
+  return [ft.task for ft in config.finetune.values()]
+
+
+def _finetune_config(config: ml_collections.ConfigDict, key: str, init: str):
+  """``config.finetune[key]`` pointed at a distilled export; no test-set predictions."""
+  ft = copy.deepcopy(config.finetune[key])
+  ft.init.kind, ft.init.path = "params", init
+  ft.predict_test = False
+  return ft
+
+
+def _train_one(config, arch: str, workdir: str) -> dict:
+  """Distils ``arch`` and fine-tunes it on every task (each step skipped when done)."""
+  from bort_jax.finetune import population  # pylint: disable=import-outside-toplevel
+  from bort_jax.interop import export  # pylint: disable=import-outside-toplevel
+  from bort_jax.pipelines import distill  # pylint: disable=import-outside-toplevel
+  base = os.path.join(workdir, arch)
+  export_dir = os.path.join(base, "distill", "export")
+  if not os.path.exists(os.path.join(export_dir, export.PARAMS_FILE)):
+    cfg = copy.deepcopy(config.distill)
+    cfg.student.arch, cfg.export_params = arch, True
+    distill.run(cfg, os.path.join(base, "distill"))
+  metrics = {}
+  for key, ft in config.finetune.items():
+    task = ft.task
+    out_dir = os.path.join(base, "finetune", key)
+    path = os.path.join(out_dir, "population.json")
+    if not os.path.exists(path):
+      population.run(_finetune_config(config, key, export_dir), out_dir)
+    with open(path) as f:
+      done = json.load(f)
+    stats = done["settings"][0][done["metric"]]
+    metrics[task] = {"metric": done["metric"], "mean": stats["mean"], "std": stats["std"],
+                     "values": stats["values"]}
+  return {"export": export_dir, "metrics": metrics}
+
+
+def _measure(export_dir: str, latency) -> dict:
+  from bort_jax.core import cost  # pylint: disable=import-outside-toplevel
+  from bort_jax.interop import export  # pylint: disable=import-outside-toplevel
+  model_cfg = export.load_config(export_dir)
+  counts = cost.param_counts(model_cfg)
+  ms = cost.measure_latency(model_cfg, latency.batch, latency.seq_len,
+                            repeats=latency.repeats)["median_ms"]
+  return {"params_total": counts["total"], "params_effective": counts["effective"],
+          "latency_ms": ms}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """``bort-jax study``: the chosen architecture and its rivals, distilled and fine-tuned.
+
+  Returns:
+    {"archs": [...], "files": {...}} (the rows of study.json).
+  """
+  check_config(config)
+  results = _read_json(os.path.join(config.extract_dir, "results.json"), "extraction result")
+  audit = _read_json(os.path.join(config.extract_dir, "audit.json"), "proxy audit")
+  picks = pick_rivals(results, audit, float(config.near_band))
+  from bort_jax.pipelines import setup  # pylint: disable=import-outside-toplevel
+  for arch, _ in picks:  # every distillation config is checked before anything is written
+    cfg = copy.deepcopy(config.distill)
+    cfg.student.arch = arch
+    setup.check_config(cfg)
+  os.makedirs(workdir, exist_ok=True)
+  rows = []
+  for arch, roles in picks:
+    logging.info("study: %s (%s)", arch, ", ".join(roles))
+    trained = _train_one(config, arch, workdir)
+    rows.append({"arch": arch, "roles": roles, **_measure(trained["export"], config.latency),
+                 "metrics": trained["metrics"]})
+  files = write_study(rows, tasks_of(config), workdir, config.latency)
+  return {"archs": rows, "files": files}
+
+
+def front(points: Sequence[tuple[float, float]]) -> list[int]:
+  """Indices on the accuracy/latency front: no other point is as fast and at least as good,
+  with one of the two strictly (latency minimised, metric maximised)."""
+  out = []
+  for k, (lat, metric) in enumerate(points):
+    if not any(l2 <= lat and m2 >= metric and (l2 < lat or m2 > metric)
+               for j, (l2, m2) in enumerate(points) if j != k):
+      out.append(k)
+  return out
+
+
+def write_study(rows: Sequence[Mapping], tasks: Sequence[str], workdir: str, latency) -> dict:
+  """study.json, study.md and study.png; returns their paths."""
+  paths = {k: os.path.join(workdir, f"study.{k}") for k in ("json", "md", "png")}
+  atomic_write_text(paths["json"], json.dumps(to_jsonable(list(rows)), indent=1) + "\n")
+  head = ["arch", "roles", "params (total)", f"latency ms (B={latency.batch}, "
+          f"T={latency.seq_len})"] + [f"{t} ({rows[0]['metrics'][t]['metric']})" for t in tasks]
+  lines = ["# Downstream study of the extraction's choice", "",
+           "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+  for r in rows:
+    cells = [r["arch"], ", ".join(r["roles"]), f"{r['params_total']:,}",
+             f"{r['latency_ms']:.2f}"] + [
+                 f"{r['metrics'][t]['mean']:.4f} +- {r['metrics'][t]['std']:.4f}" for t in tasks]
+    lines.append("| " + " | ".join(cells) + " |")
+  lines.append("")
+  chosen = next(k for k, r in enumerate(rows) if "chosen" in r["roles"])
+  for t in tasks:
+    on = chosen in front([(r["latency_ms"], r["metrics"][t]["mean"]) for r in rows])
+    lines.append(f"- {t}: the chosen {rows[chosen]['arch']} is "
+                 f"{'on' if on else 'NOT on'} the accuracy/latency front")
+  atomic_write_text(paths["md"], "\n".join(lines) + "\n")
+  _plot(rows, tasks, paths["png"], chosen)
+  return paths
+
+
+def _plot(rows, tasks, path: str, chosen: int) -> None:
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(5 * len(tasks), 4.5), dpi=110)
+  FigureCanvasAgg(fig)
+  for col, task in enumerate(tasks):
+    ax = fig.add_subplot(1, len(tasks), col + 1)
+    for k, r in enumerate(rows):
+      m = r["metrics"][task]
+      style = ({"marker": "*", "ms": 16, "color": "tab:red"} if k == chosen else
+               {"marker": "o", "ms": 7, "color": "0.35"})
+      ax.errorbar([r["latency_ms"]], [m["mean"]], yerr=[m["std"]], capsize=3, **style)
+      ax.annotate(r["arch"], (r["latency_ms"], m["mean"]), xytext=(6, 6),
+                  textcoords="offset points", fontsize=8)
+    ax.set_xlabel("measured latency (ms)")
+    ax.set_ylabel(f"dev {rows[0]['metrics'][task]['metric']} (mean +- std over seeds)")
+    ax.set_title(task, fontsize=10)
+    ax.ticklabel_format(axis="both", style="plain", useOffset=False)
+    ax.grid(alpha=0.3)
+  fig.suptitle("Chosen architecture (red star) against its rivals")
+  fig.tight_layout()
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, format="png")
+  os.replace(tmp, path)

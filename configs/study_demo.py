@@ -1,0 +1,48 @@
+"""The downstream test of the demo extraction's choice (``bort-jax study``).
+
+Distils the chosen architecture and its rivals (the smallest candidate, the audited candidate of
+lowest S-step error near the chosen one's inference cost, the teacher-shaped maximum point)
+under one step budget, fine-tunes each on the three demo tasks with 3 seeds as one population,
+and writes study.md / study.json / study.png (dev metric mean +- std per task against measured
+latency, the chosen one marked). Needs the demo teacher and the demo extraction with its audit:
+
+    bort-jax demo --workdir=runs/demo     # or teacher-adapt, then extract
+    bort-jax study --config=configs/study_demo.py --workdir=runs/demo/study
+
+The `tiny` arg shortens every step (tests point the paths at their own assets).
+"""
+
+import ml_collections
+
+from configs import common
+from configs import finetune
+from configs import pretrain_demo
+
+# The demo suite's three tasks, keyed by the folder each one's population goes to.
+TASKS = {"vitaminc": "demo/vitaminc", "movie_sentiment": "demo/movie_sentiment",
+         "social_iqa": "demo/social_iqa"}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = common.parse_arg(arg, {"tiny": common.FLAG}, "study_demo.py")
+  tiny = ",tiny" if args.get("tiny") else ""
+  config = ml_collections.ConfigDict()
+  config.extract_dir = "runs/demo/extract"  # the extraction's workdir (results + audit.json)
+  config.near_band = 0.25              # near_latency: within 25% of the chosen one's i
+
+  # One distillation config for every architecture: the same teacher, data and step budget
+  # (student.arch is set per architecture).
+  config.distill = pretrain_demo.get_config("tiny" if tiny else None)
+
+  # One fine-tuning config per task, 3 seeds as one population; init.path is set per
+  # architecture to its distilled export.
+  config.finetune = ml_collections.ConfigDict()
+  for key, task in TASKS.items():
+    config.finetune[key] = finetune.get_config(f"task={task},seeds=3{tiny}")
+
+  # Latency of each distilled model's forward pass, measured on the running device.
+  config.latency = ml_collections.ConfigDict({"batch": 1, "seq_len": 128, "repeats": 5})
+  if tiny:
+    config.latency.seq_len = 32
+    config.latency.repeats = 2
+  return config

@@ -34,6 +34,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import os
 import sys
 import traceback
 from typing import Any, Callable, Sequence
@@ -104,6 +105,15 @@ def _convert_flags(parser: argparse.ArgumentParser) -> None:
                       help="force the model family (default: from config.json)")
   parser.add_argument("--no-mlm-head", action="store_true",
                       help="leave the MLM head out (default: keep it when present)")
+  parser.add_argument("--tokenizer", default="", metavar="DIR",
+                      help="--to-hf: the tokenizer the model was trained with (default: the one "
+                           "recorded with the checkpoint: CKPT/tokenizer, CKPT, or the run's "
+                           "config.json)")
+  parser.add_argument("--speed", default="", metavar="JSON",
+                      help="--to-hf: measured speed for the model card (the output of "
+                           "`bort-jax cost --measure --json`)")
+  parser.add_argument("--results", default="", metavar="JSON",
+                      help="--to-hf: fine-tuning results for the model card (its numbers)")
 
 
 def _data_flags(parser: argparse.ArgumentParser) -> None:
@@ -210,15 +220,25 @@ def convert_main(args: argparse.Namespace) -> int:
   from bort_jax.interop import convert, export  # pylint: disable=import-outside-toplevel
   cli.check_workdir(args.out, "--out")
   if args.from_hf:
+    used = [f for f in ("tokenizer", "speed", "results") if getattr(args, f)]
+    if used:
+      raise UsageError(f"--{used[0]} is a flag of --to-hf (the model card and tokenizer of a "
+                       "Hugging Face export), not of --from-hf")
     config, params = convert.load_hf(args.from_hf,
                                      with_mlm_head=False if args.no_mlm_head else None,
                                      family=args.family)
     export.save(args.out, params, config)
   else:
-    config, params = export.load(args.to_hf)
-    if args.no_mlm_head:
-      params = {k: v for k, v in params.items() if k != "mlm_head"}
-    convert.save_hf(params, config, args.out)
+    from bort_jax.interop import hf_export  # pylint: disable=import-outside-toplevel
+    done = hf_export.export_hf(args.to_hf, args.out, tokenizer=args.tokenizer, speed=args.speed,
+                               results=args.results, no_mlm_head=args.no_mlm_head)
+    config = done["config"]
+    print(f"wrote {args.out}: {config.family} {config.arch}, {done['head'].kind} head, "
+          f"{done['parameters']:,} parameters; " + (
+              f"tokenizer from {done['tokenizer']}" if done["tokenizer"] else
+              "no tokenizer recorded with the checkpoint (AutoTokenizer needs --tokenizer DIR)")
+          + "; model card README.md")
+    return 0
   import jax  # pylint: disable=import-outside-toplevel
   count = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(params))
   print(f"wrote {args.out}: {config.family} {config.arch}, {count:,} parameters")
@@ -363,11 +383,6 @@ def configure_logging() -> None:
   if not VERBOSE:
     # orbax and TFDS log every save and build step through absl at INFO; keep their warnings.
     logging.getLogger("absl").setLevel(logging.WARNING)
-    # TFDS's progress bars (it is imported by now for the modes that read data) are control
-    # characters in a log file; a terminal keeps them.
-    tfds = sys.modules.get("tensorflow_datasets")
-    if tfds is not None and not sys.stderr.isatty():
-      tfds.display_progress_bar(False)
 
 
 # Lines that third-party libraries log in every normal run and that say nothing about it:
@@ -409,6 +424,10 @@ def quiet_noise(verbose: bool) -> None:
       logger.addFilter(_DropNoise(phrases))
   if verbose:
     logging.getLogger("absl").setLevel(logging.INFO)
+  elif not sys.stderr.isatty():
+    # TFDS draws tqdm bars while it builds a dataset: control characters in a log file or a
+    # notebook cell (a terminal keeps them). tqdm reads its defaults from TQDM_* variables.
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def _usage() -> str:

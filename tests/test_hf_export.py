@@ -22,7 +22,8 @@ from bort_jax.core import arch as arch_lib
 from bort_jax.core import cost, model
 from bort_jax.data import tokenization
 from bort_jax.finetune import loop, steps, tasks
-from bort_jax.interop import convert, export
+from bort_jax.finetune import setup
+from bort_jax.interop import convert, export, hf_export
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = ["a", "gripping", ",", "funny", "film", "dull", "and", "slow", "the", "plot", "is",
@@ -63,6 +64,7 @@ def _convert(ckpt, out, *extra):
 
 
 def test_finetuned_export_has_tokenizer_card_and_normal_modes(finetuned, tmp_path, capsys):
+  assert hf_export.FINETUNE_FILE == setup.FINETUNE_FILE  # the file fine-tuning writes
   out = str(tmp_path / "hf")
   old = os.umask(0o022)
   try:

@@ -170,6 +170,9 @@ def _is_number(value: Any) -> bool:
 def _plain(value: Any) -> Any:
   """A recorded value for the card: absolute paths keep only their last two parts (the
   folder layout of the machine that trained the model says nothing to a reader)."""
+  if isinstance(value, str) and ":/" in value:  # extract:/abs/path
+    prefix, _, path = value.partition(":")
+    return f"{prefix}:{_plain(path)}"
   if isinstance(value, str) and os.path.isabs(value):
     return os.path.join(*value.rstrip("/").split("/")[-2:])
   if isinstance(value, (list, tuple)):

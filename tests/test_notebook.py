@@ -82,3 +82,25 @@ def test_the_whole_notebook_in_tiny_mode(tmp_path, monkeypatch):
   pngs = sorted(p.relative_to(tmp_path / "demo") for p in (tmp_path / "demo").glob("**/*.png"))
   assert pngs and len(images) == len(pngs)
   assert f"{len(pngs)} plot(s) under" in text
+
+
+def test_tiny_suite_is_a_demo_cache(tmp_path):
+  """The notebook's tiny mode reads the synthetic suite through the real parsers and loaders."""
+  from bort_jax import cli
+  from bort_jax.data import demo, tiny_suite, tokenization
+  from bort_jax.interop import convert
+  paths = tiny_suite.write_tiny_suite(str(tmp_path))
+  config, params = convert.load_hf(paths["teacher_dir"], with_mlm_head=False)
+  assert str(config.arch) == tiny_suite.TEACHER["arch"] and "mlm_head" not in params
+  tok = tokenization.load_tokenizer(paths["teacher_dir"], "bert")
+  corpus = "".join(open(os.path.join(paths["corpus"], n)).read()
+                   for n in sorted(os.listdir(paths["corpus"])))
+  assert tok.unk_id not in tok.encode(corpus)  # every word of the corpus is in the vocabulary
+  for name in ("vitaminc", "social_iqa", "movie_sentiment"):
+    splits = demo.parse_config(name, str(tmp_path))
+    assert splits["train"] and sum(map(len, splits.values())) >= 55, name
+  before = os.path.getmtime(paths["teacher_config"])
+  tiny_suite.write_tiny_suite(str(tmp_path))  # already there: left as it is
+  assert os.path.getmtime(paths["teacher_config"]) == before
+  demo_config = cli.load_config("configs/demo.py:tiny")
+  assert demo_config.tiny and demo_config.distill.train.total_steps <= 10

@@ -18,7 +18,9 @@ at the cache and their teacher at the workdir's adapted one.
    the losses, and where every output is.
 
 Every step resumes: a finished step is skipped, an interrupted one continues from its
-checkpoint or journal. ``--quick`` shortens every step (a smoke run of the same path).
+checkpoint or journal. ``--quick`` shortens every step (a smoke run of the same path);
+``configs/demo.py:tiny`` replaces step 1 by the synthetic suite of ``data/tiny_suite.py`` (in
+``WORKDIR/tiny_suite`` unless ``config.cache_dir`` is set) and runs every step's tiny config.
 """
 
 from __future__ import annotations

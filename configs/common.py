@@ -57,13 +57,26 @@ def parse_arg(arg: str | None, allowed: Mapping[str, str], config: str) -> dict:
 
 
 def loss() -> ml_collections.ConfigDict:
-  """The distillation loss of the paper: textbook KL at T=2, weights 0.5 (KD) and 0.1 (MLM)."""
+  """The distillation loss of the paper: textbook KL at T=2, weights 0.5 (KD) and 0.1 (MLM).
+
+  The intermediate-layer terms (docs/STUDENTS.md) are off (weight 0), so this is exactly the
+  paper's loss.
+  """
   return ml_collections.ConfigDict({
       "kind": "kl",          # textbook KL; "original" = the release's double softmax
       "temperature": 2.0,
       "alpha_kd": 0.5,       # weight of T^2 * KD
       "alpha_mlm": 0.1,      # weight of the masked-LM cross-entropy
+      "alpha_hidden": 0.0,   # hidden-state MSE at mapped layers (projected if widths differ)
+      "alpha_attn": 0.0,     # attention-distribution KL at mapped layers
+      "layer_map": "uniform",  # student layer j <-> teacher round((j+1)*D_t/D_s)-1; or "inherited"
   })
+
+
+def student_init(config: ml_collections.ConfigDict) -> None:
+  """Adds the student's initialisation fields to ``config.student``."""
+  config.student.init = "random"       # "random" (the paper) or "inherit" (from the teacher)
+  config.student.importance_batches = 4  # inherit: training batches the importance is measured on
 
 
 def optim(lr: float, warmup: float) -> ml_collections.ConfigDict:

@@ -56,21 +56,24 @@ def parse_arg(arg: str | None, allowed: Mapping[str, str], config: str) -> dict:
   return out
 
 
-def loss() -> ml_collections.ConfigDict:
+def loss(intermediate: bool = True) -> ml_collections.ConfigDict:
   """The distillation loss of the paper: textbook KL at T=2, weights 0.5 (KD) and 0.1 (MLM).
 
-  The intermediate-layer terms (docs/STUDENTS.md) are off (weight 0), so this is exactly the
-  paper's loss.
+  With ``intermediate`` the block also has the intermediate-layer terms (docs/STUDENTS.md),
+  off (weight 0), so the loss is still exactly the paper's. Extraction's proxy training uses
+  the logit loss only and leaves them out (they would only change its journal's identity).
   """
-  return ml_collections.ConfigDict({
+  block = ml_collections.ConfigDict({
       "kind": "kl",          # textbook KL; "original" = the release's double softmax
       "temperature": 2.0,
       "alpha_kd": 0.5,       # weight of T^2 * KD
       "alpha_mlm": 0.1,      # weight of the masked-LM cross-entropy
-      "alpha_hidden": 0.0,   # hidden-state MSE at mapped layers (projected if widths differ)
-      "alpha_attn": 0.0,     # attention-distribution KL at mapped layers
-      "layer_map": "uniform",  # student layer j <-> teacher round((j+1)*D_t/D_s)-1; or "inherited"
   })
+  if intermediate:
+    block.alpha_hidden = 0.0   # hidden-state MSE at mapped layers (projected if widths differ)
+    block.alpha_attn = 0.0     # attention-distribution KL at mapped layers
+    block.layer_map = "uniform"  # student j <-> teacher round((j+1)*D_t/D_s)-1, or "inherited"
+  return block
 
 
 def student_init(config: ml_collections.ConfigDict) -> None:

@@ -525,7 +525,8 @@ def test_inherit_with_intermediate_losses_runs_and_resumes(assets, tmp_path, mon
   with caplog.at_level(logging.INFO):
     result = distill.run(make_config(assets, **extra), workdir)
   assert result["step"] == 2 and result["started_from"] == "scratch" and len(calls) == 1
-  assert "inherit: teacher layers" in caplog.text and "share of the teacher's importance" in caplog.text
+  assert "inherit: teacher layers" in caplog.text
+  assert "share of the teacher's importance" in caplog.text
   records = read_metrics(workdir)
   assert all(np.isfinite(m["hidden_loss"]) and np.isfinite(m["attn_loss"]) for m in records)
   assert all(m["hidden_loss"] > 0 and m["attn_loss"] > 0 for m in records)

@@ -200,11 +200,11 @@ def reorder(params: Params, config: ModelConfig, importance_: Importance,
   arch = config.arch
   _check_importance(importance_, config)
   flat = masks.check_layout(params, masks.param_shapes(config, head), "params")
-  fields = masks._axis_fields(config.replace(arch=masks._PROBE), head)  # pylint: disable=protected-access
+  fields = masks.axis_fields(config, head)
   perms = {"hidden": _order(importance_.hidden),
            "heads": [_order(importance_.heads[i]) for i in range(arch.depth)],
            "intermediate": [_order(importance_.ffn[i]) for i in range(arch.depth)]}
-  out = {key: _permute(value, fields[masks._generic(key)], masks._layer_of(key), perms)  # pylint: disable=protected-access
+  out = {key: _permute(value, fields[key], masks.layer_of(key), perms)
          for key, value in flat.items()}
   return traverse_util.unflatten_dict(out)
 
@@ -313,18 +313,18 @@ def inherit(teacher_params: Params, teacher_config: ModelConfig, student_config:
     teacher_params = reorder(teacher_params, teacher_config, importance, t_head)
   flat = masks.check_layout(teacher_params, masks.param_shapes(teacher_config, t_head),
                             "teacher_params")
-  fields = masks._axis_fields(teacher_config.replace(arch=masks._PROBE), t_head)  # pylint: disable=protected-access
+  fields = masks.axis_fields(teacher_config, t_head)
   rng = jax.random.key(0) if rng is None else rng
   fresh = traverse_util.flatten_dict(model.init(rng, student_config, head))
   q_scale = math.sqrt(s.head_size / t.head_size)
   out = {}
   for key, value in fresh.items():
-    j = masks._layer_of(key)  # pylint: disable=protected-access
+    j = masks.layer_of(key)
     source = key if j is None else (key[0], f"layer_{layers[j]}") + key[2:]
     if source not in flat:
       out[key] = value
       continue
-    cut = _cut(flat[source], fields[masks._generic(source)], tuple(value.shape))  # pylint: disable=protected-access
+    cut = _cut(flat[source], fields[source], tuple(value.shape))
     if q_scale != 1.0 and key[2:3] == ("attention",) and key[3:4] == ("query",):
       cut = cut * q_scale
     out[key] = jnp.asarray(cut, value.dtype)

@@ -139,9 +139,10 @@ def inheritance(config: ml_collections.ConfigDict, models: Any,
       imp = inherit_lib.importance(models.teacher_params, models.teacher, batches(n))
       layers = inherit_lib.select_layers(imp, models.student.arch.depth)
       share = inherit_lib.kept_share(imp, models.student, layers)
-      logging.getLogger(__name__).info("inherit: teacher layers %s kept; share of the teacher's importance kept: %s "
-               "(measured on %d batches)", list(layers),
-               ", ".join(f"{k} {v:.3f}" for k, v in share.items()), n)
+      logging.getLogger(__name__).info(
+          "inherit: teacher layers %s kept; share of the teacher's importance kept: %s "
+          "(measured on %d batches)", list(layers),
+          ", ".join(f"{k} {v:.3f}" for k, v in share.items()), n)
       memo.append((imp, layers))
     return memo[0]
 

@@ -18,7 +18,9 @@ at the cache and their teacher at the workdir's adapted one.
    the losses, and where every output is.
 
 Every step resumes: a finished step is skipped, an interrupted one continues from its
-checkpoint or journal. ``--quick`` shortens every step (a smoke run of the same path).
+checkpoint or journal. ``--quick`` shortens every step (a smoke run of the same path);
+``configs/demo.py:tiny`` replaces step 1 by the synthetic suite of ``data/tiny_suite.py`` (in
+``WORKDIR/tiny_suite`` unless ``config.cache_dir`` is set) and runs every step's tiny config.
 """
 
 from __future__ import annotations
@@ -91,8 +93,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from bort_jax.data import fetch
   from bort_jax.pipelines import distill, extract, setup
 
-  cache_dir = os.path.abspath(os.path.expanduser(config.cache_dir or fetch.default_cache_dir()))
   workdir = os.path.abspath(workdir)
+  tiny = bool(config.get("tiny"))  # the synthetic suite instead of the fetched one
+  cache_dir = os.path.abspath(os.path.expanduser(
+      config.cache_dir or (os.path.join(workdir, "tiny_suite") if tiny
+                           else fetch.default_cache_dir())))
   cfg = step_configs(config, workdir, cache_dir)
   # The paths the earlier steps produce (the teacher, the extraction) are not checked.
   checks = {"adapt": lambda c: (setup.check_config(c, paths=False), distill.adapt_trainable(c)),
@@ -107,7 +112,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   os.makedirs(workdir, exist_ok=True)
   times = {}
-  times["fetch"] = _step("1/4 fetch the demo suite", False, lambda: fetch.fetch(cache_dir))
+  if tiny:
+    from bort_jax.data import tiny_suite
+    times["fetch"] = _step("1/4 write the tiny synthetic suite", False,
+                           lambda: tiny_suite.write_tiny_suite(cache_dir))
+  else:
+    times["fetch"] = _step("1/4 fetch the demo suite", False, lambda: fetch.fetch(cache_dir))
   corpus_dir = os.path.join(cache_dir, "corpus")
   if not (os.path.isdir(corpus_dir) and os.listdir(corpus_dir)):
     demo_data.write_demo_corpus(corpus_dir, cache_dir=cache_dir)

@@ -220,3 +220,23 @@ def test_synthetic_batches_are_deterministic():
   rows = np.arange(2)[:, None]
   assert (a["input_ids"][rows, a["masked_positions"]] == 1).all()
   assert (a["masked_labels"] >= 5).all()
+
+
+@pytest.mark.slow
+def test_inherited_proxy_starts_from_the_teacher(tmp_path):
+  # Depth 1 keeps the space inside the D1 teacher; no audit, one representative per interval.
+  changes = {"space.depth": (1,), "audit.enabled": False, "fptas.ties": "first"}
+  random_run = extract.run(_config(tmp_path, **changes), str(tmp_path / "random"))
+  inherited = extract.run(_config(tmp_path, **changes, **{"proxy.init": "inherit"}),
+                          str(tmp_path / "inherit"))
+  rows = {r["name"]: r["e"] for r in json.load(open(tmp_path / "random" / "results.json"))[
+      "rows"] if r["trained"]}
+  other = {r["name"]: r["e"] for r in json.load(open(tmp_path / "inherit" / "results.json"))[
+      "rows"] if r["trained"]}
+  assert rows.keys() == other.keys() and random_run["trained"] == inherited["trained"] == 4
+  assert all(abs(rows[k] - other[k]) > 1e-6 for k in rows)  # another start, other errors
+  assert "config.proxy.init='inherit'" in open(tmp_path / "inherit" / "results.md").read()
+  # The journals are not interchangeable.
+  with pytest.raises(ValueError, match="config hash"):
+    extract.run(_config(tmp_path, **changes, **{"proxy.init": "inherit"}),
+                str(tmp_path / "random"))

@@ -41,7 +41,7 @@ from bort_jax.core.model import MLM
 from bort_jax.pipelines import extract_audit, setup
 from bort_jax.runtime import sharding
 from bort_jax.runtime.fileio import atomic_write_text
-from bort_jax.search import buckets, fptas, proxy, report
+from bort_jax.search import buckets, fptas, proxy, proxy_init, report
 
 
 def search_space(space_cfg: Mapping[str, Any]) -> list[arch_lib.Arch]:
@@ -96,32 +96,27 @@ PROXY_INITS = ("random", "inherit")
 
 
 def _check_init(config: ml_collections.ConfigDict) -> None:
-  """``proxy.init="inherit"`` needs a teacher and the inheritance module."""
+  """``proxy.init="inherit"`` needs a teacher (the shapes are checked with the teacher)."""
   if config.proxy.get("init", "random") != "inherit":
     return
   if config.teacher.get("kind", "none") == "none":
     raise ValueError("config.proxy.init='inherit' needs a teacher to inherit from "
                      "(config.teacher.kind is 'none')")
-  if master_init(config, None, None) is None:
-    raise ValueError("config.proxy.init='inherit' is not yet available: this version has no "
-                     "bort_jax.core.inherit (the teacher-to-student weight inheritance); use "
-                     "config.proxy.init='random'")
 
 
-def master_init(config: ml_collections.ConfigDict, teacher_cfg, teacher_params):
+def master_init(config: ml_collections.ConfigDict, teacher_cfg, teacher_params,
+                data: proxy.ProxyData):
   """The proxy's master weights for ``config.proxy.init``: None means the seeded random ones.
 
-  "inherit" would give ``inherit(teacher -> master shape)``: the teacher's heads, FFN neurons
-  and hidden units reordered by importance, its layers selected, the leading slices taken; it
-  returns None while this version lacks ``bort_jax.core.inherit`` (validation then refuses it).
+  "inherit" gives ``proxy_init.inherited_master``: the teacher's units ordered by their
+  importance, measured on the proxy's own training batches, its layers selected for the
+  master's depth, written into the master's leading corner.
   """
   if config.proxy.get("init", "random") == "random":
     return None
-  try:
-    from bort_jax.core import inherit  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return None
-  return lambda master_config: inherit.inherit(teacher_params, teacher_cfg, master_config)
+  batches = [{k: v[j] for k, v in data.batches.items()} for j in range(data.steps)]
+  return lambda master_config: proxy_init.inherited_master(
+      teacher_params, teacher_cfg, master_config, batches, seed=config.seed)
 
 
 # ----------------------------------------------------------------------------- costs
@@ -247,7 +242,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       mesh=sharding.make_mesh(dict(config.mesh)) if config.get("mesh") else None,
       seed=config.seed, batch_size=config.data.global_batch_size,
       seq_len=config.data.seq_len, max_predictions=config.data.max_predictions,
-      master_init=master_init(config, teacher_cfg, teacher_params))
+      master_init=master_init(config, teacher_cfg, teacher_params, data))
+  if trainer.master_init is not None:
+    trainer.master  # pylint: disable=pointless-statement  (inherit's shape errors come now)
 
   os.makedirs(workdir, exist_ok=True)
   journal = fptas.Journal(journal_path, journal_hash) if jax.process_index() == 0 else None

@@ -337,7 +337,7 @@ def audit_plot(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any],
   ax.set_ylabel(f"{error_label} after S={long_steps} steps")
   ax.ticklabel_format(axis="both", style="plain", useOffset=False)
   ax.grid(alpha=0.3)
-  ax.legend(loc="upper left", fontsize=8)
+  ax.legend(loc="best", fontsize=8)
   ax.set_title(f"Proxy audit: Kendall tau-b {summary['kendall_tau_b']:.3f}, Spearman rho "
                f"{summary['spearman_rho']:.3f}; " + ("trusted" if summary["trusted"]
                                                       else "not trusted"), fontsize=10)

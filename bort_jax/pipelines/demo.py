@@ -319,9 +319,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             all(job_done(folder, c) for _, c, folder in jobs),
             lambda: run_finetune(config, workdir, cache_dir, state),
             steps=sum(int(c.train.total_steps) * int(c.population.seeds) for _, c, _ in jobs))
-  summary = {}
+  summary, report_cfg = {}, copy.deepcopy(config.report)
+  if config.quick:
+    report_cfg.rounds, report_cfg.warmup = min(report_cfg.rounds, 3), min(report_cfg.warmup, 1)
   run_stage(state, "report", "report", False,
-            lambda: summary.update(report.run(config.report, workdir)), always=True)
+            lambda: summary.update(report.run(report_cfg, workdir)), always=True)
   print(f"\nReport: {summary['report']}\n{report.headline_text(summary['headline'])}",
         flush=True)
   return summary

@@ -186,3 +186,16 @@ def test_interleaved_timing_runs_round_robin_with_rotating_start():
   assert out["a"]["iqr_ms"] >= 0
   with pytest.raises(ValueError):
     cost.time_interleaved(fns, rounds=0)
+
+
+def test_read_split_keeps_the_first_records_up_to_the_cap():
+  from bort_jax.finetune import loop  # pylint: disable=import-outside-toplevel
+  records = [{"sentence": f"w{i}", "label": i % 2, "idx": i} for i in range(10)]
+  spec = tasks.register_task(tasks.TaskSpec(
+      name="test/capped", builder=None, kind="classification", num_labels=2,
+      cast=tasks.pair_cast("sentence"), source=lambda split, data_dir: records),
+      overwrite=True)
+  capped = loop.read_split(spec, "validation", None, False, limit=4)
+  assert [r["idx"] for r in capped.records] == [0, 1, 2, 3] and len(capped.examples) == 4
+  assert len(loop.read_split(spec, "validation", None, False).records) == 10
+  assert len(loop.read_split(spec, "validation", None, False, limit=50).records) == 10

@@ -172,41 +172,41 @@ def _digest(path: str) -> str:
   return sha.hexdigest()
 
 
-def teacher_job_dir(cache_dir: str, teacher_export: str, cfg: ml_collections.ConfigDict) -> str:
-  """The cache folder of a teacher fine-tuning job: a hash of (teacher export, its config).
+def job_dir(root: str, init_export: str, cfg: ml_collections.ConfigDict) -> str:
+  """A fine-tuning job's folder under ``root``: the task and a hash of (export, config).
 
-  The paths (which workdir the teacher came from, the cache) are left out of the hash, the
-  export's parameters and model config are in it.
+  The paths (which workdir the model came from, the cache) are left out of the hash; the
+  export's parameters and model config are in it. So the teacher's runs, kept in the cache,
+  are found again by a later demo with the same teacher, and a run with another length or
+  seed count (``--quick`` and a full run in one workdir) gets its own folder.
   """
   keyed = cfg.to_dict()
   keyed.pop("data_dir", None)
   keyed.pop("tokenizer", None)
   keyed["init"] = {"kind": cfg.init.kind,
-                   "params": _digest(os.path.join(teacher_export, export.PARAMS_FILE)),
-                   "config": export.load_config(teacher_export).to_dict()}
+                   "params": _digest(os.path.join(init_export, export.PARAMS_FILE)),
+                   "config": export.load_config(init_export).to_dict()}
   digest = hashlib.sha256(json.dumps(to_jsonable(keyed), sort_keys=True).encode()).hexdigest()
-  return os.path.join(cache_dir, "finetuned", f"{cfg.task.replace('/', '_')}-{digest[:16]}")
+  return os.path.join(root, f"{cfg.task.replace('/', '_')}-{digest[:12]}")
 
 
 def finetune_jobs(config: ml_collections.ConfigDict, workdir: str, cache_dir: str
                   ) -> list[tuple[str, ml_collections.ConfigDict, str]]:
   """``(model, config, job folder)`` for the student and the teacher on every task."""
   jobs = []
-  teacher_export = os.path.join(workdir, "teacher", "export")
+  roots = {"student": os.path.join(workdir, "finetune", "student"),
+           "teacher": os.path.join(cache_dir, "finetuned")}
   for model_name, init in (("student", os.path.join(workdir, "distill", "export")),
-                           ("teacher", teacher_export)):
+                           ("teacher", os.path.join(workdir, "teacher", "export"))):
     for task in config.finetune_tasks:
       cfg = finetune_config(config, model_name, task, init, cache_dir)
-      folder = (os.path.join(workdir, "finetune", "student", cfg.task.replace("/", "_"))
-                if model_name == "student" else teacher_job_dir(cache_dir, teacher_export, cfg))
-      jobs.append((model_name, cfg, folder))
+      jobs.append((model_name, cfg, job_dir(roots[model_name], init, cfg)))
   return jobs
 
 
-def job_done(folder: str, cfg: ml_collections.ConfigDict) -> bool:
-  """Whether a fine-tuning job finished with this length (its ``population.json``)."""
-  result = report.read_json(os.path.join(folder, "population.json"))
-  return bool(result) and int(result.get("total_steps", -1)) == int(cfg.train.total_steps)
+def job_done(folder: str) -> bool:
+  """Whether a fine-tuning job finished (its ``population.json``; the folder fixes the job)."""
+  return report.read_json(os.path.join(folder, "population.json")) is not None
 
 
 def run_finetune(config: ml_collections.ConfigDict, workdir: str, cache_dir: str,
@@ -224,7 +224,7 @@ def run_finetune(config: ml_collections.ConfigDict, workdir: str, cache_dir: str
   for k, (model_name, cfg, folder) in enumerate(jobs):
     label = (f"[finetune {k + 1}/{len(jobs)}] {model_name} on {cfg.task}: "
              f"{cfg.population.seeds} seeds x {cfg.train.total_steps} steps")
-    if job_done(folder, cfg):
+    if job_done(folder):
       print(f"{label}: done, skipped ({folder})", flush=True)
     else:
       print(f"{label} -> {folder}", flush=True)
@@ -316,7 +316,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                  for m in ("student", "teacher")}
   state.save()
   run_stage(state, "finetune", "fine-tune the student and the teacher on the demo tasks",
-            all(job_done(folder, c) for _, c, folder in jobs),
+            all(job_done(folder) for _, _, folder in jobs),
             lambda: run_finetune(config, workdir, cache_dir, state),
             steps=sum(int(c.train.total_steps) * int(c.population.seeds) for _, c, _ in jobs))
   summary, report_cfg = {}, copy.deepcopy(config.report)

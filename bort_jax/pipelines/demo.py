@@ -213,13 +213,21 @@ def run_finetune(config: ml_collections.ConfigDict, workdir: str, cache_dir: str
                  state: State) -> None:
   """Every fine-tuning job in turn (finished ones skipped), with the stage's ETA after each.
 
-  The ETA is the stage's remaining member-steps at the member-step rate measured so far.
+  The stage's work is counted in forward FLOPs (member-steps x the model's FLOPs per batch),
+  since a teacher step costs many student steps; the ETA is the remaining work at the rate
+  measured so far.
   """
+  from bort_jax.core import cost  # pylint: disable=import-outside-toplevel
   from bort_jax.finetune import population  # pylint: disable=import-outside-toplevel
   jobs = finetune_jobs(config, workdir, cache_dir)
-  size = lambda cfg: int(cfg.train.total_steps) * int(cfg.population.seeds)
+
+  def size(cfg):
+    model_cfg = export.load_config(cfg.init.path)
+    per_step = cost.forward_flops(model_cfg, int(cfg.batch_size), int(cfg.seq_len))["total"]
+    return int(cfg.train.total_steps) * int(cfg.population.seeds) * per_step
+
   total = sum(size(cfg) for _, cfg, _ in jobs)
-  entry, done_steps, run_steps = state.stage("finetune"), 0, 0
+  entry, done_steps, run_steps = state.stage("finetune"), 0.0, 0.0
   start, before = time.perf_counter(), float(entry.get("seconds") or 0.0)
   for k, (model_name, cfg, folder) in enumerate(jobs):
     label = (f"[finetune {k + 1}/{len(jobs)}] {model_name} on {cfg.task}: "
@@ -236,8 +244,8 @@ def run_finetune(config: ml_collections.ConfigDict, workdir: str, cache_dir: str
     state.save()
     rate = run_steps / elapsed if run_steps and elapsed > 0 else 0.0
     eta = f"eta {_clock((total - done_steps) / rate)}" if rate else "eta after the first job"
-    print(f"[finetune] {done_steps}/{total} member-steps ({100 * done_steps / total:.0f}%), "
-          f"stage elapsed {_clock(elapsed)}, {eta}", flush=True)
+    print(f"[finetune] {k + 1}/{len(jobs)} jobs, {100 * done_steps / total:.0f}% of the "
+          f"stage's work, elapsed {_clock(elapsed)}, {eta}", flush=True)
 
 
 # ----------------------------------------------------------------------------- the pipeline

@@ -22,6 +22,7 @@ from bort_jax import cli
 from bort_jax.data import fetch
 from bort_jax.interop import export
 from bort_jax.pipelines import demo, report
+from bort_jax.runtime import checkpoint
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_demo_data as demo_assets  # noqa: E402  (the fake demo archives)
@@ -111,9 +112,18 @@ def test_rerun_skips_everything_and_keeps_the_stage_times(finished, cache, capsy
   assert _numbers(summary) == _numbers(finished["summary"])
 
 
+# Kills the demo right after the first chunk of the first fine-tuning job is checkpointed
+# (the save waited for, so the kill cannot land inside the asynchronous write).
 _DIE_IN_FINETUNE = """
 import os, signal, sys
 from bort_jax.finetune import population
+from bort_jax.runtime import checkpoint
+real_save = checkpoint.CheckpointManager.save
+def save_and_wait(self, *args, **kwargs):
+  out = real_save(self, *args, **kwargs)
+  self.wait()
+  return out
+checkpoint.CheckpointManager.save = save_and_wait
 real = population.progress_line
 def line_then_die(*args, **kwargs):
   print(real(*args, **kwargs), flush=True)
@@ -124,7 +134,7 @@ sys.exit(main.main(sys.argv[1:]))
 """
 
 
-def test_killed_in_finetuning_resumes_to_the_same_report(finished, cache, tmp_path):  # pylint: disable=redefined-outer-name
+def test_killed_in_finetuning_resumes_to_the_same_report(finished, cache, tmp_path, capsys):  # pylint: disable=redefined-outer-name
   # The earlier stages as the uninterrupted run left them; fine-tuning and report to come.
   work = str(tmp_path / "work")
   shutil.copytree(finished["workdir"], work, ignore=shutil.ignore_patterns("finetune", "report"))
@@ -140,11 +150,16 @@ def test_killed_in_finetuning_resumes_to_the_same_report(finished, cache, tmp_pa
   assert proc.returncode == -signal.SIGKILL, proc.stdout[-3000:] + proc.stderr[-3000:]
   # Killed after the first chunk of the first job: its checkpoint is there, no result yet.
   first = json.load(open(state_path))["finetune_runs"]["student"][0]
-  assert os.path.isdir(os.path.join(first, "population"))
+  with checkpoint.CheckpointManager(os.path.join(first, "population"), read_only=True) as m:
+    assert m.latest_step() == 2
   assert not os.path.exists(os.path.join(first, "population.json"))
   killed = json.load(open(state_path))["stages"]["finetune"]
-  assert not killed["done"]
+  assert not killed["done"] and killed["seconds"] == 0.0  # no job finished before the kill
+  capsys.readouterr()
   summary = demo.run(make_config(cache), work)
+  out = capsys.readouterr().out
+  # The first job continues at step 2 (one chunk left); the two others run both chunks.
+  assert out.count("population step 2/4") == 2 and out.count("population step 4/4") == 3
   assert _numbers(summary) == _numbers(finished["summary"])
   assert summary["headline"]["share"] == pytest.approx(finished["summary"]["headline"]["share"])
   assert json.load(open(state_path))["stages"]["finetune"]["done"]

@@ -34,7 +34,7 @@ def _finetune_block(tiny: bool, seeds: int) -> ml_collections.ConfigDict:
                                + (",tiny" if tiny else ""))
   config.train.total_steps = 0         # 0: finetune_tasks.<task>.steps
   config.train.eval_every = 100        # a population checkpoint (and dev score) per chunk
-  config.max_dev_examples = 500        # dev score on the first 500 records (0 = all)
+  config.max_dev_examples = 500        # dev score on 500 records spread over the split (0 = all)
   config.predict_test = False
   return config
 

@@ -72,7 +72,7 @@ def get_config(arg=None):
   config.seq_len = 128
   config.batch_size = 8
   config.eval_batch_size = 32
-  config.max_dev_examples = 0          # score only the first N records of each dev split (0 =
+  config.max_dev_examples = 0          # score N records spread evenly over each dev split (0 =
                                        # all); the reports say so (population.json: dev_records)
 
   config.optim = ml_collections.ConfigDict()

@@ -109,7 +109,7 @@ def test_report_page_tables_and_figures(tmp_path, monkeypatch):
   assert "| 1 | D1-A2-H16-I32 |" in text and "spearman: 0.8000" in text
   assert "p (M)" in text and "GFLOPs" in text
   # Fine-tuning: mean +- std in %, majority on the same 40 records, the dev cap stated.
-  assert "first 40 records" in text
+  assert "on 40 records spread evenly" in text
   assert "| demo/vitaminc | accuracy | 40 | 40.0 | 55.0 +- 5.0 (n=3, 6 steps) | 65.0 +- 5.0" in text
   head = summary["headline"]
   flops = {a: cost.forward_flops(export.load_config(os.path.join(work, sub, "export")), 1,
@@ -188,7 +188,7 @@ def test_interleaved_timing_runs_round_robin_with_rotating_start():
     cost.time_interleaved(fns, rounds=0)
 
 
-def test_read_split_keeps_the_first_records_up_to_the_cap():
+def test_read_split_keeps_records_spread_over_the_split_up_to_the_cap():
   from bort_jax.finetune import loop  # pylint: disable=import-outside-toplevel
   records = [{"sentence": f"w{i}", "label": i % 2, "idx": i} for i in range(10)]
   spec = tasks.register_task(tasks.TaskSpec(
@@ -196,6 +196,6 @@ def test_read_split_keeps_the_first_records_up_to_the_cap():
       cast=tasks.pair_cast("sentence"), source=lambda split, data_dir: records),
       overwrite=True)
   capped = loop.read_split(spec, "validation", None, False, limit=4)
-  assert [r["idx"] for r in capped.records] == [0, 1, 2, 3] and len(capped.examples) == 4
+  assert [r["idx"] for r in capped.records] == [0, 3, 6, 9] and len(capped.examples) == 4
   assert len(loop.read_split(spec, "validation", None, False).records) == 10
   assert len(loop.read_split(spec, "validation", None, False, limit=50).records) == 10

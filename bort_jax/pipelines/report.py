@@ -253,8 +253,8 @@ def finetune_section(rows: list[dict], out_dir: str) -> list[str]:
     return lines + [f"Fine-tuning: {NOT_RUN}.", ""]
   capped = [r for r in rows if r.get("max_dev_examples")]
   if capped:
-    lines += [f"Dev scores are on the first {capped[0]['max_dev_examples']} records of each "
-              "dev split (fewer where the split is smaller; the count is in the table), the "
+    lines += [f"Dev scores are on {capped[0]['max_dev_examples']} records spread evenly over "
+              "each dev split (all of a smaller split; the count is in the table), the "
               "majority baseline on the same records.", ""]
   lines += ["Scores in %: mean +- standard deviation over seeds (sample std), the best "
             "setting by mean; SE is the dev set's standard error of the teacher's mean.", "",

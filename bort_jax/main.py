@@ -148,7 +148,7 @@ MODES = {
                  config="configs/demo.py", flags=_demo_flags, apply_flags=_demo_apply,
                  workdir_default="runs/demo", print_result=False),
     "report": Mode("the Markdown report (and its plots) of a demo workdir",
-                   run="bort_jax.pipelines.report:run", config="configs/report.py",
+                   run="bort_jax.pipelines.report:cli_run", config="configs/report.py",
                    workdir_default="runs/demo", print_result=False),
     "finetune": Mode("fine-tune on a GLUE/SuperGLUE/RACE/demo task",
                      run="bort_jax.finetune.loop:run", config="configs/finetune.py"),

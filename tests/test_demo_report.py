@@ -162,6 +162,9 @@ def test_report_mode_through_the_cli(tmp_path, capsys):
   work = make_workdir(str(tmp_path), stages=("extract",))
   assert cli_main.main(["report", f"--workdir={work}", "--config=configs/report.py:tiny"]) == 0
   assert os.path.exists(os.path.join(work, "report", "report.md"))
+  out = capsys.readouterr().out
+  assert f"Report: {os.path.join(work, 'report', 'report.md')}" in out
+  assert "Headline: not available yet." in out
   assert cli_main.main(["report", f"--workdir={tmp_path / 'nowhere'}"]) == 2
   assert "is not a directory" in capsys.readouterr().err
   assert cli_main.main(["report", f"--workdir={work}", "--config.rounds=0"]) == 2

@@ -411,3 +411,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   atomic_write_text(os.path.join(out_dir, "report.json"), json.dumps(to_jsonable(summary),
                                                                       indent=2))
   return summary
+
+
+def cli_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """``bort-jax report``: :func:`run`, then where the page is and its headline."""
+  summary = run(config, workdir)
+  print(f"Report: {summary['report']}\n{headline_text(summary['headline'])}", flush=True)
+  return summary

@@ -202,3 +202,11 @@ def test_read_split_keeps_records_spread_over_the_split_up_to_the_cap():
   assert [r["idx"] for r in capped.records] == [0, 3, 6, 9] and len(capped.examples) == 4
   assert len(loop.read_split(spec, "validation", None, False).records) == 10
   assert len(loop.read_split(spec, "validation", None, False, limit=50).records) == 10
+
+
+def test_headline_has_no_margin_share_when_the_teacher_is_below_the_majority():
+  stats = lambda mean: {"mean": mean, "std": 0.0, "values": [mean]}
+  rows = [{"task": "t", "majority": 0.6, "student": stats(0.5), "teacher": stats(0.55)}]
+  head = report.headline(rows, {})
+  assert head["share"] == pytest.approx(0.5 / 0.55) and head["margin_share"] is None
+  assert "not above the majority class (60.0)" in report.headline_text(head)

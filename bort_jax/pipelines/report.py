@@ -357,7 +357,8 @@ def headline(rows: list[dict], speed: dict) -> dict:
     out.update(student_mean=s, teacher_mean=t, share=s / t if t else None)
     if all(r.get("majority") is not None for r in both):
       m = sum(r["majority"] for r in both) / len(both)
-      out.update(majority_mean=m, margin_share=(s - m) / (t - m) if t != m else None)
+      # A share of a margin the teacher does not have means nothing: None.
+      out.update(majority_mean=m, margin_share=(s - m) / (t - m) if t > m else None)
   timings = (speed or {}).get("timings", {})
   if "student" in timings and "teacher" in timings:
     out["speedup"] = timings["teacher"]["median_ms"] / timings["student"]["median_ms"]
@@ -374,6 +375,9 @@ def headline_text(head: dict) -> str:
     if head.get("margin_share") is not None:
       parts.append(f"{100 * head['margin_share']:.1f}% of the teacher's margin above the "
                    f"majority class ({100 * head['majority_mean']:.1f})")
+    elif head.get("majority_mean") is not None:
+      parts.append(f"with the teacher not above the majority class "
+                   f"({100 * head['majority_mean']:.1f}), so no share of its margin")
   if head.get("speedup") is not None:
     parts.append(f"{'and it' if parts else 'the student'} runs {head['speedup']:.1f}x faster "
                  "than the teacher (measured median latency)")

@@ -1,13 +1,15 @@
 """The ``bort-jax`` command: every mode, one flag system, one way of reporting bad input.
 
-    bort-jax MODE [flags] [--config=FILE[:ARG]] [--config.FIELD=VALUE ...] [--debug]
+    bort-jax MODE [flags] [--config=FILE[:ARG]] [--config.FIELD=VALUE ...] [--debug] [--verbose]
     bort-jax MODE --help      the mode's flags and, for a mode with a config, every config
                               field with its current default
 
 Bad input (an unknown flag or config field, a value of the wrong type, a workdir that is a
 file, an arch string that does not parse, a missing teacher...) exits with status 2 and one
 paragraph on stderr naming the field or path, the value and what is allowed; ``--debug`` adds
-the traceback. Nothing is written before the input has been checked.
+the traceback. Nothing is written before the input has been checked. Routine lines of the
+libraries (JAX probing for absent accelerators, TFDS restating its builder config, absl INFO)
+are hidden; ``--verbose`` shows them.
 
 Adding a mode is one entry in ``MODES`` plus its ``run(config, workdir) -> dict``, which checks
 its config before it creates or writes anything (raising ``ValueError`` with the message the
@@ -32,6 +34,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import os
 import sys
 import traceback
 from typing import Any, Callable, Sequence
@@ -102,6 +105,15 @@ def _convert_flags(parser: argparse.ArgumentParser) -> None:
                       help="force the model family (default: from config.json)")
   parser.add_argument("--no-mlm-head", action="store_true",
                       help="leave the MLM head out (default: keep it when present)")
+  parser.add_argument("--tokenizer", default="", metavar="DIR",
+                      help="--to-hf: the tokenizer the model was trained with (default: the one "
+                           "recorded with the checkpoint: CKPT/tokenizer, CKPT, or the run's "
+                           "config.json)")
+  parser.add_argument("--speed", default="", metavar="JSON",
+                      help="--to-hf: measured speed for the model card (the output of "
+                           "`bort-jax cost --measure --json`)")
+  parser.add_argument("--results", default="", metavar="JSON",
+                      help="--to-hf: fine-tuning results for the model card (its numbers)")
 
 
 def _data_flags(parser: argparse.ArgumentParser) -> None:
@@ -211,15 +223,25 @@ def convert_main(args: argparse.Namespace) -> int:
   from bort_jax.interop import convert, export  # pylint: disable=import-outside-toplevel
   cli.check_workdir(args.out, "--out")
   if args.from_hf:
+    used = [f for f in ("tokenizer", "speed", "results") if getattr(args, f)]
+    if used:
+      raise UsageError(f"--{used[0]} is a flag of --to-hf (the model card and tokenizer of a "
+                       "Hugging Face export), not of --from-hf")
     config, params = convert.load_hf(args.from_hf,
                                      with_mlm_head=False if args.no_mlm_head else None,
                                      family=args.family)
     export.save(args.out, params, config)
   else:
-    config, params = export.load(args.to_hf)
-    if args.no_mlm_head:
-      params = {k: v for k, v in params.items() if k != "mlm_head"}
-    convert.save_hf(params, config, args.out)
+    from bort_jax.interop import hf_export  # pylint: disable=import-outside-toplevel
+    done = hf_export.export_hf(args.to_hf, args.out, tokenizer=args.tokenizer, speed=args.speed,
+                               results=args.results, no_mlm_head=args.no_mlm_head)
+    config = done["config"]
+    print(f"wrote {args.out}: {config.family} {config.arch}, {done['head'].kind} head, "
+          f"{done['parameters']:,} parameters; " + (
+              f"tokenizer from {done['tokenizer']}" if done["tokenizer"] else
+              "no tokenizer recorded with the checkpoint (AutoTokenizer needs --tokenizer DIR)")
+          + "; model card README.md")
+    return 0
   import jax  # pylint: disable=import-outside-toplevel
   count = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(params))
   print(f"wrote {args.out}: {config.family} {config.arch}, {count:,} parameters")
@@ -269,6 +291,9 @@ def _parser(name: str, mode: Mode) -> _Parser:
   parser.add_argument("-h", "--help", action="store_true", help="show this help and exit")
   parser.add_argument("--debug", action="store_true",
                       help="show the traceback of an error (also before the mode name)")
+  parser.add_argument("--verbose", action="store_true",
+                      help="show the libraries' routine log lines too (JAX backend probing, "
+                           "TFDS configuration notes, absl INFO)")
   if mode.config is not None:
     parser.add_argument("--config", default=mode.config,
                         help=f"FILE[:ARG], a get_config(arg) file (default {mode.config}); "
@@ -358,13 +383,59 @@ def configure_logging() -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     root.addHandler(handler)
-  # orbax and TFDS log every save and build step through absl at INFO; keep their warnings.
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  if not VERBOSE:
+    # orbax and TFDS log every save and build step through absl at INFO; keep their warnings.
+    logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+# Lines that third-party libraries log in every normal run and that say nothing about it:
+# JAX probing for accelerators that are not there, TFDS restating the builder config of every
+# dataset it opens and warning about its own half-built folders. ``--verbose`` shows them.
+NOISE = {"jax._src.xla_bridge": ("Unable to initialize backend", "Platform '",
+                                 "An NVIDIA GPU may be present"),
+         "absl": ("Using custom data configuration", "has no dataset_info.json",
+                  "Unable to initialize backend", "Platform '")}
+VERBOSE = False  # set by main() from --verbose
+
+
+class _DropNoise(logging.Filter):
+  """Drops the records of one logger whose message starts with or contains a known phrase."""
+
+  def __init__(self, phrases: Sequence[str]):
+    super().__init__()
+    self.phrases = tuple(phrases)
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not any(p in message for p in self.phrases)
+
+
+def quiet_noise(verbose: bool) -> None:
+  """Hides :data:`NOISE` (unless ``verbose``); set once, before any library logs.
+
+  Only messages are filtered: nothing about which backend JAX picks changes (no JAX_PLATFORMS
+  is set), so a TPU or GPU machine runs as before. ``verbose`` also lets absl's INFO lines
+  (orbax and TFDS steps) through.
+  """
+  global VERBOSE
+  VERBOSE = verbose
+  for name, phrases in NOISE.items():
+    logger = logging.getLogger(name)
+    for old in [f for f in logger.filters if isinstance(f, _DropNoise)]:
+      logger.removeFilter(old)
+    if not verbose:
+      logger.addFilter(_DropNoise(phrases))
+  if verbose:
+    logging.getLogger("absl").setLevel(logging.INFO)
+  elif not sys.stderr.isatty():
+    # TFDS draws tqdm bars while it builds a dataset: control characters in a log file or a
+    # notebook cell (a terminal keeps them). tqdm reads its defaults from TQDM_* variables.
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def _usage() -> str:
-  lines = ["usage: bort-jax MODE [flags] [--debug]   (bort-jax MODE --help: the mode's flags "
-           "and config fields)", "", "modes:"]
+  lines = ["usage: bort-jax MODE [flags] [--debug] [--verbose]   (bort-jax MODE --help: the "
+           "mode's flags and config fields)", "", "modes:"]
   lines += [f"  {name:<14} {mode.summary}" for name, mode in MODES.items()]
   return "\n".join(lines)
 
@@ -378,7 +449,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   """
   argv = list(sys.argv[1:] if argv is None else argv)
   debug = "--debug" in argv
-  argv = [a for a in argv if a != "--debug"]
+  quiet_noise("--verbose" in argv)
+  argv = [a for a in argv if a not in ("--debug", "--verbose")]
   if not argv or argv[0] in ("-h", "--help", "help"):
     print(_usage())
     return 0

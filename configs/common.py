@@ -56,14 +56,30 @@ def parse_arg(arg: str | None, allowed: Mapping[str, str], config: str) -> dict:
   return out
 
 
-def loss() -> ml_collections.ConfigDict:
-  """The distillation loss of the paper: textbook KL at T=2, weights 0.5 (KD) and 0.1 (MLM)."""
-  return ml_collections.ConfigDict({
+def loss(intermediate: bool = True) -> ml_collections.ConfigDict:
+  """The distillation loss of the paper: textbook KL at T=2, weights 0.5 (KD) and 0.1 (MLM).
+
+  With ``intermediate`` the block also has the intermediate-layer terms (docs/STUDENTS.md),
+  off (weight 0), so the loss is still exactly the paper's. Extraction's proxy training uses
+  the logit loss only and leaves them out (they would only change its journal's identity).
+  """
+  block = ml_collections.ConfigDict({
       "kind": "kl",          # textbook KL; "original" = the release's double softmax
       "temperature": 2.0,
       "alpha_kd": 0.5,       # weight of T^2 * KD
       "alpha_mlm": 0.1,      # weight of the masked-LM cross-entropy
   })
+  if intermediate:
+    block.alpha_hidden = 0.0   # hidden-state MSE at mapped layers (projected if widths differ)
+    block.alpha_attn = 0.0     # attention-distribution KL at mapped layers
+    block.layer_map = "uniform"  # student j <-> teacher round((j+1)*D_t/D_s)-1, or "inherited"
+  return block
+
+
+def student_init(config: ml_collections.ConfigDict) -> None:
+  """Adds the student's initialisation fields to ``config.student``."""
+  config.student.init = "random"       # "random" (the paper) or "inherit" (from the teacher)
+  config.student.importance_batches = 4  # inherit: training batches the importance is measured on
 
 
 def optim(lr: float, warmup: float) -> ml_collections.ConfigDict:

@@ -11,8 +11,10 @@ the workdir's, so any of their fields can be overridden here
 Each task's fine-tuning length and sequence length are ``finetune_tasks.<name>.steps`` /
 ``.seq_len``; a non-zero ``finetune.train.total_steps`` (or ``finetune_teacher``'s) overrides
 the steps of every task for that model. Args: ``quick`` (the same as ``--quick``: every stage
-shortened, a smoke run of the same path); ``tiny`` (the tiny step configs, for tests that
-point the paths at tiny assets).
+shortened, a smoke run of the same path); ``tiny`` (every stage's tiny config on the
+synthetic suite of ``data/tiny_suite.py``, written in place of the fetch: a few minutes on a
+CPU, no network; the notebook's test mode; tests with their own tiny assets set
+``config.fetch=False``).
 """
 
 import ml_collections
@@ -46,6 +48,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.cache_dir = ""                # "" = $BORT_JAX_CACHE or ~/.cache/bort_jax
   config.quick = bool(args.get("quick"))  # shorten every stage (a smoke run)
   config.fetch = True                  # False: use the cache as it is (an offline copy, tests)
+  config.tiny = tiny                   # fetch = write the synthetic suite of data/tiny_suite.py
+                                       # (in cache_dir; "" = WORKDIR/tiny_suite)
   config.adapt = pretrain_demo.get_config("adapt,tiny" if tiny else "adapt")
   config.extract = extract_demo.get_config("tiny" if tiny else None)
   config.distill = pretrain_demo.get_config("tiny" if tiny else None)
@@ -54,7 +58,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.finetune_tasks = ml_collections.ConfigDict(
       {name: {"steps": 4 if tiny else steps, "seq_len": 32 if tiny else seq_len}
        for name, (steps, seq_len) in TASKS.items()})
-  if tiny:
+  if tiny:  # one compiled proxy bucket: the extraction's code path, not a search worth reading
+    config.extract.space.hidden = (32,)
+    config.extract.space.heads = (2,)
     for block in (config.finetune, config.finetune_teacher):
       block.train.eval_every = 2
       block.population.seeds = 2

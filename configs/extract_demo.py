@@ -63,7 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.proxy.optim = ml_collections.ConfigDict(
       {"name": "adam_nobc", "b1": 0.9, "b2": 0.999, "eps": 1e-6, "clip_norm": 1.0})
 
-  config.loss = common.loss()
+  config.loss = common.loss(intermediate=False)  # the proxy distils logits only
 
   config.data = ml_collections.ConfigDict()
   config.data.kind = "corpus"           # "corpus" (text files) or "synthetic" (random tokens)

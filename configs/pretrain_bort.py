@@ -28,6 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.student.arch = "bort"         # preset, "D4-A8-H1024-I768", or "extract:WORKDIR"
   config.student.family = "bort"       # RoBERTa vocabulary, 512 positions from 0, no token types
   config.student.overrides = ml_collections.ConfigDict()
+  common.student_init(config)           # init: "random" | "inherit" (docs/STUDENTS.md)
 
   config.teacher = ml_collections.ConfigDict()
   config.teacher.kind = "hf"           # "hf" (HF directory), "params" (ours) or "none" (plain MLM)

@@ -48,6 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.student.overrides = ml_collections.ConfigDict()
   config.student.kind = "hf"           # teacher-adapt: "hf" directory or "params" (ours)
   config.student.path = os.path.join(cache, "teacher") if adapt else ""
+  common.student_init(config)           # init: "random" | "inherit" (docs/STUDENTS.md)
 
   if adapt:
     config.adapt = ml_collections.ConfigDict()

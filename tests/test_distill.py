@@ -505,3 +505,48 @@ def test_corrupted_latest_checkpoint_is_skipped(assets, reference, tmp_path, cap
   assert [r["step"] for r in records[-every:]] == list(range(total - every + 1, total + 1))
   _, got = final_params(workdir)
   assert_trees_equal(got, reference["params"])
+
+
+# ----------------------------------------------------------------------------- inheriting
+
+
+def test_inherit_with_intermediate_losses_runs_and_resumes(assets, tmp_path, monkeypatch,
+                                                           caplog):
+  """A narrower student inherited from the teacher, with hidden and attention terms."""
+  from bort_jax.core import inherit as inherit_lib  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / "inherit")
+  extra = {"student.arch": "D1-A2-H24-I48-S8", "student.init": "inherit",
+           "student.importance_batches": 2, "loss.alpha_hidden": 1.0, "loss.alpha_attn": 1.0,
+           "loss.layer_map": "inherited", "train.total_steps": 2, "train.checkpoint_every": 1}
+  calls = []
+  real = inherit_lib.inherit
+  monkeypatch.setattr(inherit_lib, "inherit",
+                      lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+  with caplog.at_level(logging.INFO):
+    result = distill.run(make_config(assets, **extra), workdir)
+  assert result["step"] == 2 and result["started_from"] == "scratch" and len(calls) == 1
+  assert "inherit: teacher layers" in caplog.text
+  assert "share of the teacher's importance" in caplog.text
+  records = read_metrics(workdir)
+  assert all(np.isfinite(m["hidden_loss"]) and np.isfinite(m["attn_loss"]) for m in records)
+  assert all(m["hidden_loss"] > 0 and m["attn_loss"] > 0 for m in records)
+  step, params = final_params(workdir)
+  projection = [v for k, v in params.items() if "hidden_projection" in k]
+  assert step == 2 and len(projection) == 1 and projection[0].shape == (24, 32)
+  # The export is the student alone: the projection belongs to the distillation.
+  cfg, exported = export.load(result["export"])
+  assert str(cfg.arch) == "D1-A2-H24-I48-S8" and distill.AUX not in exported
+  # Resume: continues from the checkpoint, never inherits again.
+  result = distill.run(make_config(assets, **dict(extra, **{"train.total_steps": 4})), workdir)
+  assert result["started_from"] == "workdir" and result["step"] == 4 and len(calls) == 1
+
+
+def test_inherit_config_errors(assets):
+  with pytest.raises(ValueError, match="student.init"):
+    setup.check_config(make_config(assets, **{"student.init": "copy"}), paths=False)
+  with pytest.raises(ValueError, match="layer_map='inherited' needs"):
+    setup.check_config(make_config(assets, **{"loss.layer_map": "inherited"}), paths=False)
+  with pytest.raises(ValueError, match="alpha_attn"):
+    setup.check_config(make_config(assets, **{"loss.alpha_attn": -1.0}), paths=False)
+  setup.check_config(make_config(assets, **{"student.init": "inherit",
+                                            "loss.layer_map": "inherited"}), paths=False)

@@ -31,6 +31,25 @@ def test_atomic_dir_appears_only_when_complete(tmp_path):
   assert stat.S_IMODE(os.stat(out).st_mode) == 0o755
 
 
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755),
+                                                       (0o077, 0o600, 0o700),
+                                                       (0o002, 0o664, 0o775)])
+def test_atomic_outputs_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
+  """Permissions are those a plain open()/mkdir() would give, not the temporary folder's 0700."""
+  old = os.umask(umask)
+  try:
+    with fileio.atomic_dir(tmp_path / "export") as tmp:
+      os.makedirs(os.path.join(tmp, "sub"))
+      open(os.path.join(tmp, "sub", "f"), "w").close()
+    fileio.atomic_write_text(tmp_path / "t.txt", "x")
+  finally:
+    os.umask(old)
+  assert stat.S_IMODE(os.stat(tmp_path / "export").st_mode) == dir_mode
+  assert stat.S_IMODE(os.stat(tmp_path / "export" / "sub").st_mode) == dir_mode
+  assert stat.S_IMODE(os.stat(tmp_path / "export" / "sub" / "f").st_mode) == file_mode
+  assert stat.S_IMODE(os.stat(tmp_path / "t.txt").st_mode) == file_mode
+
+
 def test_atomic_dir_crash_keeps_the_old_folder_and_cleans_up(tmp_path):
   out = tmp_path / "export"
   with fileio.atomic_dir(out) as tmp:

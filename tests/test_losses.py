@@ -184,3 +184,109 @@ def test_bad_inputs_have_clear_errors(mlm_batch):
     losses.kd_loss(student, teacher, weights, 0.0)
   with pytest.raises(ValueError, match="labels"):
     losses.mlm_loss(student, labels[:, :-1], weights)
+
+
+# ----------------------------------------------------------------------------- intermediate
+
+
+def _attention(rng, shape):
+  return _softmax64(rng.normal(size=shape) * 2).astype(np.float32)
+
+
+def test_attention_kl_matches_numpy_and_averages_unequal_heads():
+  rng = np.random.default_rng(3)
+  student, teacher = _attention(rng, (2, 3, 4, 4)), _attention(rng, (2, 3, 4, 4))
+  mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], np.float32)
+  kl = lambda p, q: np.sum(p * (np.log(p) - np.log(q)), -1)
+  want = np.sum(kl(teacher.astype(np.float64), student).mean(1) * mask)
+  total, count = losses.attention_kl(student, teacher, mask)
+  np.testing.assert_allclose(total, want, **TOL)
+  assert float(count) == 5.0
+  # Two student heads against three teacher heads: the head-averaged distributions.
+  total, _ = losses.attention_kl(student[:, :2], teacher, mask)
+  s_mean, t_mean = student[:, :2].mean(1, dtype=np.float64), teacher.mean(1, dtype=np.float64)
+  np.testing.assert_allclose(total, np.sum(kl(t_mean, s_mean) * mask), **TOL)
+  # A teacher that gives a key no probability (a padded key) contributes 0 there, not NaN.
+  t_zero = teacher.copy()
+  t_zero[..., -1] = 0.0
+  t_zero /= t_zero.sum(-1, keepdims=True)
+  value, grad = jax.value_and_grad(lambda s: losses.attention_kl(s, t_zero, mask)[0])(student)
+  assert np.isfinite(float(value)) and np.all(np.isfinite(grad))
+  assert float(losses.attention_kl(teacher, teacher, mask)[0]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_layer_map_uniform_and_inherited():
+  assert losses.layer_map(2, 6) == ((0, 2), (1, 5))
+  assert losses.layer_map(4, 6) == ((0, 1), (1, 2), (2, 4), (3, 5))
+  assert losses.layer_map(3, 3) == ((0, 0), (1, 1), (2, 2))
+  assert losses.layer_map(2, 6, "inherited", (0, 4)) == ((0, 0), (1, 4))
+  with pytest.raises(ValueError, match="inherited"):
+    losses.layer_map(2, 6, "inherited", None)
+  with pytest.raises(ValueError, match="unknown layer_map"):
+    losses.layer_map(2, 6, "every")
+
+
+def _tiny(spec):
+  from bort_jax.core import arch, model  # pylint: disable=import-outside-toplevel
+  cfg = arch.get_model_config(spec, family="bert", vocab_size=30, max_positions=16)
+  return cfg, model
+
+
+def _tiny_batch():
+  ids = np.random.default_rng(4).integers(3, 30, size=(2, 6)).astype(np.int32)
+  mask = np.ones((2, 6), np.int32)
+  mask[1, 4:] = 0
+  return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_intermediate_loss_is_zero_for_the_teacher_itself():
+  cfg, model = _tiny("D2-A2-H16-I24")
+  params = model.init(jax.random.key(0), cfg)
+  batch = _tiny_batch()
+  run = jax.jit(lambda p: model.apply(p, cfg, batch, output_hidden_states=True,
+                                      output_attentions=True))
+  out = run(params)
+  assert len(out["attentions"]) == 2 and out["attentions"][0].shape == (2, 2, 6, 6)
+  np.testing.assert_allclose(np.sum(out["attentions"][1], -1), 1.0, atol=1e-6)
+  pairs = losses.layer_map(2, 2)
+  total, parts = losses.intermediate_loss(out, out, batch["attention_mask"], pairs,
+                                          alpha_hidden=1.0, alpha_attn=1.0)
+  assert float(total) == pytest.approx(0.0, abs=1e-7)
+  assert set(parts) == {"hidden_loss", "attn_loss"}
+  # Off by default: the paper's loss has no intermediate term and asks for no extra outputs.
+  assert float(losses.intermediate_loss(out, out, batch["attention_mask"], pairs)[0]) == 0.0
+  assert "attentions" not in jax.eval_shape(lambda p: model.apply(p, cfg, batch), params)
+
+
+def test_intermediate_loss_gradient_matches_finite_differences():
+  """A narrower, shallower student against a teacher, through the learned projection."""
+  t_cfg, model = _tiny("D2-A2-H16-I24")
+  s_cfg, _ = _tiny("D1-A2-H12-I20-S4")
+  teacher = model.init(jax.random.key(1), t_cfg)
+  student = model.init(jax.random.key(2), s_cfg)
+  batch = _tiny_batch()
+  t_out = model.apply(teacher, t_cfg, batch, output_hidden_states=True, output_attentions=True)
+  pairs = losses.layer_map(1, 2)
+  proj0 = np.asarray(jax.random.normal(jax.random.key(3), (12, 16))) * 0.3
+
+  def loss(tree):
+    out = model.apply(tree["s"], s_cfg, batch, output_hidden_states=True,
+                      output_attentions=True)
+    return losses.intermediate_loss(out, t_out, batch["attention_mask"], pairs, 0.7, 1.3,
+                                    tree["proj"])[0]
+
+  tree = {"s": student, "proj": jnp.asarray(proj0, jnp.float32)}
+  grad = jax.jit(jax.grad(loss))(tree)
+  loss = jax.jit(loss)
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  keys = jax.random.split(jax.random.key(5), len(leaves))
+  direction = jax.tree_util.tree_unflatten(
+      treedef, [jax.random.normal(k, x.shape) * 0.05 for k, x in zip(keys, leaves)])
+  analytic = sum(float(jnp.sum(g * d)) for g, d in zip(
+      jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(direction)))
+  h = 1e-2
+  shifted = lambda sign: jax.tree_util.tree_map(lambda x, d: x + sign * h * d, tree, direction)
+  numeric = (float(loss(shifted(1.0))) - float(loss(shifted(-1.0)))) / (2 * h)
+  assert abs(analytic) > 1e-3  # the direction is not orthogonal to the gradient
+  np.testing.assert_allclose(analytic, numeric, rtol=2e-2)
+  assert np.any(np.asarray(grad["proj"]) != 0)

@@ -25,6 +25,7 @@ Two KD terms are available per masked prediction, with ``p_t = softmax(teacher /
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -239,3 +240,101 @@ def hidden_mse(student_hidden: jax.Array, teacher_hidden: jax.Array, mask: jax.A
   _check_rank("student_hidden", student, "mask", mask)
   per_token = jnp.mean(jnp.square(student - teacher), axis=-1)
   return jnp.sum(per_token * mask), jnp.sum(mask)
+
+
+LAYER_MAPS = ("uniform", "inherited")
+
+
+def attention_kl(student_probs: jax.Array, teacher_probs: jax.Array,
+                 mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Self-attention distribution transfer: ``KL(teacher || student)`` over the keys.
+
+  The KL form of MiniLM's attention-distribution loss, applied at mapped layers as TinyBERT
+  applies its attention loss. When the head counts differ, both sides are first averaged over
+  their heads (the distribution of the layer's mean head); otherwise head h matches head h and
+  the KL is averaged over the heads.
+
+  Args:
+    student_probs: ``[B, A_s, T, T]`` attention probabilities (rows sum to 1).
+    teacher_probs: ``[B, A_t, T, T]`` (treated as a constant).
+    mask: ``[B, T]`` 0/1 (1 = real token); padding queries count 0, padding keys carry no
+      teacher probability.
+
+  Returns:
+    ``(sum over real queries of mean_h KL_h, number of real queries)``.
+  """
+  student, teacher = _f32(student_probs), jax.lax.stop_gradient(_f32(teacher_probs))
+  if student.shape[1] != teacher.shape[1]:
+    student = jnp.mean(student, axis=1, keepdims=True)
+    teacher = jnp.mean(teacher, axis=1, keepdims=True)
+  if student.shape != teacher.shape:
+    raise ValueError(f"attention probabilities differ in shape: student {student.shape}, "
+                     f"teacher {teacher.shape} (batch and length must match)")
+  tiny = jnp.finfo(jnp.float32).tiny
+  log_ratio = jnp.log(jnp.maximum(teacher, tiny)) - jnp.log(jnp.maximum(student, tiny))
+  per_query = jnp.sum(jnp.where(teacher > 0, teacher * log_ratio, 0.0), axis=-1)  # [B, A, T]
+  mask = _f32(mask)
+  return jnp.sum(jnp.mean(per_query, axis=1) * mask), jnp.sum(mask)
+
+
+def layer_map(student_depth: int, teacher_depth: int, kind: str = "uniform",
+              inherited: tuple[int, ...] | None = None) -> tuple[tuple[int, int], ...]:
+  """Pairs ``(student layer j, teacher layer t)`` (0-based encoder layers) to distil.
+
+  Args:
+    student_depth: ``D_s``.
+    teacher_depth: ``D_t``.
+    kind: ``"uniform"``: ``t = round((j + 1) * D_t / D_s) - 1`` (halves round up, so the last
+      layers always pair); ``"inherited"``: ``t = inherited[j]``, the layers the student took.
+    inherited: the inherited teacher layers (needed for ``"inherited"``).
+
+  Returns:
+    One pair per student layer.
+  """
+  if kind == "uniform":
+    return tuple((j, int(math.floor((j + 1) * teacher_depth / student_depth + 0.5)) - 1)
+                 for j in range(student_depth))
+  if kind == "inherited":
+    if inherited is None or len(inherited) != student_depth:
+      raise ValueError(f"layer_map 'inherited' needs the {student_depth} inherited teacher "
+                       f"layers (config.student.init='inherit'); got {inherited}")
+    return tuple(enumerate(int(t) for t in inherited))
+  raise ValueError(f"unknown layer_map {kind!r}; expected one of {LAYER_MAPS}")
+
+
+def intermediate_loss(student_out: dict, teacher_out: dict, mask: jax.Array,
+                      pairs: tuple[tuple[int, int], ...], alpha_hidden: float = 0.0,
+                      alpha_attn: float = 0.0,
+                      projection: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  """Hidden-state MSE and attention KL at the mapped layers, each averaged over its layers.
+
+  The hidden term also pairs the embedding outputs (hidden state 0 of both models). Hidden
+  states ``j + 1`` and ``t + 1`` are compared for each pair ``(j, t)``; attentions ``j`` and
+  ``t``.
+
+  Args:
+    student_out: ``model.apply`` output with ``all_hidden`` (and ``attentions`` when
+      ``alpha_attn > 0``).
+    teacher_out: the same from the teacher.
+    mask: ``[B, T]`` real tokens.
+    pairs: from :func:`layer_map`.
+    alpha_hidden: weight of the hidden MSE (mean over units, real tokens and mapped states).
+    alpha_attn: weight of the attention KL (mean over real queries, heads and mapped layers).
+    projection: ``[H_s, H_t]`` when the widths differ.
+
+  Returns:
+    ``(alpha_hidden * hidden + alpha_attn * attn, {"hidden_loss", "attn_loss"})``.
+  """
+  metrics, total = {}, jnp.zeros((), jnp.float32)
+  if alpha_hidden:
+    states = [(0, 0)] + [(j + 1, t + 1) for j, t in pairs]
+    parts = [hidden_mse(student_out["all_hidden"][j], teacher_out["all_hidden"][t], mask,
+                        projection) for j, t in states]
+    value = sum(safe_divide(s, n) for s, n in parts) / len(parts)
+    metrics["hidden_loss"], total = value, total + alpha_hidden * value
+  if alpha_attn:
+    parts = [attention_kl(student_out["attentions"][j], teacher_out["attentions"][t], mask)
+             for j, t in pairs]
+    value = sum(safe_divide(s, n) for s, n in parts) / len(parts)
+    metrics["attn_loss"], total = value, total + alpha_attn * value
+  return total, metrics

@@ -100,7 +100,8 @@ _MASK_KEY = {"hidden": "hidden", "heads": "heads", "head_size": "head_dim",
              "intermediate": "ffn"}
 
 
-def _layer_of(key: tuple) -> int | None:
+def layer_of(key: tuple) -> int | None:
+  """The encoder layer a parameter path belongs to, or None (embeddings, heads, pooler)."""
   # Encoder parameters live under encoder/layer_{i}/... (the layout of docs/INTERFACES.md).
   if len(key) > 1 and key[0] == "encoder" and key[1].startswith("layer_"):
     return int(key[1][len("layer_"):])
@@ -108,7 +109,7 @@ def _layer_of(key: tuple) -> int | None:
 
 
 def _generic(key: tuple) -> tuple:
-  return key[:1] + ("layer_*",) + key[2:] if _layer_of(key) is not None else key
+  return key[:1] + ("layer_*",) + key[2:] if layer_of(key) is not None else key
 
 
 @functools.lru_cache(maxsize=64)
@@ -133,6 +134,16 @@ def _axis_fields(config: ModelConfig, head: HeadSpec) -> dict:
                              f"{fields[key][axis]} and {field}; it cannot be masked per unit")
           fields[key][axis] = field
   return {_generic(key): tuple(f) for key, f in fields.items()}
+
+
+def axis_fields(config: ModelConfig, head: HeadSpec) -> dict:
+  """{path: per-axis field} of ``config``'s parameters: the unit each axis follows.
+
+  A field is "hidden", "heads", "head_size", "intermediate" or None (vocabulary, positions,
+  classes); :mod:`core.inherit` permutes and slices parameters by it.
+  """
+  fields = _axis_fields(config.replace(arch=_PROBE), head)
+  return {key: fields[_generic(key)] for key in param_shapes(config, head)}
 
 
 def param_mask(padded: ModelConfig, arch: Arch | Mapping[str, jax.Array],
@@ -162,7 +173,7 @@ def param_mask(padded: ModelConfig, arch: Arch | Mapping[str, jax.Array],
   fields = _axis_fields(padded.replace(arch=_PROBE), head)
   out = {}
   for key, shape in param_shapes(padded, head).items():
-    layer = _layer_of(key)
+    layer = layer_of(key)
     mask = xp.ones((), xp.float32)
     for axis, (size, field) in enumerate(zip(shape, fields[_generic(key)])):
       if field is None:

@@ -4,9 +4,8 @@ Public surface (docs/INTERFACES.md, "Model"): :class:`HeadSpec`, :func:`init`, :
 :func:`attach_head`, :func:`has_pooler` and :func:`logical_axes` (the padded-shape helpers are
 in ``core/masks.py``). Parameters are plain pytrees named after the Hugging Face layout.
 
-Architecture masks let one padded shape compute a smaller architecture exactly, which is what
-population training needs under ``jax.vmap`` (candidates of different shapes share one
-compiled step). Every masked quantity is multiplied by an exact 0/1 mask so that (a) padded
+Architecture masks let one padded shape compute a smaller architecture exactly, as population
+training needs under ``jax.vmap``. Every masked quantity is multiplied by an exact 0/1 mask so that (a) padded
 parameters never reach an active output, whatever their values, and (b) they receive exactly
 zero gradient. With ``arch_mask=None`` the plain code path runs with no mask arithmetic.
 """
@@ -50,8 +49,8 @@ class HeadSpec:
 
   Attributes:
     kind: one of ``HEAD_KINDS``.
-    num_labels: classes of a classification head; regression takes 0 or 1 and keeps 1; for
-      multiple choice the number of choices may be given (the head does not depend on it).
+    num_labels: classes of a classification head; regression takes 0 or 1 and keeps 1;
+      multiple choice may give its number of choices (unused).
     layout: ``"bert"``, ``"roberta"`` or None (the family's ``DEFAULT_LAYOUT``; see
       :meth:`resolve`). Only task heads have a layout.
   """
@@ -99,12 +98,7 @@ NO_HEAD = HeadSpec("none")
 def has_pooler(config: ModelConfig, head: HeadSpec) -> bool:
   """Whether a model of ``config`` carrying ``head`` has pooler parameters.
 
-  Args:
-    config: the model config (``config.pooler`` asks for one).
-    head: the head (BERT-layout and multiple-choice heads need one).
-
-  Returns:
-    True when ``pooler/kernel`` and ``pooler/bias`` are in the parameters.
+  ``config.pooler`` asks for one; BERT-layout and multiple-choice heads need one.
   """
   return bool(config.pooler) or head.uses_pooler(config.family)
 
@@ -201,8 +195,7 @@ class Embeddings(nn.Module):
       if token_type_ids is None:
         token_type_ids = jnp.zeros_like(input_ids)
       x = x + self.token_type_embeddings(token_type_ids)
-    # Families without a token-type table (Bort) ignore token_type_ids: the data pipeline
-    # always emits them, and they carry no information for such a model.
+    # Families without a token-type table (Bort) ignore the token_type_ids the data emits.
     x = self.LayerNorm(x, hidden_mask)
     return self.dropout(x, deterministic=deterministic)
 
@@ -212,7 +205,7 @@ class Embeddings(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention with its residual connection and post-LayerNorm."""
+  """Multi-head self-attention, residual connection and post-LayerNorm."""
 
   config: ModelConfig
 
@@ -235,6 +228,7 @@ class Attention(nn.Module):
     keep = attention_mask[:, None, None, :].astype(bool)
     logits = jnp.where(keep, logits, jnp.finfo(logits.dtype).min)
     probs = jax.nn.softmax(logits, axis=-1)
+    self.sow("intermediates", "probs", probs)  # kept only when apply asks for attentions
     probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
     context = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
     if mask is not None:
@@ -380,7 +374,7 @@ class Model(nn.Module):
     if head.kind == "mlm":
       positions = batch.get("masked_positions")
       if positions is not None:
-        # Gather before the head: the vocabulary projection is the costliest matmul.
+        # Gather first: the vocabulary projection is the costliest matmul.
         x = jnp.take_along_axis(x, positions[..., None].astype(jnp.int32), axis=1)
       out["logits"] = MLMHead(cfg, name="mlm_head")(x, embeddings.word_table(), hidden_mask)
     elif head.kind != "none":
@@ -432,7 +426,7 @@ def init(rng, config: ModelConfig, head: HeadSpec = MLM, seq_len: int = 8) -> Pa
     rng: a PRNG key.
     config: the model config (its arch fixes every shape).
     head: the output head to create.
-    seq_len: length of the dummy batch used for tracing (does not affect the shapes).
+    seq_len: length of the dummy tracing batch (no effect on shapes).
 
   Returns:
     A plain (unboxed) nested dict of float32 arrays, laid out as in docs/INTERFACES.md.
@@ -483,7 +477,7 @@ def _check_arch_mask(config: ModelConfig, arch_mask: dict):
 
 def apply(params: Params, config: ModelConfig, batch: dict, *, head: HeadSpec = MLM,
           train: bool = False, rng=None, arch_mask: dict | None = None,
-          output_hidden_states: bool = False) -> dict:
+          output_hidden_states: bool = False, output_attentions: bool = False) -> dict:
   """Runs the model.
 
   Args:
@@ -498,10 +492,12 @@ def apply(params: Params, config: ModelConfig, batch: dict, *, head: HeadSpec = 
     arch_mask: optional mask dict from :func:`make_arch_mask` (unbatched; vmap it for a
       population). None runs the plain, mask-free path.
     output_hidden_states: also return the D+1 hidden states.
+    output_attentions: also return ``attentions``, each layer's [..., A, T, T] attention
+      probabilities before dropout (off: not kept at all).
 
   Returns:
     A dict with ``hidden`` (with the batch's leading dims, so [B, C, T, H] for multiple
-    choice), optionally ``all_hidden`` and ``pooled``, and ``logits`` for a head.
+    choice), optionally ``all_hidden``, ``attentions``, ``pooled``, and ``logits``.
   """
   _check_batch(config, head, batch)
   if arch_mask is not None:
@@ -512,9 +508,16 @@ def apply(params: Params, config: ModelConfig, batch: dict, *, head: HeadSpec = 
   if head.kind != "mlm":
     inputs.pop("masked_positions", None)
   rngs = {"dropout": rng} if train else {}
-  return _module(config, head).apply(
+  out = _module(config, head).apply(
       {"params": params}, inputs, deterministic=not train, arch_mask=arch_mask,
-      output_hidden_states=output_hidden_states, rngs=rngs)
+      output_hidden_states=output_hidden_states, rngs=rngs,
+      mutable=["intermediates"] if output_attentions else False)
+  if output_attentions:
+    out, state = out
+    lead, sown = inputs["input_ids"].shape[:-1], state["intermediates"]["encoder"]
+    probs = [sown[f"layer_{i}"]["attention"]["probs"][0] for i in range(config.arch.depth)]
+    out["attentions"] = tuple(p.reshape(lead + p.shape[1:]) for p in probs)
+  return out
 
 
 def attach_head(rng, params: Params, config: ModelConfig, head: HeadSpec) -> Params:
@@ -555,13 +558,7 @@ def attach_head(rng, params: Params, config: ModelConfig, head: HeadSpec) -> Par
 def logical_axes(config: ModelConfig, head: HeadSpec = MLM) -> Params:
   """PartitionSpecs of logical axis names, with the same tree structure as the params.
 
-  Args:
-    config: the model config.
-    head: the head the parameters carry.
-
-  Returns:
-    A pytree of ``jax.sharding.PartitionSpec`` (names from vocab, embed, heads, kv, mlp,
-    position, type, classes), computed abstractly (no arrays are allocated).
+  Names from vocab, embed, heads, kv, mlp, position, type, classes; computed abstractly.
   """
   boxed = jax.eval_shape(lambda r: _boxed_init(r, config, head, 1), jax.random.key(0))
   return nn.get_partition_spec(boxed)

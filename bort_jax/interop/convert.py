@@ -30,6 +30,7 @@ import dataclasses
 import json
 import logging
 import os
+from typing import Callable
 
 import numpy as np
 from flax import traverse_util
@@ -148,13 +149,15 @@ def config_from_hf(hf_config: dict, *, family: str | None = None, pooler: bool =
   )
 
 
-def config_to_hf(config: ModelConfig, head: HeadSpec = NO_HEAD) -> dict:
+def config_to_hf(config: ModelConfig, head: HeadSpec = NO_HEAD, label_names: tuple = ()
+                 ) -> dict:
   """The config.json that describes ``config`` with ``head`` to transformers.
 
   Args:
     config: our model config.
     head: the head the weights carry (picks the architecture name; task heads add their
       labels and problem type).
+    label_names: the class names of a classification head (else ``LABEL_i``).
 
   Returns:
     A JSON-ready dict.
@@ -199,7 +202,7 @@ def config_to_hf(config: ModelConfig, head: HeadSpec = NO_HEAD) -> dict:
       "position_embedding_type": "absolute",
       "tie_word_embeddings": True,
       "dtype": "float32",
-      **hf_layout.head_config_fields(head),
+      **hf_layout.head_config_fields(head, label_names),
       EXTRA_KEY: extra,
   }
 
@@ -328,8 +331,8 @@ def _place(entries: list[hf_layout.Entry], named: dict[str, np.ndarray],
   return traverse_util.unflatten_dict(flat)
 
 
-def params_to_hf(params: dict, config: ModelConfig, head: HeadSpec | None = None
-                 ) -> tuple[dict, dict[str, np.ndarray]]:
+def params_to_hf(params: dict, config: ModelConfig, head: HeadSpec | None = None,
+                 label_names: tuple = ()) -> tuple[dict, dict[str, np.ndarray]]:
   """Lays our parameters out as a Hugging Face state dict.
 
   Args:
@@ -352,7 +355,7 @@ def params_to_hf(params: dict, config: ModelConfig, head: HeadSpec | None = None
                        "labels can be written")
     head = MLM if "mlm_head" in params else NO_HEAD
   head = head.resolve(config.family)
-  hf_config = config_to_hf(config, head)
+  hf_config = config_to_hf(config, head, label_names)
   base = "roberta" if config.family == "roberta" else "bert"
   entries = hf_layout.body_entries(config)
   if has_pooler(config, head):
@@ -480,8 +483,8 @@ def load_hf_with_head(path: str, with_mlm_head: bool | None = None, family: str 
   return config, jax.tree.map(jnp.asarray, params), head
 
 
-def save_hf(params: dict, config: ModelConfig, out_dir: str, head: HeadSpec | None = None
-            ) -> None:
+def save_hf(params: dict, config: ModelConfig, out_dir: str, head: HeadSpec | None = None,
+            label_names: tuple = (), extra: Callable[[str], None] | None = None) -> None:
   """Writes our parameters as a Hugging Face directory (config.json + model.safetensors).
 
   The class follows the head: ``*ForMaskedLM``, ``*Model``, ``*ForSequenceClassification``
@@ -489,17 +492,20 @@ def save_hf(params: dict, config: ModelConfig, out_dir: str, head: HeadSpec | No
   1-row zero token-type table); our own fields ride along in config.json's ``bort_jax`` block
   so that :func:`load_hf_with_head` gives back the same config and head. The directory is
   built under a temporary name and renamed into place (an existing one is replaced whole);
-  files get mode 0644.
+  files get normal permissions (``fileio.atomic_dir``).
 
   Args:
     params: our parameter tree.
     config: its model config.
     out_dir: directory to write.
     head: the head the params carry (see :func:`params_to_hf`).
+    label_names: class names of a classification head, for config.json's ``id2label``.
+    extra: called with the folder being built, after the weights and config.json, to add
+      files (the tokenizer and model card of ``interop.hf_export``) to the same atomic write.
   """
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
 
-  hf_config, tensors = params_to_hf(params, config, head)
+  hf_config, tensors = params_to_hf(params, config, head, label_names)
   if config.mlm_layer_norm_eps != config.layer_norm_eps and "mlm_head" in params:
     logger.warning("transformers uses layer_norm_eps=%g in the MLM head, ours %g: its logits "
                    "will differ slightly", config.layer_norm_eps, config.mlm_layer_norm_eps)
@@ -507,3 +513,5 @@ def save_hf(params: dict, config: ModelConfig, out_dir: str, head: HeadSpec | No
     save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf_config, f, indent=2, sort_keys=True)
+    if extra is not None:
+      extra(tmp)

@@ -217,13 +217,19 @@ def hf_architecture(config: ModelConfig, head: HeadSpec) -> str:
   return f"{name}ForSequenceClassification"
 
 
-def head_config_fields(head: HeadSpec) -> dict:
-  """The config.json fields transformers reads for a task head (labels and problem type)."""
+def head_config_fields(head: HeadSpec, label_names: tuple = ()) -> dict:
+  """The config.json fields transformers reads for a task head (labels and problem type).
+
+  Class names are ``label_names`` when they name every output once, else ``LABEL_i``.
+  """
   if head.kind not in ("classification", "regression"):
     return {}
   n = head.outputs
-  return {"id2label": {str(i): f"LABEL_{i}" for i in range(n)},
-          "label2id": {f"LABEL_{i}": i for i in range(n)},
+  names = [str(x) for x in label_names]
+  if head.kind != "classification" or len(names) != n or len(set(names)) != n:
+    names = [f"LABEL_{i}" for i in range(n)]
+  return {"id2label": {str(i): names[i] for i in range(n)},
+          "label2id": {names[i]: i for i in range(n)},
           "problem_type": ("regression" if head.kind == "regression"
                            else "single_label_classification")}
 

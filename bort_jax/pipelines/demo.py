@@ -22,7 +22,9 @@ Every stage resumes: a finished one is skipped (its time kept), an interrupted o
 from its checkpoints or journal; the fine-tuning stage continues at the last finished chunk
 of the population it was training. ``WORKDIR/demo_state.json`` keeps each stage's status and
 seconds (a rerun keeps the first run's times) and where the fine-tuning runs are.
-``--quick`` shortens every stage (a smoke run of the same path).
+``--quick`` shortens every stage (a smoke run of the same path); ``configs/demo.py:tiny``
+writes the synthetic suite of ``data/tiny_suite.py`` in place of the fetch (in
+``WORKDIR/tiny_suite`` unless ``config.cache_dir`` is set) and runs every stage's tiny config.
 """
 
 from __future__ import annotations
@@ -287,8 +289,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from bort_jax.data import fetch  # pylint: disable=import-outside-toplevel
   from bort_jax.pipelines import distill, extract  # pylint: disable=import-outside-toplevel
 
-  cache_dir = os.path.abspath(os.path.expanduser(config.cache_dir or fetch.default_cache_dir()))
   workdir = os.path.abspath(workdir)
+  tiny = bool(config.get("tiny"))  # the synthetic suite instead of the fetched one
+  cache_dir = os.path.abspath(os.path.expanduser(
+      config.cache_dir or (os.path.join(workdir, "tiny_suite") if tiny
+                           else fetch.default_cache_dir())))
   cfg = step_configs(config, workdir, cache_dir)
   check_configs(config, cfg)
   os.makedirs(workdir, exist_ok=True)
@@ -298,7 +303,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state.save()
 
   def fetch_stage():
-    if config.fetch:
+    if config.fetch and tiny:
+      from bort_jax.data import tiny_suite  # pylint: disable=import-outside-toplevel
+      tiny_suite.write_tiny_suite(cache_dir)
+    elif config.fetch:
       fetch.fetch(cache_dir)
     corpus_dir = os.path.join(cache_dir, "corpus")
     if not (os.path.isdir(corpus_dir) and os.listdir(corpus_dir)):

@@ -40,6 +40,9 @@ from bort_jax.pipelines import setup as run_setup
 from bort_jax.runtime import checkpoint, sharding, train
 
 TRAINABLE = ("all", "mlm_head")
+# Trainable parameters that belong to the distillation, not to the student (the hidden-state
+# projection): a subtree of the train state that the export drops.
+AUX = "distill_aux"
 
 log = logging.getLogger(__name__)
 
@@ -139,48 +142,66 @@ def check_tokenizer(tokenizer: Any, models: Models) -> None:
 
 def make_loss_fn(student: arch_lib.ModelConfig, teacher: arch_lib.ModelConfig | None,
                  loss_cfg: ml_collections.ConfigDict, trainable: str = "all",
-                 training: bool = True) -> Callable:
+                 training: bool = True, inherited: tuple[int, ...] | None = None) -> Callable:
   """``loss_fn(params, batch, rng, frozen)`` for distillation (teacher) or masked LM (none).
 
   Args:
     student: the trained model's config.
     teacher: the teacher's config, or None for plain masked-LM training.
-    loss_cfg: temperature, alpha_kd, alpha_mlm, kind ("kl" | "original").
+    loss_cfg: temperature, alpha_kd, alpha_mlm, kind ("kl" | "original"), and the
+      intermediate terms alpha_hidden, alpha_attn, layer_map (``losses.intermediate_loss``).
     trainable: "all", or "mlm_head" to train only the head on a frozen body
       (``frozen["body"]`` then holds the rest of the student's parameters).
     training: dropout on (the step's rng drives it) or off (evaluation).
+    inherited: the teacher layers an inherited student took (for ``layer_map="inherited"``).
 
   Returns:
     The loss function; its metrics hold the loss's parts and the masked-token count.
   """
+  alpha_hidden, alpha_attn = run_setup.intermediate_weights(loss_cfg)
+  deep = teacher is not None and trainable == "all" and bool(alpha_hidden or alpha_attn)
+  pairs = losses.layer_map(student.arch.depth, teacher.arch.depth,
+                           loss_cfg.get("layer_map", "uniform"), inherited) if deep else ()
+  wants = dict(output_hidden_states=bool(alpha_hidden), output_attentions=bool(alpha_attn))
 
   def loss_fn(params, batch, rng, frozen):
+    aux = params.get(AUX, {})
+    params = {k: v for k, v in params.items() if k != AUX}
     full = params if trainable == "all" else {**frozen["body"], **params}
     out = model.apply(full, student, batch, head=MLM, train=training,
-                      rng=rng if training else None)
+                      rng=rng if training else None, **(wants if deep else {}))
     labels, weights = batch["masked_labels"], batch["masked_weights"]
     if teacher is None:
       total, count = losses.mlm_loss(out["logits"], labels, weights)
       loss = losses.safe_divide(total, count)
       return loss, {"mlm_loss": loss, "masked_tokens": count}
     # The teacher runs in eval mode (no dropout) on the student's corrupted input.
-    t_out = model.apply(frozen["teacher"], teacher, batch, head=MLM, train=False)
-    teacher_logits = jax.lax.stop_gradient(t_out["logits"])
-    return losses.distillation_loss(
-        out["logits"], teacher_logits, labels, weights,
+    t_out = model.apply(frozen["teacher"], teacher, batch, head=MLM, train=False,
+                        **(wants if deep else {}))
+    t_out = jax.lax.stop_gradient(t_out)
+    loss, metrics = losses.distillation_loss(
+        out["logits"], t_out["logits"], labels, weights,
         temperature=loss_cfg.temperature, alpha_kd=loss_cfg.alpha_kd,
         alpha_mlm=loss_cfg.alpha_mlm, kind=loss_cfg.kind)
+    if deep:
+      extra, parts = losses.intermediate_loss(
+          out, t_out, batch["attention_mask"], pairs, alpha_hidden, alpha_attn,
+          aux.get("hidden_projection"))
+      loss, metrics = loss + extra, {**metrics, **parts}
+    return loss, metrics
 
   return loss_fn
 
 
-def make_eval_fn(student, teacher, loss_cfg, trainable, frozen, batches: list) -> Callable:
+def make_eval_fn(student, teacher, loss_cfg, trainable, frozen, batches: list,
+                 inherited: tuple[int, ...] | None = None) -> Callable:
   """Mean loss (and its parts) over fixed held-out batches, dropout off.
 
   Returns:
     ``eval_fn(state) -> dict`` of floats.
   """
-  loss_fn = make_loss_fn(student, teacher, loss_cfg, trainable, training=False)
+  loss_fn = make_loss_fn(student, teacher, loss_cfg, trainable, training=False,
+                         inherited=inherited)
 
   @jax.jit
   def one(params, batch, frozen_):
@@ -213,6 +234,7 @@ class Setup:
     step_fn: the compiled train step ``(state, batch, rng, frozen) -> (state, metrics)``.
     rng: the run's base key (replicated).
     source: where the state came from ("workdir", "init_from" or "scratch").
+    inherited: the teacher layers an inherited student took (None unless known).
   """
 
   models: Models
@@ -223,6 +245,7 @@ class Setup:
   step_fn: Callable
   rng: Any
   source: str
+  inherited: tuple[int, ...] | None = None
 
   @property
   def student(self) -> arch_lib.ModelConfig:
@@ -266,13 +289,17 @@ def plan(config: ml_collections.ConfigDict, models: Models,
     init_fn = lambda r: {"mlm_head": model.init(r, student, MLM)["mlm_head"]}
   else:
     init_fn = lambda r: model.init(r, student, MLM)
+  proj = run_setup.projection_shape(student, models.teacher, config.loss, models.trainable)
+  if proj is not None:  # the hidden loss's projection, leading identity until inherited
+    specs = {**specs, AUX: {"hidden_projection": jax.sharding.PartitionSpec(None, None)}}
+    init_fn = _with_projection(init_fn, proj)
   init_rng = lambda: jax.random.split(jax.random.key(seed))[0]
   abstract_params = jax.eval_shape(lambda: init_fn(init_rng()))
   param_sh = sharding.logical_to_shardings(specs, mesh, rules)
   sharding.check_divisible(abstract_params, param_sh, what=f"student ({student.arch}) parameter")
   if models.pretrained is not None:
     want = traverse_util.flatten_dict(
-        {k: v for k, v in abstract_params.items() if k != "mlm_head"})
+        {k: v for k, v in abstract_params.items() if k not in ("mlm_head", AUX)})
     masks.check_layout(models.pretrained, {k: tuple(v.shape) for k, v in want.items()},
                        "the parameters of the model to adapt")
 
@@ -300,6 +327,11 @@ def plan(config: ml_collections.ConfigDict, models: Models,
   return Plan(mesh, lambda: init_fn(init_rng()), tx, abstract_state, state_sh, frozen_sh)
 
 
+def _with_projection(init_fn: Callable, shape: tuple[int, int]) -> Callable:
+  eye = lambda: jax.numpy.eye(shape[0], shape[1], dtype=jax.numpy.float32)
+  return lambda r: {**init_fn(r), AUX: {"hidden_projection": eye()}}
+
+
 def place(tree: Any, shardings: Any) -> Any:
   """Puts a host pytree onto global shardings, each process writing only its own shards.
 
@@ -313,7 +345,8 @@ def place(tree: Any, shardings: Any) -> Any:
 
 
 def build(config: ml_collections.ConfigDict, trainable: str = "all", manager: Any = None,
-          models: Models | None = None, devices: Sequence[jax.Device] | None = None) -> Setup:
+          models: Models | None = None, devices: Sequence[jax.Device] | None = None,
+          batches: Callable[[int], list] | None = None) -> Setup:
   """Builds models, mesh, sharded state (restored or fresh) and the compiled step.
 
   Every check that can fail on user input (vocabularies, mesh divisibility, batch size) runs
@@ -326,11 +359,15 @@ def build(config: ml_collections.ConfigDict, trainable: str = "all", manager: An
       from ``config.init_from``).
     models: already loaded models (default: :func:`load_models`).
     devices: devices of the mesh (default: all).
+    batches: ``n -> [n host batches]`` of training data, the batches the teacher's importance
+      is measured on when ``config.student.init="inherit"`` (only on a fresh start, or to
+      recover the inherited layers for ``config.loss.layer_map="inherited"`` on a resume).
 
   Returns:
     :class:`Setup`.
   """
   models = models or load_models(config, trainable)
+  inheritance = run_setup.inheritance(config, models, batches)
   p = plan(config, models, devices)
   frozen = {}
   if models.teacher_params is not None:
@@ -339,7 +376,10 @@ def build(config: ml_collections.ConfigDict, trainable: str = "all", manager: An
     frozen["body"] = place(models.body, p.frozen_shardings["body"])
 
   def fresh():
-    if models.pretrained is None:
+    if inheritance is not None:
+      params = place(run_setup.inherited_params(config, models, *inheritance(), AUX),
+                     p.state_shardings.params)
+    elif models.pretrained is None:
       params = jax.jit(p.init_fn, out_shardings=p.state_shardings.params)()
     else:  # The loaded model, and the same fresh head a head-only run would start from.
       param_sh = p.state_shardings.params
@@ -351,7 +391,11 @@ def build(config: ml_collections.ConfigDict, trainable: str = "all", manager: An
   initial = checkpoint.resolve_initial_state(
       manager, config.get("init_from") or None, _with_shardings(p.abstract_state,
                                                                 p.state_shardings), fresh)
-  loss_fn = make_loss_fn(models.student, models.teacher, config.loss, models.trainable)
+  inherited = None
+  if inheritance is not None and config.loss.get("layer_map", "uniform") == "inherited":
+    inherited = inheritance()[1]
+  loss_fn = make_loss_fn(models.student, models.teacher, config.loss, models.trainable,
+                         inherited=inherited)
   # Batches arrive as global arrays already sharded over the batch axes (global_batch).
   step_fn = train.compile_step(loss_fn, p.tx, p.state_shardings, None,
                                p.frozen_shardings or None)
@@ -359,7 +403,7 @@ def build(config: ml_collections.ConfigDict, trainable: str = "all", manager: An
   rng = jax.jit(lambda: jax.random.fold_in(jax.random.key(seed), 1),
                 out_shardings=sharding.replicated(p.mesh))()
   return Setup(models, p.mesh, initial.state, p.state_shardings, frozen or None, step_fn, rng,
-               initial.source)
+               initial.source, inherited)
 
 
 def _with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -407,7 +451,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, trainable: str = "all")
       max_to_keep=config.train.get("keep_checkpoints", 2))
   stop_flag = checkpoint.install_preemption_handler()
   try:
-    built = build(config, trainable, manager, models=models)
+    # The same batches in every process (each gathers the global batch), so every process
+    # measures the same importance and inherits the same student.
+    first = lambda n: [_fetch(inputs.batch(i)) for i in range(n)]
+    built = build(config, trainable, manager, models=models, batches=first)
     get_batch = lambda step: sharding.global_batch(inputs.batch(step), built.mesh)
     eval_fn = None
     if config.train.get("eval_batches", 0) and config.train.get("eval_every", 0):
@@ -415,7 +462,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, trainable: str = "all")
       batches = [sharding.global_batch(held_out.batch(i), built.mesh)
                  for i in range(config.train.eval_batches)]
       eval_fn = make_eval_fn(models.student, models.teacher, config.loss, trainable,
-                             built.frozen, batches)
+                             built.frozen, batches, built.inherited)
     loop = train.LoopConfig(
         total_steps=config.train.total_steps, log_every=config.train.log_every,
         checkpoint_every=config.train.checkpoint_every,
@@ -450,7 +497,7 @@ def export(params: Any, built: Setup, workdir: str) -> str:
   Returns:
     The export directory.
   """
-  host = _fetch(params)
+  host = {k: v for k, v in _fetch(params).items() if k != AUX}  # the distillation's own
   if built.models.trainable == "mlm_head":
     host = {**_fetch(built.frozen["body"]), **host}
   out = os.path.join(workdir, "export")

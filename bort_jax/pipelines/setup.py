@@ -9,6 +9,7 @@ of those three steps, so no pipeline borrows its setup from another.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from typing import Any
 
@@ -16,6 +17,7 @@ import jax
 import ml_collections
 
 from bort_jax.core import arch as arch_lib
+from bort_jax.core import inherit as inherit_lib
 from bort_jax.interop import export as export_lib
 from bort_jax.runtime import sharding
 
@@ -98,6 +100,65 @@ def student_config(student_cfg: ml_collections.ConfigDict,
         "logits over one vocabulary. Use config.student.family='teacher' or set "
         "config.student.overrides.vocab_size.")
   return config
+
+
+# ----------------------------------------------------------------------------- inheriting
+
+
+def intermediate_weights(loss_cfg: ml_collections.ConfigDict) -> tuple[float, float]:
+  """``(alpha_hidden, alpha_attn)`` of ``config.loss`` (0 when absent: the paper's loss)."""
+  return float(loss_cfg.get("alpha_hidden", 0.0)), float(loss_cfg.get("alpha_attn", 0.0))
+
+
+def projection_shape(student: arch_lib.ModelConfig, teacher: arch_lib.ModelConfig | None,
+                     loss_cfg: ml_collections.ConfigDict, trainable: str = "all"):
+  """``(H_s, H_t)`` when the hidden loss needs a learned projection (widths differ), else None."""
+  if teacher is None or trainable != "all" or not intermediate_weights(loss_cfg)[0]:
+    return None
+  if student.arch.hidden == teacher.arch.hidden:
+    return None
+  return (student.arch.hidden, teacher.arch.hidden)
+
+
+def inheritance(config: ml_collections.ConfigDict, models: Any,
+                 batches: Callable[[int], list] | None) -> Callable | None:
+  """``() -> (importance, kept layers)``, measured once when first asked; None: no inheriting."""
+  if config.student.get("init", "random") != "inherit":
+    return None
+  if models.teacher_params is None or models.trainable != "all" or models.pretrained is not None:
+    raise ValueError("config.student.init='inherit' needs a teacher and a student built from "
+                     "config.student.arch (not config.student.path)")
+  if batches is None:
+    raise ValueError("config.student.init='inherit' needs training batches to measure the "
+                     "teacher's importance on")
+  memo = []
+
+  def get():
+    if not memo:
+      n = int(config.student.get("importance_batches", 4))
+      imp = inherit_lib.importance(models.teacher_params, models.teacher, batches(n))
+      layers = inherit_lib.select_layers(imp, models.student.arch.depth)
+      share = inherit_lib.kept_share(imp, models.student, layers)
+      logging.getLogger(__name__).info(
+          "inherit: teacher layers %s kept; share of the teacher's importance kept: %s "
+          "(measured on %d batches)", list(layers),
+          ", ".join(f"{k} {v:.3f}" for k, v in share.items()), n)
+      memo.append((imp, layers))
+    return memo[0]
+
+  return get
+
+
+def inherited_params(config: ml_collections.ConfigDict, models: Any, imp: Any,
+                     layers: tuple[int, ...], aux: str) -> Any:
+  """Host parameters of an inherited student (plus the hidden projection, when it has one)."""
+  rng = jax.random.key(int(config.seed))
+  params = inherit_lib.inherit(models.teacher_params, models.teacher, models.student, imp,
+                               layers, rng=rng)
+  proj = projection_shape(models.student, models.teacher, config.loss, models.trainable)
+  if proj is not None:
+    params[aux] = {"hidden_projection": inherit_lib.hidden_projection(imp, *proj)}
+  return params
 
 
 # ----------------------------------------------------------------------------- data
@@ -197,6 +258,7 @@ def check_config(config: ml_collections.ConfigDict, paths: bool = True) -> None:
                        f"{', '.join(losses.KD_KINDS)}")
     if not config.loss.temperature > 0:
       raise ValueError(f"config.loss.temperature={config.loss.temperature!r}: must be > 0")
+    _check_intermediate(config)
   if "data" in config:
     _check_data(config.data)
   if "teacher" in config:
@@ -208,6 +270,33 @@ def check_config(config: ml_collections.ConfigDict, paths: bool = True) -> None:
                               sharding.make_mesh(dict(config.mesh)))
   if paths:  # last: a bad value is reported before a missing file
     _check_paths(config)
+
+
+INITS = ("random", "inherit")
+
+
+def _check_intermediate(config: ml_collections.ConfigDict) -> None:
+  """The student's init and the intermediate-layer loss fields."""
+  from bort_jax.core import losses  # pylint: disable=import-outside-toplevel
+  for field in ("alpha_hidden", "alpha_attn"):
+    value = config.loss.get(field, 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+      raise ValueError(f"config.loss.{field}={value!r}: must be a number >= 0 (0 turns the "
+                       "term off)")
+  layer_map = config.loss.get("layer_map", "uniform")
+  if layer_map not in losses.LAYER_MAPS:
+    raise ValueError(f"config.loss.layer_map={layer_map!r}: must be one of "
+                     f"{', '.join(losses.LAYER_MAPS)}")
+  student = config.get("student") or {}
+  init = student.get("init", "random")
+  if init not in INITS:
+    raise ValueError(f"config.student.init={init!r}: must be one of {', '.join(INITS)}")
+  if "importance_batches" in student:
+    _integer("student", student, "importance_batches", 1, "an integer >= 1 (batches the "
+             "teacher's importance is measured on)")
+  if layer_map == "inherited" and init != "inherit":
+    raise ValueError("config.loss.layer_map='inherited' needs config.student.init='inherit' "
+                     "(a random student inherited no layers); use layer_map='uniform'")
 
 
 def optimizer_config(config: ml_collections.ConfigDict) -> dict:

@@ -33,7 +33,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> str:
       f.write(text)
       f.flush()
       os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp makes the file owner-only; these are plain outputs
+    os.chmod(tmp, normal_modes()[0])  # mkstemp makes the file owner-only; plain outputs
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -82,6 +82,14 @@ def _finite_or_none(value: Any) -> Any:
   return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+def normal_modes() -> tuple[int, int]:
+  """``(file mode, folder mode)`` that ``open`` and ``mkdir`` would give: 0666 and 0777 less
+  the process's umask (read by setting it and putting it straight back)."""
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return 0o666 & ~mask, 0o777 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
   """Builds a folder under a temporary name beside ``path`` and renames it into place.
@@ -90,7 +98,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
   sees either no folder, the old one, or the complete new one: a crash inside the block leaves
   only a hidden ``.NAME-*.tmp`` folder, which the next call for the same path removes. An
   existing folder at ``path`` is replaced only after the new one is complete. Files written
-  inside get normal permissions (folders 0755, files 0644).
+  inside get normal permissions, those of ``open`` and ``mkdir`` (:func:`normal_modes`: 0644
+  and 0755 under the usual umask 022), not the owner-only 0700 of the temporary folder.
 
   Yields:
     The temporary folder to write into.
@@ -104,10 +113,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
   tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}-", suffix=".tmp")
   try:
     yield tmp
-    for root, dirs, files in os.walk(tmp):
-      os.chmod(root, 0o755)
+    file_mode, dir_mode = normal_modes()
+    for root, _, files in os.walk(tmp):
+      os.chmod(root, dir_mode)
       for f in files:
-        os.chmod(os.path.join(root, f), 0o644)
+        os.chmod(os.path.join(root, f), file_mode)
     if os.path.isdir(path):
       old = tempfile.mkdtemp(dir=parent, prefix=f".{name}-", suffix=".tmp")
       os.rmdir(old)

@@ -1,34 +1,69 @@
-"""The whole demo pipeline: fetch, teacher-adapt, extract, distil (``bort-jax demo``).
+"""The whole demo: fetch, teacher-adapt, extract, distil, fine-tune, report (``bort-jax demo``).
 
     bort-jax demo --workdir=runs/demo [--cache-dir=DIR] [--quick]
 
-Holds the three step configs (``adapt``, ``extract``, ``distill``) as they come from
-``pretrain_demo.py:adapt``, ``extract_demo.py`` and ``pretrain_demo.py``; the pipeline points
-their data at the cache and their teacher at the workdir's adapted one, so any of their fields
-can be overridden here (``--config.distill.train.total_steps=400``). Args: ``quick`` (the same
-as ``--quick``: every step shortened, a smoke run of the same path); ``tiny`` (every stage on
-the tiny synthetic suite of ``data/tiny_suite.py`` with the steps' own ``tiny`` configs: about
-a minute on a CPU, no network; the notebook's test mode).
+Holds the step configs: ``adapt``, ``extract`` and ``distill`` as they come from
+``pretrain_demo.py:adapt``, ``extract_demo.py`` and ``pretrain_demo.py``; ``finetune`` (the
+student's) and ``finetune_teacher`` from ``finetune.py`` (a population of seeds per task);
+``report`` from ``report.py``. The pipeline points their data at the cache and their models at
+the workdir's, so any of their fields can be overridden here
+(``--config.distill.train.total_steps=400``, ``--config.finetune.population.seeds=5``).
+Each task's fine-tuning length and sequence length are ``finetune_tasks.<name>.steps`` /
+``.seq_len``; a non-zero ``finetune.train.total_steps`` (or ``finetune_teacher``'s) overrides
+the steps of every task for that model. Args: ``quick`` (the same as ``--quick``: every stage
+shortened, a smoke run of the same path); ``tiny`` (every stage's tiny config on the
+synthetic suite of ``data/tiny_suite.py``, written in place of the fetch: a few minutes on a
+CPU, no network; the notebook's test mode; tests with their own tiny assets set
+``config.fetch=False``).
 """
 
 import ml_collections
 
 from configs import common
 from configs import extract_demo
+from configs import finetune
 from configs import pretrain_demo
+from configs import report
+
+# The demo's tasks: steps of batch 8 (fine-tuning length) and tokens per example. Short runs
+# on a 2-core CPU: the MiniLM teacher takes most of the stage (its results are cached).
+TASKS = {"vitaminc": (150, 128), "movie_sentiment": (100, 64), "social_iqa": (150, 64)}
+
+
+def _finetune_block(tiny: bool, seeds: int) -> ml_collections.ConfigDict:
+  """One model's fine-tuning: a population of seeds, the dev score on the first records."""
+  config = finetune.get_config(f"task=demo/movie_sentiment,seeds={seeds}"
+                               + (",tiny" if tiny else ""))
+  config.train.total_steps = 0         # 0: finetune_tasks.<task>.steps
+  config.train.eval_every = 100        # a population checkpoint (and dev score) per chunk
+  config.max_dev_examples = 500        # dev score on 500 records spread over the split (0 = all)
+  config.predict_test = False
+  return config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, {"quick": common.FLAG, "tiny": common.FLAG}, "demo.py")
-  tiny = ",tiny" if args.get("tiny") else ""
+  tiny = bool(args.get("tiny"))
   config = ml_collections.ConfigDict()
   config.cache_dir = ""                # "" = $BORT_JAX_CACHE or ~/.cache/bort_jax
-  config.quick = bool(args.get("quick"))  # shorten every step (a smoke run)
-  config.tiny = bool(tiny)             # synthetic suite in cache_dir ("" = WORKDIR/tiny_suite)
-  config.adapt = pretrain_demo.get_config("adapt" + tiny)
-  config.extract = extract_demo.get_config(tiny[1:] or None)
-  config.distill = pretrain_demo.get_config(tiny[1:] or None)
+  config.quick = bool(args.get("quick"))  # shorten every stage (a smoke run)
+  config.fetch = True                  # False: use the cache as it is (an offline copy, tests)
+  config.tiny = tiny                   # fetch = write the synthetic suite of data/tiny_suite.py
+                                       # (in cache_dir; "" = WORKDIR/tiny_suite)
+  config.adapt = pretrain_demo.get_config("adapt,tiny" if tiny else "adapt")
+  config.extract = extract_demo.get_config("tiny" if tiny else None)
+  config.distill = pretrain_demo.get_config("tiny" if tiny else None)
+  config.finetune = _finetune_block(tiny, seeds=3)          # the student's
+  config.finetune_teacher = _finetune_block(tiny, seeds=2)  # the teacher's (22 M parameters)
+  config.finetune_tasks = ml_collections.ConfigDict(
+      {name: {"steps": 4 if tiny else steps, "seq_len": 32 if tiny else seq_len}
+       for name, (steps, seq_len) in TASKS.items()})
   if tiny:  # one compiled proxy bucket: the extraction's code path, not a search worth reading
     config.extract.space.hidden = (32,)
     config.extract.space.heads = (2,)
+    for block in (config.finetune, config.finetune_teacher):
+      block.train.eval_every = 2
+      block.population.seeds = 2
+      block.max_dev_examples = 16
+  config.report = report.get_config("tiny" if tiny else None)
   return config

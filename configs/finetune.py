@@ -72,6 +72,8 @@ def get_config(arg=None):
   config.seq_len = 128
   config.batch_size = 8
   config.eval_batch_size = 32
+  config.max_dev_examples = 0          # score N records spread evenly over each dev split (0 =
+                                       # all); the reports say so (population.json: dev_records)
 
   config.optim = ml_collections.ConfigDict()
   config.optim.name = "adam_nobc"      # Bort's Adam without bias correction

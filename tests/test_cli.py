@@ -13,7 +13,8 @@ CONFIG_MODES = {"teacher-adapt": "config.adapt.trainable = 'all'",
                 "distill": "config.train.total_steps = 200",
                 "extract": "config.fptas.eps = 3",
                 "demo": "config.distill.train.total_steps = 200",
-                "finetune": "config.task = 'glue/rte'"}
+                "finetune": "config.task = 'glue/rte'",
+                "report": "config.rounds = 10"}
 
 
 @pytest.mark.parametrize("mode", list(cli_main.MODES))

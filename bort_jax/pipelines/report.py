@@ -1,0 +1,424 @@
+"""``bort-jax report --workdir=W``: one Markdown page of a demo workdir, with its figures.
+
+Writes ``W/report/report.md`` and the PNGs it embeds (``pareto.png``, ``distill.png``,
+``finetune.png``, and ``audit.png`` copied from the extraction when it made one):
+
+* the stages and their times (``W/demo_state.json``);
+* the extraction: the best candidates by W and the Pareto plot drawn from
+  ``extract/results.json``, its size axis the count W used (``config.extract.cost.size``);
+* the distillation curves: the student's training and held-out masked-LM loss against steps
+  (``distill/metrics.jsonl``) and the adapted teacher's held-out loss as a line;
+* fine-tuning: per task and model, the dev metric's mean +- std over the seeds of the best
+  setting (``population.json``), the majority-class baseline on the same dev records and the
+  dev set's standard error; Agora's best where an ``agora.json`` exists;
+* speed: student, teacher and BERT shapes timed side by side (``cost.interleaved_latency``:
+  rounds of A B C ..., median and interquartile range), kept in ``report/speed.json``.
+
+Decisions: the report reads files only (it trains nothing); anything missing is listed as
+"not run", so it works on a partial workdir. The headline is the student's mean dev score over
+the tasks as a share of the teacher's, the same as a share of the teacher's margin above the
+majority baseline (``(student - majority) / (teacher - majority)``, the fairer number when the
+baseline is high), and the teacher's median latency over the student's.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import shutil
+from typing import Any
+
+import ml_collections
+
+from bort_jax.pipelines import report_plots
+from bort_jax.runtime.fileio import atomic_write_text, to_jsonable
+
+STATE_FILE = "demo_state.json"
+REPORT_DIR = "report"
+MODELS = ("student", "teacher")
+NOT_RUN = "not run"
+
+
+def read_json(path: str) -> Any:
+  """A JSON file's content, or None when it is missing or cut short."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def read_jsonl(path: str) -> list[dict]:
+  """The complete lines of a JSON-lines file (a line cut short by a kill is skipped)."""
+  out = []
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          out.append(json.loads(line))
+        except ValueError:
+          continue
+  return out
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+  if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    return "-"
+  return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def stages_section(state: dict) -> list[str]:
+  """The demo's stages with their status and time (from ``demo_state.json``)."""
+  stages = state.get("stages") or {}
+  if not stages:
+    return ["## Stages", "", f"No `{STATE_FILE}`: this workdir was not made by `bort-jax "
+            "demo` (the sections below read its files directly).", ""]
+  lines = ["## Stages", "", "| stage | status | time (s) |", "|---|---|---|"]
+  # The report stage is writing this page: its own row would always read "not run".
+  stages = {k: v for k, v in stages.items() if k != "report"}
+  for name, entry in stages.items():
+    status = "done" if entry.get("done") else ("started" if entry.get("seconds") else NOT_RUN)
+    lines.append(f"| {name} | {status} | {_fmt(float(entry.get('seconds') or 0.0), 0)} |")
+  total = sum(float(e.get("seconds") or 0.0) for e in stages.values())
+  return lines + [f"| total | | {total:.0f} |", ""]
+
+
+# ----------------------------------------------------------------------------- extraction
+
+
+def _size_label(rows: list[dict], size: str | None) -> str:
+  """Which parameter count W used as p (the demo state says; else from the extra columns)."""
+  if size is None and rows:
+    extra = rows[0].get("extra") or {}
+    size = "total" if "params_effective" in extra else (
+        "effective" if "params_total" in extra else None)
+  what = {"total": "total parameters", "effective": "effective parameters (no embeddings)"}
+  return f"p = {what.get(size, 'parameters')} used by W (M)"
+
+
+def extraction_section(workdir: str, out_dir: str, state: dict) -> tuple[list[str], dict]:
+  """The top candidates by W, the Pareto plot and the extraction audit (when present)."""
+  extract_dir = os.path.join(workdir, "extract")
+  result = read_json(os.path.join(extract_dir, "results.json"))
+  lines = ["## Extraction", ""]
+  if not result or not result.get("rows"):
+    return lines + [f"Extraction: {NOT_RUN}.", ""], {}
+  rows = result["rows"]
+  cost_cfg = state.get("extract_cost") or {}
+  flops = cost_cfg.get("inference", "flops" if float(result.get("i_T", 1e9)) > 1e4
+                       else "latency") == "flops"
+  scale, unit = (1e-9, "GFLOPs") if flops else (1.0, "ms")
+  cost_label = (f"i = forward {unit}" + (f" (batch {cost_cfg['batch']}, {cost_cfg['seq_len']} "
+                                         "tokens)" if "batch" in cost_cfg else ""))
+  ranked = sorted((r for r in rows if r.get("w") is not None), key=lambda r: -float(r["w"]))
+  lines += [f"Chosen: **{result['best']}** (W = {float(result['best_w']):.4f}) of {len(rows)} "
+            f"candidates, eps = {result.get('eps')}, rule {result.get('rule')}. The best "
+            f"{min(10, len(ranked))} by W (the full table: `extract/results.md`):", "",
+            f"| rank | candidate | p (M) | {cost_label} | proxy error e | W |",
+            "|---|---|---|---|---|---|"]
+  for k, r in enumerate(ranked[:10]):
+    lines.append(f"| {k + 1} | {r['name']} | {float(r['p']) / 1e6:.4g} | "
+                 f"{float(r['i']) * scale:.4g} | {_fmt(r.get('e'), 4)} | "
+                 f"{float(r['w']):.4f} |")
+  lines.append("")
+  try:
+    report_plots.pareto(rows, result["best"], _size_label(rows, cost_cfg.get("size")),
+                        cost_label, scale, os.path.join(out_dir, "pareto.png"))
+    lines += ["![Pareto plot](pareto.png)", ""]
+  except ValueError as error:
+    lines += [f"No Pareto plot: {error}.", ""]
+  lines += _audit_lines(extract_dir, out_dir)
+  return lines, {"chosen": result["best"], "w": result["best_w"]}
+
+
+def _audit_lines(extract_dir: str, out_dir: str) -> list[str]:
+  """The extraction's audit of its proxy (``audit.json`` / ``audit.png``), when it has one."""
+  audit = read_json(os.path.join(extract_dir, "audit.json"))
+  lines = ["### Proxy audit", ""]
+  if audit is None and not os.path.exists(os.path.join(extract_dir, "audit.png")):
+    return lines + [f"Audit of the proxy: {NOT_RUN}.", ""]
+  if isinstance(audit, dict):
+    shown = {k: v for k, v in audit.items() if isinstance(v, (int, float, str, bool))}
+    lines += [f"- {k}: {_fmt(v, 4) if isinstance(v, float) else v}" for k, v in shown.items()]
+    lines.append("")
+  if os.path.exists(os.path.join(extract_dir, "audit.png")):
+    shutil.copyfile(os.path.join(extract_dir, "audit.png"), os.path.join(out_dir, "audit.png"))
+    lines += ["![Proxy audit](audit.png)", ""]
+  return lines
+
+
+# ----------------------------------------------------------------------------- distillation
+
+
+def _curve(records: list[dict], keys: tuple[str, ...]) -> list[tuple[int, float]]:
+  for key in keys:
+    points = [(int(r["step"]), float(r[key])) for r in records if key in r]
+    if points:
+      return points
+  return []
+
+
+def distill_section(workdir: str, out_dir: str) -> tuple[list[str], dict]:
+  """The student's masked-LM loss curves against the teacher's held-out level."""
+  records = read_jsonl(os.path.join(workdir, "distill", "metrics.jsonl"))
+  lines = ["## Distillation", ""]
+  train = _curve(records, ("mlm_loss", "loss"))
+  heldout = _curve(records, ("eval_mlm_loss", "eval_loss"))
+  if not train and not heldout:
+    return lines + [f"Distillation: {NOT_RUN}.", ""], {}
+  teacher_curve = _curve(read_jsonl(os.path.join(workdir, "teacher", "metrics.jsonl")),
+                         ("eval_mlm_loss", "eval_loss"))
+  teacher = teacher_curve[-1][1] if teacher_curve else None
+  report_plots.distill_curves(train, heldout, teacher, os.path.join(out_dir, "distill.png"))
+  info = {"steps": max(s for s, _ in train + heldout),
+          "student_heldout": heldout[-1][1] if heldout else None,
+          "teacher_heldout": teacher}
+  lines += [f"{info['steps']} steps. Held-out masked-LM loss: student "
+            f"{_fmt(info['student_heldout'])}, teacher {_fmt(teacher)} (nats per masked "
+            "token).", "", "![Distillation curves](distill.png)", ""]
+  return lines, info
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def finetune_runs(workdir: str, state: dict) -> dict[str, list[str]]:
+  """Each model's fine-tuning run folders: as the demo recorded them (the teacher's live in
+  the cache), else every ``WORKDIR/finetune/<model>/*`` folder."""
+  runs = dict(state.get("finetune_runs") or {})
+  for model_name in MODELS:
+    if model_name not in runs:
+      runs[model_name] = sorted(glob.glob(os.path.join(workdir, "finetune", model_name, "*")))
+  return runs
+
+
+def _best_setting(population: dict) -> dict | None:
+  """The setting with the best mean dev metric, its stats under ``"stats"``."""
+  metric = population["metric"]
+  rows = [r for r in population.get("settings", []) if metric in r]
+  if not rows:
+    return None
+  row = max(rows, key=lambda r: r[metric]["mean"])
+  return dict(row, stats=row[metric])
+
+
+def finetune_rows(runs: dict[str, list[str]]) -> list[dict]:
+  """One row per task: its metric, dev records, majority baseline and each model's stats."""
+  rows: dict[str, dict] = {}
+  for model_name, folders in runs.items():
+    for folder in folders:
+      path = os.path.join(folder, "population.json")
+      population = read_json(path)
+      if not population or "metric" not in population:
+        continue
+      row = rows.setdefault(population["task"], {
+          "task": population["task"], "metric": population["metric"],
+          "dev_records": population.get("dev_records"),
+          "max_dev_examples": population.get("max_dev_examples", 0),
+          "majority": (population.get("majority") or {}).get(population["metric"])})
+      best = _best_setting(population)
+      if best is not None:
+        row[model_name] = dict(best["stats"], steps=population.get("total_steps"),
+                               setting={k: best[k] for k in ("lr", "weight_decay", "warmup")
+                                        if k in best})
+      agora = read_json(os.path.join(os.path.dirname(path) + "_agora", "agora.json"))
+      if agora and isinstance(agora.get("best"), dict):
+        row[f"{model_name}_agora"] = agora["best"].get("accuracy")
+  return [rows[k] for k in sorted(rows)]
+
+
+def _stats_cell(stats: dict | None) -> str:
+  if not stats:
+    return NOT_RUN
+  return (f"{100 * stats['mean']:.1f} +- {100 * stats['std']:.1f} "
+          f"(n={len(stats.get('values', []))}, {stats.get('steps', '?')} steps)")
+
+
+def standard_error(p: float | None, n: int | None) -> float | None:
+  """The standard error of an accuracy ``p`` measured on ``n`` dev records."""
+  if p is None or not n:
+    return None
+  return math.sqrt(max(p * (1 - p), 0.0) / n)
+
+
+def finetune_section(rows: list[dict], out_dir: str) -> list[str]:
+  """The fine-tuning table (and its bar chart)."""
+  lines = ["## Fine-tuning", ""]
+  if not rows:
+    return lines + [f"Fine-tuning: {NOT_RUN}.", ""]
+  capped = [r for r in rows if r.get("max_dev_examples")]
+  if capped:
+    lines += [f"Dev scores are on {capped[0]['max_dev_examples']} records spread evenly over "
+              "each dev split (all of a smaller split; the count is in the table), the "
+              "majority baseline on the same records.", ""]
+  lines += ["Scores in %: mean +- standard deviation over seeds (sample std), the best "
+            "setting by mean; SE is the dev set's standard error of the teacher's mean.", "",
+            "| task | metric | dev records | majority | student | teacher | student / "
+            "teacher | SE |", "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    s, t = r.get("student"), r.get("teacher")
+    ratio = s["mean"] / t["mean"] if s and t and t["mean"] else None
+    se = standard_error(t["mean"] if t else (s or {}).get("mean"), r.get("dev_records"))
+    lines.append(f"| {r['task']} | {r['metric']} | {_fmt(r.get('dev_records'))} | "
+                 f"{_fmt(100 * r['majority'] if r.get('majority') is not None else None, 1)} | "
+                 f"{_stats_cell(s)} | {_stats_cell(t)} | {_fmt(ratio)} | "
+                 f"{_fmt(100 * se if se is not None else None, 1)} |")
+  agora = [r for r in rows if any(f"{m}_agora" in r for m in MODELS)]
+  lines.append("")
+  if agora:
+    lines += ["Agora (binary cast, best accuracy %): " + "; ".join(
+        f"{r['task']} " + ", ".join(f"{m} {100 * r[f'{m}_agora']:.1f}" for m in MODELS
+                                    if f"{m}_agora" in r) for r in agora), ""]
+  else:
+    lines += ["Agora: not run (plain fine-tuning only).", ""]
+  report_plots.finetune_bars(rows, os.path.join(out_dir, "finetune.png"))
+  return lines + ["![Fine-tuning](finetune.png)", ""]
+
+
+# ----------------------------------------------------------------------------- speed
+
+
+def speed_models(workdir: str, config: ml_collections.ConfigDict) -> dict:
+  """name -> ModelConfig of the student, the teacher and ``config.speed_models``."""
+  from bort_jax.core import arch as arch_lib  # pylint: disable=import-outside-toplevel
+  from bort_jax.interop import export  # pylint: disable=import-outside-toplevel
+  models = {}
+  for name, sub in (("student", "distill"), ("teacher", "teacher")):
+    try:
+      models[name] = export.load_config(os.path.join(workdir, sub, "export"))
+    except (ValueError, OSError):
+      continue
+  for preset in config.speed_models:
+    models[preset] = arch_lib.get_model_config(preset)
+  return models
+
+
+def measure_speed(workdir: str, config: ml_collections.ConfigDict, out_dir: str) -> dict:
+  """Latency of every model, measured side by side, or reused from ``speed.json``."""
+  from bort_jax.core import cost  # pylint: disable=import-outside-toplevel
+  models = speed_models(workdir, config)
+  if "student" not in models:
+    return {}
+  key = {"models": {k: str(v.arch) for k, v in models.items()}, "batch": int(config.batch),
+         "seq_len": int(config.seq_len), "rounds": int(config.rounds)}
+  path = os.path.join(out_dir, "speed.json")
+  cached = read_json(path)
+  if cached and cached.get("key") == key and not config.remeasure:
+    return cached
+  print(f"report: timing {', '.join(models)} ({config.rounds} interleaved rounds)",
+        flush=True)
+  timings = cost.interleaved_latency(models, int(config.batch), int(config.seq_len),
+                                     int(config.rounds), int(config.warmup))
+  for name, c in models.items():
+    counts = cost.param_counts(c, head="none")
+    timings[name].update(params_total=counts["total"], params_effective=counts["effective"],
+                         gflops=cost.forward_flops(c, int(config.batch),
+                                                   int(config.seq_len))["total"] / 1e9)
+  out = {"key": key, "timings": timings}
+  atomic_write_text(path, json.dumps(to_jsonable(out), indent=2))
+  return out
+
+
+def speed_section(speed: dict, config: ml_collections.ConfigDict) -> list[str]:
+  """The speed table: counts, FLOPs and measured latency with its spread."""
+  lines = ["## Speed", ""]
+  if not speed:
+    return lines + [f"Speed: {NOT_RUN} (no distilled student).", ""]
+  timings = speed["timings"]
+  first = next(iter(timings.values()))
+  lines += [f"Forward pass at batch {config.batch} x {config.seq_len} tokens on this "
+            f"machine ({first['device']}, random weights, no head), {config.rounds} rounds "
+            "timed interleaved (A B C A B C ...): median and interquartile range.", "",
+            "| model | arch | params (M, total) | GFLOPs | median (ms) | IQR (ms) | "
+            "x student's latency |", "|---|---|---|---|---|---|---|"]
+  student = timings["student"]["median_ms"]
+  for name, t in timings.items():
+    lines.append(f"| {name} | {t['arch']} | {t['params_total'] / 1e6:.4g} | "
+                 f"{t['gflops']:.4g} | {t['median_ms']:.2f} | {t['iqr_ms']:.2f} | "
+                 f"{t['median_ms'] / student:.1f} |")
+  return lines + [""]
+
+
+# ----------------------------------------------------------------------------- the page
+
+
+def headline(rows: list[dict], speed: dict) -> dict:
+  """The student's share of the teacher's dev score and of its margin; the speed-up."""
+  both = [r for r in rows if r.get("student") and r.get("teacher")]
+  out: dict[str, Any] = {"tasks": [r["task"] for r in both]}
+  if both:
+    s = sum(r["student"]["mean"] for r in both) / len(both)
+    t = sum(r["teacher"]["mean"] for r in both) / len(both)
+    out.update(student_mean=s, teacher_mean=t, share=s / t if t else None)
+    if all(r.get("majority") is not None for r in both):
+      m = sum(r["majority"] for r in both) / len(both)
+      # A share of a margin the teacher does not have means nothing: None.
+      out.update(majority_mean=m, margin_share=(s - m) / (t - m) if t > m else None)
+  timings = (speed or {}).get("timings", {})
+  if "student" in timings and "teacher" in timings:
+    out["speedup"] = timings["teacher"]["median_ms"] / timings["student"]["median_ms"]
+  return out
+
+
+def headline_text(head: dict) -> str:
+  """The headline as one sentence."""
+  parts = []
+  if head.get("share") is not None:
+    parts.append(f"the student reaches {100 * head['share']:.1f}% of the teacher's mean dev "
+                 f"score over {len(head['tasks'])} tasks ({100 * head['student_mean']:.1f} vs "
+                 f"{100 * head['teacher_mean']:.1f})")
+    if head.get("margin_share") is not None:
+      parts.append(f"{100 * head['margin_share']:.1f}% of the teacher's margin above the "
+                   f"majority class ({100 * head['majority_mean']:.1f})")
+    elif head.get("majority_mean") is not None:
+      parts.append(f"with the teacher not above the majority class "
+                   f"({100 * head['majority_mean']:.1f}), so no share of its margin")
+  if head.get("speedup") is not None:
+    parts.append(f"{'and it' if parts else 'the student'} runs {head['speedup']:.1f}x faster "
+                 "than the teacher (measured median latency)")
+  return ("Headline: " + ", ".join(parts) + ".") if parts else "Headline: not available yet."
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Writes ``workdir/report/report.md`` and its PNGs; returns the headline and the path.
+
+  Raises:
+    FileNotFoundError: ``workdir`` is not a directory.
+  """
+  workdir = os.path.abspath(workdir)
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"--workdir={workdir} is not a directory: run `bort-jax demo "
+                            "--workdir=...` first (or point at one it made)")
+  for field in ("batch", "seq_len", "rounds"):
+    if int(config[field]) < 1:
+      raise ValueError(f"config.{field}={config[field]} must be >= 1")
+  out_dir = os.path.join(workdir, REPORT_DIR)
+  os.makedirs(out_dir, exist_ok=True)
+  state = read_json(os.path.join(workdir, STATE_FILE)) or {}
+  extract_lines, extracted = extraction_section(workdir, out_dir, state)
+  distill_lines, distilled = distill_section(workdir, out_dir)
+  rows = finetune_rows(finetune_runs(workdir, state))
+  speed = measure_speed(workdir, config, out_dir)
+  head = headline(rows, speed)
+  lines = ["# bort_jax demo report", "", headline_text(head), ""]
+  lines += stages_section(state) + extract_lines + distill_lines
+  lines += finetune_section(rows, out_dir) + speed_section(speed, config)
+  path = os.path.join(out_dir, "report.md")
+  atomic_write_text(path, "\n".join(lines))
+  summary = {"report": path, "headline": head, "extraction": extracted,
+             "distillation": distilled, "finetune": rows}
+  atomic_write_text(os.path.join(out_dir, "report.json"), json.dumps(to_jsonable(summary),
+                                                                      indent=2))
+  return summary
+
+
+def cli_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """``bort-jax report``: :func:`run`, then where the page is and its headline."""
+  summary = run(config, workdir)
+  print(f"Report: {summary['report']}\n{headline_text(summary['headline'])}", flush=True)
+  return summary

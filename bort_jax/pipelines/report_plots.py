@@ -1,0 +1,145 @@
+"""The report's figures: the extraction's Pareto plot, distillation curves, fine-tuning bars.
+
+Every axis is in plain units (M parameters, GFLOPs, ms, nats) with plain tick labels: no
+offset and no scientific notation, so a reader copies numbers off the axes as printed. Each
+function takes plain data (lists and dicts read by ``report.py``), writes one PNG atomically
+and returns its path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from bort_jax.search import report as search_report
+
+
+def _figure(width: float, height: float):
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  fig = Figure(figsize=(width, height), dpi=110)
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def _plain(ax, log_x: bool = False, axis: str = "both") -> None:
+  """Plain tick labels (no offset, no 1e6 factor); a log x axis keeps plain numbers too.
+
+  ``axis="y"`` for a plot whose x ticks are names.
+  """
+  from matplotlib.ticker import FuncFormatter, NullFormatter  # pylint: disable=import-outside-toplevel
+  if log_x:
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+  else:
+    ax.ticklabel_format(axis=axis, useOffset=False, style="plain")
+  ax.grid(alpha=0.3)
+
+
+def _save(fig, path: str) -> str:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.tight_layout()
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, format="png")
+  os.replace(tmp, path)
+  return path
+
+
+def pareto(rows: Sequence[Mapping], chosen: str, size_label: str, cost_label: str,
+           cost_scale: float, path: str) -> str:
+  """Size (as W counts it) and inference cost against the proxy error, Pareto fronts drawn.
+
+  Args:
+    rows: ``results.json`` rows (``name``, ``p``, ``i``, ``e``, ``w``, ``trained``).
+    chosen: the chosen candidate's name.
+    size_label: the x label of the size panel (which count W used).
+    cost_label: the x label of the cost panel, in the units after ``cost_scale``.
+    cost_scale: factor taking ``i`` to those units (1e-9: FLOPs to GFLOPs).
+    path: the PNG.
+  """
+  rows = [r for r in rows if r.get("trained") and r.get("e") is not None
+          and np.isfinite(float(r["e"]))]
+  if not rows:
+    raise ValueError("no trained candidate with a finite error to plot")
+  size = np.array([float(r["p"]) / 1e6 for r in rows])
+  cost = np.array([float(r["i"]) * cost_scale for r in rows])
+  err = np.array([float(r["e"]) for r in rows])
+  best = next((k for k, r in enumerate(rows) if r["name"] == chosen), int(np.argmin(err)))
+  fig = _figure(12, 5)
+  for col, (x, label) in enumerate(((size, size_label), (cost, cost_label))):
+    ax = fig.add_subplot(1, 2, col + 1)
+    front = search_report.pareto_front(np.stack([x, err], axis=1))
+    ax.scatter(x, err, s=18, c="0.6", label=f"trained candidates ({len(rows)})", zorder=2)
+    ax.plot(x[front], err[front], "-o", c="tab:blue", ms=6, lw=1.5,
+            label=f"Pareto front ({len(front)})", zorder=3)
+    ax.scatter([x[best]], [err[best]], marker="*", s=260, c="tab:red", edgecolors="k",
+               label="chosen (max W)", zorder=4)
+    ax.annotate(f"{rows[best]['name']}\nW={float(rows[best].get('w') or 0):.3g}",
+                (x[best], err[best]), xytext=(12, 12), textcoords="offset points",
+                fontsize=9, arrowprops={"arrowstyle": "->", "lw": 0.8},
+                bbox={"boxstyle": "round", "fc": "white", "alpha": 0.85})
+    ax.set_xlabel(label)
+    ax.set_ylabel("proxy error e (held-out loss)")
+    _plain(ax, log_x=x.max() / max(x.min(), 1e-12) > 50)
+    ax.legend(loc="upper right", fontsize=8)
+  fig.suptitle(f"Extraction: {len(rows)} trained candidates; chosen {rows[best]['name']}")
+  return _save(fig, path)
+
+
+def distill_curves(train: Sequence[tuple[int, float]], heldout: Sequence[tuple[int, float]],
+                   teacher: float | None, path: str, what: str = "masked-LM loss") -> str:
+  """The student's training and held-out loss against steps, the teacher's level as a line."""
+  fig = _figure(8, 4.5)
+  ax = fig.add_subplot(1, 1, 1)
+  if train:
+    ax.plot(*zip(*train), "-", c="tab:blue", lw=1.5, label=f"student, training {what}")
+  if heldout:
+    ax.plot(*zip(*heldout), "o-", c="tab:orange", ms=5, lw=1.5,
+            label=f"student, held-out {what}")
+  if teacher is not None:
+    ax.axhline(teacher, ls="--", c="tab:green", lw=1.5,
+               label=f"teacher, held-out {what} ({teacher:.3f})")
+  ax.set_xlabel("distillation step")
+  ax.set_ylabel(f"{what} (nats per masked token)")
+  ax.set_title("Distillation of the chosen student")
+  _plain(ax)
+  ax.legend(fontsize=8)
+  return _save(fig, path)
+
+
+def finetune_bars(rows: Sequence[Mapping], path: str) -> str:
+  """Per task: majority baseline, student and teacher dev scores (mean, +- std over seeds).
+
+  Args:
+    rows: ``{"task", "metric", "majority", "student": stats | None, "teacher": stats |
+      None}`` with stats ``{"mean", "std"}``.
+    path: the PNG.
+  """
+  fig = _figure(max(6, 2.6 * len(rows)), 4.5)
+  ax = fig.add_subplot(1, 1, 1)
+  x = np.arange(len(rows))
+  width = 0.27
+  bars = (("majority", "majority class", "0.7"), ("student", "student", "tab:blue"),
+          ("teacher", "teacher", "tab:orange"))
+  for k, (key, label, colour) in enumerate(bars):
+    means, stds = [], []
+    for r in rows:
+      value = r.get(key)
+      mean = value if isinstance(value, (int, float)) else (value or {}).get("mean", np.nan)
+      std = 0.0 if isinstance(value, (int, float)) else (value or {}).get("std", 0.0)
+      means.append(100.0 * float(mean) if mean is not None else np.nan)
+      stds.append(100.0 * float(std or 0.0))
+    ax.bar(x + (k - 1) * width, means, width, yerr=None if key == "majority" else stds,
+           capsize=3, color=colour, label=label)
+  ax.set_xticks(x, [f"{r['task']}\n({r['metric']})" for r in rows])
+  ax.set_ylabel("dev score (%), mean +- std over seeds")
+  ax.set_ylim(0, 100)
+  ax.set_title("Fine-tuning on the demo tasks")
+  _plain(ax, axis="y")
+  # Below the axes: a bar can reach any height up to 100.
+  ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3)
+  return _save(fig, path)

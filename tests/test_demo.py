@@ -1,0 +1,168 @@
+"""``bort-jax demo`` end to end on tiny assets: every stage, resumed after a SIGKILL in the
+fine-tuning stage to the same report numbers, and a rerun that keeps the stage times.
+
+The cache is built offline: the demo tasks from the fake archives of test_demo_data (fetched
+with their own pins), a tiny headless teacher body and its vocabulary in ``cache/teacher``,
+and the tiny corpus of test_distill in ``cache/corpus``; ``config.fetch=False`` keeps the demo
+from checking the cache against the real pins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from bort_jax import cli
+from bort_jax.data import fetch
+from bort_jax.interop import export
+from bort_jax.pipelines import demo, report
+from bort_jax.runtime import checkpoint
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import test_demo_data as demo_assets  # noqa: E402  (the fake demo archives)
+import test_distill as helpers  # noqa: E402  (the tiny teacher, corpus and subprocess env)
+from test_distill import xla_cache  # noqa: E402,F401  (a compilation cache shared with children)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, xla_cache):  # pylint: disable=redefined-outer-name
+  """A demo cache with tiny models: tasks from fake archives, tiny teacher, tiny corpus."""
+  root = str(tmp_path_factory.mktemp("demo_cache"))
+  archives = os.path.join(root, "archives")
+  os.makedirs(archives)
+  sources = {k: os.path.join(archives, fetch.ARTEFACTS[k].filename) for k in fetch.ALL}
+  demo_assets.make_wheel(sources["teacher"])
+  demo_assets.make_bigbench(sources["bigbench"])
+  demo_assets.make_vader(sources["vader"])
+  cache_dir = os.path.join(root, "cache")
+  fetch.fetch(cache_dir, sources=sources, artefacts=demo_assets._pins(sources),  # pylint: disable=protected-access
+              log=lambda m: None)
+  assets = helpers.make_assets(os.path.join(root, "assets"))
+  shutil.rmtree(os.path.join(cache_dir, "teacher"))
+  shutil.copytree(assets["body"], os.path.join(cache_dir, "teacher"))
+  shutil.copy(os.path.join(assets["tokenizer"], "vocab.txt"), os.path.join(cache_dir, "teacher"))
+  shutil.copytree(os.path.dirname(assets["corpus"]), os.path.join(cache_dir, "corpus"))
+  return {"dir": cache_dir, "xla_cache": xla_cache}
+
+
+def overrides(cache):  # pylint: disable=redefined-outer-name
+  return {"cache_dir": cache["dir"], "fetch": False, "adapt.student.kind": "params",
+          "adapt.train.total_steps": 4, "distill.train.total_steps": 4}
+
+
+def make_config(cache):  # pylint: disable=redefined-outer-name
+  config = cli.load_config("configs/demo.py:tiny")
+  cli.apply_overrides(config, [(f"config.{k}", str(v)) for k, v in overrides(cache).items()])
+  return config
+
+
+def argv(cache, workdir):  # pylint: disable=redefined-outer-name
+  return (["demo", "--config=configs/demo.py:tiny", f"--workdir={workdir}"]
+          + [f"--config.{k}={v}" for k, v in overrides(cache).items()])
+
+
+@pytest.fixture(scope="module")
+def finished(cache, tmp_path_factory):  # pylint: disable=redefined-outer-name
+  """One uninterrupted tiny demo run."""
+  workdir = str(tmp_path_factory.mktemp("demo_run"))
+  summary = demo.run(make_config(cache), workdir)
+  return {"workdir": workdir, "summary": summary}
+
+
+def _numbers(summary):
+  """The report's fine-tuning numbers: every seed's dev score per task and model."""
+  return {(r["task"], m): r[m]["values"] for r in summary["finetune"] for m in ("student",
+                                                                               "teacher")}
+
+
+def test_demo_runs_every_stage_to_the_report(finished):
+  work, summary = finished["workdir"], finished["summary"]
+  state = json.load(open(os.path.join(work, report.STATE_FILE)))
+  assert all(state["stages"][s]["done"] for s in demo.STAGES)
+  assert all(state["stages"][s]["seconds"] > 0 for s in demo.STAGES)
+  assert len(summary["finetune"]) == 3
+  for row in summary["finetune"]:
+    assert len(row["student"]["values"]) == 2 and len(row["teacher"]["values"]) == 2
+    assert row["majority"] is not None and row["dev_records"] <= 16
+  text = open(summary["report"]).read()
+  assert "not run" not in text.replace("Audit of the proxy: not run", "").replace(
+      "Agora: not run", "")
+  assert summary["headline"]["share"] > 0 and summary["headline"]["speedup"] > 0
+  # The teacher's runs are in the cache, keyed by its export and config.
+  assert all(f.startswith(os.path.join(state["finetune_runs"]["teacher"][0].rsplit(
+      "finetuned", 1)[0], "finetuned")) for f in state["finetune_runs"]["teacher"])
+
+
+def test_rerun_skips_everything_and_keeps_the_stage_times(finished, cache, capsys):  # pylint: disable=redefined-outer-name
+  work = finished["workdir"]
+  before = json.load(open(os.path.join(work, report.STATE_FILE)))["stages"]
+  summary = demo.run(make_config(cache), work)
+  after = json.load(open(os.path.join(work, report.STATE_FILE)))["stages"]
+  assert after == before
+  out = capsys.readouterr().out
+  assert out.count("done, skipped") == 4 and "Headline:" in out
+  assert _numbers(summary) == _numbers(finished["summary"])
+
+
+# Kills the demo right after the first chunk of the first fine-tuning job is checkpointed
+# (the save waited for, so the kill cannot land inside the asynchronous write).
+_DIE_IN_FINETUNE = """
+import os, signal, sys
+from bort_jax.finetune import population
+from bort_jax.runtime import checkpoint
+real_save = checkpoint.CheckpointManager.save
+def save_and_wait(self, *args, **kwargs):
+  out = real_save(self, *args, **kwargs)
+  self.wait()
+  return out
+checkpoint.CheckpointManager.save = save_and_wait
+real = population.progress_line
+def line_then_die(*args, **kwargs):
+  print(real(*args, **kwargs), flush=True)
+  os.kill(os.getpid(), signal.SIGKILL)
+population.progress_line = line_then_die
+from bort_jax import main
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+def test_killed_in_finetuning_resumes_to_the_same_report(finished, cache, tmp_path, capsys):  # pylint: disable=redefined-outer-name
+  # The earlier stages as the uninterrupted run left them; fine-tuning and report to come.
+  work = str(tmp_path / "work")
+  shutil.copytree(finished["workdir"], work, ignore=shutil.ignore_patterns("finetune", "report"))
+  state_path = os.path.join(work, report.STATE_FILE)
+  state = json.load(open(state_path))
+  state.pop("finetune_runs")
+  for stage in ("finetune", "report"):
+    state["stages"][stage] = {"done": False, "seconds": 0.0}
+  json.dump(state, open(state_path, "w"))
+  env = helpers.subprocess_env({"xla_cache": cache["xla_cache"]})
+  proc = subprocess.run([sys.executable, "-c", _DIE_IN_FINETUNE] + argv(cache, work),
+                        cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == -signal.SIGKILL, proc.stdout[-3000:] + proc.stderr[-3000:]
+  # Killed after the first chunk of the first job: its checkpoint is there, no result yet.
+  first = json.load(open(state_path))["finetune_runs"]["student"][0]
+  with checkpoint.CheckpointManager(os.path.join(first, "population"), read_only=True) as m:
+    assert m.latest_step() == 2
+  assert not os.path.exists(os.path.join(first, "population.json"))
+  killed = json.load(open(state_path))["stages"]["finetune"]
+  assert not killed["done"] and killed["seconds"] == 0.0  # no job finished before the kill
+  capsys.readouterr()
+  summary = demo.run(make_config(cache), work)
+  out = capsys.readouterr().out
+  # The first job continues at step 2 (one chunk left); the two others run both chunks.
+  assert out.count("population step 2/4") == 2 and out.count("population step 4/4") == 3
+  assert _numbers(summary) == _numbers(finished["summary"])
+  assert summary["headline"]["share"] == pytest.approx(finished["summary"]["headline"]["share"])
+  assert json.load(open(state_path))["stages"]["finetune"]["done"]
+  # The export the student was fine-tuned from is the same one.
+  assert export.load_config(os.path.join(work, "distill", "export")) == export.load_config(
+      os.path.join(finished["workdir"], "distill", "export"))

@@ -1,0 +1,212 @@
+"""``bort-jax report``: the page and its figures from a small hand-made workdir, and from a
+partial one (missing stages listed as "not run"); the fine-tuning additions it reads
+(majority baseline, dev cap)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from bort_jax import main as cli_main
+from bort_jax.core import arch as arch_lib
+from bort_jax.core import cost
+from bort_jax.core import model
+from bort_jax.finetune import population, tasks
+from bort_jax.interop import export
+from bort_jax.pipelines import report
+
+STUDENT, TEACHER = "D1-A2-H16-I32", "D2-A2-H32-I64"
+
+
+def _export(path, arch, seed):
+  """An export of the right shapes without compiling an init (only the shapes are read)."""
+  cfg = arch_lib.get_model_config(arch, family="bert", vocab_size=64, max_positions=32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(seed), cfg, model.HeadSpec("mlm")))
+  export.save(path, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes), cfg)
+
+
+def _fake_latency(configs, batch, seq_len, rounds, warmup, log=None):
+  """Timings proportional to the FLOPs, so the test needs no compile."""
+  del rounds, warmup, log
+  out = {}
+  for name, c in configs.items():
+    ms = cost.forward_flops(c, batch, seq_len)["total"] / 1e6
+    out[name] = {"median_ms": ms, "iqr_ms": 0.1 * ms, "arch": str(c.arch), "device": "cpu"}
+  return out
+
+
+def _write(path, data):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    if isinstance(data, list):
+      f.write("".join(json.dumps(r) + "\n" for r in data))
+    else:
+      json.dump(data, f)
+
+
+def _population(task, metric, values, majority, dev_records=40):
+  return {"task": task, "dev_split": "validation", "metric": metric, "dev_records": dev_records,
+          "max_dev_examples": 40, "majority": {metric: majority}, "total_steps": 6,
+          "settings": [{"lr": 1e-4, "weight_decay": 0.01, "warmup": 0.1, "seeds": [0, 1, 2],
+                        metric: {"mean": float(np.mean(values)),
+                                 "std": float(np.std(values, ddof=1)),
+                                 "best": max(values), "values": values}}]}
+
+
+def make_workdir(root: str, stages=("extract", "distill", "finetune")) -> str:
+  """A workdir with the files each stage leaves (small numbers, tiny exports)."""
+  work = os.path.join(root, "work")
+  os.makedirs(work, exist_ok=True)
+  if "extract" in stages:
+    rows = []
+    for k, arch in enumerate(["D1-A2-H16-I32", "D2-A2-H16-I32", "D1-A2-H32-I64",
+                              "D2-A2-H32-I64"]):
+      p, i = cost.param_counts(arch)["total"], cost.forward_flops(arch, 1, 16)["total"]
+      rows.append({"name": arch, "p": float(p), "i": float(i), "e": 2.0 - 0.1 * k,
+                   "w": 0.5 - 0.05 * k, "trained": True, "extra": {"params_effective": p // 2}})
+    _write(os.path.join(work, "extract", "results.json"),
+           {"best": rows[0]["name"], "best_w": rows[0]["w"], "eps": 2, "rule": "max_gain",
+            "i_T": 1e9, "rows": rows})
+    _write(os.path.join(work, "extract", "audit.json"), {"spearman": 0.8, "pairs": 6})
+  if "distill" in stages:
+    _write(os.path.join(work, "distill", "metrics.jsonl"),
+           [{"step": s, "mlm_loss": 6.0 - s / 10, "loss": 1.0} for s in (2, 4, 6)]
+           + [{"step": 6, "eval_mlm_loss": 5.5}])
+    _write(os.path.join(work, "teacher", "metrics.jsonl"), [{"step": 4, "eval_mlm_loss": 4.0}])
+    _export(os.path.join(work, "distill", "export"), STUDENT, 0)
+    _export(os.path.join(work, "teacher", "export"), TEACHER, 1)
+  if "finetune" in stages:
+    for model_name, shift in (("student", 0.0), ("teacher", 0.1)):
+      for task, metric, majority in (("demo/vitaminc", "accuracy", 0.4),
+                                     ("demo/social_iqa", "accuracy", 0.34)):
+        values = [0.5 + shift, 0.55 + shift, 0.6 + shift]
+        _write(os.path.join(work, "finetune", model_name, task.replace("/", "_"),
+                            "population.json"), _population(task, metric, values, majority))
+  return work
+
+
+def _config(**extra):
+  config = cli_main.cli.load_config("configs/report.py:tiny")
+  config.update(extra)
+  return config
+
+
+def test_report_page_tables_and_figures(tmp_path, monkeypatch):
+  monkeypatch.setattr(cost, "interleaved_latency", _fake_latency)
+  work = make_workdir(str(tmp_path))
+  summary = report.run(_config(), work)
+  out = os.path.join(work, "report")
+  text = open(summary["report"]).read()
+  assert summary["report"] == os.path.join(out, "report.md")
+  for name in ("pareto.png", "distill.png", "finetune.png"):
+    assert f"]({name})" in text
+    assert os.path.getsize(os.path.join(out, name)) > 10_000  # a real figure, not a blank
+  # The extraction table ranks by W, sizes in M parameters; the audit's numbers are listed.
+  assert "| 1 | D1-A2-H16-I32 |" in text and "spearman: 0.8000" in text
+  assert "p (M)" in text and "GFLOPs" in text
+  # Fine-tuning: mean +- std in %, majority on the same 40 records, the dev cap stated.
+  assert "on 40 records spread evenly" in text
+  assert "| demo/vitaminc | accuracy | 40 | 40.0 | 55.0 +- 5.0 (n=3, 6 steps) | 65.0 +- 5.0" in text
+  head = summary["headline"]
+  flops = {a: cost.forward_flops(export.load_config(os.path.join(work, sub, "export")), 1,
+                                 16)["total"] for a, sub in ((STUDENT, "distill"),
+                                                             (TEACHER, "teacher"))}
+  assert head["share"] == pytest.approx(0.55 / 0.65)
+  assert head["margin_share"] == pytest.approx((0.55 - 0.37) / (0.65 - 0.37))
+  assert head["speedup"] == pytest.approx(flops[TEACHER] / flops[STUDENT])
+  assert f"runs {flops[TEACHER] / flops[STUDENT]:.1f}x faster" in text
+  assert "| student | D1-A2-H16-I32 |" in text and "IQR (ms)" in text
+  assert "not run" not in text.split("## Fine-tuning")[0].replace("Audit of the proxy", "")
+  # A second report reuses the timings (same models and settings).
+  before = os.path.getmtime(os.path.join(out, "speed.json"))
+  report.run(_config(), work)
+  assert os.path.getmtime(os.path.join(out, "speed.json")) == before
+
+
+def test_pareto_axes_are_plain_and_in_millions(tmp_path):
+  rows = [{"name": f"c{k}", "p": 1e6 * (k + 1), "i": 1e9 * (k + 2), "e": 3.0 - k, "w": 1.0,
+           "trained": True} for k in range(3)]
+  path = str(tmp_path / "p.png")
+  captured = {}
+  real = report.report_plots._save
+
+  def keep(fig, p):
+    captured["fig"] = fig
+    return real(fig, p)
+
+  report.report_plots._save = keep
+  try:
+    report.report_plots.pareto(rows, "c0", "p (M)", "GFLOPs", 1e-9, path)
+  finally:
+    report.report_plots._save = real
+  size_ax, cost_ax = captured["fig"].axes
+  assert size_ax.get_xlim()[1] < 10 and cost_ax.get_xlim()[1] < 10  # M and GFLOPs, not raw
+  for ax in (size_ax, cost_ax):
+    assert ax.xaxis.get_major_formatter().get_offset() == ""
+
+
+def test_partial_workdir_lists_missing_stages(tmp_path):
+  work = make_workdir(str(tmp_path), stages=("extract",))
+  summary = report.run(_config(), work)
+  text = open(summary["report"]).read()
+  for section in ("Distillation: not run", "Fine-tuning: not run", "Speed: not run"):
+    assert section in text
+  assert "Headline: not available yet." in text and "pareto.png" in text
+
+
+def test_report_mode_through_the_cli(tmp_path, capsys):
+  work = make_workdir(str(tmp_path), stages=("extract",))
+  assert cli_main.main(["report", f"--workdir={work}", "--config=configs/report.py:tiny"]) == 0
+  assert os.path.exists(os.path.join(work, "report", "report.md"))
+  out = capsys.readouterr().out
+  assert f"Report: {os.path.join(work, 'report', 'report.md')}" in out
+  assert "Headline: not available yet." in out
+  assert cli_main.main(["report", f"--workdir={tmp_path / 'nowhere'}"]) == 2
+  assert "is not a directory" in capsys.readouterr().err
+  assert cli_main.main(["report", f"--workdir={work}", "--config.rounds=0"]) == 2
+
+
+def test_majority_scores_use_the_train_majority_on_the_dev_examples():
+  spec = tasks.get_task("glue/sst2")
+  ex = lambda label: tasks.Example("text", None, label=label)
+  train = [ex(1), ex(1), ex(0)]
+  dev = [ex(1), ex(0), ex(0), ex(0)]
+  assert population.majority_scores(spec, train, dev) == {"accuracy": 0.25}
+  assert population.progress_line(50, 200, 0.5, 10.0, 50).endswith("elapsed 0:10, eta 0:30")
+  assert "(25%)" in population.progress_line(50, 200, 0.5, 10.0, 50)
+
+
+def test_interleaved_timing_runs_round_robin_with_rotating_start():
+  calls = []
+  fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+  out = cost.time_interleaved(fns, rounds=3, warmup=1)
+  assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+  assert set(out) == set("abc") and out["a"]["repeats"] == 3 and len(out["a"]["times_ms"]) == 3
+  assert out["a"]["iqr_ms"] >= 0
+  with pytest.raises(ValueError):
+    cost.time_interleaved(fns, rounds=0)
+
+
+def test_read_split_keeps_records_spread_over_the_split_up_to_the_cap():
+  from bort_jax.finetune import loop  # pylint: disable=import-outside-toplevel
+  records = [{"sentence": f"w{i}", "label": i % 2, "idx": i} for i in range(10)]
+  spec = tasks.register_task(tasks.TaskSpec(
+      name="test/capped", builder=None, kind="classification", num_labels=2,
+      cast=tasks.pair_cast("sentence"), source=lambda split, data_dir: records),
+      overwrite=True)
+  capped = loop.read_split(spec, "validation", None, False, limit=4)
+  assert [r["idx"] for r in capped.records] == [0, 3, 6, 9] and len(capped.examples) == 4
+  assert len(loop.read_split(spec, "validation", None, False).records) == 10
+  assert len(loop.read_split(spec, "validation", None, False, limit=50).records) == 10
+
+
+def test_headline_has_no_margin_share_when_the_teacher_is_below_the_majority():
+  stats = lambda mean: {"mean": mean, "std": 0.0, "values": [mean]}
+  rows = [{"task": "t", "majority": 0.6, "student": stats(0.5), "teacher": stats(0.55)}]
+  head = report.headline(rows, {})
+  assert head["share"] == pytest.approx(0.5 / 0.55) and head["margin_share"] is None
+  assert "not above the majority class (60.0)" in report.headline_text(head)

@@ -55,6 +55,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.distill = pretrain_demo.get_config("tiny" if tiny else None)
   config.finetune = _finetune_block(tiny, seeds=3)          # the student's
   config.finetune_teacher = _finetune_block(tiny, seeds=2)  # the teacher's (22 M parameters)
+  # Measured on demo/movie_sentiment (200 steps): the teacher reaches 0.81 dev accuracy at 3e-5,
+  # 0.66 at 1e-4 and collapses to one class at 3e-4; the inherited student is best at 1e-4
+  # (0.73; 0.71 at 3e-5, one class at 3e-4), the demo default it keeps.
+  config.finetune_teacher.optim.lr = 3e-5
   config.finetune_tasks = ml_collections.ConfigDict(
       {name: {"steps": 4 if tiny else steps, "seq_len": 32 if tiny else seq_len}
        for name, (steps, seq_len) in TASKS.items()})

@@ -11,7 +11,7 @@ from bort_jax.pipelines import setup
 
 CONFIG_MODES = {"teacher-adapt": "config.adapt.trainable = 'all'",
                 "distill": "config.train.total_steps = 200",
-                "extract": "config.fptas.eps = 3",
+                "extract": "config.fptas.eps = 9",
                 "demo": "config.distill.train.total_steps = 200",
                 "finetune": "config.task = 'glue/rte'",
                 "report": "config.rounds = 10"}

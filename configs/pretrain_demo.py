@@ -84,7 +84,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # pretrained body.
   # Distillation: 1.5e-4 for an inherited student (the rate that does not wreck MiniLM's body
   # in adapt); a random one needs 5e-4 (``--config.student.init=random --config.optim.lr=5e-4``).
-  config.optim = common.optim(lr=1.5e-4, warmup=0.2 if adapt else 0.05)
+  gentle = adapt or config.student.init == "inherit"
+  config.optim = common.optim(lr=1.5e-4 if gentle else 5e-4, warmup=0.2 if adapt else 0.05)
   config.train = common.train(
       total_steps=250 if adapt else 200, log_every=20, checkpoint_every=100, keep_checkpoints=2,
       eval_every=50 if adapt else 100,  # held-out loss on the validation split

@@ -210,3 +210,18 @@ def test_headline_has_no_margin_share_when_the_teacher_is_below_the_majority():
   head = report.headline(rows, {})
   assert head["share"] == pytest.approx(0.5 / 0.55) and head["margin_share"] is None
   assert "not above the majority class (60.0)" in report.headline_text(head)
+
+
+def test_headline_names_the_tasks_the_teacher_does_not_learn():
+  stats = lambda mean: {"mean": mean, "std": 0.0, "values": [mean]}
+  rows = [{"task": "learnt", "majority": 0.5, "dev_records": 500, "student": stats(0.6),
+           "teacher": stats(0.75)},
+          {"task": "one_class", "majority": 0.46, "dev_records": 500, "student": stats(0.46),
+           "teacher": stats(0.46)},
+          {"task": "near", "majority": 0.36, "dev_records": 201, "student": stats(0.34),
+           "teacher": stats(0.378)}]  # 1.8 points above, SE 3.4 points
+  head = report.headline(rows, {})
+  assert head["unlearnt"] == ["one_class", "near"]
+  assert "within one standard error of the majority class on one_class, near" in (
+      report.headline_text(head))
+  assert not report.headline(rows[:1], {})["unlearnt"]

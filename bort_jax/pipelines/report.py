@@ -359,6 +359,11 @@ def headline(rows: list[dict], speed: dict) -> dict:
       m = sum(r["majority"] for r in both) / len(both)
       # A share of a margin the teacher does not have means nothing: None.
       out.update(majority_mean=m, margin_share=(s - m) / (t - m) if t > m else None)
+    # A task the teacher does not learn (its mean within one standard error of the majority
+    # class) makes the plain share look better than it is: such tasks are named.
+    out["unlearnt"] = [r["task"] for r in both if r.get("majority") is not None
+                       and r["teacher"]["mean"] - r["majority"]
+                       <= (standard_error(r["teacher"]["mean"], r.get("dev_records")) or 0.0)]
   timings = (speed or {}).get("timings", {})
   if "student" in timings and "teacher" in timings:
     out["speedup"] = timings["teacher"]["median_ms"] / timings["student"]["median_ms"]
@@ -378,6 +383,9 @@ def headline_text(head: dict) -> str:
     elif head.get("majority_mean") is not None:
       parts.append(f"with the teacher not above the majority class "
                    f"({100 * head['majority_mean']:.1f}), so no share of its margin")
+  if head.get("unlearnt"):
+    parts.append(f"but the teacher is within one standard error of the majority class on "
+                 f"{', '.join(head['unlearnt'])} (read the margin share, not the plain share)")
   if head.get("speedup") is not None:
     parts.append(f"{'and it' if parts else 'the student'} runs {head['speedup']:.1f}x faster "
                  "than the teacher (measured median latency)")

@@ -93,24 +93,11 @@ def interleaved_timing(fns: dict[str, Callable[[], Any]], rounds: int,
     log: optional progress printer.
 
   Returns:
-    name -> :func:`summarize` of its timings.
+    name -> :func:`summarize` of its timings (``cost.time_interleaved``, the package's one
+    round-robin timer; it adds ``repeats``).
   """
-  if rounds < 1:
-    raise ValueError(f"rounds must be >= 1, got {rounds}")
-  names = list(fns)
-  for name in names:
-    for _ in range(warmup):
-      fns[name]()
-  times = {name: [] for name in names}
-  for r in range(rounds):
-    order = names[r % len(names):] + names[:r % len(names)]
-    for name in order:
-      start = time.perf_counter()
-      fns[name]()
-      times[name].append(time.perf_counter() - start)
-    if log:
-      log(f"round {r + 1}/{rounds} done")
-  return {name: summarize(times[name]) for name in names}
+  from bort_jax.core import cost  # pylint: disable=import-outside-toplevel
+  return cost.time_interleaved(fns, rounds, warmup=warmup, log=log)
 
 
 def jax_matmul(n: int = 2048, seed: int = 0) -> tuple[Callable[[], Any], float]:

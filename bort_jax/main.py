@@ -393,8 +393,9 @@ def configure_logging() -> None:
 # Lines that third-party libraries log in every normal run and that say nothing about it:
 # JAX probing for accelerators that are not there, TFDS restating the builder config of every
 # dataset it opens and warning about its own half-built folders. ``--verbose`` shows them.
-NOISE = {"jax._src.xla_bridge": ("Unable to initialize backend", "Platform '",
-                                 "An NVIDIA GPU may be present"),
+# JAX's "An NVIDIA GPU may be present on this machine, but a CUDA-enabled jaxlib is not
+# installed" is kept: on a GPU machine it names a real setup error.
+NOISE = {"jax._src.xla_bridge": ("Unable to initialize backend", "Platform '"),
          "absl": ("Using custom data configuration", "has no dataset_info.json",
                   "Unable to initialize backend", "Platform '")}
 VERBOSE = False  # set by main() from --verbose

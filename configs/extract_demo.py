@@ -55,7 +55,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.fptas = ml_collections.ConfigDict()
   config.fptas.eps = 9                  # interval size (1 = train every candidate: exact)
   config.fptas.rule = "max_gain"        # which members of an interval are trained
-  config.fptas.maximum = ""             # T by name; "" = the largest p and i
+  config.fptas.maximum = ""             # T: "" = the largest p and i in the space, a
+                                        # candidate, "teacher" (its shape: the paper's T)
+                                        # or a shape name outside the space
   config.fptas.thetas = ({"lr": 5e-4},)  # Theta: hyperparameter sets tried per candidate
   config.fptas.ties = "all"             # equal (p, i): "all" members trained, or "first" in sort
                                         # order only (the behaviour before ties were handled)

@@ -195,3 +195,14 @@ def test_mlm_transform_resamples_content_tokens_deterministically():
   assert np.array_equal(again["input_ids"], out["input_ids"])  # a function of (seed, round, row)
   other = transform(rows, 3, ids)
   assert not np.array_equal(other["input_ids"], out["input_ids"])
+
+
+def test_a_torn_journal_line_is_cut_so_the_next_round_appends_cleanly(tmp_path):
+  path = str(tmp_path / agora.JOURNAL)
+  agora._append_journal(path, {"round": 0})  # pylint: disable=protected-access
+  agora._append_journal(path, {"round": 1})  # pylint: disable=protected-access
+  with open(path, "a") as f:
+    f.write('{"round": 2, "memb')  # a kill in the middle of the third line
+  assert [e["round"] for e in agora._read_journal(path)] == [0, 1]  # pylint: disable=protected-access
+  agora._append_journal(path, {"round": 2})  # pylint: disable=protected-access
+  assert [e["round"] for e in agora._read_journal(path)] == [0, 1, 2]  # pylint: disable=protected-access

@@ -126,3 +126,7 @@ def test_audit_summary_and_verdict():
   assert diverged["compared"] == 3 and diverged["diverged"] == 1
   with pytest.raises(ValueError, match="chosen"):
     audit.audit_summary(names, gains, short, short, "z", 0.6)
+  # Every candidate diverged over the S steps: a verdict (not trusted), not an error.
+  lost = audit.audit_summary(names, gains, short, [math.nan] * 4, "a", 0.6)
+  assert lost["choice_long"] is None and lost["compared"] == 0 and not lost["trusted"]
+  assert "every sampled candidate diverged" in audit.verdict_line(lost, 3, 30)

@@ -1,5 +1,6 @@
-"""``bort-jax demo`` end to end on tiny assets: every stage, resumed after a SIGKILL in the
-fine-tuning stage to the same report numbers, and a rerun that keeps the stage times.
+"""``bort-jax demo`` end to end on tiny assets: every stage, resumed after a SIGKILL in each
+stage (fine-tuning, teacher adaptation, extraction, distillation, report) to the same report
+numbers, and a rerun that keeps the stage times.
 
 The cache is built offline: the demo tasks from the fake archives of test_demo_data (fetched
 with their own pins), a tiny headless teacher body and its vocabulary in ``cache/teacher``,
@@ -112,6 +113,39 @@ def test_rerun_skips_everything_and_keeps_the_stage_times(finished, cache, capsy
   assert _numbers(summary) == _numbers(finished["summary"])
 
 
+def test_new_workdir_copies_the_adapted_teacher_from_the_cache(finished, cache, tmp_path,  # pylint: disable=redefined-outer-name
+                                                               capsys):
+  cached = demo.adapted_cache(cache["dir"], demo.step_configs(
+      make_config(cache), str(tmp_path), cache["dir"])["adapt"])
+  assert os.path.exists(os.path.join(cached, "export", export.PARAMS_FILE))
+  capsys.readouterr()
+  summary = demo.run(make_config(cache), str(tmp_path / "again"))
+  out = capsys.readouterr().out
+  assert "the adapted teacher is in the cache" in out
+  for name in ("config.json", "metrics.jsonl"):  # the run's record, for the report and card
+    assert os.path.exists(os.path.join(str(tmp_path / "again"), "teacher", name))
+  first = os.path.join(finished["workdir"], "teacher", "export", export.PARAMS_FILE)
+  again = os.path.join(str(tmp_path / "again"), "teacher", "export", export.PARAMS_FILE)
+  assert open(first, "rb").read() == open(again, "rb").read()
+  # Same teacher bytes: the teacher's fine-tunings are the cached ones, the numbers the same.
+  state = json.load(open(os.path.join(str(tmp_path / "again"), report.STATE_FILE)))
+  assert state["finetune_runs"]["teacher"] == json.load(open(os.path.join(
+      finished["workdir"], report.STATE_FILE)))["finetune_runs"]["teacher"]
+  assert _numbers(summary) == _numbers(finished["summary"])
+
+
+def test_a_workdir_of_another_config_is_refused(finished, cache, capsys):  # pylint: disable=redefined-outer-name
+  """A --quick run in the full run's workdir would reuse its stages: refused, nothing run."""
+  from bort_jax import main  # pylint: disable=import-outside-toplevel
+  work = finished["workdir"]
+  before = open(os.path.join(work, report.STATE_FILE)).read()
+  code = main.main(argv(cache, work) + ["--config.adapt.train.total_steps=3"])
+  err = capsys.readouterr().err
+  assert code == 2 and "finished teacher-adapt stage made with another config" in err
+  assert "Traceback" not in err and "use a fresh --workdir" in err
+  assert open(os.path.join(work, report.STATE_FILE)).read() == before
+
+
 # Kills the demo right after the first chunk of the first fine-tuning job is checkpointed
 # (the save waited for, so the kill cannot land inside the asynchronous write).
 _DIE_IN_FINETUNE = """
@@ -166,3 +200,78 @@ def test_killed_in_finetuning_resumes_to_the_same_report(finished, cache, tmp_pa
   # The export the student was fine-tuned from is the same one.
   assert export.load_config(os.path.join(work, "distill", "export")) == export.load_config(
       os.path.join(finished["workdir"], "distill", "export"))
+
+
+# Kills the demo at a point inside one stage: ``teacher`` / ``distill`` right after the first
+# checkpoint of that stage's training is written (waited for), ``extract`` right after the
+# first line of a search journal, ``report`` right after its first plot.
+_DIE_IN_STAGE = """
+import os, signal, sys
+target = sys.argv.pop(1)
+def die():
+  os.kill(os.getpid(), signal.SIGKILL)
+from bort_jax.runtime import checkpoint
+real_save = checkpoint.CheckpointManager.save
+def save_then_die(self, *args, **kwargs):
+  out = real_save(self, *args, **kwargs)
+  if os.sep + target + os.sep in self.directory + os.sep:
+    self.wait()
+    die()
+  return out
+checkpoint.CheckpointManager.save = save_then_die
+from bort_jax.search import journal
+real_append = journal.Journal.append
+def append_then_die(self, records):
+  real_append(self, records)
+  if target == "extract" and records:
+    die()
+journal.Journal.append = append_then_die
+from bort_jax.pipelines import report_plots
+real_pareto = report_plots.pareto
+def pareto_then_die(*args, **kwargs):
+  out = real_pareto(*args, **kwargs)
+  if target == "report":
+    die()
+  return out
+report_plots.pareto = pareto_then_die
+from bort_jax import main
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+# target of _DIE_IN_STAGE -> (the demo stage it lands in, the workdir folder that stage writes)
+_KILLS = {"teacher": ("teacher-adapt", "teacher"), "extract": ("extract", "extract"),
+          "distill": ("distill", "distill"), "report": ("report", "report")}
+
+
+@pytest.mark.parametrize("target", sorted(_KILLS))
+def test_killed_in_a_stage_resumes_to_the_same_report(finished, cache, tmp_path, capsys,  # pylint: disable=redefined-outer-name
+                                                       target):
+  stage, folder = _KILLS[target]
+  later = demo.STAGES[demo.STAGES.index(stage):]
+  later_dirs = [_KILLS[t][1] for t in _KILLS if _KILLS[t][0] in later] + ["finetune"]
+  # The stages before the killed one as the uninterrupted run left them.
+  work = str(tmp_path / "work")
+  shutil.copytree(finished["workdir"], work, ignore=shutil.ignore_patterns(*later_dirs))
+  state_path = os.path.join(work, report.STATE_FILE)
+  state = json.load(open(state_path))
+  state.pop("finetune_runs")
+  for name in later:
+    state["stages"][name] = {"done": False, "seconds": 0.0}
+  json.dump(state, open(state_path, "w"))
+  if target == "teacher":  # train it again rather than copy the earlier run's from the cache
+    shutil.rmtree(os.path.join(cache["dir"], "adapted"), ignore_errors=True)
+  env = helpers.subprocess_env({"xla_cache": cache["xla_cache"]})
+  proc = subprocess.run([sys.executable, "-c", _DIE_IN_STAGE, target] + argv(cache, work),
+                        cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == -signal.SIGKILL, proc.stdout[-3000:] + proc.stderr[-3000:]
+  killed = json.load(open(state_path))["stages"]
+  assert not killed[stage]["done"] and killed[stage]["seconds"] == 0.0
+  assert os.path.isdir(os.path.join(work, folder))  # it had started writing
+  capsys.readouterr()
+  summary = demo.run(make_config(cache), work)
+  stages = json.load(open(state_path))["stages"]
+  assert all(stages[name]["done"] for name in demo.STAGES)
+  assert _numbers(summary) == _numbers(finished["summary"])
+  assert summary["headline"]["share"] == pytest.approx(finished["summary"]["headline"]["share"])
+  assert (json.load(open(os.path.join(work, "extract", "results.json")))["best"]
+          == json.load(open(os.path.join(finished["workdir"], "extract", "results.json")))["best"])

@@ -134,6 +134,9 @@ ROWS = [
     ("extract", "inherit-no-teacher", TINY_EXTRACT + ["--config.teacher.kind=none",
                                                       "--config.proxy.init=inherit"], None,
      "config.proxy.init='inherit' needs a teacher to inherit from"),
+    ("extract", "unknown-maximum", TINY_EXTRACT + ["--config.teacher.path=TEACHER",
+                                                   "--config.fptas.maximum=biggest"], None,
+     "config.fptas.maximum='biggest': not a candidate, 'teacher' or an architecture name"),
     ("extract", "inherit-outside-teacher", TINY_EXTRACT + ["--config.teacher.path=TEACHER",
                                                            "--config.proxy.init=inherit"], None,
      "needs the search space inside the teacher D1-A2-H32-I64: its largest depth is 2 > the "

@@ -13,6 +13,7 @@ import pytest
 
 from bort_jax.interop import export
 from bort_jax.core import arch as arch_lib
+from bort_jax.core import cost
 from bort_jax.pipelines import extract
 from bort_jax.core import model
 from bort_jax.search import proxy
@@ -240,3 +241,30 @@ def test_inherited_proxy_starts_from_the_teacher(tmp_path):
   with pytest.raises(ValueError, match="config hash"):
     extract.run(_config(tmp_path, **changes, **{"proxy.init": "inherit"}),
                 str(tmp_path / "random"))
+
+
+def test_reference_point_outside_the_space():
+  """fptas.maximum: the space's own T, a candidate, the teacher's shape or a named shape."""
+  config = load_config("configs/extract_demo.py:tiny")
+  base = arch_lib.get_model_config("minilm-l6-h384").replace(arch="D1-A2-H32-I64")
+  teacher = arch_lib.get_model_config("minilm-l6-h384")
+  candidates = ["D1-A2-H32-I64", "D2-A2-H32-I64"]
+  config.fptas.maximum = ""
+  assert extract.reference_point(config, base, teacher, candidates) is None
+  config.fptas.maximum = "D2-A2-H32-I64"
+  assert extract.reference_point(config, base, teacher, candidates) == "D2-A2-H32-I64"
+  config.cost.inference, config.cost.size = "flops", "effective"
+  config.fptas.maximum = "teacher"
+  p_t, i_t = extract.reference_point(config, base, teacher, candidates)
+  assert p_t == cost.param_counts(teacher)["effective"]
+  assert i_t == cost.forward_flops(teacher, config.cost.batch, config.cost.seq_len)["total"]
+  # A named shape is costed with the candidates' family (vocabulary, embeddings).
+  config.fptas.maximum, config.cost.size = "D6-A12-H384-I1536", "total"
+  p_named, _ = extract.reference_point(config, base, teacher, candidates)
+  assert p_named == cost.param_counts(base.replace(arch="D6-A12-H384-I1536"))["total"]
+  config.fptas.maximum = "teacher"
+  with pytest.raises(ValueError, match="needs a teacher"):
+    extract.reference_point(config, base, None, candidates)
+  config.fptas.maximum = "biggest"
+  with pytest.raises(ValueError, match="config.fptas.maximum='biggest'"):
+    extract.reference_point(config, base, teacher, candidates)

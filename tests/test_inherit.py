@@ -219,3 +219,8 @@ def test_hidden_projection_and_kept_share(teacher):
   assert all(0.0 <= v <= 1.0 for v in share.values())
   full = inherit.kept_share(imp, cfg, (0, 1, 2))
   assert full["heads"] == pytest.approx(1.0) and full["hidden"] == pytest.approx(1.0)
+  # Two heads of size 12 cover three of the teacher's heads of size 8 (width 24 of 32).
+  wide = config("D3-A2-H24-I20-S12")
+  three = np.sort(imp.heads, axis=-1)[:, ::-1][:, :3].sum() / imp.heads.sum()
+  assert inherit.kept_share(imp, wide, (0, 1, 2), cfg)["heads"] == pytest.approx(three)
+  assert inherit.kept_share(imp, wide, (0, 1, 2))["heads"] < three

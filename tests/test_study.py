@@ -27,9 +27,10 @@ def test_pick_rivals_hand_case():
   audit = {"rows": [{**_row("c", 3, 100), "long": 1.0}, {**_row("d", 4, 110), "long": 0.9},
                     {**_row("e", 5, 120), "long": 0.8}, {**_row("b", 2, 30), "long": 0.1}]}
   # Within 25% of c's i = 100: d (110) and e (120); e has the lower S-step error. b is better
-  # still but far from c's cost.
+  # still but far from c's cost: it is the lowest-error rival.
   assert study.pick_rivals(results, audit, 0.25) == [
-      ("c", ["chosen"]), ("a", ["smallest"]), ("e", ["near_latency"]), ("t", ["teacher_shaped"])]
+      ("c", ["chosen"]), ("a", ["smallest"]), ("e", ["near_latency"]), ("b", ["lowest_error"]),
+      ("t", ["teacher_shaped"])]
   # No audited candidate in a 5% band: the nearest in i (d).
   assert study.pick_rivals(results, audit, 0.05)[2] == ("d", ["near_latency"])
   # The chosen one is also the smallest: trained once with both roles.

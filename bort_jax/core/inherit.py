@@ -233,20 +233,31 @@ def select_layers(importance_: Importance, depth: int) -> tuple[int, ...]:
 
 
 def kept_share(importance_: Importance, student: ModelConfig,
-               layers: Sequence[int]) -> dict:
+               layers: Sequence[int], teacher: ModelConfig | None = None) -> dict:
   """Shares of the teacher's total importance a student keeps (for the run's log line).
+
+  Args:
+    importance_: the teacher's importance.
+    student: the student's config.
+    layers: the teacher layers kept.
+    teacher: the teacher's config; with it, the heads kept are the teacher heads the
+      student's attention width covers, ceil(A_s * S_s / S_t) (a student with a larger head
+      size takes more teacher heads than it has), else the student's head count.
 
   Returns:
     ``{"layers", "heads", "ffn", "hidden"}`` in [0, 1] (negative layer scores count as 0;
-    heads and neurons count the student's number of leading units within the kept layers).
+    heads and neurons count the leading units the student keeps within the kept layers).
   """
   a = student.arch
+  heads = a.heads
+  if teacher is not None:
+    heads = min(-(-a.attention_size // teacher.arch.head_size), teacher.arch.heads)
   share = lambda kept, total: float(kept / total) if total > 0 else 1.0
   rows = list(layers)
   pos = np.maximum(np.asarray(importance_.layers), 0.0)
   sort = lambda m: -np.sort(-np.asarray(m), axis=-1)
   return {"layers": share(pos[rows].sum(), pos.sum()),
-          "heads": share(sort(importance_.heads[rows])[:, :a.heads].sum(),
+          "heads": share(sort(importance_.heads[rows])[:, :heads].sum(),
                          importance_.heads.sum()),
           "ffn": share(sort(importance_.ffn[rows])[:, :a.intermediate].sum(),
                        importance_.ffn.sum()),

@@ -220,13 +220,18 @@ class AgoraResult:
 def _read_journal(path: str) -> list[dict]:
   if not os.path.exists(path):
     return []
-  entries = []
-  with open(path) as f:
-    for line in f:
-      try:
-        entries.append(json.loads(line))
-      except ValueError:
-        break  # a line torn by a kill: that round did not finish
+  entries, good_bytes = [], 0
+  with open(path, "rb") as f:
+    raw = f.read()
+  for line in raw.split(b"\n")[:-1]:  # the piece after the last newline is never whole
+    try:
+      entries.append(json.loads(line))
+    except ValueError:
+      break  # a line torn by a kill: that round did not finish
+    good_bytes += len(line) + 1
+  if good_bytes < len(raw):  # cut the torn tail, so the next round's line starts clean
+    with open(path, "r+b") as f:
+      f.truncate(good_bytes)
   return entries
 
 

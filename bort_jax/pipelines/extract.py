@@ -159,6 +159,32 @@ def inference_costs(configs: Sequence[arch_lib.ModelConfig], cost_cfg) -> tuple[
   return out, "latency (ms)"
 
 
+def reference_point(config, base: arch_lib.ModelConfig, teacher_cfg, candidates: Sequence[str]):
+  """T for W from ``config.fptas.maximum``: None (the space's largest p and i), a candidate's
+  name, or the (p_T, i_T) of an architecture outside the space: ``"teacher"`` (the teacher's
+  own shape, as in the paper, where T was BERT-large, the teacher's shape) or a name such as
+  ``"D6-A12-H384-I1536"``, costed with the same size and inference measures as the candidates.
+  """
+  name = config.fptas.get("maximum") or ""
+  if not name or name in [str(c) for c in candidates]:
+    return name or None
+  if name == "teacher":
+    if teacher_cfg is None:
+      raise ValueError("config.fptas.maximum='teacher' needs a teacher (config.teacher.kind "
+                       "'params' or 'hf'); give T by name instead")
+    point = teacher_cfg
+  else:
+    try:
+      point = base.replace(arch=arch_lib.Arch.parse(name))
+    except ValueError as err:
+      raise ValueError(f"config.fptas.maximum={name!r}: not a candidate, 'teacher' or an "
+                       f"architecture name such as 'D6-A12-H384-I1536' ({err})") from None
+  p_t = float(cost.param_counts(point)[config.cost.size])
+  i_t = inference_costs([point], config.cost)[0][0]
+  logging.info("maximum point T: %s (p_T %.4g, i_T %.4g)", name, p_t, i_t)
+  return (p_t, i_t)
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -232,6 +258,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   counts = [cost.param_counts(c) for c in configs]
   p = [float(c[config.cost.size]) for c in counts]
   i, i_label = inference_costs(configs, config.cost)
+  maximum = reference_point(config, base, teacher_cfg, candidates)
   t_costs = time.perf_counter()
   family = teacher_cfg.family if teacher_cfg is not None else base.family
   data = proxy_data(config, base, family, teacher_cfg, teacher_params)
@@ -252,7 +279,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       candidates, p, i,
       # One call per bucket of trainer.group's plan, so each bucket is journalled as it ends.
       lambda pairs: trainer.train_and_eval(list(pairs), data, one_bucket=True),
-      settings, journal=journal, maximum=config.fptas.get("maximum") or None,
+      settings, journal=journal, maximum=maximum,
       group=trainer.group, columns=_report_columns(config, configs, counts))
   t_end = time.perf_counter()
   search_ledger = trainer.ledger()

@@ -67,7 +67,7 @@ def _sample(result: fptas.Result, block) -> tuple[list[fptas.Row], str | None]:
   rows = [r for r in result.rows if r.trained and r.e is not None and math.isfinite(r.e)]
   why = report.explain(result)
   include = [k for k, r in enumerate(rows) if r.name in (result.best.name, why["runner_up"])]
-  picked = audit.stratified_sample([r.p for r in rows], int(block.sample), int(block.seed),
+  picked = audit.stratified_sample([r.p for r in rows], int(block.sample), int(block.get("seed", 0)),
                                    include=include)
   return [rows[k] for k in picked], why["runner_up"]
 
@@ -147,7 +147,7 @@ def run_audit(config: ml_collections.ConfigDict, result: fptas.Result,
            for r, e in zip(rows, long)]
   if write:
     payload = {"short_steps": short_steps, "long_steps": long_steps,
-               "sample": int(block.sample), "seed": int(block.seed), "runner_up": runner_up,
+               "sample": int(block.sample), "seed": int(block.get("seed", 0)), "runner_up": runner_up,
                "summary": summary, "line": line, "rows": table, "cost": cost}
     atomic_write_text(os.path.join(workdir, "audit.json"),
                       json.dumps(to_jsonable(payload), indent=1) + "\n")

@@ -199,12 +199,9 @@ def finetune_runs(workdir: str, state: dict) -> dict[str, list[str]]:
 
 def _best_setting(population: dict) -> dict | None:
   """The setting with the best mean dev metric, its stats under ``"stats"``."""
-  metric = population["metric"]
-  rows = [r for r in population.get("settings", []) if metric in r]
-  if not rows:
-    return None
-  row = max(rows, key=lambda r: r[metric]["mean"])
-  return dict(row, stats=row[metric])
+  from bort_jax.finetune import population as pop_lib  # pylint: disable=import-outside-toplevel
+  row = pop_lib.best_setting(population)
+  return None if row is None else dict(row, stats=row[population["metric"]])
 
 
 def finetune_rows(runs: dict[str, list[str]]) -> list[dict]:
@@ -235,8 +232,11 @@ def finetune_rows(runs: dict[str, list[str]]) -> list[dict]:
 def _stats_cell(stats: dict | None) -> str:
   if not stats:
     return NOT_RUN
+  n = len(stats.get("values", []))
+  if n == 1:  # one seed: no spread was measured
+    return f"{100 * stats['mean']:.1f} (n=1, no spread; {stats.get('steps', '?')} steps)"
   return (f"{100 * stats['mean']:.1f} +- {100 * stats['std']:.1f} "
-          f"(n={len(stats.get('values', []))}, {stats.get('steps', '?')} steps)")
+          f"(n={n}, {stats.get('steps', '?')} steps)")
 
 
 def standard_error(p: float | None, n: int | None) -> float | None:

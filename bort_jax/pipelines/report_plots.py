@@ -131,8 +131,10 @@ def finetune_bars(rows: Sequence[Mapping], path: str) -> str:
       value = r.get(key)
       mean = value if isinstance(value, (int, float)) else (value or {}).get("mean", np.nan)
       std = 0.0 if isinstance(value, (int, float)) else (value or {}).get("std", 0.0)
+      if isinstance(value, dict) and len(value.get("values", [])) == 1:
+        std = np.nan  # one seed: no spread to draw (not a measured zero)
       means.append(100.0 * float(mean) if mean is not None else np.nan)
-      stds.append(100.0 * float(std or 0.0))
+      stds.append(100.0 * float(std) if std is not None else 0.0)
     ax.bar(x + (k - 1) * width, means, width, yerr=None if key == "majority" else stds,
            capsize=3, color=colour, label=label)
   ax.set_xticks(x, [f"{r['task']}\n({r['metric']})" for r in rows])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -138,7 +138,7 @@ def inheritance(config: ml_collections.ConfigDict, models: Any,
       n = int(config.student.get("importance_batches", 4))
       imp = inherit_lib.importance(models.teacher_params, models.teacher, batches(n))
       layers = inherit_lib.select_layers(imp, models.student.arch.depth)
-      share = inherit_lib.kept_share(imp, models.student, layers)
+      share = inherit_lib.kept_share(imp, models.student, layers, models.teacher)
       logging.getLogger(__name__).info(
           "inherit: teacher layers %s kept; share of the teacher's importance kept: %s "
           "(measured on %d batches)", list(layers),

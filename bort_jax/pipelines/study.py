@@ -32,7 +32,7 @@ import ml_collections
 
 from bort_jax.runtime.fileio import atomic_write_text, to_jsonable
 
-ROLES = ("chosen", "smallest", "near_latency", "teacher_shaped")
+ROLES = ("chosen", "smallest", "near_latency", "lowest_error", "teacher_shaped")
 
 
 def _read_json(path: str, what: str) -> dict:
@@ -53,6 +53,8 @@ def pick_rivals(results: Mapping[str, Any], audit: Mapping[str, Any],
     whose inference cost i lies within ``band`` (relative) of the chosen one's, the one of
     lowest S-step error; when none does, the audited candidate nearest in i. i is the extraction's inference cost:
     measured latency, or FLOPs standing in for it (``config.cost.inference``);
+  * ``lowest_error``: the audited candidate (other than the chosen and the smallest one) of
+    lowest S-step error over the whole space: the accuracy end of what the audit saw;
   * ``teacher_shaped``: the maximum point T (the space's largest shape, the nearest to the
     teacher's), or the largest p when T was given as a point outside the space.
   An architecture with several roles is trained once.
@@ -77,10 +79,11 @@ def pick_rivals(results: Mapping[str, Any], audit: Mapping[str, Any],
   near = [r for r in audited if abs(r["i"] - i_c) <= band * i_c]
   pick = (min(near, key=lambda r: (r["long"], r["name"])) if near else
           min(audited, key=lambda r: (abs(r["i"] - i_c), r["name"])))
+  best = min(audited, key=lambda r: (r["long"], r["name"]))
   teacher = results.get("maximum_point") or max(
       rows.values(), key=lambda r: (r["p"], r["i"], r["name"]))["name"]
   out: dict[str, list[str]] = {}
-  for role, name in zip(ROLES, (chosen, smallest, pick["name"], teacher)):
+  for role, name in zip(ROLES, (chosen, smallest, pick["name"], best["name"], teacher)):
     out.setdefault(name, []).append(role)
   return list(out.items())
 
@@ -93,13 +96,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError("config.finetune is empty: give at least one task's fine-tuning config")
   if not (isinstance(config.near_band, (int, float)) and config.near_band >= 0):
     raise ValueError(f"config.near_band={config.near_band!r}: must be a number >= 0")
-  from bort_jax.finetune import tasks  # pylint: disable=import-outside-toplevel
+  from bort_jax.finetune import setup as ft_setup  # pylint: disable=import-outside-toplevel
   for key, ft in config.finetune.items():
     seeds = ft.population.seeds
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
       raise ValueError(f"config.finetune.{key}.population.seeds={seeds!r}: must be an integer "
                        ">= 1 (the seeds of the mean +- std)")
-    tasks.get_task(ft.task)
+    ft_setup.resolve_task(ft.task)  # registers the demo tasks on first use
 
 
 def tasks_of(config: ml_collections.ConfigDict) -> list[str]:
@@ -135,21 +138,35 @@ def _train_one(config, arch: str, workdir: str) -> dict:
       population.run(_finetune_config(config, key, export_dir), out_dir)
     with open(path) as f:
       done = json.load(f)
-    stats = done["settings"][0][done["metric"]]
+    # Each architecture gets its own learning rate: the setting of best mean dev metric.
+    setting = population.best_setting(done)
+    if setting is None:
+      raise ValueError(f"{path} has no setting with a finite mean {done['metric']}")
+    stats = setting[done["metric"]]
     metrics[task] = {"metric": done["metric"], "mean": stats["mean"], "std": stats["std"],
-                     "values": stats["values"]}
+                     "values": stats["values"], "lr": setting["lr"],
+                     "majority": done.get("majority", {}).get(done["metric"]),
+                     "dev_records": done.get("dev_records")}
   return {"export": export_dir, "metrics": metrics}
 
 
-def _measure(export_dir: str, latency) -> dict:
+def _measure(exports: Mapping[str, str], latency) -> dict:
+  """arch -> parameter counts and forward latency, every model timed side by side.
+
+  The models are timed round-robin in one run (``cost.interleaved_latency``), so a slow spell
+  of a shared machine lands on all of them rather than on whichever was timed then.
+  """
   from bort_jax.core import cost  # pylint: disable=import-outside-toplevel
   from bort_jax.interop import export  # pylint: disable=import-outside-toplevel
-  model_cfg = export.load_config(export_dir)
-  counts = cost.param_counts(model_cfg)
-  ms = cost.measure_latency(model_cfg, latency.batch, latency.seq_len,
-                            repeats=latency.repeats)["median_ms"]
-  return {"params_total": counts["total"], "params_effective": counts["effective"],
-          "latency_ms": ms}
+  configs = {arch: export.load_config(path) for arch, path in exports.items()}
+  timed = cost.interleaved_latency(configs, latency.batch, latency.seq_len,
+                                   rounds=latency.repeats)
+  out = {}
+  for arch, model_cfg in configs.items():
+    counts = cost.param_counts(model_cfg)
+    out[arch] = {"params_total": counts["total"], "params_effective": counts["effective"],
+                 "latency_ms": timed[arch]["median_ms"], "latency_iqr_ms": timed[arch]["iqr_ms"]}
+  return out
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -168,12 +185,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     cfg.student.arch = arch
     setup.check_config(cfg)
   os.makedirs(workdir, exist_ok=True)
-  rows = []
+  trained = {}
   for arch, roles in picks:
     logging.info("study: %s (%s)", arch, ", ".join(roles))
-    trained = _train_one(config, arch, workdir)
-    rows.append({"arch": arch, "roles": roles, **_measure(trained["export"], config.latency),
-                 "metrics": trained["metrics"]})
+    trained[arch] = _train_one(config, arch, workdir)
+  measured = _measure({arch: t["export"] for arch, t in trained.items()}, config.latency)
+  rows = [{"arch": arch, "roles": roles, **measured[arch], "metrics": trained[arch]["metrics"]}
+          for arch, roles in picks]
   files = write_study(rows, tasks_of(config), workdir, config.latency)
   return {"archs": rows, "files": files}
 
@@ -199,10 +217,14 @@ def write_study(rows: Sequence[Mapping], tasks: Sequence[str], workdir: str, lat
            "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
   for r in rows:
     cells = [r["arch"], ", ".join(r["roles"]), f"{r['params_total']:,}",
-             f"{r['latency_ms']:.2f}"] + [
-                 f"{r['metrics'][t]['mean']:.4f} +- {r['metrics'][t]['std']:.4f}" for t in tasks]
+             f"{r['latency_ms']:.2f}"] + [_metric_cell(r["metrics"][t]) for t in tasks]
     lines.append("| " + " | ".join(cells) + " |")
   lines.append("")
+  first = rows[0]["metrics"]
+  lines += ["Each cell: mean +- std over the seeds at the learning rate of best mean (in "
+            "brackets). Majority class on the same dev records: " + "; ".join(
+                f"{t} {first[t]['majority']:.4f} ({first[t].get('dev_records')} records)"
+                for t in tasks if first[t].get("majority") is not None) + ".", ""]
   chosen = next(k for k, r in enumerate(rows) if "chosen" in r["roles"])
   for t in tasks:
     on = chosen in front([(r["latency_ms"], r["metrics"][t]["mean"]) for r in rows])
@@ -211,6 +233,11 @@ def write_study(rows: Sequence[Mapping], tasks: Sequence[str], workdir: str, lat
   atomic_write_text(paths["md"], "\n".join(lines) + "\n")
   _plot(rows, tasks, paths["png"], chosen)
   return paths
+
+
+def _metric_cell(m: Mapping[str, Any]) -> str:
+  lr = f" (lr {m['lr']:g})" if m.get("lr") is not None else ""
+  return f"{m['mean']:.4f} +- {m['std']:.4f}{lr}"
 
 
 def _plot(rows, tasks, path: str, chosen: int) -> None:

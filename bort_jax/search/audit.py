@@ -227,8 +227,11 @@ def audit_summary(names: Sequence[str], gains: Sequence[float], short: Sequence[
   tau = kendall_tau_b([short[k] for k in keep], [long[k] for k in keep])
   rho = spearman_rho([short[k] for k in keep], [long[k] for k in keep])
   w_long = [gains[k] / long[k] for k in keep]
-  best_long, _ = best_two(w_long)
-  choice_long = names[keep[best_long]]
+  if w_long and any(math.isfinite(w) for w in w_long):
+    best_long, _ = best_two(w_long)
+    choice_long = names[keep[best_long]]
+  else:  # every sampled candidate diverged over the S steps: nothing to rank, not trusted
+    choice_long = None
   changed = choice_long != chosen
   trusted = math.isfinite(tau) and tau >= tau_min and not changed
   return {"kendall_tau_b": tau, "spearman_rho": rho, "compared": len(keep),
@@ -239,8 +242,12 @@ def audit_summary(names: Sequence[str], gains: Sequence[float], short: Sequence[
 def verdict_line(summary: dict, short_steps: int, long_steps: int) -> str:
   """The one line results.md gives the audit."""
   tau, rho = summary["kendall_tau_b"], summary["spearman_rho"]
-  change = (f"W with the {long_steps}-step errors picks {summary['choice_long']} instead"
-            if summary["choice_changed"] else "W's choice is unchanged with them")
+  if summary["choice_long"] is None:
+    change = f"every sampled candidate diverged over the {long_steps} steps"
+  elif summary["choice_changed"]:
+    change = f"W with the {long_steps}-step errors picks {summary['choice_long']} instead"
+  else:
+    change = "W's choice is unchanged with them"
   word = "can be trusted" if summary["trusted"] else "can NOT be trusted"
   return (f"proxy audit: the {short_steps}-step proxy {word} on this run (threshold: "
           f"Kendall tau-b >= {summary['tau_min']:g} and an unchanged choice): over "

@@ -99,4 +99,9 @@ def test_tiny_study_end_to_end(tmp_path):
   assert "accuracy/latency front" in md
   assert os.path.getsize(os.path.join(workdir, "study.png")) > 10000
   back = json.load(open(os.path.join(workdir, "study.json")))
-  assert [r["arch"] for r in back] == [r["arch"] for r in out["archs"]]
+  assert [r["arch"] for r in back["archs"]] == [r["arch"] for r in out["archs"]]
+  # The teacher is timed beside them: each row's speed-up is the ratio of the two medians.
+  assert back["teacher"]["latency_ms"] > 0 and "x faster than the teacher" in md
+  for row in back["archs"]:
+    assert row["speedup_vs_teacher"] == pytest.approx(
+        back["teacher"]["latency_ms"] / row["latency_ms"])

@@ -72,9 +72,14 @@ def _clock(seconds: float) -> str:
   return f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def config_hash(cfg: ml_collections.ConfigDict) -> str:
-  """A short hash of a stage's config (what its finished output was made with)."""
+def config_hash(cfg: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> str:
+  """A short hash of a stage's config (what its finished output was made with).
+
+  The workdir's and the cache's own paths are left out, so a moved or copied workdir (or
+  cache) still matches.
+  """
   text = json.dumps(to_jsonable(cfg.to_dict()), sort_keys=True)
+  text = text.replace(workdir, "<workdir>").replace(cache_dir, "<cache>")
   return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -388,8 +393,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   check_configs(config, cfg)
   os.makedirs(workdir, exist_ok=True)
   state = State(workdir)
-  hashes = {"teacher-adapt": config_hash(cfg["adapt"]), "extract": config_hash(cfg["extract"]),
-            "distill": config_hash(cfg["distill"])}
+  hashes = {name: config_hash(cfg[key], workdir, cache_dir)
+            for name, key in (("teacher-adapt", "adapt"), ("extract", "extract"),
+                              ("distill", "distill"))}
   check_workdir(state, hashes)
   state.data["extract_cost"] = {k: cfg["extract"].cost[k]
                                 for k in ("size", "inference", "batch", "seq_len")}

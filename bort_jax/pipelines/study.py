@@ -7,8 +7,9 @@ under the same step budget (``pipelines/distill.run``, one config for all), fine
 the same tasks as a population of seeds (``finetune/population.run``), measures each one's
 latency on this device, and writes:
 
-- ``study.json``: every architecture's roles, size, latency and dev metric per task (mean, std
-  and values over the seeds);
+- ``study.json``: ``{"archs": [...], "teacher": ...}``: every architecture's roles, size,
+  latency, speed-up over the teacher (timed beside them) and dev metric per task (mean, std,
+  values over the seeds, learning rate, majority class);
 - ``study.md``: the table (arch, roles, parameters, measured latency, dev metric mean +- std per
   task) and, per task, whether the chosen one is on the accuracy/latency front;
 - ``study.png``: dev metric against latency, one panel per task, the chosen one marked.
@@ -33,6 +34,7 @@ import ml_collections
 from bort_jax.runtime.fileio import atomic_write_text, to_jsonable
 
 ROLES = ("chosen", "smallest", "near_latency", "lowest_error", "teacher_shaped")
+TEACHER = "teacher"  # the key of the teacher's latency, timed beside the studied models
 
 
 def _read_json(path: str, what: str) -> dict:
@@ -189,10 +191,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for arch, roles in picks:
     logging.info("study: %s (%s)", arch, ", ".join(roles))
     trained[arch] = _train_one(config, arch, workdir)
-  measured = _measure({arch: t["export"] for arch, t in trained.items()}, config.latency)
+  exports = {arch: t["export"] for arch, t in trained.items()}
+  teacher = config.distill.teacher.path  # timed beside them: the speed-up each one buys
+  if teacher and os.path.isdir(teacher):
+    exports[TEACHER] = teacher
+  measured = _measure(exports, config.latency)
+  reference = measured.pop(TEACHER, None)
   rows = [{"arch": arch, "roles": roles, **measured[arch], "metrics": trained[arch]["metrics"]}
           for arch, roles in picks]
-  files = write_study(rows, tasks_of(config), workdir, config.latency)
+  if reference:
+    for row in rows:
+      row["speedup_vs_teacher"] = reference["latency_ms"] / row["latency_ms"]
+  files = write_study(rows, tasks_of(config), workdir, config.latency, reference)
   return {"archs": rows, "files": files}
 
 
@@ -207,19 +217,32 @@ def front(points: Sequence[tuple[float, float]]) -> list[int]:
   return out
 
 
-def write_study(rows: Sequence[Mapping], tasks: Sequence[str], workdir: str, latency) -> dict:
-  """study.json, study.md and study.png; returns their paths."""
+def write_study(rows: Sequence[Mapping], tasks: Sequence[str], workdir: str, latency,
+                teacher: Mapping[str, Any] | None = None) -> dict:
+  """study.json, study.md and study.png; returns their paths.
+
+  ``teacher``: the teacher's measured latency (timed with the rows), for a speed-up column.
+  """
   paths = {k: os.path.join(workdir, f"study.{k}") for k in ("json", "md", "png")}
-  atomic_write_text(paths["json"], json.dumps(to_jsonable(list(rows)), indent=1) + "\n")
-  head = ["arch", "roles", "params (total)", f"latency ms (B={latency.batch}, "
-          f"T={latency.seq_len})"] + [f"{t} ({rows[0]['metrics'][t]['metric']})" for t in tasks]
+  atomic_write_text(paths["json"], json.dumps(to_jsonable(
+      {"archs": list(rows), "teacher": teacher}), indent=1) + "\n")
+  speed = teacher is not None
+  head = (["arch", "roles", "params (total)", f"latency ms (B={latency.batch}, "
+           f"T={latency.seq_len})"] + (["x faster than the teacher"] if speed else [])
+          + [f"{t} ({rows[0]['metrics'][t]['metric']})" for t in tasks])
   lines = ["# Downstream study of the extraction's choice", "",
            "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
   for r in rows:
-    cells = [r["arch"], ", ".join(r["roles"]), f"{r['params_total']:,}",
-             f"{r['latency_ms']:.2f}"] + [_metric_cell(r["metrics"][t]) for t in tasks]
+    cells = ([r["arch"], ", ".join(r["roles"]), f"{r['params_total']:,}",
+              f"{r['latency_ms']:.2f} (IQR {r['latency_iqr_ms']:.2f})"]
+             + ([f"{r['speedup_vs_teacher']:.1f}"] if speed else [])
+             + [_metric_cell(r["metrics"][t]) for t in tasks])
     lines.append("| " + " | ".join(cells) + " |")
   lines.append("")
+  if speed:
+    lines += [f"Latency: median of {latency.repeats} rounds of every model and the teacher "
+              f"timed round-robin in one run (random weights, no head); the teacher: "
+              f"{teacher['latency_ms']:.2f} ms (IQR {teacher['latency_iqr_ms']:.2f}).", ""]
   first = rows[0]["metrics"]
   lines += ["Each cell: mean +- std over the seeds at the learning rate of best mean (in "
             "brackets). Majority class on the same dev records: " + "; ".join(

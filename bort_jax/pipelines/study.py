@@ -275,8 +275,13 @@ def _plot(rows, tasks, path: str, chosen: int) -> None:
       style = ({"marker": "*", "ms": 16, "color": "tab:red"} if k == chosen else
                {"marker": "o", "ms": 7, "color": "0.35"})
       ax.errorbar([r["latency_ms"]], [m["mean"]], yerr=[m["std"]], capsize=3, **style)
-      ax.annotate(r["arch"], (r["latency_ms"], m["mean"]), xytext=(6, 6),
+      # Alternate the label above and below its point: ties in latency stay readable.
+      ax.annotate(r["arch"], (r["latency_ms"], m["mean"]), xytext=(6, 6 if k % 2 == 0 else -12),
                   textcoords="offset points", fontsize=8)
+    majority = rows[0]["metrics"][task].get("majority")
+    if majority is not None:
+      ax.axhline(majority, color="0.5", linestyle="--", linewidth=1, label="majority class")
+      ax.legend(fontsize=8, loc="best")
     ax.set_xlabel("measured latency (ms)")
     ax.set_ylabel(f"dev {rows[0]['metrics'][task]['metric']} (mean +- std over seeds)")
     ax.set_title(task, fontsize=10)

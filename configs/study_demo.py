@@ -3,8 +3,9 @@
 Distils the chosen architecture and its rivals (the smallest candidate, the audited candidate of
 lowest S-step error near the chosen one's inference cost, the audited candidate of lowest S-step
 error overall, the teacher-shaped maximum point) under one step budget, fine-tunes each on the
-three demo tasks with 3 seeds x 2 learning rates as one population, and writes study.md / study.json / study.png (dev metric mean +- std per task against measured
-latency, the chosen one marked). Needs the demo teacher and the demo extraction with its audit:
+three demo tasks with 3 seeds x 2 learning rates as one population, and writes study.md /
+study.json / study.png (dev metric mean +- std per task against measured latency, the chosen one
+marked). Needs the demo teacher and the demo extraction with its audit:
 
     bort-jax demo --workdir=runs/demo     # or teacher-adapt, then extract
     bort-jax study --config=configs/study_demo.py --workdir=runs/demo/study

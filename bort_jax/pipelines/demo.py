@@ -72,15 +72,18 @@ def _clock(seconds: float) -> str:
   return f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def config_hash(cfg: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> str:
-  """A short hash of a stage's config (what its finished output was made with).
-
-  The workdir's and the cache's own paths are left out, so a moved or copied workdir (or
-  cache) still matches.
-  """
+def _config_text(cfg: ml_collections.ConfigDict, cache_dir: str, workdir: str = "") -> str:
+  """A config as sorted JSON with the workdir's and the cache's own paths left out, so a
+  moved or copied workdir (or cache) keys the same (the text the hashes below are of)."""
   text = json.dumps(to_jsonable(cfg.to_dict()), sort_keys=True)
-  text = text.replace(workdir, "<workdir>").replace(cache_dir, "<cache>")
-  return hashlib.sha256(text.encode()).hexdigest()[:12]
+  if workdir:
+    text = text.replace(workdir, "<workdir>")
+  return text.replace(cache_dir, "<cache>")
+
+
+def config_hash(cfg: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> str:
+  """A short hash of a stage's config (what its finished output was made with)."""
+  return hashlib.sha256(_config_text(cfg, cache_dir, workdir).encode()).hexdigest()[:12]
 
 
 def check_workdir(state: State, hashes: dict[str, str]) -> None:
@@ -303,9 +306,7 @@ def adapted_cache(cache_dir: str, adapt_cfg: ml_collections.ConfigDict) -> str:
   in another workdir with the same teacher and adapt config copies the export instead of
   training it again.
   """
-  keyed = json.dumps(to_jsonable(adapt_cfg.to_dict()), sort_keys=True).replace(cache_dir,
-                                                                                 "<cache>")
-  sha = hashlib.sha256(keyed.encode())
+  sha = hashlib.sha256(_config_text(adapt_cfg, cache_dir).encode())
   source = os.path.join(cache_dir, "teacher")
   for name in sorted(os.listdir(source)) if os.path.isdir(source) else []:
     if os.path.isfile(os.path.join(source, name)):

@@ -52,8 +52,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       -1 <= tau_min <= 1):
     raise ValueError(f"config.audit.tau_min={tau_min!r}: must be a number in [-1, 1] (a "
                      "threshold on Kendall's tau-b)")
-  if isinstance(block.get("seed", 0), bool) or not isinstance(block.get("seed", 0), int):
-    raise ValueError(f"config.audit.seed={block.get('seed')!r}: must be an integer")
+  seed = _seed(block)
+  if isinstance(seed, bool) or not isinstance(seed, int):
+    raise ValueError(f"config.audit.seed={seed!r}: must be an integer")
+
+
+def _seed(block) -> Any:
+  """``config.audit.seed`` (which member of each stratum is drawn); 0 when absent."""
+  return block.get("seed", 0)
 
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
@@ -67,7 +73,7 @@ def _sample(result: fptas.Result, block) -> tuple[list[fptas.Row], str | None]:
   rows = [r for r in result.rows if r.trained and r.e is not None and math.isfinite(r.e)]
   why = report.explain(result)
   include = [k for k, r in enumerate(rows) if r.name in (result.best.name, why["runner_up"])]
-  picked = audit.stratified_sample([r.p for r in rows], int(block.sample), int(block.get("seed", 0)),
+  picked = audit.stratified_sample([r.p for r in rows], int(block.sample), int(_seed(block)),
                                    include=include)
   return [rows[k] for k in picked], why["runner_up"]
 
@@ -147,7 +153,7 @@ def run_audit(config: ml_collections.ConfigDict, result: fptas.Result,
            for r, e in zip(rows, long)]
   if write:
     payload = {"short_steps": short_steps, "long_steps": long_steps,
-               "sample": int(block.sample), "seed": int(block.get("seed", 0)), "runner_up": runner_up,
+               "sample": int(block.sample), "seed": int(_seed(block)), "runner_up": runner_up,
                "summary": summary, "line": line, "rows": table, "cost": cost}
     atomic_write_text(os.path.join(workdir, "audit.json"),
                       json.dumps(to_jsonable(payload), indent=1) + "\n")

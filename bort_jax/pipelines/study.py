@@ -53,8 +53,9 @@ def pick_rivals(results: Mapping[str, Any], audit: Mapping[str, Any],
   * ``smallest``: the candidate of smallest p (then i, then name);
   * ``near_latency``: among the audited candidates other than the chosen and the smallest one
     whose inference cost i lies within ``band`` (relative) of the chosen one's, the one of
-    lowest S-step error; when none does, the audited candidate nearest in i. i is the extraction's inference cost:
-    measured latency, or FLOPs standing in for it (``config.cost.inference``);
+    lowest S-step error; when none does, the audited candidate nearest in i. i is the
+    extraction's inference cost: measured latency, or FLOPs standing in for it
+    (``config.cost.inference``);
   * ``lowest_error``: the audited candidate (other than the chosen and the smallest one) of
     lowest S-step error over the whole space: the accuracy end of what the audit saw;
   * ``teacher_shaped``: the maximum point T (the space's largest shape, the nearest to the
@@ -276,8 +277,8 @@ def _plot(rows, tasks, path: str, chosen: int) -> None:
                {"marker": "o", "ms": 7, "color": "0.35"})
       ax.errorbar([r["latency_ms"]], [m["mean"]], yerr=[m["std"]], capsize=3, **style)
       # Alternate the label above and below its point: ties in latency stay readable.
-      ax.annotate(r["arch"], (r["latency_ms"], m["mean"]), xytext=(6, 6 if k % 2 == 0 else -12),
-                  textcoords="offset points", fontsize=8)
+      ax.annotate(r["arch"], (r["latency_ms"], m["mean"]),
+                  xytext=(6, 6 if k % 2 == 0 else -12), textcoords="offset points", fontsize=8)
     majority = rows[0]["metrics"][task].get("majority")
     if majority is not None:
       ax.axhline(majority, color="0.5", linestyle="--", linewidth=1, label="majority class")

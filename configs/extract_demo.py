@@ -16,6 +16,8 @@ demo teacher first:
 
 Produces runs/demo/extract/{results.md,results.csv,pareto.png,audit.json,audit.png,chosen_arch.txt,
 ledger.json} in about 9 minutes on a 2-core CPU. The `tiny` arg (a random teacher, synthetic tokens) is for tests.
+The `lrs` arg sets Theta to proxy learning rates separated by "/" (`:lrs=2e-4/5e-4/1e-3`: three
+trainings per candidate, W takes each candidate's best).
 """
 
 import os
@@ -25,8 +27,20 @@ import ml_collections
 from configs import common
 
 
+def _learning_rates(text: str) -> tuple[float, ...]:
+  """``"2e-4/5e-4"`` -> (2e-4, 5e-4); anything but positive numbers is a clear error."""
+  try:
+    rates = tuple(float(part) for part in text.split("/"))
+  except ValueError:
+    rates = ()
+  if not rates or not all(0 < lr < float("inf") for lr in rates):
+    raise ValueError(f"config extract_demo.py: arg lrs={text!r} must be positive learning rates "
+                     "separated by '/', e.g. lrs=2e-4/5e-4/1e-3")
+  return rates
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, {"tiny": common.FLAG}, "extract_demo.py")
+  args = common.parse_arg(arg, {"tiny": common.FLAG, "lrs": common.VALUE}, "extract_demo.py")
   cache = common.cache_dir()
   config = ml_collections.ConfigDict()
   config.seed = 0
@@ -59,6 +73,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                         # candidate, "teacher" (its shape: the paper's T)
                                         # or a shape name outside the space
   config.fptas.thetas = ({"lr": 5e-4},)  # Theta: hyperparameter sets tried per candidate
+  if "lrs" in args:
+    config.fptas.thetas = tuple({"lr": lr} for lr in _learning_rates(args["lrs"]))
   config.fptas.ties = "all"             # equal (p, i): "all" members trained, or "first" in sort
                                         # order only (the behaviour before ties were handled)
 

@@ -110,6 +110,8 @@ def get_config(arg=None):
   config.population.weight_decays = ()
   config.population.warmups = ()
   config.population.mode = "auto"      # vmap | map | auto (map on CPU)
+  config.population.save_best = False  # also write WORKDIR/best: the member of best dev score
+                                       # (the demo's teacher: Agora's labeller)
 
   # Agora (finetune/agora.py; ``agora`` arg): Theta is config.population's grid.
   config.agora = ml_collections.ConfigDict()
@@ -118,6 +120,8 @@ def get_config(arg=None):
                                        # without a binary head is fine-tuned on the binary cast
   config.agora.labeller_steps = 0      # 0 = the run's total steps
   config.agora.labeller_lr = 1e-4
+  config.agora.min_labeller_accuracy = 2.0 / 3.0  # a labeller at or below it is refused (the
+                                                  # authors' "ok-ish" labeller)
   config.agora.mlm = ""                # MLM head for the transformation ("" = config.init.path;
                                        # none there: token edits only)
   config.agora.points_per_mistake = 2

@@ -197,6 +197,27 @@ def test_mlm_transform_resamples_content_tokens_deterministically():
   assert not np.array_equal(other["input_ids"], out["input_ids"])
 
 
+def test_batching_changes_neither_the_points_nor_the_labels():
+  """Fixed-size batches (one compile whatever the row count) give what one batch gives."""
+  config = _config()
+  params = model.init(jax.random.key(0), config, model.HeadSpec("mlm"))
+  rows = _rows(7, 5)
+  batches = list(augment.fixed_batches({"x": np.arange(7)}, 3))
+  assert [(start, count) for start, count, _ in batches] == [(0, 3), (3, 3), (6, 1)]
+  assert all(len(b["x"]) == 3 for _, _, b in batches) and batches[-1][2]["x"].tolist() == [6] * 3
+  make = lambda size: augment.MLMTokenTransform(
+      SPECIALS, pad_id=0, points_per_row=2, seed=1, mlm_config=config, mlm_params=params,
+      mask_id=1, resample_fraction=0.3, edit_prob=0.5, batch_size=size)
+  one, small = make(64)(rows, 0, np.arange(7)), make(3)(rows, 0, np.arange(7))
+  assert np.array_equal(one["input_ids"], small["input_ids"])
+  head = model.HeadSpec("classification", 2)
+  cls_params = model.init(jax.random.key(1), config, head)
+  whole = np.argmax(np.asarray(model.apply(cls_params, config, {
+      k: rows[k] for k in augment.ROW_KEYS}, head=head)["logits"]), axis=-1)
+  labels = agora.ModelLabeller(config, cls_params, batch_size=3)(rows)
+  assert labels.dtype == np.int32 and labels.tolist() == whole.tolist()
+
+
 def test_a_torn_journal_line_is_cut_so_the_next_round_appends_cleanly(tmp_path):
   path = str(tmp_path / agora.JOURNAL)
   agora._append_journal(path, {"round": 0})  # pylint: disable=protected-access

@@ -1,5 +1,5 @@
 """``bort-jax demo`` end to end on tiny assets: every stage, resumed after a SIGKILL in each
-stage (fine-tuning, teacher adaptation, extraction, distillation, report) to the same report
+stage (fine-tuning, teacher adaptation, extraction, distillation, Agora, report) to the same report
 numbers, and a rerun that keeps the stage times.
 
 The cache is built offline: the demo tasks from the fake archives of test_demo_data (fetched
@@ -79,9 +79,12 @@ def finished(cache, tmp_path_factory):  # pylint: disable=redefined-outer-name
 
 
 def _numbers(summary):
-  """The report's fine-tuning numbers: every seed's dev score per task and model."""
-  return {(r["task"], m): r[m]["values"] for r in summary["finetune"] for m in ("student",
-                                                                               "teacher")}
+  """The report's fine-tuning numbers: every seed's dev score per task and model, and
+  Agora's rounds."""
+  numbers = {(r["task"], m): r[m]["values"] for r in summary["finetune"] for m in ("student",
+                                                                                  "teacher")}
+  numbers.update({(r["task"], "agora"): r.get("student_agora") for r in summary["finetune"]})
+  return numbers
 
 
 def test_demo_runs_every_stage_to_the_report(finished):
@@ -94,8 +97,21 @@ def test_demo_runs_every_stage_to_the_report(finished):
     assert len(row["student"]["values"]) == 2 and len(row["teacher"]["values"]) == 2
     assert row["majority"] is not None and row["dev_records"] <= 16
   text = open(summary["report"]).read()
+  # Agora ran on the one binary task (the tiny config lowers the labeller bar to 0), with the
+  # teacher's best fine-tuned member as its labeller; the others are listed with the reason.
+  plan = state["agora"]
+  assert plan["movie_sentiment"]["run"] and os.path.exists(
+      os.path.join(plan["movie_sentiment"]["labeller"], "finetune.json"))
+  assert not plan["social_iqa"]["run"] and not plan["vitaminc"]["run"]
+  movie = next(r for r in summary["finetune"] if r["task"] == "demo/movie_sentiment")
+  agora_run = movie["student_agora"]
+  assert 1 <= agora_run["rounds"] <= 2 and agora_run["best"] >= agora_run["round0"]
+  assert "| demo/movie_sentiment | student |" in text
+  skipped = [line for line in text.splitlines() if ": not run: not binary" in line]
+  assert sorted(line.split(":")[0] for line in skipped) == ["- demo/social_iqa",
+                                                           "- demo/vitaminc"]
   assert "not run" not in text.replace("Audit of the proxy: not run", "").replace(
-      "Agora: not run", "")
+      ": not run: not binary", "")
   assert summary["headline"]["share"] > 0 and summary["headline"]["speedup"] > 0
   # The teacher's runs are in the cache, keyed by its export and config.
   assert all(f.startswith(os.path.join(state["finetune_runs"]["teacher"][0].rsplit(
@@ -109,7 +125,8 @@ def test_rerun_skips_everything_and_keeps_the_stage_times(finished, cache, capsy
   after = json.load(open(os.path.join(work, report.STATE_FILE)))["stages"]
   assert after == before
   out = capsys.readouterr().out
-  assert out.count("done, skipped") == 4 and "Headline:" in out
+  assert out.count(": done, skipped (took") == 4 and "Headline:" in out
+  assert "[agora] movie_sentiment: done, skipped" in out  # the stage looks, trains nothing
   assert _numbers(summary) == _numbers(finished["summary"])
 
 
@@ -169,26 +186,28 @@ sys.exit(main.main(sys.argv[1:]))
 
 
 def test_killed_in_finetuning_resumes_to_the_same_report(finished, cache, tmp_path, capsys):  # pylint: disable=redefined-outer-name
-  # The earlier stages as the uninterrupted run left them; fine-tuning and report to come.
+  # The earlier stages as the uninterrupted run left them; fine-tuning, Agora and report to come.
   work = str(tmp_path / "work")
   shutil.copytree(finished["workdir"], work, ignore=shutil.ignore_patterns("finetune", "report"))
   state_path = os.path.join(work, report.STATE_FILE)
   state = json.load(open(state_path))
   state.pop("finetune_runs")
-  for stage in ("finetune", "report"):
+  state.pop("agora")
+  for stage in ("finetune", "agora", "report"):
     state["stages"][stage] = {"done": False, "seconds": 0.0}
   json.dump(state, open(state_path, "w"))
   env = helpers.subprocess_env({"xla_cache": cache["xla_cache"]})
   proc = subprocess.run([sys.executable, "-c", _DIE_IN_FINETUNE] + argv(cache, work),
                         cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == -signal.SIGKILL, proc.stdout[-3000:] + proc.stderr[-3000:]
-  # Killed after the first chunk of the first job: its checkpoint is there, no result yet.
+  # The teacher's jobs come first and were found in the cache (skipped); killed after the
+  # first chunk of the student's first job: its checkpoint is there, no result yet.
   first = json.load(open(state_path))["finetune_runs"]["student"][0]
   with checkpoint.CheckpointManager(os.path.join(first, "population"), read_only=True) as m:
     assert m.latest_step() == 2
   assert not os.path.exists(os.path.join(first, "population.json"))
   killed = json.load(open(state_path))["stages"]["finetune"]
-  assert not killed["done"] and killed["seconds"] == 0.0  # no job finished before the kill
+  assert not killed["done"] and killed["seconds"] < 30  # only the skipped teacher jobs
   capsys.readouterr()
   summary = demo.run(make_config(cache), work)
   out = capsys.readouterr().out
@@ -204,7 +223,8 @@ def test_killed_in_finetuning_resumes_to_the_same_report(finished, cache, tmp_pa
 
 # Kills the demo at a point inside one stage: ``teacher`` / ``distill`` right after the first
 # checkpoint of that stage's training is written (waited for), ``extract`` right after the
-# first line of a search journal, ``report`` right after its first plot.
+# first line of a search journal, ``agora`` right after its first round's journal line,
+# ``report`` right after its first plot.
 _DIE_IN_STAGE = """
 import os, signal, sys
 target = sys.argv.pop(1)
@@ -234,13 +254,21 @@ def pareto_then_die(*args, **kwargs):
     die()
   return out
 report_plots.pareto = pareto_then_die
+from bort_jax.finetune import agora
+real_journal = agora._append_journal
+def journal_then_die(*args, **kwargs):
+  real_journal(*args, **kwargs)
+  if target == "agora":
+    die()
+agora._append_journal = journal_then_die
 from bort_jax import main
 sys.exit(main.main(sys.argv[1:]))
 """
 
 # target of _DIE_IN_STAGE -> (the demo stage it lands in, the workdir folder that stage writes)
 _KILLS = {"teacher": ("teacher-adapt", "teacher"), "extract": ("extract", "extract"),
-          "distill": ("distill", "distill"), "report": ("report", "report")}
+          "distill": ("distill", "distill"), "agora": ("agora", "finetune"),
+          "report": ("report", "report")}
 
 
 @pytest.mark.parametrize("target", sorted(_KILLS))
@@ -248,13 +276,17 @@ def test_killed_in_a_stage_resumes_to_the_same_report(finished, cache, tmp_path,
                                                        target):
   stage, folder = _KILLS[target]
   later = demo.STAGES[demo.STAGES.index(stage):]
-  later_dirs = [_KILLS[t][1] for t in _KILLS if _KILLS[t][0] in later] + ["finetune"]
-  # The stages before the killed one as the uninterrupted run left them.
+  # The stages before the killed one as the uninterrupted run left them (Agora's runs lie
+  # beside the student's fine-tuning runs).
+  later_dirs = ([_KILLS[t][1] for t in _KILLS if _KILLS[t][0] in later and t != "agora"]
+                + ["*" + demo.AGORA_SUFFIX] + (["finetune"] if "finetune" in later else []))
   work = str(tmp_path / "work")
   shutil.copytree(finished["workdir"], work, ignore=shutil.ignore_patterns(*later_dirs))
   state_path = os.path.join(work, report.STATE_FILE)
   state = json.load(open(state_path))
-  state.pop("finetune_runs")
+  state.pop("agora")
+  if "finetune" in later:
+    state.pop("finetune_runs")
   for name in later:
     state["stages"][name] = {"done": False, "seconds": 0.0}
   json.dump(state, open(state_path, "w"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -225,3 +226,76 @@ def test_headline_names_the_tasks_the_teacher_does_not_learn():
   assert "within one standard error of the majority class on one_class, near" in (
       report.headline_text(head))
   assert not report.headline(rows[:1], {})["unlearnt"]
+
+
+def _agora_json(round_bests, labeller=0.8, points=(10, 6)):
+  rounds = [{"round": k, "best": {"accuracy": acc}, "points_added": p}
+            for k, (acc, p) in enumerate(zip(round_bests, list(points) + [0] * 9))]
+  best = max(range(len(round_bests)), key=lambda k: (round_bests[k], -k))
+  return {"task": "demo/vitaminc", "rounds": rounds, "labeller_accuracy": labeller,
+          "best": {"accuracy": round_bests[best], "round": best}}
+
+
+def test_report_shows_agora_beside_round_0_and_the_tasks_it_skipped(tmp_path, monkeypatch):
+  monkeypatch.setattr(cost, "interleaved_latency", _fake_latency)
+  work = make_workdir(str(tmp_path))
+  folder = os.path.join(work, "finetune", "student", "demo_vitaminc")
+  _write(folder + "_agora/agora.json", _agora_json([0.6, 0.65, 0.62]))
+  _write(os.path.join(work, report.STATE_FILE),
+         {"agora": {"social_iqa": {"run": False, "reason": "not binary (multiple_choice)"},
+                    "vitaminc": {"run": True, "reason": ""}}})
+  summary = report.run(_config(), work)
+  text = open(summary["report"]).read()
+  # Three rounds; the points that entered training are those of rounds 0 and 1 (16).
+  assert "| demo/vitaminc | student | 0.800 | 3 | 16 | 60.0 | 65.0 (round 1) | +5.0 |" in text
+  assert "- demo/social_iqa: not run: not binary (multiple_choice)" in text
+  row = next(r for r in summary["finetune"] if r["task"] == "demo/vitaminc")
+  assert row["student_agora"]["best_round"] == 1 and "teacher_agora" not in row
+
+
+def test_agora_plan_takes_binary_tasks_whose_teacher_beats_the_bar(tmp_path):
+  from bort_jax.data import demo as demo_data
+  from bort_jax.pipelines import demo
+  demo_data.register_demo_tasks(str(tmp_path / "cache"))
+  config = cli_main.cli.load_config("configs/demo.py")
+  jobs = []
+  for model_name in ("teacher", "student"):
+    for task in config.finetune_tasks:
+      cfg = config.finetune.copy_and_resolve_references()
+      cfg.task = f"demo/{task}"
+      jobs.append((model_name, cfg, str(tmp_path / model_name / task)))
+
+  def teacher_scores(accuracy):
+    for task in config.finetune_tasks:
+      _write(str(tmp_path / "teacher" / task / "best" / "finetune.json"),
+             {"metric": "accuracy", "value": accuracy})
+
+  teacher_scores(0.75)
+  plan = demo.agora_plan(config, jobs)
+  assert plan["movie_sentiment"]["run"]
+  assert plan["movie_sentiment"]["labeller"] == str(tmp_path / "teacher" / "movie_sentiment"
+                                                    / "best")
+  assert plan["movie_sentiment"]["folder"] == str(tmp_path / "student" / "movie_sentiment"
+                                                  ) + "_agora"
+  assert "not binary (multiple_choice" in plan["social_iqa"]["reason"]
+  assert "not binary (classification, 3 labels)" in plan["vitaminc"]["reason"]
+  teacher_scores(2 / 3)  # at the bar: refused, as Agora itself would
+  plan = demo.agora_plan(config, jobs)
+  assert not plan["movie_sentiment"]["run"]
+  assert "dev accuracy 0.667 is not above 0.667" in plan["movie_sentiment"]["reason"]
+  config.agora_tasks = "social_iqa, vitaminc"  # named: taken whatever the teacher scores
+  plan = demo.agora_plan(config, jobs)
+  assert sorted(t for t, e in plan.items() if e["run"]) == ["social_iqa", "vitaminc"]
+  config.agora_tasks = ""
+  assert not any(e["run"] for e in demo.agora_plan(config, jobs).values())
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("agora_tasks", "movie,social_iqa", "config.agora_tasks='movie,social_iqa': movie not among"),
+    ("finetune.agora.min_labeller_accuracy", 1.0, "must be a number in [0, 1)")])
+def test_demo_refuses_bad_agora_settings(field, value, message):
+  from bort_jax.pipelines import demo
+  config = cli_main.cli.load_config("configs/demo.py")
+  cli_main.cli.apply_overrides(config, [(f"config.{field}", str(value))])
+  with pytest.raises(ValueError, match=re.escape(message)):
+    demo.check_finetune(config)

@@ -241,3 +241,32 @@ def test_agora_mode_refuses_a_weak_labeller(assets, tmp_path, capsys):
   assert code == 2
   assert "at or below 2/3" in err and "Traceback" not in err
   assert not (tmp_path / "wd" / "agora.jsonl").exists()
+
+
+def test_save_best_writes_the_best_member_as_a_labeller_agora_loads(assets, tmp_path, capsys):
+  import json
+  code = _cli(assets, tmp_path / "pop", "seeds=2", "--config.population.save_best=True")
+  assert code == 0, capsys.readouterr().err
+  out = json.loads((tmp_path / "pop" / "population.json").read_text())
+  meta = json.loads((tmp_path / "pop" / "best" / "finetune.json").read_text())
+  values = out["settings"][0]["accuracy"]["values"]
+  assert meta["metric"] == "accuracy" and meta["value"] == max(values)
+  assert meta["member"]["seed"] == int(np.argmax(values))
+  loaded = setup.load_model(str(tmp_path / "pop" / "best"), "auto", 0)
+  assert loaded.kind == "finetuned" and loaded.head.num_labels == 2
+  # As Agora's labeller (no fine-tuning of its own: it has a binary head), with the bar set
+  # below its accuracy so the rounds run.
+  code = _cli(assets, tmp_path / "agora", "agora,seeds=2",
+              f"--config.agora.labeller={tmp_path / 'pop' / 'best'}",
+              "--config.agora.min_labeller_accuracy=0.0")
+  assert code == 0, capsys.readouterr().err
+  agora_out = json.loads((tmp_path / "agora" / "agora.json").read_text())
+  assert agora_out["labeller_accuracy"] == pytest.approx(meta["value"])
+  assert agora_out["rounds"]
+
+
+def test_agora_refuses_a_bad_labeller_bar(assets, tmp_path, capsys):
+  code = _cli(assets, tmp_path / "wd", "agora,seeds=2", "--config.agora.min_labeller_accuracy=1.5")
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and "config.agora.min_labeller_accuracy=1.5" in err and "Traceback" not in err
+  assert not (tmp_path / "wd").exists() or not any((tmp_path / "wd").iterdir())

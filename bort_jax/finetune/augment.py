@@ -123,6 +123,20 @@ class TokenEditTransform:
     return _stack(out)
 
 
+def fixed_batches(batch: Mapping[str, np.ndarray], size: int):
+  """Yields ``(start, count, padded)``: ``batch`` cut into batches of exactly ``size`` rows.
+
+  The last batch is completed with copies of its first row (``count`` says how many rows are
+  real), so a jitted forward compiles once for every call, whatever the number of rows (Agora
+  labels and transforms a different number of points each round).
+  """
+  n = len(next(iter(batch.values())))
+  for start in range(0, n, size):
+    count = min(size, n - start)
+    rows = np.concatenate([np.arange(start, start + count), np.full(size - count, start)])
+    yield start, count, {k: np.asarray(v)[rows] for k, v in batch.items()}
+
+
 def _stack(out: dict) -> dict:
   result = {k: np.asarray(out[k], np.int32) for k in ROW_KEYS + ("source",)}
   result["edit"] = np.asarray(out["edit"], object)
@@ -148,6 +162,7 @@ class MLMTokenTransform(TokenEditTransform):
   resample_fraction: float = 0.15
   edit_prob: float = 0.5
   temperature: float = 1.0
+  batch_size: int = 32  # points per MLM forward pass
 
   def __post_init__(self):
     if self.mlm_config is None or self.mlm_params is None:
@@ -186,12 +201,17 @@ class MLMTokenTransform(TokenEditTransform):
                                          for p in plan])}
     if self.mlm_config.type_vocab_size == 0:
       batch.pop("token_type_ids")
-    logits = np.asarray(jax.device_get(self._forward(self.mlm_params, batch)), np.float64)
+    # The MLM logits of the picked positions only ([positions, V] per point): a whole
+    # [points, T, V] array would be gigabytes for a 30k vocabulary.
+    picked_logits = []
+    for start, count, padded in fixed_batches(batch, self.batch_size):
+      logits = np.asarray(jax.device_get(self._forward(self.mlm_params, padded)))
+      picked_logits += [logits[j, plan[start + j][3]] for j in range(count)]
     banned = np.asarray(self.special_ids)
-    for (rng, i, _, picked), row_logits in zip(plan, logits):
+    for (rng, i, _, picked), row_logits in zip(plan, picked_logits):
       ids = np.asarray(rows["input_ids"][i]).copy()
-      for p in picked:
-        scores = row_logits[p] / self.temperature
+      for p, position_logits in zip(picked, row_logits):
+        scores = position_logits.astype(np.float64) / self.temperature
         scores[banned[banned < len(scores)]] = -np.inf
         probs = np.exp(scores - scores.max())
         ids[p] = rng.choice(len(probs), p=probs / probs.sum())

@@ -456,6 +456,31 @@ def best_setting(population: Mapping[str, Any]) -> dict | None:
   return max(rows, key=lambda r: r[metric]["mean"]) if rows else None
 
 
+def save_best(prep: Any, config: Any, result: Result, path: str) -> None:
+  """Writes the member of best dev score as a fine-tuned model (``loop.save_finetuned``).
+
+  The member is the one whose first metric is highest after its last step (the first such
+  in member order); ``finetune.json`` names it with its score, so Agora (or ``evaluate``)
+  loads it with its head.
+  """
+  from bort_jax.finetune import loop  # pylint: disable=import-outside-toplevel  (loop calls us)
+  metric = prep.spec.metrics[0]
+  values = [m.get(metric, float("nan")) for m in result.metrics]
+  finite = [i for i, v in enumerate(values) if math.isfinite(v)]
+  if not finite:
+    print(f"population: no member has a finite dev {metric}; {path} not written")
+    return
+  best = max(finite, key=lambda i: values[i])
+  kind = "classification" if prep.spec.kind == "candidates" else prep.spec.kind
+  head = steps.StepConfig(prep.loaded.config, kind, prep.spec.num_labels, prep.total_steps,
+                          prep.layout).head
+  meta = dict(loop.head_meta(prep.spec, int(config.seq_len), head), init=prep.loaded.path,
+              init_kind=prep.loaded.kind, member=dataclasses.asdict(result.members[best]),
+              step=prep.total_steps, metric=metric, value=values[best])
+  loop.save_finetuned(path, jax.device_get(result.params(best)), prep.loaded.config, meta,
+                      prep.tokenizer_path)
+
+
 def run(config: Any, workdir: str) -> dict:
   """``bort-jax finetune ...,seeds=N[,lrs=A/B]``: the grid as one population on one task.
 
@@ -481,6 +506,8 @@ def run(config: Any, workdir: str) -> dict:
                             train, dev, task_scorer(spec, dev_split.records, dev),
                             init_params=prep.params, layout=prep.layout, workdir=workdir,
                             report=print)
+  if config.population.get("save_best"):
+    save_best(prep, config, result, os.path.join(workdir, loop.BEST_DIR))
   rows = summarize(members, result.metrics)
   out = {"task": spec.name, "dev_split": dev_split.name, "metric": spec.metrics[0],
          "dev_records": len(dev_split.records),

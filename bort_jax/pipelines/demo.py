@@ -18,7 +18,12 @@ the cache and their models at the workdir's.
    (``finetune/population.py``). The student's runs are in ``WORKDIR/finetune/student/``; the
    teacher's in ``CACHE/finetuned/``, keyed by a hash of the teacher's export and its
    fine-tuning config, so later demo runs with the same teacher reuse them.
-6. ``report``: ``WORKDIR/report/report.md`` (``pipelines/report.py``).
+6. ``agora``: Agora (``finetune/agora.py``) on the student for the tasks of
+   ``config.agora_tasks`` (``"auto"``: the binary classification tasks whose fine-tuned
+   teacher beats Agora's labeller threshold on dev; on the demo suite, movie_sentiment), with
+   that fine-tuned teacher as the labeller, in ``<the student's job folder>_agora``. A task
+   Agora does not take is recorded with the reason, and the report says it.
+7. ``report``: ``WORKDIR/report/report.md`` (``pipelines/report.py``).
 
 Every stage resumes: a finished one is skipped (its time kept), an interrupted one continues
 from its checkpoints or journal; the fine-tuning stage continues at the last finished chunk
@@ -45,7 +50,7 @@ from bort_jax.interop import export
 from bort_jax.pipelines import report
 from bort_jax.runtime.fileio import atomic_write_text, to_jsonable
 
-STAGES = ("fetch", "teacher-adapt", "extract", "distill", "finetune", "report")
+STAGES = ("fetch", "teacher-adapt", "extract", "distill", "finetune", "agora", "report")
 # What --quick keeps of each fine-tuning job.
 QUICK_FINETUNE = {"steps": 8, "seeds": 2, "max_dev_examples": 64, "eval_every": 4}
 
@@ -209,6 +214,19 @@ def check_finetune(config: ml_collections.ConfigDict) -> None:
     if int(spec.steps) < 1 or int(spec.seq_len) < 2:
       raise ValueError(f"config.finetune_tasks.{task}: steps={spec.steps} must be >= 1 and "
                        f"seq_len={spec.seq_len} >= 2")
+  wanted = str(config.agora_tasks).strip()
+  if wanted != "auto":
+    unknown = [t.strip() for t in wanted.split(",")
+               if t.strip() and t.strip() not in config.finetune_tasks]
+    if unknown:
+      raise ValueError(f"config.agora_tasks={wanted!r}: {', '.join(unknown)} not among the demo's "
+                       f"tasks ({', '.join(config.finetune_tasks)}); give \"auto\", \"\" or a "
+                       "comma-separated list of them")
+  threshold = config.finetune.agora.min_labeller_accuracy
+  if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+      or not 0.0 <= threshold < 1.0:
+    raise ValueError(f"config.finetune.agora.min_labeller_accuracy={threshold!r} must be a number "
+                     "in [0, 1) (Agora's rule is 2/3)")
 
 
 def _digest(path: str) -> str:
@@ -243,8 +261,10 @@ def finetune_jobs(config: ml_collections.ConfigDict, workdir: str, cache_dir: st
   jobs = []
   roots = {"student": os.path.join(workdir, "finetune", "student"),
            "teacher": os.path.join(cache_dir, "finetuned")}
-  for model_name, init in (("student", os.path.join(workdir, "distill", "export")),
-                           ("teacher", os.path.join(workdir, "teacher", "export"))):
+  # The teacher first: its jobs are most of the stage's work, so the ETA after its first job
+  # is measured on the model that dominates (the students' jobs are mostly compile time).
+  for model_name, init in (("teacher", os.path.join(workdir, "teacher", "export")),
+                           ("student", os.path.join(workdir, "distill", "export"))):
     for task in config.finetune_tasks:
       cfg = finetune_config(config, model_name, task, init, cache_dir)
       jobs.append((model_name, cfg, job_dir(roots[model_name], init, cfg)))
@@ -293,6 +313,92 @@ def run_finetune(config: ml_collections.ConfigDict, workdir: str, cache_dir: str
     eta = f"eta {_clock((total - done_steps) / rate)}" if rate else "eta after the first job"
     print(f"[finetune] {k + 1}/{len(jobs)} jobs, {100 * done_steps / total:.0f}% of the "
           f"stage's work, elapsed {_clock(elapsed)}, {eta}", flush=True)
+
+
+# ----------------------------------------------------------------------------- agora
+
+
+def agora_plan(config: ml_collections.ConfigDict, jobs: list) -> dict[str, dict]:
+  """``{task: {"run": bool, "reason": str, "folder", "labeller"}}`` for every demo task.
+
+  ``config.agora_tasks``: ``"auto"`` takes the binary classification tasks whose fine-tuned
+  teacher scores a dev accuracy above ``config.finetune.agora.min_labeller_accuracy`` (Agora's
+  own rule for its labeller, 2/3, checked again when it starts); a comma-separated list of
+  task names takes those (Agora casts a multi-class or multiple-choice task to binary, and its
+  labeller is then fine-tuned on the cast first); ``""`` takes none. Run after the
+  fine-tuning stage: the teachers' ``best/`` models and scores must exist.
+  """
+  from bort_jax.finetune import tasks as tasks_lib  # pylint: disable=import-outside-toplevel
+  folders = {(m, cfg.task.split("/", 1)[1]): folder for m, cfg, folder in jobs}
+  wanted = str(config.agora_tasks).strip()
+  named = {t.strip() for t in wanted.split(",") if t.strip()} if wanted != "auto" else set()
+  threshold = float(config.finetune.agora.min_labeller_accuracy)
+  plan = {}
+  for task in config.finetune_tasks:
+    teacher = folders[("teacher", task)]
+    entry = {"folder": folders[("student", task)] + AGORA_SUFFIX,
+             "labeller": os.path.join(teacher, "best")}
+    spec = tasks_lib.get_task(f"demo/{task}")
+    accuracy = _teacher_accuracy(teacher)
+    if wanted != "auto":
+      entry.update(run=task in named, reason="" if task in named else
+                   f"not in config.agora_tasks ({wanted or 'empty'})")
+    elif spec.kind != "classification" or spec.num_labels != 2:
+      entry.update(run=False, reason=f"not binary ({spec.kind}, {spec.num_labels} labels): "
+                   "'auto' takes binary classification tasks")
+    elif accuracy is None or accuracy <= threshold:
+      shown = "no dev accuracy" if accuracy is None else f"dev accuracy {accuracy:.3f}"
+      entry.update(run=False, reason=f"the fine-tuned teacher's {shown} is not above "
+                   f"{threshold:.3f}, Agora's bar for its labeller")
+    else:
+      entry.update(run=True, reason="")
+    plan[task] = entry
+  return plan
+
+
+AGORA_SUFFIX = "_agora"  # the report finds a population's Agora run beside it by this suffix
+REFUSED_FILE = "refused.json"  # in an Agora folder: why Agora refused the task (kept for reruns)
+
+
+def _teacher_accuracy(folder: str) -> float | None:
+  """The fine-tuned teacher's best member's dev accuracy (``best/finetune.json``)."""
+  meta = report.read_json(os.path.join(folder, "best", "finetune.json")) or {}
+  return float(meta["value"]) if meta.get("metric") == "accuracy" else None
+
+
+def run_agora(config: ml_collections.ConfigDict, workdir: str, cache_dir: str,
+              state: State) -> None:
+  """Agora on the student for each task of the plan; refusals are recorded, not fatal."""
+  from bort_jax.finetune import agora  # pylint: disable=import-outside-toplevel
+  jobs = finetune_jobs(config, workdir, cache_dir)
+  plan = agora_plan(config, jobs)
+  configs = {cfg.task.split("/", 1)[1]: cfg for m, cfg, _ in jobs if m == "student"}
+  for task, entry in plan.items():
+    if not entry["run"]:
+      print(f"[agora] {task}: skipped: {entry['reason']}", flush=True)
+      continue
+    if report.read_json(os.path.join(entry["folder"], "agora.json")) is not None:
+      print(f"[agora] {task}: done, skipped ({entry['folder']})", flush=True)
+      continue
+    refused = report.read_json(os.path.join(entry["folder"], REFUSED_FILE))
+    if refused is not None:  # an earlier run's refusal: the same labeller, the same verdict
+      entry.update(run=False, reason=refused["reason"])
+      print(f"[agora] {task}: {entry['reason']}", flush=True)
+      continue
+    cfg = copy.deepcopy(configs[task])
+    cfg.agora.enabled, cfg.agora.labeller = True, entry["labeller"]
+    print(f"[agora] {task}: the student with Theta = its {cfg.population.seeds} seeds, the "
+          f"fine-tuned teacher as labeller -> {entry['folder']}", flush=True)
+    try:
+      agora.run(cfg, entry["folder"])
+    except agora.AgoraError as error:
+      entry.update(run=False, reason=f"refused by Agora: {error}")
+      print(f"[agora] {task}: {entry['reason']}", flush=True)
+      os.makedirs(entry["folder"], exist_ok=True)
+      atomic_write_text(os.path.join(entry["folder"], REFUSED_FILE),
+                        json.dumps({"reason": entry["reason"]}) + "\n")
+  state.data["agora"] = plan
+  state.save()
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -435,6 +541,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             all(job_done(folder) for _, _, folder in jobs),
             lambda: run_finetune(config, workdir, cache_dir, state),
             steps=sum(int(c.train.total_steps) * int(c.population.seeds) for _, c, _ in jobs))
+  run_stage(state, "agora", "Agora on the student (config.agora_tasks)", False,
+            lambda: run_agora(config, workdir, cache_dir, state), always=True)
   summary, report_cfg = {}, copy.deepcopy(config.report)
   if config.quick:
     report_cfg.rounds, report_cfg.warmup = min(report_cfg.rounds, 3), min(report_cfg.warmup, 1)

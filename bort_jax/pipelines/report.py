@@ -10,7 +10,9 @@ Writes ``W/report/report.md`` and the PNGs it embeds (``pareto.png``, ``distill.
   (``distill/metrics.jsonl``) and the adapted teacher's held-out loss as a line;
 * fine-tuning: per task and model, the dev metric's mean +- std over the seeds of the best
   setting (``population.json``), the majority-class baseline on the same dev records and the
-  dev set's standard error; Agora's best where an ``agora.json`` exists;
+  dev set's standard error; where an Agora run lies beside a population (``<folder>_agora/
+  agora.json``), its round 0 (the plain run's best member), its best round and the points it
+  added; the tasks the demo's Agora stage did not take, with why;
 * speed: student, teacher and BERT shapes timed side by side (``cost.interleaved_latency``:
   rounds of A B C ..., median and interquartile range), kept in ``report/speed.json``.
 
@@ -223,10 +225,24 @@ def finetune_rows(runs: dict[str, list[str]]) -> list[dict]:
         row[model_name] = dict(best["stats"], steps=population.get("total_steps"),
                                setting={k: best[k] for k in ("lr", "weight_decay", "warmup")
                                         if k in best})
-      agora = read_json(os.path.join(os.path.dirname(path) + "_agora", "agora.json"))
-      if agora and isinstance(agora.get("best"), dict):
-        row[f"{model_name}_agora"] = agora["best"].get("accuracy")
+      agora = agora_summary(read_json(os.path.join(os.path.dirname(path) + "_agora",
+                                                   "agora.json")))
+      if agora:
+        row[f"{model_name}_agora"] = agora
   return [rows[k] for k in sorted(rows)]
+
+
+def agora_summary(agora: dict | None) -> dict | None:
+  """What the report shows of an ``agora.json``: round 0's best (the plain population's best
+  member, Theta being its seeds), the best over rounds and its round, the points added, the
+  labeller's dev accuracy; None when there is no finished run."""
+  if not agora or not isinstance(agora.get("best"), dict) or not agora.get("rounds"):
+    return None
+  rounds = agora["rounds"]
+  return {"best": agora["best"].get("accuracy"), "best_round": agora["best"].get("round"),
+          "round0": rounds[0]["best"]["accuracy"], "rounds": len(rounds),
+          "points": sum(int(r.get("points_added", 0)) for r in rounds[:-1]),
+          "labeller": agora.get("labeller_accuracy")}
 
 
 def _stats_cell(stats: dict | None) -> str:
@@ -246,8 +262,11 @@ def standard_error(p: float | None, n: int | None) -> float | None:
   return math.sqrt(max(p * (1 - p), 0.0) / n)
 
 
-def finetune_section(rows: list[dict], out_dir: str) -> list[str]:
-  """The fine-tuning table (and its bar chart)."""
+def finetune_section(rows: list[dict], out_dir: str,
+                     skipped: dict[str, str] | None = None) -> list[str]:
+  """The fine-tuning table (and its bar chart), then Agora's (``skipped``: task -> why Agora
+  did not run on it, as the demo recorded it)."""
+  skipped = skipped or {}
   lines = ["## Fine-tuning", ""]
   if not rows:
     return lines + [f"Fine-tuning: {NOT_RUN}.", ""]
@@ -268,16 +287,35 @@ def finetune_section(rows: list[dict], out_dir: str) -> list[str]:
                  f"{_fmt(100 * r['majority'] if r.get('majority') is not None else None, 1)} | "
                  f"{_stats_cell(s)} | {_stats_cell(t)} | {_fmt(ratio)} | "
                  f"{_fmt(100 * se if se is not None else None, 1)} |")
-  agora = [r for r in rows if any(f"{m}_agora" in r for m in MODELS)]
   lines.append("")
-  if agora:
-    lines += ["Agora (binary cast, best accuracy %): " + "; ".join(
-        f"{r['task']} " + ", ".join(f"{m} {100 * r[f'{m}_agora']:.1f}" for m in MODELS
-                                    if f"{m}_agora" in r) for r in agora), ""]
-  else:
-    lines += ["Agora: not run (plain fine-tuning only).", ""]
   report_plots.finetune_bars(rows, os.path.join(out_dir, "finetune.png"))
-  return lines + ["![Fine-tuning](finetune.png)", ""]
+  return lines + ["![Fine-tuning](finetune.png)", ""] + agora_section(rows, skipped)
+
+
+def agora_section(rows: list[dict], skipped: dict[str, str]) -> list[str]:
+  """Agora's runs beside the plain populations, and the tasks it did not take, with why."""
+  lines = ["### Agora", ""]
+  ran = [(r, m) for r in rows for m in MODELS if f"{m}_agora" in r]
+  if ran:
+    lines += ["Theta is the plain population's settings (its seeds), so round 0 is the plain "
+              "run and its best member; each later round adds the best model's dev mistakes, "
+              "made into new points and labelled by the fine-tuned teacher. Accuracy % on the "
+              "binary cast of dev, best member per round: a maximum over members, so compare "
+              "it with round 0, not with the mean above.", "",
+              "| task | model | labeller dev acc. | rounds | points added | round 0 (plain) "
+              "best | Agora best | gain |", "|---|---|---|---|---|---|---|---|"]
+    for r, m in ran:
+      a = r[f"{m}_agora"]
+      gain = a["best"] - a["round0"]
+      lines.append(f"| {r['task']} | {m} | {_fmt(a['labeller'])} | {a['rounds']} | "
+                   f"{a['points']:,} | {100 * a['round0']:.1f} | {100 * a['best']:.1f} (round "
+                   f"{a['best_round']}) | {100 * gain:+.1f} |")
+    lines.append("")
+  for task, reason in skipped.items():
+    lines.append(f"- {task}: not run: {reason}")
+  if not ran and not skipped:
+    lines.append("Agora: not run (plain fine-tuning only).")
+  return lines + [""]
 
 
 # ----------------------------------------------------------------------------- speed
@@ -415,7 +453,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   head = headline(rows, speed)
   lines = ["# bort_jax demo report", "", headline_text(head), ""]
   lines += stages_section(state) + extract_lines + distill_lines
-  lines += finetune_section(rows, out_dir) + speed_section(speed, config)
+  skipped = {f"demo/{task}": entry["reason"] for task, entry in (state.get("agora") or {}).items()
+             if not entry.get("run")}
+  lines += finetune_section(rows, out_dir, skipped) + speed_section(speed, config)
   path = os.path.join(out_dir, "report.md")
   atomic_write_text(path, "\n".join(lines))
   summary = {"report": path, "headline": head, "extraction": extracted,

@@ -227,16 +227,21 @@ def test_killed_in_finetuning_resumes_to_the_same_report(finished, cache, tmp_pa
 # ``report`` right after its first plot.
 _DIE_IN_STAGE = """
 import os, signal, sys
-target = sys.argv.pop(1)
+target, _, how = sys.argv.pop(1).partition(":")
+sent = []
 def die():
   os.kill(os.getpid(), signal.SIGKILL)
 from bort_jax.runtime import checkpoint
 real_save = checkpoint.CheckpointManager.save
 def save_then_die(self, *args, **kwargs):
   out = real_save(self, *args, **kwargs)
-  if os.sep + target + os.sep in self.directory + os.sep:
+  if os.sep + target + os.sep in self.directory + os.sep and not sent:
     self.wait()
-    die()
+    if how == "term":  # a preemption: the run's own handler catches it, saves and returns
+      sent.append(True)
+      os.kill(os.getpid(), signal.SIGTERM)
+    else:
+      die()
   return out
 checkpoint.CheckpointManager.save = save_then_die
 from bort_jax.search import journal
@@ -307,3 +312,46 @@ def test_killed_in_a_stage_resumes_to_the_same_report(finished, cache, tmp_path,
   assert summary["headline"]["share"] == pytest.approx(finished["summary"]["headline"]["share"])
   assert (json.load(open(os.path.join(work, "extract", "results.json")))["best"]
           == json.load(open(os.path.join(finished["workdir"], "extract", "results.json")))["best"])
+
+
+@pytest.mark.parametrize("target", ["teacher", "distill"])
+def test_sigterm_in_a_training_stage_stops_the_demo_and_a_rerun_resumes(finished, cache,  # pylint: disable=redefined-outer-name
+                                                                        tmp_path, capsys,
+                                                                        target):
+  """A preemption saves the stage's checkpoint, exports nothing, caches nothing, and stops the
+  demo (exit 0, how to resume printed); the rerun ends with the uninterrupted run's report."""
+  stage = _KILLS[target][0]
+  later = demo.STAGES[demo.STAGES.index(stage):]
+  work = str(tmp_path / "work")
+  shutil.copytree(finished["workdir"], work, ignore=shutil.ignore_patterns(
+      *[_KILLS[t][1] for t in ("teacher", "distill") if _KILLS[t][0] in later], "report",
+      "finetune"))
+  state_path = os.path.join(work, report.STATE_FILE)
+  state = json.load(open(state_path))
+  for key in ("finetune_runs", "agora"):
+    state.pop(key)
+  for name in later:
+    state["stages"][name] = {"done": False, "seconds": 0.0}
+  json.dump(state, open(state_path, "w"))
+  adapted = os.path.join(cache["dir"], "adapted")
+  shutil.rmtree(adapted, ignore_errors=True)
+  env = helpers.subprocess_env({"xla_cache": cache["xla_cache"]})
+  proc = subprocess.run([sys.executable, "-c", _DIE_IN_STAGE, f"{target}:term"]
+                        + argv(cache, work), cwd=helpers.REPO, env=env, capture_output=True,
+                        text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert f"Stopped: the {stage} stage was preempted (SIGTERM)" in proc.stdout
+  assert "Headline" not in proc.stdout  # no later stage ran
+  stages = json.load(open(state_path))["stages"]
+  assert not stages[stage]["done"] and stages[stage]["seconds"] > 0
+  assert not any(stages[name]["done"] for name in later)
+  folder = os.path.join(work, _KILLS[target][1])
+  assert os.path.isdir(os.path.join(folder, "checkpoints"))
+  assert not os.path.exists(os.path.join(folder, "export"))  # no half-trained model
+  if target == "teacher":
+    assert not os.path.isdir(adapted) or not os.listdir(adapted)  # and none in the cache
+  capsys.readouterr()
+  summary = demo.run(make_config(cache), work)
+  assert "resuming" in capsys.readouterr().out
+  assert all(json.load(open(state_path))["stages"][name]["done"] for name in demo.STAGES)
+  assert _numbers(summary) == _numbers(finished["summary"])

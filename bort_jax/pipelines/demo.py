@@ -113,13 +113,20 @@ def check_workdir(state: State, hashes: dict[str, str]) -> None:
           "stages to redo it")
 
 
+class Preempted(Exception):
+  """A stage's training stopped at a SIGTERM (its checkpoint saved): the demo stops there."""
+
+
 def run_stage(state: State, name: str, title: str, done: bool, fn: Callable[[], Any],
               steps: int = 0, always: bool = False, digest: str | None = None) -> None:
   """Runs one stage unless it is done; prints a line at its start and end; keeps its time.
 
   A stage's seconds are those of the run that finished it: a stage interrupted before adds
   the seconds it had already spent (saved as it went), and an ``always`` stage (verifying
-  the cache, writing the report) that runs again on a rerun keeps its first time.
+  the cache, writing the report) that runs again on a rerun keeps its first time. A stage
+  whose ``fn`` returns ``{"preempted": True, ...}`` (a training stopped by SIGTERM, its
+  checkpoint saved) is not marked done: its seconds so far are kept and :class:`Preempted`
+  stops the demo, so no later stage builds on a half-trained model.
   """
   entry = state.stage(name)
   index, count = STAGES.index(name) + 1, len(STAGES)
@@ -136,8 +143,14 @@ def run_stage(state: State, name: str, title: str, done: bool, fn: Callable[[], 
   print(f"\n=== [{index}/{count}] {title}" + (f": {steps:,} steps" if steps else "")
         + (f" (resuming; {_clock(before)} spent before)" if before else ""), flush=True)
   start = time.perf_counter()
-  fn()
+  result = fn()
   seconds = time.perf_counter() - start
+  if isinstance(result, dict) and result.get("preempted"):
+    entry["seconds"] = before + seconds
+    state.save()
+    raise Preempted(f"the {name} stage was preempted (SIGTERM) at step {result.get('step')} "
+                    f"of {steps or '?'}; its checkpoint is saved: run the same command again "
+                    "to resume")
   if not finished_before:
     entry.update(done=True, seconds=before + seconds)
     if digest:
@@ -420,8 +433,12 @@ def adapted_cache(cache_dir: str, adapt_cfg: ml_collections.ConfigDict) -> str:
   return os.path.join(cache_dir, "adapted", sha.hexdigest()[:12])
 
 
-def run_adapt_cached(adapt_cfg: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> None:
+def run_adapt_cached(adapt_cfg: ml_collections.ConfigDict, workdir: str, cache_dir: str
+                     ) -> dict:
   """teacher-adapt into ``WORKDIR/teacher``, or a copy of the cached run of the same job.
+
+  Returns the adaptation's metrics (``preempted`` when a SIGTERM stopped it: nothing is then
+  cached) or ``{"copied": cache folder}``.
 
   A finished adaptation's run folder (its export, ``config.json`` and ``metrics.jsonl``; not
   the checkpoints) is copied into the cache, and a cached one into the workdir, each
@@ -442,13 +459,16 @@ def run_adapt_cached(adapt_cfg: ml_collections.ConfigDict, workdir: str, cache_d
         shutil.copyfile(os.path.join(cached, name), os.path.join(run_dir, name))
     with fileio.atomic_dir(os.path.join(run_dir, "export")) as tmp:  # last: it marks done
       shutil.copytree(os.path.join(cached, "export"), tmp, dirs_exist_ok=True)
-    return
-  distill.run_adapt(adapt_cfg, run_dir)
+    return {"copied": cached}
+  metrics = distill.run_adapt(adapt_cfg, run_dir)
+  if metrics.get("preempted"):  # no export: nothing to cache, the stage resumes on a rerun
+    return metrics
   with fileio.atomic_dir(cached) as tmp:
     shutil.copytree(os.path.join(run_dir, "export"), os.path.join(tmp, "export"))
     for name in _RUN_RECORD:
       if os.path.exists(os.path.join(run_dir, name)):
         shutil.copyfile(os.path.join(run_dir, name), os.path.join(tmp, name))
+  return metrics
 
 
 # What a cached teacher-adapt keeps besides its export (the report and the model card read them).
@@ -485,8 +505,20 @@ def check_configs(config: ml_collections.ConfigDict, cfg: dict) -> None:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the demo in ``workdir``; returns the report's summary.
 
-  Every stage's config is checked before anything is fetched or written.
+  Every stage's config is checked before anything is fetched or written. A SIGTERM during a
+  training stage (teacher-adapt, distill) saves its checkpoint and stops the demo there: it
+  prints how to resume and returns ``{"preempted": True, "message"}`` (exit status 0, as a
+  preempted ``bort-jax distill``); a rerun continues from that checkpoint.
   """
+  try:
+    return _run(config, workdir)
+  except Preempted as stop:
+    print(f"\nStopped: {stop}", flush=True)
+    return {"preempted": True, "message": str(stop)}
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """:func:`run` up to a preemption."""
   from bort_jax.data import demo as demo_data  # pylint: disable=import-outside-toplevel
   from bort_jax.data import fetch  # pylint: disable=import-outside-toplevel
   from bort_jax.pipelines import distill, extract  # pylint: disable=import-outside-toplevel

@@ -424,7 +424,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, trainable: str = "all")
   """Trains per ``config`` in ``workdir``; resumes from the workdir's latest checkpoint.
 
   Resume order: the workdir's latest readable checkpoint, then ``config.init_from``, then
-  scratch. SIGTERM saves a checkpoint at the step reached and returns normally.
+  scratch. SIGTERM saves a checkpoint at the step reached and returns normally, with
+  ``preempted`` true and no ``export/`` (a half-trained model must not pass for the finished
+  one: the demo takes an existing export as its stage's end).
 
   Args:
     config: see ``configs/pretrain_demo.py`` for the fields.
@@ -476,11 +478,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, trainable: str = "all")
         workdir=workdir, checkpointer=manager, eval_fn=eval_fn,
         should_stop=stop_flag.should_stop)
     step = int(_fetch(state.step))
-    metrics = dict(metrics, step=step, started_from=built.source,
-                   preempted=step < config.train.total_steps,
+    preempted = step < config.train.total_steps
+    metrics = dict(metrics, step=step, started_from=built.source, preempted=preempted,
                    processes=jax.process_count(), devices=jax.device_count())
     adapted = models.body is not None or models.pretrained is not None
-    if adapted or config.get("export_params", False):
+    if (adapted or config.get("export_params", False)) and not preempted:
       metrics["export"] = export(state.params, built, workdir)
     return metrics
   finally:

@@ -105,3 +105,27 @@ def test_tiny_study_end_to_end(tmp_path):
   for row in back["archs"]:
     assert row["speedup_vs_teacher"] == pytest.approx(
         back["teacher"]["latency_ms"] / row["latency_ms"])
+
+
+def test_a_preempted_distillation_stops_the_study(tmp_path, monkeypatch, capsys):
+  """SIGTERM in a rival's distillation (no export): the study stops, nothing is fine-tuned."""
+  from bort_jax.finetune import population
+  from bort_jax.pipelines import distill, setup
+  extract_dir = tmp_path / "extract"
+  extract_dir.mkdir()
+  rows = [_row("D1-A2-H16-I32", 1, 10), _row("D1-A2-H32-I64", 2, 20),
+          _row("D2-A2-H32-I64", 3, 30)]
+  (extract_dir / "results.json").write_text(json.dumps(
+      {"best": "D1-A2-H16-I32", "maximum_point": "D2-A2-H32-I64", "rows": rows}))
+  (extract_dir / "audit.json").write_text(json.dumps({"rows": [{**r, "long": 1.0}
+                                                               for r in rows]}))
+  config = cli.load_config("configs/study_demo.py:tiny")
+  config.extract_dir = str(extract_dir)
+  calls = []
+  monkeypatch.setattr(setup, "check_config", lambda cfg, **kw: None)
+  monkeypatch.setattr(distill, "run", lambda cfg, wd: calls.append(wd) or {"preempted": True,
+                                                                          "step": 3})
+  monkeypatch.setattr(population, "run", lambda *a: pytest.fail("fine-tuned a missing export"))
+  out = study.run(config, str(tmp_path / "study"))
+  assert out["preempted"] and "D1-A2-H16-I32 was preempted" in out["message"]
+  assert len(calls) == 1 and "Stopped:" in capsys.readouterr().out

@@ -121,8 +121,9 @@ def _finetune_config(config: ml_collections.ConfigDict, key: str, init: str):
   return ft
 
 
-def _train_one(config, arch: str, workdir: str) -> dict:
-  """Distils ``arch`` and fine-tunes it on every task (each step skipped when done)."""
+def _train_one(config, arch: str, workdir: str) -> dict | None:
+  """Distils ``arch`` and fine-tunes it on every task (each step skipped when done); None
+  when a SIGTERM stopped the distillation (its checkpoint saved, no export)."""
   from bort_jax.finetune import population  # pylint: disable=import-outside-toplevel
   from bort_jax.interop import export  # pylint: disable=import-outside-toplevel
   from bort_jax.pipelines import distill  # pylint: disable=import-outside-toplevel
@@ -131,7 +132,8 @@ def _train_one(config, arch: str, workdir: str) -> dict:
   if not os.path.exists(os.path.join(export_dir, export.PARAMS_FILE)):
     cfg = copy.deepcopy(config.distill)
     cfg.student.arch, cfg.export_params = arch, True
-    distill.run(cfg, os.path.join(base, "distill"))
+    if distill.run(cfg, os.path.join(base, "distill")).get("preempted"):
+      return None
   metrics = {}
   for key, ft in config.finetune.items():
     task = ft.task
@@ -176,7 +178,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """``bort-jax study``: the chosen architecture and its rivals, distilled and fine-tuned.
 
   Returns:
-    {"archs": [...], "files": {...}} (the rows of study.json).
+    {"archs": [...], "files": {...}} (the rows of study.json), or ``{"preempted": True,
+    "message"}`` when a SIGTERM stopped a distillation (a rerun resumes it).
   """
   check_config(config)
   results = _read_json(os.path.join(config.extract_dir, "results.json"), "extraction result")
@@ -192,6 +195,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for arch, roles in picks:
     logging.info("study: %s (%s)", arch, ", ".join(roles))
     trained[arch] = _train_one(config, arch, workdir)
+    if trained[arch] is None:
+      message = (f"the distillation of {arch} was preempted (SIGTERM); its checkpoint is "
+                 "saved: run the same command again to resume")
+      print(f"Stopped: {message}", flush=True)
+      return {"preempted": True, "message": message}
   exports = {arch: t["export"] for arch, t in trained.items()}
   teacher = config.distill.teacher.path  # timed beside them: the speed-up each one buys
   if teacher and os.path.isdir(teacher):

@@ -139,6 +139,10 @@ def test_new_workdir_copies_the_adapted_teacher_from_the_cache(finished, cache, 
   summary = demo.run(make_config(cache), str(tmp_path / "again"))
   out = capsys.readouterr().out
   assert "the adapted teacher is in the cache" in out
+  assert "this teacher's extraction with this config is in the cache" in out
+  for name in ("results.json", "audit.json", "journal.jsonl"):  # copied, not searched again
+    assert (open(os.path.join(str(tmp_path / "again"), "extract", name)).read()
+            == open(os.path.join(finished["workdir"], "extract", name)).read())
   for name in ("config.json", "metrics.jsonl"):  # the run's record, for the report and card
     assert os.path.exists(os.path.join(str(tmp_path / "again"), "teacher", name))
   first = os.path.join(finished["workdir"], "teacher", "export", export.PARAMS_FILE)
@@ -295,8 +299,9 @@ def test_killed_in_a_stage_resumes_to_the_same_report(finished, cache, tmp_path,
   for name in later:
     state["stages"][name] = {"done": False, "seconds": 0.0}
   json.dump(state, open(state_path, "w"))
-  if target == "teacher":  # train it again rather than copy the earlier run's from the cache
-    shutil.rmtree(os.path.join(cache["dir"], "adapted"), ignore_errors=True)
+  if target in ("teacher", "extract"):  # run it again rather than copy the earlier run's
+    shutil.rmtree(os.path.join(cache["dir"], {"teacher": "adapted", "extract": "extracted"}[
+        target]), ignore_errors=True)
   env = helpers.subprocess_env({"xla_cache": cache["xla_cache"]})
   proc = subprocess.run([sys.executable, "-c", _DIE_IN_STAGE, target] + argv(cache, work),
                         cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=900)

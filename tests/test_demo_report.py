@@ -299,3 +299,25 @@ def test_demo_refuses_bad_agora_settings(field, value, message):
   cli_main.cli.apply_overrides(config, [(f"config.{field}", str(value))])
   with pytest.raises(ValueError, match=re.escape(message)):
     demo.check_finetune(config)
+
+
+def test_busy_share_reads_the_kernel_counters_and_the_report_flags_a_busy_machine(tmp_path,
+                                                                                  monkeypatch):
+  stat = tmp_path / "stat"
+  # user nice system idle iowait irq softirq steal (guest fields after them are not added)
+  stat.write_text("cpu  60 0 40 280 20 0 0 0 7 0\ncpu0 30 0 20 140 10 0 0 0 0 0\n")
+  assert cost._cpu_times(str(stat)) == (100, 400)  # pylint: disable=protected-access
+  assert cost._cpu_times(str(tmp_path / "missing")) is None  # pylint: disable=protected-access
+  readings = iter([(100, 400), (250, 600)])  # +150 busy of +200 jiffies
+  monkeypatch.setattr(cost, "_cpu_times", lambda path: next(readings))
+  assert cost.busy_share(0.0) == pytest.approx(0.75)
+  monkeypatch.setattr(cost, "interleaved_latency", _fake_latency)
+  work = make_workdir(str(tmp_path))
+  for share, flagged in ((0.6, True), (0.05, False)):
+    monkeypatch.setattr(cost, "busy_share", lambda seconds=1.0, s=share: s)
+    summary = report.run(_config(remeasure=True), work)
+    text = open(summary["report"]).read()
+    assert ("**Busy machine**: other processes kept 60% of the CPUs busy" in text) == flagged
+    assert ("timed on a busy machine, so overstated" in text) == flagged
+    assert summary["headline"]["busy"] == flagged
+  assert "Other processes took 5% of the CPUs just before the timing." in text

@@ -401,6 +401,35 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], rounds: int, warmup: 
           for name, t in times.items()}
 
 
+def _cpu_times(path: str) -> tuple[int, int] | None:
+  """(busy, total) jiffies of all CPUs from ``/proc/stat``'s first line, or None."""
+  try:
+    with open(path) as f:
+      fields = [int(v) for v in f.readline().split()[1:]]
+  except (OSError, ValueError):
+    return None
+  if len(fields) < 4:
+    return None
+  idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+  return sum(fields[:8]) - idle, sum(fields[:8])
+
+
+def busy_share(seconds: float = 1.0, path: str = "/proc/stat") -> float | None:
+  """The share of the machine's CPU time that was busy during ``seconds`` of sleep.
+
+  Called while this process sleeps, it is what other processes take: on a 2-core machine one
+  other busy process reads about 0.5. A timing taken then favours a model that uses fewer cores
+  (a small one), so a speed-up measured on a busy machine is overstated. None where the
+  kernel's counters cannot be read (not Linux).
+  """
+  first = _cpu_times(path)
+  time.sleep(seconds)
+  second = _cpu_times(path)
+  if first is None or second is None or second[1] <= first[1]:
+    return None
+  return (second[0] - first[0]) / (second[1] - first[1])
+
+
 def interleaved_latency(configs: Mapping[str, ModelConfig | str], batch: int, seq_len: int,
                         rounds: int = 10, warmup: int = 2,
                         log: Callable[[str], None] | None = None) -> dict:

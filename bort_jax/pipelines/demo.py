@@ -11,7 +11,9 @@ the cache and their models at the workdir's.
    ``config.adapt.trainable``), exported to ``WORKDIR/teacher/export`` and kept in
    ``CACHE/adapted/`` (keyed by a hash of the source teacher and the adapt config), so a demo
    in another workdir copies it instead of training it again.
-3. ``extract``: the FPTAS over ``configs/extract_demo.py``'s space with that teacher.
+3. ``extract``: the FPTAS over ``configs/extract_demo.py``'s space with that teacher, kept in
+   ``CACHE/extracted/`` (keyed by the extraction config and the teacher's bytes), so a demo in
+   another workdir with the same teacher copies it.
 4. ``distill``: the chosen architecture distilled from the teacher (``WORKDIR/distill``).
 5. ``finetune``: the student and the teacher fine-tuned on demo/vitaminc,
    demo/movie_sentiment and demo/social_iqa, each task a population of seeds
@@ -471,6 +473,44 @@ def run_adapt_cached(adapt_cfg: ml_collections.ConfigDict, workdir: str, cache_d
   return metrics
 
 
+def extracted_cache(cache_dir: str, extract_cfg: ml_collections.ConfigDict, workdir: str) -> str:
+  """``CACHE/extracted/<hash>``: where a finished extraction of this teacher and config is kept.
+
+  The hash covers the extraction config (the workdir's and the cache's paths left out) and the
+  teacher export's parameters and model config: the search and its audit are deterministic
+  functions of these, so a demo in another workdir with the same teacher copies the result.
+  """
+  teacher = extract_cfg.teacher.path
+  sha = hashlib.sha256(_config_text(extract_cfg, cache_dir, workdir).encode())
+  sha.update(_digest(os.path.join(teacher, export.PARAMS_FILE)).encode())
+  sha.update(json.dumps(to_jsonable(export.load_config(teacher).to_dict()),
+                        sort_keys=True).encode())
+  return os.path.join(cache_dir, "extracted", sha.hexdigest()[:12])
+
+
+def run_extract_cached(extract_cfg: ml_collections.ConfigDict, workdir: str,
+                       cache_dir: str) -> None:
+  """The extraction into ``WORKDIR/extract``, or a copy of the cached one of the same job.
+
+  A finished extraction's folder (tables, plots, ledger, journals, chosen_arch.txt) is copied
+  into the cache, and a cached one into the workdir, each atomically (``results.json``, which
+  marks the stage done, appears with the rest).
+  """
+  from bort_jax.pipelines import extract  # pylint: disable=import-outside-toplevel
+  from bort_jax.runtime import fileio  # pylint: disable=import-outside-toplevel
+  cached = extracted_cache(cache_dir, extract_cfg, workdir)
+  out = os.path.join(workdir, "extract")
+  if os.path.exists(os.path.join(cached, "results.json")):
+    print(f"extract: this teacher's extraction with this config is in the cache ({cached}); "
+          "copying it", flush=True)
+    with fileio.atomic_dir(out) as tmp:
+      shutil.copytree(cached, tmp, dirs_exist_ok=True)
+    return
+  extract.run(extract_cfg, out)
+  with fileio.atomic_dir(cached) as tmp:
+    shutil.copytree(out, tmp, dirs_exist_ok=True)
+
+
 # What a cached teacher-adapt keeps besides its export (the report and the model card read them).
 _RUN_RECORD = ("config.json", "metrics.jsonl")
 
@@ -521,7 +561,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """:func:`run` up to a preemption."""
   from bort_jax.data import demo as demo_data  # pylint: disable=import-outside-toplevel
   from bort_jax.data import fetch  # pylint: disable=import-outside-toplevel
-  from bort_jax.pipelines import distill, extract  # pylint: disable=import-outside-toplevel
+  from bort_jax.pipelines import distill  # pylint: disable=import-outside-toplevel
 
   workdir = os.path.abspath(workdir)
   tiny = bool(config.get("tiny"))  # the synthetic suite instead of the fetched one
@@ -559,7 +599,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   extract_dir = os.path.join(workdir, "extract")
   run_stage(state, "extract", "extract: the W-coefficient FPTAS",
             os.path.exists(os.path.join(extract_dir, "results.json")),
-            lambda: extract.run(cfg["extract"], extract_dir), digest=hashes["extract"])
+            lambda: run_extract_cached(cfg["extract"], workdir, cache_dir),
+            digest=hashes["extract"])
   distill_dir = os.path.join(workdir, "distill")
   run_stage(state, "distill", "distill the chosen architecture",
             os.path.exists(os.path.join(distill_dir, "export", export.PARAMS_FILE)),

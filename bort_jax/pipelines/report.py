@@ -350,6 +350,7 @@ def measure_speed(workdir: str, config: ml_collections.ConfigDict, out_dir: str)
     return cached
   print(f"report: timing {', '.join(models)} ({config.rounds} interleaved rounds)",
         flush=True)
+  busy = cost.busy_share()  # what other processes take of the CPUs, measured just before
   timings = cost.interleaved_latency(models, int(config.batch), int(config.seq_len),
                                      int(config.rounds), int(config.warmup))
   for name, c in models.items():
@@ -357,9 +358,23 @@ def measure_speed(workdir: str, config: ml_collections.ConfigDict, out_dir: str)
     timings[name].update(params_total=counts["total"], params_effective=counts["effective"],
                          gflops=cost.forward_flops(c, int(config.batch),
                                                    int(config.seq_len))["total"] / 1e9)
-  out = {"key": key, "timings": timings}
+  out = {"key": key, "timings": timings, "busy_share": busy}
   atomic_write_text(path, json.dumps(to_jsonable(out), indent=2))
   return out
+
+
+BUSY = 0.2  # above this share of the CPUs taken by other processes, the timings are flagged
+
+
+def busy_note(speed: dict) -> str | None:
+  """A warning when other processes kept the machine busy while the models were timed."""
+  busy = (speed or {}).get("busy_share")
+  if busy is None or busy <= BUSY:
+    return None
+  return (f"other processes kept {100 * busy:.0f}% of the CPUs busy just before the timing, so "
+          "the larger models (which use every core) were slowed more than the student and the "
+          "speed-up is overstated; time again on an idle machine with `bort-jax report "
+          "--workdir=WORKDIR --config.remeasure=True`")
 
 
 def speed_section(speed: dict, config: ml_collections.ConfigDict) -> list[str]:
@@ -379,7 +394,14 @@ def speed_section(speed: dict, config: ml_collections.ConfigDict) -> list[str]:
     lines.append(f"| {name} | {t['arch']} | {t['params_total'] / 1e6:.4g} | "
                  f"{t['gflops']:.4g} | {t['median_ms']:.2f} | {t['iqr_ms']:.2f} | "
                  f"{t['median_ms'] / student:.1f} |")
-  return lines + [""]
+  lines.append("")
+  note = busy_note(speed)
+  if note:
+    lines += [f"**Busy machine**: {note}.", ""]
+  elif speed.get("busy_share") is not None:
+    lines += [f"Other processes took {100 * speed['busy_share']:.0f}% of the CPUs just before "
+              "the timing.", ""]
+  return lines
 
 
 # ----------------------------------------------------------------------------- the page
@@ -405,6 +427,7 @@ def headline(rows: list[dict], speed: dict) -> dict:
   timings = (speed or {}).get("timings", {})
   if "student" in timings and "teacher" in timings:
     out["speedup"] = timings["teacher"]["median_ms"] / timings["student"]["median_ms"]
+    out["busy"] = busy_note(speed) is not None
   return out
 
 
@@ -425,8 +448,10 @@ def headline_text(head: dict) -> str:
     parts.append(f"but the teacher is within one standard error of the majority class on "
                  f"{', '.join(head['unlearnt'])} (read the margin share, not the plain share)")
   if head.get("speedup") is not None:
+    busy = ("; timed on a busy machine, so overstated: see the speed section"
+            if head.get("busy") else "")
     parts.append(f"{'and it' if parts else 'the student'} runs {head['speedup']:.1f}x faster "
-                 "than the teacher (measured median latency)")
+                 f"than the teacher (measured median latency{busy})")
   return ("Headline: " + ", ".join(parts) + ".") if parts else "Headline: not available yet."
 
 

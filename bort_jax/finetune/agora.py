@@ -151,6 +151,13 @@ class ModelLabeller:
     return np.concatenate(out).astype(np.int32) if out else np.zeros((0,), np.int32)
 
 
+def labeller_bar(value: Any, field: str) -> float:
+  """A labeller bar from a config (``field`` names it): a number in [0, 1)."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+    raise AgoraError(f"{field}={value!r} must be a number in [0, 1) (Agora's rule is 2/3)")
+  return float(value)
+
+
 def check_labeller(labeller: Labeller, dev: Mapping[str, np.ndarray],
                    min_accuracy: float = MIN_LABELLER_ACCURACY) -> float:
   """The labeller's dev accuracy; refuses one at or below ``min_accuracy``.
@@ -399,14 +406,10 @@ def run(config: Any, workdir: str) -> dict:
     ``{"task", "rounds", "best", "labeller_accuracy", "train_rows"}``.
   """
   from bort_jax.finetune import loop  # pylint: disable=import-outside-toplevel  (loop calls us)
-  from bort_jax.finetune import setup as setup_lib  # pylint: disable=import-outside-toplevel
   from bort_jax.runtime import fileio  # pylint: disable=import-outside-toplevel
   prep = loop.prepare(config)
-  min_accuracy = config.agora.get("min_labeller_accuracy", MIN_LABELLER_ACCURACY)
-  if isinstance(min_accuracy, bool) or not isinstance(min_accuracy, (int, float)) \
-      or not 0.0 <= min_accuracy < 1.0:
-    raise setup_lib.InputError(f"config.agora.min_labeller_accuracy={min_accuracy!r} must be a "
-                               "number in [0, 1) (the authors' rule is 2/3)")
+  min_accuracy = labeller_bar(config.agora.get("min_labeller_accuracy", MIN_LABELLER_ACCURACY),
+                              "config.agora.min_labeller_accuracy")
   spec, seq_len = prep.spec, int(config.seq_len)
   train = pop_lib.encode_examples(spec, prep.train.examples, prep.tokenizer, seq_len)
   dev = pop_lib.encode_examples(spec, prep.dev[0].examples, prep.tokenizer, seq_len)
@@ -420,7 +423,7 @@ def run(config: Any, workdir: str) -> dict:
   result = run_agora(prep.loaded.config, pop_lib.members_from_config(config), settings, train,
                      dev, _transform_from_config(config, prep.tokenizer), labeller, workdir,
                      init_params=prep.params, layout=prep.layout, report=print,
-                     min_labeller_accuracy=float(min_accuracy))
+                     min_labeller_accuracy=min_accuracy)
   out = {"task": spec.name, "binary_positive_class": positive, "rounds": result.rounds,
          "best": result.best, "labeller_accuracy": result.labeller_accuracy,
          "train_rows": result.train_rows}

@@ -237,11 +237,9 @@ def check_finetune(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.agora_tasks={wanted!r}: {', '.join(unknown)} not among the demo's "
                        f"tasks ({', '.join(config.finetune_tasks)}); give \"auto\", \"\" or a "
                        "comma-separated list of them")
-  threshold = config.finetune.agora.min_labeller_accuracy
-  if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
-      or not 0.0 <= threshold < 1.0:
-    raise ValueError(f"config.finetune.agora.min_labeller_accuracy={threshold!r} must be a number "
-                     "in [0, 1) (Agora's rule is 2/3)")
+  from bort_jax.finetune import agora  # pylint: disable=import-outside-toplevel
+  agora.labeller_bar(config.finetune.agora.min_labeller_accuracy,
+                     "config.finetune.agora.min_labeller_accuracy")
 
 
 def _digest(path: str) -> str:

@@ -22,7 +22,7 @@ import pytest
 from bort_jax import cli
 from bort_jax.data import fetch
 from bort_jax.interop import export
-from bort_jax.pipelines import demo, report
+from bort_jax.pipelines import demo, demo_agora, demo_cache, report
 from bort_jax.runtime import checkpoint
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -132,7 +132,7 @@ def test_rerun_skips_everything_and_keeps_the_stage_times(finished, cache, capsy
 
 def test_new_workdir_copies_the_adapted_teacher_from_the_cache(finished, cache, tmp_path,  # pylint: disable=redefined-outer-name
                                                                capsys):
-  cached = demo.adapted_cache(cache["dir"], demo.step_configs(
+  cached = demo_cache.adapted_cache(cache["dir"], demo.step_configs(
       make_config(cache), str(tmp_path), cache["dir"])["adapt"])
   assert os.path.exists(os.path.join(cached, "export", export.PARAMS_FILE))
   capsys.readouterr()
@@ -288,7 +288,7 @@ def test_killed_in_a_stage_resumes_to_the_same_report(finished, cache, tmp_path,
   # The stages before the killed one as the uninterrupted run left them (Agora's runs lie
   # beside the student's fine-tuning runs).
   later_dirs = ([_KILLS[t][1] for t in _KILLS if _KILLS[t][0] in later and t != "agora"]
-                + ["*" + demo.AGORA_SUFFIX] + (["finetune"] if "finetune" in later else []))
+                + ["*" + demo_agora.AGORA_SUFFIX] + (["finetune"] if "finetune" in later else []))
   work = str(tmp_path / "work")
   shutil.copytree(finished["workdir"], work, ignore=shutil.ignore_patterns(*later_dirs))
   state_path = os.path.join(work, report.STATE_FILE)

@@ -255,7 +255,7 @@ def test_report_shows_agora_beside_round_0_and_the_tasks_it_skipped(tmp_path, mo
 
 def test_agora_plan_takes_binary_tasks_whose_teacher_beats_the_bar(tmp_path):
   from bort_jax.data import demo as demo_data
-  from bort_jax.pipelines import demo
+  from bort_jax.pipelines import demo_agora
   demo_data.register_demo_tasks(str(tmp_path / "cache"))
   config = cli_main.cli.load_config("configs/demo.py")
   jobs = []
@@ -271,7 +271,7 @@ def test_agora_plan_takes_binary_tasks_whose_teacher_beats_the_bar(tmp_path):
              {"metric": "accuracy", "value": accuracy})
 
   teacher_scores(0.75)
-  plan = demo.agora_plan(config, jobs)
+  plan = demo_agora.agora_plan(config, jobs)
   assert plan["movie_sentiment"]["run"]
   assert plan["movie_sentiment"]["labeller"] == str(tmp_path / "teacher" / "movie_sentiment"
                                                     / "best")
@@ -280,14 +280,14 @@ def test_agora_plan_takes_binary_tasks_whose_teacher_beats_the_bar(tmp_path):
   assert "not binary (multiple_choice" in plan["social_iqa"]["reason"]
   assert "not binary (classification, 3 labels)" in plan["vitaminc"]["reason"]
   teacher_scores(2 / 3)  # at the bar: refused, as Agora itself would
-  plan = demo.agora_plan(config, jobs)
+  plan = demo_agora.agora_plan(config, jobs)
   assert not plan["movie_sentiment"]["run"]
   assert "dev accuracy 0.667 is not above 0.667" in plan["movie_sentiment"]["reason"]
   config.agora_tasks = "social_iqa, vitaminc"  # named: taken whatever the teacher scores
-  plan = demo.agora_plan(config, jobs)
+  plan = demo_agora.agora_plan(config, jobs)
   assert sorted(t for t, e in plan.items() if e["run"]) == ["social_iqa", "vitaminc"]
   config.agora_tasks = ""
-  assert not any(e["run"] for e in demo.agora_plan(config, jobs).values())
+  assert not any(e["run"] for e in demo_agora.agora_plan(config, jobs).values())
 
 
 @pytest.mark.parametrize("field,value,message", [

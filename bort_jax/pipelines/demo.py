@@ -10,7 +10,7 @@ the cache and their models at the workdir's.
 2. ``teacher-adapt``: a trained MLM head for the headless MiniLM (the body fine-tuned with it,
    ``config.adapt.trainable``), exported to ``WORKDIR/teacher/export`` and kept in
    ``CACHE/adapted/`` (keyed by a hash of the source teacher and the adapt config), so a demo
-   in another workdir copies it instead of training it again.
+   in another workdir copies it instead of training it again (``pipelines/demo_cache.py``).
 3. ``extract``: the FPTAS over ``configs/extract_demo.py``'s space with that teacher, kept in
    ``CACHE/extracted/`` (keyed by the extraction config and the teacher's bytes), so a demo in
    another workdir with the same teacher copies it.
@@ -20,11 +20,12 @@ the cache and their models at the workdir's.
    (``finetune/population.py``). The student's runs are in ``WORKDIR/finetune/student/``; the
    teacher's in ``CACHE/finetuned/``, keyed by a hash of the teacher's export and its
    fine-tuning config, so later demo runs with the same teacher reuse them.
-6. ``agora``: Agora (``finetune/agora.py``) on the student for the tasks of
-   ``config.agora_tasks`` (``"auto"``: the binary classification tasks whose fine-tuned
-   teacher beats Agora's labeller threshold on dev; on the demo suite, movie_sentiment), with
-   that fine-tuned teacher as the labeller, in ``<the student's job folder>_agora``. A task
-   Agora does not take is recorded with the reason, and the report says it.
+6. ``agora`` (``pipelines/demo_agora.py``): Agora (``finetune/agora.py``) on the student for
+   the tasks of ``config.agora_tasks`` (``"auto"``: the binary classification tasks whose
+   fine-tuned teacher beats Agora's labeller threshold on dev; on the demo suite,
+   movie_sentiment), with that fine-tuned teacher as the labeller, in ``<the student's job
+   folder>_agora``. A task Agora does not take is recorded with the reason, and the report
+   says it.
 7. ``report``: ``WORKDIR/report/report.md`` (``pipelines/report.py``).
 
 Every stage resumes: a finished one is skipped (its time kept), an interrupted one continues
@@ -42,14 +43,13 @@ import copy
 import hashlib
 import json
 import os
-import shutil
 import time
 from typing import Any, Callable
 
 import ml_collections
 
 from bort_jax.interop import export
-from bort_jax.pipelines import report
+from bort_jax.pipelines import demo_agora, demo_cache, report
 from bort_jax.runtime.fileio import atomic_write_text, to_jsonable
 
 STAGES = ("fetch", "teacher-adapt", "extract", "distill", "finetune", "agora", "report")
@@ -79,18 +79,10 @@ def _clock(seconds: float) -> str:
   return f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def _config_text(cfg: ml_collections.ConfigDict, cache_dir: str, workdir: str = "") -> str:
-  """A config as sorted JSON with the workdir's and the cache's own paths left out, so a
-  moved or copied workdir (or cache) keys the same (the text the hashes below are of)."""
-  text = json.dumps(to_jsonable(cfg.to_dict()), sort_keys=True)
-  if workdir:
-    text = text.replace(workdir, "<workdir>")
-  return text.replace(cache_dir, "<cache>")
-
-
 def config_hash(cfg: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> str:
   """A short hash of a stage's config (what its finished output was made with)."""
-  return hashlib.sha256(_config_text(cfg, cache_dir, workdir).encode()).hexdigest()[:12]
+  text = demo_cache.config_text(cfg, cache_dir, workdir)
+  return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def check_workdir(state: State, hashes: dict[str, str]) -> None:
@@ -242,14 +234,6 @@ def check_finetune(config: ml_collections.ConfigDict) -> None:
                      "config.finetune.agora.min_labeller_accuracy")
 
 
-def _digest(path: str) -> str:
-  sha = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      sha.update(chunk)
-  return sha.hexdigest()
-
-
 def job_dir(root: str, init_export: str, cfg: ml_collections.ConfigDict) -> str:
   """A fine-tuning job's folder under ``root``: the task and a hash of (export, config).
 
@@ -262,7 +246,7 @@ def job_dir(root: str, init_export: str, cfg: ml_collections.ConfigDict) -> str:
   keyed.pop("data_dir", None)
   keyed.pop("tokenizer", None)
   keyed["init"] = {"kind": cfg.init.kind,
-                   "params": _digest(os.path.join(init_export, export.PARAMS_FILE)),
+                   "params": demo_cache.digest(os.path.join(init_export, export.PARAMS_FILE)),
                    "config": export.load_config(init_export).to_dict()}
   digest = hashlib.sha256(json.dumps(to_jsonable(keyed), sort_keys=True).encode()).hexdigest()
   return os.path.join(root, f"{cfg.task.replace('/', '_')}-{digest[:12]}")
@@ -328,189 +312,14 @@ def run_finetune(config: ml_collections.ConfigDict, workdir: str, cache_dir: str
           f"stage's work, elapsed {_clock(elapsed)}, {eta}", flush=True)
 
 
-# ----------------------------------------------------------------------------- agora
-
-
-def agora_plan(config: ml_collections.ConfigDict, jobs: list) -> dict[str, dict]:
-  """``{task: {"run": bool, "reason": str, "folder", "labeller"}}`` for every demo task.
-
-  ``config.agora_tasks``: ``"auto"`` takes the binary classification tasks whose fine-tuned
-  teacher scores a dev accuracy above ``config.finetune.agora.min_labeller_accuracy`` (Agora's
-  own rule for its labeller, 2/3, checked again when it starts); a comma-separated list of
-  task names takes those (Agora casts a multi-class or multiple-choice task to binary, and its
-  labeller is then fine-tuned on the cast first); ``""`` takes none. Run after the
-  fine-tuning stage: the teachers' ``best/`` models and scores must exist.
-  """
-  from bort_jax.finetune import tasks as tasks_lib  # pylint: disable=import-outside-toplevel
-  folders = {(m, cfg.task.split("/", 1)[1]): folder for m, cfg, folder in jobs}
-  wanted = str(config.agora_tasks).strip()
-  named = {t.strip() for t in wanted.split(",") if t.strip()} if wanted != "auto" else set()
-  threshold = float(config.finetune.agora.min_labeller_accuracy)
-  plan = {}
-  for task in config.finetune_tasks:
-    teacher = folders[("teacher", task)]
-    entry = {"folder": folders[("student", task)] + AGORA_SUFFIX,
-             "labeller": os.path.join(teacher, "best")}
-    spec = tasks_lib.get_task(f"demo/{task}")
-    accuracy = _teacher_accuracy(teacher)
-    if wanted != "auto":
-      entry.update(run=task in named, reason="" if task in named else
-                   f"not in config.agora_tasks ({wanted or 'empty'})")
-    elif spec.kind != "classification" or spec.num_labels != 2:
-      entry.update(run=False, reason=f"not binary ({spec.kind}, {spec.num_labels} labels): "
-                   "'auto' takes binary classification tasks")
-    elif accuracy is None or accuracy <= threshold:
-      shown = "no dev accuracy" if accuracy is None else f"dev accuracy {accuracy:.3f}"
-      entry.update(run=False, reason=f"the fine-tuned teacher's {shown} is not above "
-                   f"{threshold:.3f}, Agora's bar for its labeller")
-    else:
-      entry.update(run=True, reason="")
-    plan[task] = entry
-  return plan
-
-
-AGORA_SUFFIX = "_agora"  # the report finds a population's Agora run beside it by this suffix
-REFUSED_FILE = "refused.json"  # in an Agora folder: why Agora refused the task (kept for reruns)
-
-
-def _teacher_accuracy(folder: str) -> float | None:
-  """The fine-tuned teacher's best member's dev accuracy (``best/finetune.json``)."""
-  meta = report.read_json(os.path.join(folder, "best", "finetune.json")) or {}
-  return float(meta["value"]) if meta.get("metric") == "accuracy" else None
-
-
 def run_agora(config: ml_collections.ConfigDict, workdir: str, cache_dir: str,
               state: State) -> None:
-  """Agora on the student for each task of the plan; refusals are recorded, not fatal."""
-  from bort_jax.finetune import agora  # pylint: disable=import-outside-toplevel
-  jobs = finetune_jobs(config, workdir, cache_dir)
-  plan = agora_plan(config, jobs)
-  configs = {cfg.task.split("/", 1)[1]: cfg for m, cfg, _ in jobs if m == "student"}
-  for task, entry in plan.items():
-    if not entry["run"]:
-      print(f"[agora] {task}: skipped: {entry['reason']}", flush=True)
-      continue
-    if report.read_json(os.path.join(entry["folder"], "agora.json")) is not None:
-      print(f"[agora] {task}: done, skipped ({entry['folder']})", flush=True)
-      continue
-    refused = report.read_json(os.path.join(entry["folder"], REFUSED_FILE))
-    if refused is not None:  # an earlier run's refusal: the same labeller, the same verdict
-      entry.update(run=False, reason=refused["reason"])
-      print(f"[agora] {task}: {entry['reason']}", flush=True)
-      continue
-    cfg = copy.deepcopy(configs[task])
-    cfg.agora.enabled, cfg.agora.labeller = True, entry["labeller"]
-    print(f"[agora] {task}: the student with Theta = its {cfg.population.seeds} seeds, the "
-          f"fine-tuned teacher as labeller -> {entry['folder']}", flush=True)
-    try:
-      agora.run(cfg, entry["folder"])
-    except agora.AgoraError as error:
-      entry.update(run=False, reason=f"refused by Agora: {error}")
-      print(f"[agora] {task}: {entry['reason']}", flush=True)
-      os.makedirs(entry["folder"], exist_ok=True)
-      atomic_write_text(os.path.join(entry["folder"], REFUSED_FILE),
-                        json.dumps({"reason": entry["reason"]}) + "\n")
-  state.data["agora"] = plan
+  """The Agora stage (``pipelines/demo_agora.py``); its plan is kept in the state."""
+  state.data["agora"] = demo_agora.run_agora(config, finetune_jobs(config, workdir, cache_dir))
   state.save()
 
 
 # ----------------------------------------------------------------------------- the pipeline
-
-
-def adapted_cache(cache_dir: str, adapt_cfg: ml_collections.ConfigDict) -> str:
-  """``CACHE/adapted/<hash>``: where the adapted teacher of this source and config is kept.
-
-  The hash covers the adapt config (with the cache's own path left out, so a moved cache still
-  matches) and the bytes of every file of the source teacher (``CACHE/teacher``): a later demo
-  in another workdir with the same teacher and adapt config copies the export instead of
-  training it again.
-  """
-  sha = hashlib.sha256(_config_text(adapt_cfg, cache_dir).encode())
-  source = os.path.join(cache_dir, "teacher")
-  for name in sorted(os.listdir(source)) if os.path.isdir(source) else []:
-    if os.path.isfile(os.path.join(source, name)):
-      sha.update(f"{name}:{_digest(os.path.join(source, name))}".encode())
-  return os.path.join(cache_dir, "adapted", sha.hexdigest()[:12])
-
-
-def run_adapt_cached(adapt_cfg: ml_collections.ConfigDict, workdir: str, cache_dir: str
-                     ) -> dict:
-  """teacher-adapt into ``WORKDIR/teacher``, or a copy of the cached run of the same job.
-
-  Returns the adaptation's metrics (``preempted`` when a SIGTERM stopped it: nothing is then
-  cached) or ``{"copied": cache folder}``.
-
-  A finished adaptation's run folder (its export, ``config.json`` and ``metrics.jsonl``; not
-  the checkpoints) is copied into the cache, and a cached one into the workdir, each
-  atomically: the export has the same bytes, so the teacher's cached fine-tunings (keyed by
-  the export's digest) are found again, and the report and ``convert --to-hf`` find the run's
-  record as after a real adaptation.
-  """
-  from bort_jax.pipelines import distill  # pylint: disable=import-outside-toplevel
-  from bort_jax.runtime import fileio  # pylint: disable=import-outside-toplevel
-  cached = adapted_cache(cache_dir, adapt_cfg)
-  run_dir = os.path.join(workdir, "teacher")
-  if os.path.exists(os.path.join(cached, "export", export.PARAMS_FILE)):
-    print(f"teacher-adapt: the adapted teacher is in the cache ({cached}); copying it",
-          flush=True)
-    os.makedirs(run_dir, exist_ok=True)
-    for name in _RUN_RECORD:
-      if os.path.exists(os.path.join(cached, name)):
-        shutil.copyfile(os.path.join(cached, name), os.path.join(run_dir, name))
-    with fileio.atomic_dir(os.path.join(run_dir, "export")) as tmp:  # last: it marks done
-      shutil.copytree(os.path.join(cached, "export"), tmp, dirs_exist_ok=True)
-    return {"copied": cached}
-  metrics = distill.run_adapt(adapt_cfg, run_dir)
-  if metrics.get("preempted"):  # no export: nothing to cache, the stage resumes on a rerun
-    return metrics
-  with fileio.atomic_dir(cached) as tmp:
-    shutil.copytree(os.path.join(run_dir, "export"), os.path.join(tmp, "export"))
-    for name in _RUN_RECORD:
-      if os.path.exists(os.path.join(run_dir, name)):
-        shutil.copyfile(os.path.join(run_dir, name), os.path.join(tmp, name))
-  return metrics
-
-
-def extracted_cache(cache_dir: str, extract_cfg: ml_collections.ConfigDict, workdir: str) -> str:
-  """``CACHE/extracted/<hash>``: where a finished extraction of this teacher and config is kept.
-
-  The hash covers the extraction config (the workdir's and the cache's paths left out) and the
-  teacher export's parameters and model config: the search and its audit are deterministic
-  functions of these, so a demo in another workdir with the same teacher copies the result.
-  """
-  teacher = extract_cfg.teacher.path
-  sha = hashlib.sha256(_config_text(extract_cfg, cache_dir, workdir).encode())
-  sha.update(_digest(os.path.join(teacher, export.PARAMS_FILE)).encode())
-  sha.update(json.dumps(to_jsonable(export.load_config(teacher).to_dict()),
-                        sort_keys=True).encode())
-  return os.path.join(cache_dir, "extracted", sha.hexdigest()[:12])
-
-
-def run_extract_cached(extract_cfg: ml_collections.ConfigDict, workdir: str,
-                       cache_dir: str) -> None:
-  """The extraction into ``WORKDIR/extract``, or a copy of the cached one of the same job.
-
-  A finished extraction's folder (tables, plots, ledger, journals, chosen_arch.txt) is copied
-  into the cache, and a cached one into the workdir, each atomically (``results.json``, which
-  marks the stage done, appears with the rest).
-  """
-  from bort_jax.pipelines import extract  # pylint: disable=import-outside-toplevel
-  from bort_jax.runtime import fileio  # pylint: disable=import-outside-toplevel
-  cached = extracted_cache(cache_dir, extract_cfg, workdir)
-  out = os.path.join(workdir, "extract")
-  if os.path.exists(os.path.join(cached, "results.json")):
-    print(f"extract: this teacher's extraction with this config is in the cache ({cached}); "
-          "copying it", flush=True)
-    with fileio.atomic_dir(out) as tmp:
-      shutil.copytree(cached, tmp, dirs_exist_ok=True)
-    return
-  extract.run(extract_cfg, out)
-  with fileio.atomic_dir(cached) as tmp:
-    shutil.copytree(out, tmp, dirs_exist_ok=True)
-
-
-# What a cached teacher-adapt keeps besides its export (the report and the model card read them).
-_RUN_RECORD = ("config.json", "metrics.jsonl")
 
 
 def teacher_done(workdir: str) -> bool:
@@ -592,12 +401,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   demo_data.register_demo_tasks(cache_dir)
   run_stage(state, "teacher-adapt", "teacher-adapt: masked-LM adaptation of the teacher",
             teacher_done(workdir),
-            lambda: run_adapt_cached(cfg["adapt"], workdir, cache_dir),
+            lambda: demo_cache.run_adapt_cached(cfg["adapt"], workdir, cache_dir),
             steps=int(cfg["adapt"].train.total_steps), digest=hashes["teacher-adapt"])
   extract_dir = os.path.join(workdir, "extract")
   run_stage(state, "extract", "extract: the W-coefficient FPTAS",
             os.path.exists(os.path.join(extract_dir, "results.json")),
-            lambda: run_extract_cached(cfg["extract"], workdir, cache_dir),
+            lambda: demo_cache.run_extract_cached(cfg["extract"], workdir, cache_dir),
             digest=hashes["extract"])
   distill_dir = os.path.join(workdir, "distill")
   run_stage(state, "distill", "distill the chosen architecture",

@@ -1,0 +1,140 @@
+"""The demo's caches: the adapted teacher and the extraction, kept with the demo data.
+
+A demo in another workdir with the same source teacher and configs copies them instead of
+training again. Each is keyed by a hash of what determines it, with the workdir's and the
+cache's own paths left out, so a moved cache or a new workdir still matches:
+
+* ``CACHE/adapted/<hash>``: teacher-adapt's export, ``config.json`` and ``metrics.jsonl``
+  (keyed by the adapt config and the bytes of the source teacher's files);
+* ``CACHE/extracted/<hash>``: the extraction's folder (keyed by the extraction config and the
+  adapted teacher's parameters and model config).
+
+Both are written and copied with ``fileio.atomic_dir``: a reader sees no folder or a complete
+one. A preempted adaptation caches nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+import ml_collections
+
+from bort_jax.interop import export
+from bort_jax.runtime.fileio import to_jsonable
+
+
+# What a cached teacher-adapt keeps besides its export (the report and the model card read them).
+RUN_RECORD = ("config.json", "metrics.jsonl")
+
+
+def config_text(cfg: ml_collections.ConfigDict, cache_dir: str, workdir: str = "") -> str:
+  """A config as sorted JSON with the workdir's and the cache's own paths left out, so a
+  moved or copied workdir (or cache) keys the same (the text the hashes below are of)."""
+  text = json.dumps(to_jsonable(cfg.to_dict()), sort_keys=True)
+  if workdir:
+    text = text.replace(workdir, "<workdir>")
+  return text.replace(cache_dir, "<cache>")
+
+
+def digest(path: str) -> str:
+  """The sha256 of a file's bytes (hex)."""
+  sha = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      sha.update(chunk)
+  return sha.hexdigest()
+
+
+def adapted_cache(cache_dir: str, adapt_cfg: ml_collections.ConfigDict) -> str:
+  """``CACHE/adapted/<hash>``: where the adapted teacher of this source and config is kept.
+
+  The hash covers the adapt config (with the cache's own path left out, so a moved cache still
+  matches) and the bytes of every file of the source teacher (``CACHE/teacher``): a later demo
+  in another workdir with the same teacher and adapt config copies the export instead of
+  training it again.
+  """
+  sha = hashlib.sha256(config_text(adapt_cfg, cache_dir).encode())
+  source = os.path.join(cache_dir, "teacher")
+  for name in sorted(os.listdir(source)) if os.path.isdir(source) else []:
+    if os.path.isfile(os.path.join(source, name)):
+      sha.update(f"{name}:{digest(os.path.join(source, name))}".encode())
+  return os.path.join(cache_dir, "adapted", sha.hexdigest()[:12])
+
+
+def run_adapt_cached(adapt_cfg: ml_collections.ConfigDict, workdir: str, cache_dir: str
+                     ) -> dict:
+  """teacher-adapt into ``WORKDIR/teacher``, or a copy of the cached run of the same job.
+
+  Returns the adaptation's metrics (``preempted`` when a SIGTERM stopped it: nothing is then
+  cached) or ``{"copied": cache folder}``.
+
+  A finished adaptation's run folder (its export, ``config.json`` and ``metrics.jsonl``; not
+  the checkpoints) is copied into the cache, and a cached one into the workdir, each
+  atomically: the export has the same bytes, so the teacher's cached fine-tunings (keyed by
+  the export's digest) are found again, and the report and ``convert --to-hf`` find the run's
+  record as after a real adaptation.
+  """
+  from bort_jax.pipelines import distill  # pylint: disable=import-outside-toplevel
+  from bort_jax.runtime import fileio  # pylint: disable=import-outside-toplevel
+  cached = adapted_cache(cache_dir, adapt_cfg)
+  run_dir = os.path.join(workdir, "teacher")
+  if os.path.exists(os.path.join(cached, "export", export.PARAMS_FILE)):
+    print(f"teacher-adapt: the adapted teacher is in the cache ({cached}); copying it",
+          flush=True)
+    os.makedirs(run_dir, exist_ok=True)
+    for name in RUN_RECORD:
+      if os.path.exists(os.path.join(cached, name)):
+        shutil.copyfile(os.path.join(cached, name), os.path.join(run_dir, name))
+    with fileio.atomic_dir(os.path.join(run_dir, "export")) as tmp:  # last: it marks done
+      shutil.copytree(os.path.join(cached, "export"), tmp, dirs_exist_ok=True)
+    return {"copied": cached}
+  metrics = distill.run_adapt(adapt_cfg, run_dir)
+  if metrics.get("preempted"):  # no export: nothing to cache, the stage resumes on a rerun
+    return metrics
+  with fileio.atomic_dir(cached) as tmp:
+    shutil.copytree(os.path.join(run_dir, "export"), os.path.join(tmp, "export"))
+    for name in RUN_RECORD:
+      if os.path.exists(os.path.join(run_dir, name)):
+        shutil.copyfile(os.path.join(run_dir, name), os.path.join(tmp, name))
+  return metrics
+
+
+def extracted_cache(cache_dir: str, extract_cfg: ml_collections.ConfigDict, workdir: str) -> str:
+  """``CACHE/extracted/<hash>``: where a finished extraction of this teacher and config is kept.
+
+  The hash covers the extraction config (the workdir's and the cache's paths left out) and the
+  teacher export's parameters and model config: the search and its audit are deterministic
+  functions of these, so a demo in another workdir with the same teacher copies the result.
+  """
+  teacher = extract_cfg.teacher.path
+  sha = hashlib.sha256(config_text(extract_cfg, cache_dir, workdir).encode())
+  sha.update(digest(os.path.join(teacher, export.PARAMS_FILE)).encode())
+  sha.update(json.dumps(to_jsonable(export.load_config(teacher).to_dict()),
+                        sort_keys=True).encode())
+  return os.path.join(cache_dir, "extracted", sha.hexdigest()[:12])
+
+
+def run_extract_cached(extract_cfg: ml_collections.ConfigDict, workdir: str,
+                       cache_dir: str) -> None:
+  """The extraction into ``WORKDIR/extract``, or a copy of the cached one of the same job.
+
+  A finished extraction's folder (tables, plots, ledger, journals, chosen_arch.txt) is copied
+  into the cache, and a cached one into the workdir, each atomically (``results.json``, which
+  marks the stage done, appears with the rest).
+  """
+  from bort_jax.pipelines import extract  # pylint: disable=import-outside-toplevel
+  from bort_jax.runtime import fileio  # pylint: disable=import-outside-toplevel
+  cached = extracted_cache(cache_dir, extract_cfg, workdir)
+  out = os.path.join(workdir, "extract")
+  if os.path.exists(os.path.join(cached, "results.json")):
+    print(f"extract: this teacher's extraction with this config is in the cache ({cached}); "
+          "copying it", flush=True)
+    with fileio.atomic_dir(out) as tmp:
+      shutil.copytree(cached, tmp, dirs_exist_ok=True)
+    return
+  extract.run(extract_cfg, out)
+  with fileio.atomic_dir(cached) as tmp:
+    shutil.copytree(out, tmp, dirs_exist_ok=True)

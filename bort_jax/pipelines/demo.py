@@ -48,6 +48,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from bort_jax.data import fetch
 from bort_jax.interop import export
 from bort_jax.pipelines import demo_agora, demo_cache, report
 from bort_jax.runtime.fileio import atomic_write_text, to_jsonable
@@ -246,7 +247,7 @@ def job_dir(root: str, init_export: str, cfg: ml_collections.ConfigDict) -> str:
   keyed.pop("data_dir", None)
   keyed.pop("tokenizer", None)
   keyed["init"] = {"kind": cfg.init.kind,
-                   "params": demo_cache.digest(os.path.join(init_export, export.PARAMS_FILE)),
+                   "params": fetch.sha256_file(os.path.join(init_export, export.PARAMS_FILE)),
                    "config": export.load_config(init_export).to_dict()}
   digest = hashlib.sha256(json.dumps(to_jsonable(keyed), sort_keys=True).encode()).hexdigest()
   return os.path.join(root, f"{cfg.task.replace('/', '_')}-{digest[:12]}")
@@ -367,7 +368,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """:func:`run` up to a preemption."""
   from bort_jax.data import demo as demo_data  # pylint: disable=import-outside-toplevel
-  from bort_jax.data import fetch  # pylint: disable=import-outside-toplevel
   from bort_jax.pipelines import distill  # pylint: disable=import-outside-toplevel
 
   workdir = os.path.abspath(workdir)

@@ -61,7 +61,8 @@ def agora_plan(config: ml_collections.ConfigDict, jobs: list) -> dict[str, dict]
 
 def _teacher_accuracy(folder: str) -> float | None:
   """The fine-tuned teacher's best member's dev accuracy (``best/finetune.json``)."""
-  meta = report.read_json(os.path.join(folder, "best", "finetune.json")) or {}
+  from bort_jax.finetune import loop  # pylint: disable=import-outside-toplevel
+  meta = loop.read_best(folder) or {}
   return float(meta["value"]) if meta.get("metric") == "accuracy" else None
 
 

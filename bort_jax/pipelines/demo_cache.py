@@ -22,6 +22,7 @@ import shutil
 
 import ml_collections
 
+from bort_jax.data import fetch
 from bort_jax.interop import export
 from bort_jax.runtime.fileio import to_jsonable
 
@@ -39,15 +40,6 @@ def config_text(cfg: ml_collections.ConfigDict, cache_dir: str, workdir: str = "
   return text.replace(cache_dir, "<cache>")
 
 
-def digest(path: str) -> str:
-  """The sha256 of a file's bytes (hex)."""
-  sha = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      sha.update(chunk)
-  return sha.hexdigest()
-
-
 def adapted_cache(cache_dir: str, adapt_cfg: ml_collections.ConfigDict) -> str:
   """``CACHE/adapted/<hash>``: where the adapted teacher of this source and config is kept.
 
@@ -60,7 +52,7 @@ def adapted_cache(cache_dir: str, adapt_cfg: ml_collections.ConfigDict) -> str:
   source = os.path.join(cache_dir, "teacher")
   for name in sorted(os.listdir(source)) if os.path.isdir(source) else []:
     if os.path.isfile(os.path.join(source, name)):
-      sha.update(f"{name}:{digest(os.path.join(source, name))}".encode())
+      sha.update(f"{name}:{fetch.sha256_file(os.path.join(source, name))}".encode())
   return os.path.join(cache_dir, "adapted", sha.hexdigest()[:12])
 
 
@@ -111,7 +103,7 @@ def extracted_cache(cache_dir: str, extract_cfg: ml_collections.ConfigDict, work
   """
   teacher = extract_cfg.teacher.path
   sha = hashlib.sha256(config_text(extract_cfg, cache_dir, workdir).encode())
-  sha.update(digest(os.path.join(teacher, export.PARAMS_FILE)).encode())
+  sha.update(fetch.sha256_file(os.path.join(teacher, export.PARAMS_FILE)).encode())
   sha.update(json.dumps(to_jsonable(export.load_config(teacher).to_dict()),
                         sort_keys=True).encode())
   return os.path.join(cache_dir, "extracted", sha.hexdigest()[:12])

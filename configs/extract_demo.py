@@ -18,6 +18,10 @@ Produces runs/demo/extract/{results.md,results.csv,pareto.png,audit.json,audit.p
 ledger.json} in about 9 minutes on a 2-core CPU. The `tiny` arg (a random teacher, synthetic tokens) is for tests.
 The `lrs` arg sets Theta to proxy learning rates separated by "/" (`:lrs=2e-4/5e-4/1e-3`: three
 trainings per candidate, W takes each candidate's best).
+
+The returned candidate is the lowest proxy error among those at least 4x faster than the teacher
+in analytic FLOPs (``config.select``, the budget rule); W's choice (the paper's rule) is computed
+and shown beside it (``--config.select.rule=w`` returns it instead).
 """
 
 import os
@@ -78,6 +82,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.fptas.ties = "all"             # equal (p, i): "all" members trained, or "first" in sort
                                         # order only (the behaviour before ties were handled)
 
+  # Which candidate the extraction returns (chosen_arch.txt, the one distillation reads). W's
+  # choice is computed and shown under either rule; the budget's limits count with "budget" only.
+  config.select = ml_collections.ConfigDict()
+  config.select.rule = "budget"         # "w": the largest W (the paper); "budget": the lowest
+                                        # proxy error among the candidates meeting the budget
+  config.select.min_speedup = 4.0       # K: at least K x faster than the teacher, i(teacher) /
+                                        # i(candidate) in the cost.inference measure (0 = none)
+  config.select.max_latency_ms = 0.0    # measured latency at cost.batch x cost.seq_len on this
+                                        # device, in ms, at most this (0 = no latency limit)
+  config.select.max_params = 0          # p (the cost.size count) at most this (0 = no limit)
+
   config.proxy = ml_collections.ConfigDict()
   config.proxy.steps = 10               # s: proxy training steps
   config.proxy.init = "inherit"         # initial weights: "random" (the paper) or "inherit"
@@ -130,4 +145,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.cost.seq_len = 16
     config.audit.steps = 6
     config.audit.sample = 3
+    config.select.min_speedup = 1.5      # the tiny teachers (D1/D2-A2-H32-I64) are 2.6-7x the
+                                         # FLOPs of the smallest tiny candidates, never 4x of all
   return config

@@ -3,7 +3,10 @@
 For an accelerator (a GPU or a TPU host); populations are vmapped and sharded over the mesh's
 data axis. i is the measured latency of each candidate's compiled forward pass (batch 1, 128
 tokens) on the running device, cached per device kind. eps=4 trains one representative of each
-interval of 4 candidates (75 per theta) under the max-gain rule; eps=1 trains all 300.
+interval of 4 candidates (75 per theta) under the max-gain rule; eps=1 trains all 300. The
+largest W is returned (``config.select.rule="w"``); ``--config.select.rule=budget
+--config.select.min_speedup=K`` returns the lowest proxy error among the candidates at least K
+times faster than the teacher instead.
 
     bort-jax extract --config=configs/extract_paper.py --workdir=runs/extract_paper \\
         --config.teacher.path=/data/roberta-large \\
@@ -35,6 +38,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.proxy.mode = "vmap"
   config.proxy.max_members = 16
   config.audit.enabled = False          # turn on to audit the proxy (S-step trainings)
+  config.select.rule = "w"              # the paper's rule: the largest W ("budget": the lowest
+                                        # proxy error among the candidates meeting the limits)
+  config.select.min_speedup = 0.0       # K: i(teacher) / i(candidate) >= K, latency (0 = none)
+  config.select.max_latency_ms = 0.0    # measured latency on this device in ms (0 = none)
+  config.select.max_params = 0          # p (the cost.size count) at most this (0 = none)
 
   config.data.seq_len = 512
   config.data.max_predictions = 80

@@ -21,8 +21,7 @@ from configs import finetune
 from configs import pretrain_demo
 
 # The demo suite's three tasks, keyed by the folder each one's population goes to.
-TASKS = {"vitaminc": "demo/vitaminc", "movie_sentiment": "demo/movie_sentiment",
-         "social_iqa": "demo/social_iqa"}
+TASKS = {name: f"demo/{name}" for name in demo.TASKS}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -44,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   for key, task in TASKS.items():
     ft = finetune.get_config(f"task={task},seeds=3,lrs=3e-5/1e-4{tiny}")
     if not tiny:
-      ft.train.total_steps, ft.seq_len = demo.TASKS[key]
+      ft.train.total_steps, ft.seq_len = demo.TASKS[key], finetune.DEMO_SEQ_LEN[task]
       ft.train.eval_every = 100
       ft.max_dev_examples = 500
     config.finetune[key] = ft

@@ -130,3 +130,28 @@ def test_audit_summary_and_verdict():
   lost = audit.audit_summary(names, gains, short, [math.nan] * 4, "a", 0.6)
   assert lost["choice_long"] is None and lost["compared"] == 0 and not lost["trusted"]
   assert "every sampled candidate diverged" in audit.verdict_line(lost, 3, 30)
+
+
+def test_audit_summary_of_the_budget_rule_compares_the_lowest_feasible_error():
+  names = ["a", "b", "c", "d"]
+  gains = [0.8, 0.6, 0.4, 0.2]
+  short = [2.0, 1.9, 1.8, 1.7]
+  feasible = [True, True, True, False]  # d is outside the budget: it can never be the choice
+  # The search chose c (lowest feasible s-step error); after S steps c is still the lowest of
+  # the feasible ones, although W would now pick a and d has the lowest error of all.
+  kept = audit.audit_summary(names, gains, short, [1.0, 1.2, 0.9, 0.1], "c", 0.0,
+                             feasible=feasible, keys=[(1, 1, n) for n in names])
+  assert kept["rule"] == "budget" and kept["choice_long"] == "c"
+  assert not kept["choice_changed"] and kept["trusted"]
+  assert "the budget rule's choice is unchanged" in audit.verdict_line(kept, 3, 30)
+  moved = audit.audit_summary(names, gains, short, [1.0, 0.8, 0.9, 0.1], "c", 0.0,
+                              feasible=feasible)
+  assert moved["choice_long"] == "b" and moved["choice_changed"] and not moved["trusted"]
+  assert "the budget rule with the 30-step errors picks b" in audit.verdict_line(moved, 3, 30)
+  # Equal S-step errors: the tie-break keys decide (smaller i first), as in the search.
+  tied = audit.audit_summary(names, gains, short, [1.0, 1.0, 2.0, 0.1], "b", 0.0,
+                             feasible=feasible, keys=[(5, 1, "a"), (4, 1, "b"), (1, 1, "c"),
+                                                      (1, 1, "d")])
+  assert tied["choice_long"] == "b" and not tied["choice_changed"]
+  # W's verdict is as before (rule "w", no feasible flags).
+  assert audit.audit_summary(names, gains, short, [1.4, 1.3, 1.2, 1.1], "a", 0.6)["rule"] == "w"

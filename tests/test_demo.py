@@ -2,8 +2,8 @@
 stage (fine-tuning, teacher adaptation, extraction, distillation, Agora, report) to the same report
 numbers, and a rerun that keeps the stage times.
 
-The cache is built offline: the demo tasks from the fake archives of test_demo_data (fetched
-with their own pins), a tiny headless teacher body and its vocabulary in ``cache/teacher``,
+The cache is built offline: the demo tasks of the synthetic suite (``data/tiny_suite.py``, in
+the real source formats), a tiny headless teacher body and its vocabulary in ``cache/teacher``,
 and the tiny corpus of test_distill in ``cache/corpus``; ``config.fetch=False`` keeps the demo
 from checking the cache against the real pins.
 """
@@ -20,13 +20,12 @@ import sys
 import pytest
 
 from bort_jax import cli
-from bort_jax.data import fetch
+from bort_jax.data import tiny_suite
 from bort_jax.interop import export
 from bort_jax.pipelines import demo, demo_agora, demo_cache, report
 from bort_jax.runtime import checkpoint
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import test_demo_data as demo_assets  # noqa: E402  (the fake demo archives)
 import test_distill as helpers  # noqa: E402  (the tiny teacher, corpus and subprocess env)
 from test_distill import xla_cache  # noqa: E402,F401  (a compilation cache shared with children)
 
@@ -35,19 +34,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory, xla_cache):  # pylint: disable=redefined-outer-name
-  """A demo cache with tiny models: tasks from fake archives, tiny teacher, tiny corpus."""
+  """A demo cache with tiny models: the synthetic suite (its tasks in the real source formats),
+  with test_distill's tiny teacher body and corpus in place of the suite's own."""
   root = str(tmp_path_factory.mktemp("demo_cache"))
-  archives = os.path.join(root, "archives")
-  os.makedirs(archives)
-  sources = {k: os.path.join(archives, fetch.ARTEFACTS[k].filename) for k in fetch.ALL}
-  demo_assets.make_wheel(sources["teacher"])
-  demo_assets.make_bigbench(sources["bigbench"])
-  demo_assets.make_vader(sources["vader"])
   cache_dir = os.path.join(root, "cache")
-  fetch.fetch(cache_dir, sources=sources, artefacts=demo_assets._pins(sources),  # pylint: disable=protected-access
-              log=lambda m: None)
+  tiny_suite.write_tiny_suite(cache_dir)
   assets = helpers.make_assets(os.path.join(root, "assets"))
   shutil.rmtree(os.path.join(cache_dir, "teacher"))
+  shutil.rmtree(os.path.join(cache_dir, "corpus"))
   shutil.copytree(assets["body"], os.path.join(cache_dir, "teacher"))
   shutil.copy(os.path.join(assets["tokenizer"], "vocab.txt"), os.path.join(cache_dir, "teacher"))
   shutil.copytree(os.path.dirname(assets["corpus"]), os.path.join(cache_dir, "corpus"))
@@ -92,24 +86,23 @@ def test_demo_runs_every_stage_to_the_report(finished):
   state = json.load(open(os.path.join(work, report.STATE_FILE)))
   assert all(state["stages"][s]["done"] for s in demo.STAGES)
   assert all(state["stages"][s]["seconds"] > 0 for s in demo.STAGES)
-  assert len(summary["finetune"]) == 3
+  assert len(summary["finetune"]) == 2
   for row in summary["finetune"]:
     assert len(row["student"]["values"]) == 2 and len(row["teacher"]["values"]) == 2
     assert row["majority"] is not None and row["dev_records"] <= 16
   text = open(summary["report"]).read()
-  # Agora ran on the one binary task (the tiny config lowers the labeller bar to 0), with the
-  # teacher's best fine-tuned member as its labeller; the others are listed with the reason.
+  # Agora ran on the binary task (the tiny config lowers the labeller bar to 0), with the
+  # teacher's best fine-tuned member as its labeller; the other is listed with the reason.
   plan = state["agora"]
   assert plan["movie_sentiment"]["run"] and os.path.exists(
       os.path.join(plan["movie_sentiment"]["labeller"], "finetune.json"))
-  assert not plan["social_iqa"]["run"] and not plan["vitaminc"]["run"]
+  assert not plan["bbc_news"]["run"]
   movie = next(r for r in summary["finetune"] if r["task"] == "demo/movie_sentiment")
   agora_run = movie["student_agora"]
   assert 1 <= agora_run["rounds"] <= 2 and agora_run["best"] >= agora_run["round0"]
   assert "| demo/movie_sentiment | student |" in text
   skipped = [line for line in text.splitlines() if ": not run: not binary" in line]
-  assert sorted(line.split(":")[0] for line in skipped) == ["- demo/social_iqa",
-                                                           "- demo/vitaminc"]
+  assert sorted(line.split(":")[0] for line in skipped) == ["- demo/bbc_news"]
   assert "not run" not in text.replace("Audit of the proxy: not run", "").replace(
       ": not run: not binary", "")
   assert summary["headline"]["share"] > 0 and summary["headline"]["speedup"] > 0

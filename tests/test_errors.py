@@ -166,7 +166,11 @@ ROWS = [
                                            "--results", "r.json"], None,
      "--results is a flag of --to-hf"),
     ("data", "unknown-item", ["fetch", "--items", "nope", "--cache-dir", "WORKDIR"], None,
-     "--items=nope: unknown item(s) nope; allowed: teacher, bigbench, vader"),
+     "--items=nope: unknown item(s) nope; allowed: teacher, corpus, movie_sentiment, word_sense, "
+     "bbc_news"),
+    ("data", "from-not-a-folder", ["fetch", "--from", "/nonexistent/archives", "--cache-dir",
+                                   "WORKDIR"], None,
+     "--from /nonexistent/archives: not a folder"),
     ("data", "no-action", [], None, "the following arguments are required: action"),
 ]
 

@@ -68,6 +68,10 @@ def test_tiny_extraction_writes_every_output(tmp_path, monkeypatch):
   report_ = json.load(open(os.path.join(workdir, "audit.json")))
   names = [r["name"] for r in report_["rows"]]
   assert summary["chosen"] in names and 3 <= len(names) <= 5
+  # The tiny config's rule is the budget's: its audit holds the budget's choice and runner-up
+  # and judges the lowest feasible error.
+  assert summary["select"]["rule"] == "budget" and report_["summary"]["rule"] == "budget"
+  assert report_["budget_runner_up"] == summary["select"]["runner_up"] in names
   assert report_["long_steps"] == 6 and report_["short_steps"] == 3
   short = {r["name"]: r["e"] for r in table["rows"] if r["trained"]}
   assert all(r["short"] == pytest.approx(short[r["name"]]) for r in report_["rows"])
@@ -196,12 +200,100 @@ def test_sigkilled_extraction_resumes_and_matches_an_uninterrupted_run(tmp_path,
     ({"audit.sample": 0}, "config.audit.sample=0"),
     ({"audit.tau_min": 1.5}, "config.audit.tau_min=1.5"),
     ({"proxy.init": "teacher"}, "config.proxy.init='teacher'"),
+    ({"select.rule": "smallest"}, "config.select.rule='smallest'"),
+    ({"select.min_speedup": -1.0}, "config.select.min_speedup=-1.0"),
+    ({"select.max_latency_ms": -5.0}, "config.select.max_latency_ms=-5.0"),
+    ({"select.max_params": -3}, "config.select.max_params=-3"),
+    ({"select.min_speedup": 0.0}, "config.select.rule='budget' needs a budget"),
+    ({"teacher.kind": "none"}, "config.select.min_speedup=1.5 needs a teacher"),
+    # Known from p and i alone: refused before any training, with the figures to relax it.
+    ({"select.min_speedup": 50.0}, r"no candidate meets the budget .* the fastest candidate, "
+                                   r"D1-A2-H16-I32, has i = .* \(3.578x faster than the teacher\)"),
+    ({"select.min_speedup": 0.0, "select.max_params": 100},
+     "no candidate meets the budget .* the smallest, D1-A2-H16-I32, has p = 4,464"),
 ])
 def test_bad_input_fails_before_training(tmp_path, monkeypatch, change, message):
   monkeypatch.setattr(proxy.PopulationTrainer, "train_and_eval",
                       lambda *a, **k: pytest.fail("trained despite bad input"))
   with pytest.raises(ValueError, match=message):
     extract.run(_config(tmp_path, **change), str(tmp_path / "run"))
+
+
+def test_budget_rule_end_to_end_and_w_choice_unchanged(tmp_path, monkeypatch):
+  # Intervals of 4, their two end members (ties="first"), no audit: W trains 8 candidates; the
+  # budget's own intervals over the 6 feasible ones ([4], [2]) add the last of the second.
+  # One padded bucket for all (max_overhead): one compile, so the test takes seconds.
+  config = _config(tmp_path, **{"fptas.eps": 4, "fptas.rule": "endpoints",
+                                "fptas.ties": "first", "audit.enabled": False,
+                                "proxy.max_overhead": 100.0})
+  workdir = str(tmp_path / "run")
+  summary = extract.run(config, workdir)
+  table = json.load(open(os.path.join(workdir, "results.json")))
+  sel = table["select"]
+  assert summary["chosen"] == sel["choice"] == table["chosen"]
+  assert open(os.path.join(workdir, "chosen_arch.txt")).read().strip() == sel["choice"]
+  # The budget, recomputed here from the teacher's and the candidates' FLOPs (the candidates
+  # share the student's base config, as in the search).
+  teacher = export.load_config(config.teacher.path)
+  base = extract.base_student(config, extract.search_space(config.space), teacher)
+  flops = lambda arch: cost.forward_flops(base.replace(arch=arch_lib.Arch.parse(arch)),
+                                          config.cost.batch, config.cost.seq_len)["total"]
+  i_teacher = cost.forward_flops(teacher, config.cost.batch, config.cost.seq_len)["total"]
+  assert i_teacher / flops(sel["choice"]) >= config.select.min_speedup
+  assert sel["speedup"] == pytest.approx(i_teacher / flops(sel["choice"]))
+  rows = table["rows"]
+  feasible = [r for r in rows if i_teacher / flops(r["name"]) >= config.select.min_speedup]
+  assert [r["name"] for r in rows if r["feasible"]] == [r["name"] for r in feasible]
+  assert sel["feasible"] == len(feasible) == 6 and summary["trained"] == 9
+  assert [r["name"] for r in rows if r["plan"] == "budget"] == ["D2-A4-H16-I32"]
+  trained = [r for r in feasible if r["trained"]]
+  assert min(min(r["errors"]) for r in trained) == pytest.approx(sel["e"])
+  assert sel["e"] == min(r["errors"][0] for r in rows if r["name"] == sel["choice"])
+  md = open(os.path.join(workdir, "results.md")).read()
+  assert f"**{sel['choice']}**" in md and f"W's choice (rule `w`, the paper's): **" in md
+  assert "feasible" in open(os.path.join(workdir, "results.csv")).readline()
+
+  # Rule "w" in the same workdir: nothing to train (W's plan is a part of what ran), and the
+  # same W's choice, now the chosen one.
+  calls = []
+  original = proxy.PopulationTrainer.train_and_eval
+  monkeypatch.setattr(proxy.PopulationTrainer, "train_and_eval",
+                      lambda self, pairs, data, **k: calls.extend(pairs) or original(
+                          self, pairs, data, **k))
+  config.select.rule = "w"
+  w_run = extract.run(config, workdir)
+  assert calls == [] and w_run["chosen"] == summary["w_choice"] == table["best"]
+  assert open(os.path.join(workdir, "chosen_arch.txt")).read().strip() == w_run["chosen"]
+  assert json.load(open(os.path.join(workdir, "results.json")))["select"]["rule"] == "w"
+
+
+def test_latency_budget_reads_the_latency_table(tmp_path, monkeypatch):
+  # i is FLOPs; the latency limit measures each candidate once (here a fake timing, no compile)
+  # into the per-device table and keeps those at most 1.8 ms: the D1-H16 shapes (1.5 ms).
+  config = _config(tmp_path, **{"select.min_speedup": 0.0, "select.max_latency_ms": 1.8})
+  timed = []
+  monkeypatch.setattr(cost, "measure_latency", lambda c, b, t, repeats: timed.append(
+      str(c.arch)) or {"median_ms": c.arch.depth + c.arch.hidden / 32})
+  candidates = extract.search_space(config.space)
+  teacher = export.load_config(config.teacher.path)
+  base = extract.base_student(config, candidates, teacher)
+  configs = [base.replace(arch=a) for a in candidates]
+  counts = [cost.param_counts(c) for c in configs]
+  p = [float(c["total"]) for c in counts]
+  i, label = extract.inference_costs(configs, config.cost)
+  budget = extract.budget_of(config, base, teacher, configs, p, i, label)
+  assert [str(a) for a, f in zip(candidates, budget.feasible) if f] == [
+      str(a) for a in candidates if a.depth == 1 and a.hidden == 16]
+  assert sorted(timed) == sorted(str(a) for a in candidates)  # each measured once, kept
+  assert "measured latency <= 1.8 ms" in budget.text and budget.speedup is not None
+  columns = extract.report_columns(config, configs, counts, budget)
+  assert columns["latency_ms"] == list(budget.latency_ms) and "speedup" in columns
+  assert json.load(open(config.cost.latency_table))  # the table holds them for the next run
+  timed.clear()
+  extract.budget_of(config, base, teacher, configs, p, i, label)
+  assert timed == []
+  config.select.rule = "w"
+  assert extract.budget_of(config, base, teacher, configs, p, i, label) is None
 
 
 def test_teacher_vocabulary_must_match_student(tmp_path, monkeypatch):

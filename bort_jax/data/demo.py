@@ -1,38 +1,38 @@
 """The offline demo suite: TFDS datasets built from the files `bort-jax data fetch` extracts.
 
-Three tasks, one TFDS builder `bort_demo` with a config each (array_record, read with
-`as_data_source()`, no TensorFlow), registered for fine-tuning as `demo/<config>` by
-`register_demo_tasks()`:
+Three tasks, one of each kind a BERT user meets, one TFDS builder `bort_demo` with a config each
+(array_record, read with `as_data_source()`, no TensorFlow), registered for fine-tuning as
+`demo/<config>` by `register_demo_tasks()`:
 
 | config | source | kind | record keys |
 |---|---|---|---|
-| `vitaminc` | BIG-bench `vitaminc_fact_verification` | 3-way sentence pair | `premise` (the Wikipedia evidence, page title first), `hypothesis` (the claim), `label` (0 true / 1 false / 2 neither), `idx` |
-| `movie_sentiment` | VADER `movieReviewSnippets_GroundTruth.txt` | binary single sentence | `sentence`, `label` (0 negative / 1 positive), `rating` (mean of 20+ raters, -4..4), `idx` |
-| `social_iqa` | BIG-bench `social_iqa` | 3-way multiple choice | `context`, `question`, `answerA`, `answerB`, `answerC`, `choices` (the three answers; added by `demo_source`), `label` (0..2), `idx` |
+| `movie_sentiment` | VADER `movieReviewSnippets_GroundTruth.txt` | binary, single sentence | `sentence`, `label` (0 negative / 1 positive), `rating` (mean of 20+ raters, -4..4), `idx` |
+| `word_sense` | WordNet `data.{noun,verb,adj,adv}` | binary, sentence pair | `sentence` (a WordNet usage example), `definition` (`"<word>: <gloss>"`), `label` (1 when the gloss is the sense the example illustrates, 0 when it is another sense of the same word), `idx` |
+| `bbc_news` | BBC News articles (`articles.jsonl`) | 5-way topic, single text | `text` (headline and article), `label` (business / entertainment / politics / sports / tech), `idx` |
 
-The keys follow the GLUE layouts (MNLI premise/hypothesis, SST-2 sentence) so the task
-registry's casts apply unchanged. Records from `demo_source` have `str` text and Python
-numbers, and `source[i]["idx"] == i` (the builder disables TFDS's storage shuffle).
+The keys follow the GLUE layouts (SST-2's sentence, a pair's two texts) so the task registry's
+casts apply unchanged. Records from `demo_source` have `str` text and Python numbers, and
+`source[i]["idx"] == i` (the builder disables TFDS's storage shuffle).
 
 Splits are 80 / 10 / 10 % train / validation / test by a hash of a grouping key (sha256 of
 `"<config>:<key>"`), so they do not depend on file order and related records never straddle
-splits: VitaminC groups by Wikipedia page title (its contrastive evidence/claim pairs come
-from the same page), Social IQa by context (several questions share one), movie snippets by
-their text. Within a split, records keep source-file order.
+splits: word_sense groups by the word (a word's senses are all in one split, so dev words are
+unseen in training, as in SuperGLUE's WiC), movie snippets and articles by their text (the BBC
+set holds a few duplicate articles). Within a split, records keep source-file order.
 
 Movie snippets: the label is the sign of the mean rating; snippets with |mean| < 0.5
-(`MOVIE_MIN_ABS_RATING`) are dropped as near-neutral. Social IQa: the 4 questions whose
-`target_scores` list only two distinct answers are dropped (a fixed 3-way head needs 3).
+(`MOVIE_MIN_ABS_RATING`) are dropped as near-neutral.
 
-Pretraining corpus: `write_demo_corpus` writes the English articles of BIG-bench
-`paragraph_segmentation` (which holds 1,000 articles each of nine Wikipedias) as plain text,
-one sentence per line and a blank line between articles, so `corpus.build_corpus` reads it
-like any user corpus. An article counts as English when at least 90 % of its letters are
-ASCII and English function words outnumber those of the other eight languages 2.5 to 1.
+word_sense is built as the WordNet part of WiC was (Pilehvar and Camacho-Collados, 2019), as
+gloss matching: for every usage example of a synset that contains one of the synset's words
+with two or more senses, one positive pair (the example, the word and this synset's gloss) and
+one negative pair (the example, the word and the gloss of another of its senses, drawn by a
+hash of the example) are made, so the classes are balanced by construction.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -45,25 +45,28 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from bort_jax.data import fetch
-from bort_jax.runtime.fileio import atomic_write_text, to_jsonable
+from bort_jax.data import archives, fetch
+from bort_jax.runtime.fileio import to_jsonable
 
-CONFIGS = ("vitaminc", "movie_sentiment", "social_iqa")
+CONFIGS = ("movie_sentiment", "word_sense", "bbc_news")
 SPLITS = ("train", "validation", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
-VITAMINC_LABELS = ("true", "false", "neither")
 MOVIE_LABELS = ("negative", "positive")
 MOVIE_MIN_ABS_RATING = 0.5
-SOCIAL_IQA_CHOICES = 3
-_VERSION = "1.0.0"
+WORD_SENSE_LABELS = ("no", "yes")
+BBC_LABELS = ("business", "entertainment", "politics", "sports", "tech")
+_VERSION = "2.0.0"
 
-# Source file of each config, as named by `fetch.paths_for`.
-_SOURCE = {"vitaminc": "vitaminc", "movie_sentiment": "movie_snippets",
-           "social_iqa": "social_iqa"}
+# Source of each config, as named by `fetch.paths_for`.
+_SOURCE = {"movie_sentiment": "movie_snippets", "word_sense": "wordnet", "bbc_news": "bbc_news"}
 
 
 class DemoDataError(ValueError):
   """A demo source file is missing or not in the expected format."""
+
+
+def _missing(path: str) -> DemoDataError:
+  return DemoDataError(f"demo source {path} not found; run `bort-jax data fetch` first")
 
 
 # ------------------------------------------------------------------------------- splits
@@ -74,7 +77,7 @@ def split_of(config: str, key: str) -> str:
 
   Args:
     config: one of `CONFIGS` (salts the hash, so the tasks split independently).
-    key: the grouping key (page title, context, sentence).
+    key: the grouping key (word, sentence, article).
 
   Returns:
     "train", "validation" or "test" with probabilities `SPLIT_FRACTIONS`.
@@ -94,81 +97,6 @@ def split_of(config: str, key: str) -> str:
 # private "_key" used for the split; `split_records` assigns splits and indices.
 
 
-def _load_examples(path: str) -> list[dict]:
-  if not os.path.isfile(path):
-    raise DemoDataError(f"demo source {path} not found; run `bort-jax data fetch` first")
-  try:
-    with open(path, encoding="utf-8") as f:
-      examples = json.load(f)["examples"]
-  except (ValueError, KeyError, TypeError) as err:
-    raise DemoDataError(f"{path} is not a BIG-bench task.json with 'examples': {err}") from err
-  return examples
-
-
-def _one_correct(scores: dict, path: str, i: int) -> tuple[list[str], int]:
-  """Choices (in file order) and the index of the single choice scored 1."""
-  if not isinstance(scores, dict) or not scores:
-    raise DemoDataError(f"{path}: example {i} has no target_scores")
-  choices = list(scores)
-  correct = [j for j, c in enumerate(choices) if scores[c] == 1]
-  return choices, correct[0] if len(correct) == 1 else -1
-
-
-def parse_vitaminc(path: str) -> list[dict]:
-  """VitaminC evidence/claim pairs from BIG-bench's task.json.
-
-  Each input reads `"<page title>: <evidence>\\nClaim: <claim>"`; the target scores name
-  True, False or Neither.
-
-  Args:
-    path: the extracted `vitaminc_fact_verification` task.json.
-
-  Returns:
-    records `{"premise", "hypothesis", "label", "_key"}` in file order.
-  """
-  records = []
-  for i, ex in enumerate(_load_examples(path)):
-    text = ex.get("input", "")
-    evidence, sep, claim = text.rpartition("\nClaim: ")
-    choices, correct = _one_correct(ex.get("target_scores"), path, i)
-    if not sep or correct < 0 or choices[correct] not in ("True", "False", "Neither"):
-      raise DemoDataError(f"{path}: example {i} is not an evidence/claim pair with one of "
-                          f"True/False/Neither marked: {text[:80]!r}")
-    label = ("True", "False", "Neither").index(choices[correct])
-    title = evidence.split(": ", 1)[0]
-    records.append({"premise": evidence, "hypothesis": claim, "label": label, "_key": title})
-  return records
-
-
-# A question is the last sentence of the input and ends with "?".
-_SIQA_RE = re.compile(r"^(.*[.!?\"'])\s+([^.!?]*\?)$", re.S)
-
-
-def parse_social_iqa(path: str) -> tuple[list[dict], int]:
-  """Social IQa questions from BIG-bench's task.json.
-
-  Args:
-    path: the extracted `social_iqa` task.json.
-
-  Returns:
-    (records `{"context", "question", "answerA", "answerB", "answerC", "label", "_key"}` in
-    file order, number of examples dropped for not having exactly 3 choices and one answer).
-  """
-  records, dropped = [], 0
-  for i, ex in enumerate(_load_examples(path)):
-    choices, correct = _one_correct(ex.get("target_scores"), path, i)
-    if len(choices) != SOCIAL_IQA_CHOICES or correct < 0:
-      dropped += 1
-      continue
-    text = ex.get("input", "").strip()
-    match = _SIQA_RE.match(text)
-    context, question = (match.group(1), match.group(2)) if match else ("", text)
-    records.append({"context": context, "question": question, "answerA": choices[0],
-                    "answerB": choices[1], "answerC": choices[2], "label": correct,
-                    "_key": context or question})
-  return records, dropped
-
-
 def parse_movie_snippets(path: str, min_abs_rating: float = MOVIE_MIN_ABS_RATING
                          ) -> tuple[list[dict], dict[str, int]]:
   """Rotten Tomatoes snippets with their mean human rating, labelled by its sign.
@@ -184,7 +112,7 @@ def parse_movie_snippets(path: str, min_abs_rating: float = MOVIE_MIN_ABS_RATING
     `{"lines", "bad_lines", "neutral_dropped", "kept"}`).
   """
   if not os.path.isfile(path):
-    raise DemoDataError(f"demo source {path} not found; run `bort-jax data fetch` first")
+    raise _missing(path)
   records = []
   stats = {"lines": 0, "bad_lines": 0, "neutral_dropped": 0}
   with open(path, "rb") as f:
@@ -206,6 +134,122 @@ def parse_movie_snippets(path: str, min_abs_rating: float = MOVIE_MIN_ABS_RATING
                       "rating": np.float32(rating), "_key": sentence})
   stats["kept"] = len(records)
   return records, stats
+
+
+@dataclasses.dataclass(frozen=True)
+class Synset:
+  """One WordNet synset: its words (lower case, spaces for underscores), gloss and examples."""
+  key: str
+  words: tuple[str, ...]
+  definition: str
+  examples: tuple[str, ...]
+
+
+_MARKER = re.compile(r"\([a-z]+\)$")  # adjective position markers: "galore(ip)"
+_QUOTED = re.compile(r'"([^"]+)"')
+
+
+def parse_synset_line(line: str) -> Synset | None:
+  """A `data.<pos>` line as a Synset (None for the licence header and blank lines).
+
+  The format (WordNet's wndb(5)): `offset lex_filenum ss_type w_cnt word lex_id ... | gloss`,
+  w_cnt in hexadecimal, the gloss a definition followed by quoted examples, `;`-separated.
+  """
+  if not line.strip() or line.startswith("  "):
+    return None
+  head, sep, gloss = line.partition(" | ")
+  fields = head.split()
+  try:
+    count = int(fields[3], 16)
+    words = tuple(_MARKER.sub("", fields[4 + 2 * k]).replace("_", " ").lower()
+                  for k in range(count))
+  except (IndexError, ValueError) as err:
+    raise DemoDataError(f"not a WordNet data line: {line[:80]!r}") from err
+  if not sep:
+    return Synset(f"{fields[0]}{fields[2]}", words, "", ())
+  examples = tuple(e.strip() for e in _QUOTED.findall(gloss) if e.strip())
+  definition = "; ".join(p.strip() for p in _QUOTED.sub("", gloss).split(";")
+                         if p.strip()).strip()
+  return Synset(f"{fields[0]}{fields[2]}", words, definition, examples)
+
+
+def read_wordnet(wordnet_dir: str) -> list[Synset]:
+  """Every synset of `data.noun`, `data.verb`, `data.adj`, `data.adv`, in file order."""
+  synsets = []
+  for pos in archives.WORDNET_POS:
+    path = os.path.join(wordnet_dir, f"data.{pos}")
+    if not os.path.isfile(path):
+      raise _missing(path)
+    with open(path, encoding="utf-8", errors="replace") as f:
+      synsets.extend(s for s in map(parse_synset_line, f) if s is not None)
+  return synsets
+
+
+def _pick(options: Sequence[Any], salt: str) -> Any:
+  """A fixed pseudo-random member of `options` (a function of `salt` only)."""
+  digest = hashlib.sha256(salt.encode("utf-8")).digest()
+  return options[int.from_bytes(digest[:8], "big") % len(options)]
+
+
+def parse_word_sense(wordnet_dir: str) -> list[dict]:
+  """Gloss-matching pairs from WordNet (the construction is in the module docstring).
+
+  Args:
+    wordnet_dir: the folder of the extracted `data.<pos>` files.
+
+  Returns:
+    records `{"sentence", "definition", "label", "_key"}` in file order, a positive then a
+    negative pair per usable example.
+  """
+  synsets = read_wordnet(wordnet_dir)
+  senses = collections.defaultdict(list)
+  for s in synsets:
+    if s.definition:
+      for word in s.words:
+        senses[word].append(s)
+  records = []
+  for s in synsets:
+    for example in s.examples:
+      lower = example.lower()
+      word = next((w for w in s.words if len(senses[w]) > 1
+                   and re.search(rf"(?<!\w){re.escape(w)}(?!\w)", lower)), None)
+      if word is None:
+        continue
+      others = [o for o in senses[word] if o.key != s.key and o.definition != s.definition]
+      if not others:
+        continue
+      other = _pick(others, f"{s.key}:{example}")
+      for definition, label in ((s.definition, 1), (other.definition, 0)):
+        records.append({"sentence": example, "definition": f"{word}: {definition}",
+                        "label": label, "_key": word})
+  return records
+
+
+def parse_bbc_news(path: str) -> list[dict]:
+  """BBC News articles with their topic.
+
+  Args:
+    path: the extracted `articles.jsonl` (`{"category", "id", "text"}` per line).
+
+  Returns:
+    records `{"text", "label", "_key"}` in file order (the text's whitespace collapsed).
+  """
+  if not os.path.isfile(path):
+    raise _missing(path)
+  records = []
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        article = json.loads(line)
+        label = BBC_LABELS.index(article["category"])
+        text = " ".join(str(article["text"]).split())
+      except (ValueError, KeyError, TypeError) as err:
+        raise DemoDataError(f"{path}: line {number} is not an article of one of the topics "
+                            f"{', '.join(BBC_LABELS)}: {line[:80]!r}") from err
+      records.append({"text": text, "label": label, "_key": text})
+  return records
 
 
 def split_records(config: str, records: Sequence[dict]) -> dict[str, list[dict]]:
@@ -237,11 +281,12 @@ def parse_config(config: str, cache_dir: str | None = None) -> dict[str, list[di
   Returns:
     {split: records} as stored in the TFDS dataset.
   """
-  path = fetch.paths_for(cache_dir)[_SOURCE[_check_config(config)]]
-  if config == "vitaminc":
-    records = parse_vitaminc(path)
-  elif config == "social_iqa":
-    records, _ = parse_social_iqa(path)
+  config = _check_config(config)  # "demo/word_sense" is read and split as "word_sense"
+  path = fetch.paths_for(cache_dir)[_SOURCE[config]]
+  if config == "word_sense":
+    records = parse_word_sense(path)
+  elif config == "bbc_news":
+    records = parse_bbc_news(path)
   else:
     records, _ = parse_movie_snippets(path)
   return split_records(config, records)
@@ -255,76 +300,16 @@ def _check_config(config: str) -> str:
   return name
 
 
-# ------------------------------------------------------------------------------ corpus
-
-_EN_WORDS = frozenset(
-    "the and of to with that which from his her by for at on it this were has have he she "
-    "they an was is in as".split())
-_OTHER_WORDS = frozenset(
-    "de la le les des und der die das het een van en el los del il di che da do em os w i z "
-    "na est une dans ist ein eine von zu por para con per um uma se nie и в на что".split())
-_WORD_RE = re.compile(r"\w+")
-
-
-def is_english(text: str) -> bool:
-  """Whether a Wikipedia article is English (see the module docstring for the rule)."""
-  letters = [c for c in text if c.isalpha()]
-  if not letters or sum(c.isascii() for c in letters) < 0.9 * len(letters):
-    return False
-  words = _WORD_RE.findall(text.lower())
-  english = sum(w in _EN_WORDS for w in words)
-  other = sum(w in _OTHER_WORDS for w in words)
-  return (english + 1) >= 2.5 * (other + 1)
-
-
-def corpus_documents(cache_dir: str | None = None) -> list[list[str]]:
-  """The English articles of `paragraph_segmentation`, each a list of sentences.
-
-  Args:
-    cache_dir: the fetch cache (default `fetch.default_cache_dir()`).
-
-  Returns:
-    articles in file order, sentences stripped, empty ones dropped.
-  """
-  path = fetch.paths_for(cache_dir)["paragraph_segmentation"]
-  docs = []
-  for ex in _load_examples(path):
-    text = ex.get("input", "")
-    if is_english(text):
-      sentences = [s.strip() for s in text.split("\n") if s.strip()]
-      if sentences:
-        docs.append(sentences)
-  return docs
-
-
-def write_demo_corpus(out_dir: str, cache_dir: str | None = None, num_shards: int = 8
-                      ) -> list[str]:
-  """Writes the demo pretraining corpus as text files for `corpus.build_corpus`.
-
-  Article i goes to shard i % num_shards. Each shard is written to a temporary file and
-  renamed, so a shard file is either complete or absent.
-
-  Args:
-    out_dir: folder for the files (created).
-    cache_dir: the fetch cache (default `fetch.default_cache_dir()`).
-    num_shards: number of files.
-
-  Returns:
-    the shard paths, in order.
-  """
-  if num_shards < 1:
-    raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-  docs = corpus_documents(cache_dir)
-  if not docs:
-    raise DemoDataError("no English articles found in paragraph_segmentation")
-  os.makedirs(out_dir, exist_ok=True)
-  paths = []
-  for shard in range(num_shards):
-    path = os.path.join(out_dir, f"wiki_en-{shard:05d}-of-{num_shards:05d}.txt")
-    text = "\n\n".join("\n".join(d) for d in docs[shard::num_shards]) + "\n"
-    atomic_write_text(path, text)
-    paths.append(path)
-  return paths
+def source_digest(config: str, cache_dir: str | None = None) -> str:
+  """sha256 of a task's source file(s): what its dataset (and any result on it) was made from."""
+  path = fetch.paths_for(cache_dir)[_SOURCE[_check_config(config)]]
+  paths = ([os.path.join(path, f"data.{pos}") for pos in archives.WORDNET_POS]
+           if os.path.isdir(path) else [path])
+  for p in paths:
+    if not os.path.isfile(p):
+      raise DemoDataError(f"demo source {p} not found; run `bort-jax data fetch --cache-dir "
+                          f"{fetch.paths_for(cache_dir)['cache_dir']}` first")
+  return hashlib.sha256("".join(fetch.sha256_file(p) for p in paths).encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------- TFDS
@@ -332,15 +317,14 @@ def write_demo_corpus(out_dir: str, cache_dir: str | None = None, num_shards: in
 
 def _features(config: str) -> tfds.features.FeaturesDict:
   text = tfds.features.Text
-  if config == "vitaminc":
-    spec = {"premise": text(), "hypothesis": text(),
-            "label": tfds.features.ClassLabel(names=list(VITAMINC_LABELS))}
+  if config == "word_sense":
+    spec = {"sentence": text(), "definition": text(),
+            "label": tfds.features.ClassLabel(names=list(WORD_SENSE_LABELS))}
   elif config == "movie_sentiment":
     spec = {"sentence": text(), "label": tfds.features.ClassLabel(names=list(MOVIE_LABELS)),
             "rating": np.float32}
   else:
-    spec = {"context": text(), "question": text(), "answerA": text(), "answerB": text(),
-            "answerC": text(), "label": tfds.features.ClassLabel(num_classes=3)}
+    spec = {"text": text(), "label": tfds.features.ClassLabel(names=list(BBC_LABELS))}
   spec["idx"] = np.int32
   return tfds.features.FeaturesDict(spec)
 
@@ -361,14 +345,17 @@ class BortDemo(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     # Outside a TFDS dataset package there are no metadata files beside the class, so the
     # info is built here. disable_shuffling keeps records in idx order on disk.
-    source = fetch.paths_for(self._cache_dir)[_SOURCE[self.builder_config.name]]
+    name = self.builder_config.name
+    try:
+      digest = source_digest(name, self._cache_dir)
+    except DemoDataError:
+      digest = ""
     return tfds.core.DatasetInfo(
         builder=self,
-        description=f"bort_jax demo task {self.builder_config.name} (see bort_jax/data/demo.py)",
-        features=_features(self.builder_config.name),
+        description=f"bort_jax demo task {name} (see bort_jax/data/demo.py)",
+        features=_features(name),
         disable_shuffling=True,
-        metadata=tfds.core.MetadataDict(
-            source_sha256=fetch.sha256_file(source) if os.path.isfile(source) else ""),
+        metadata=tfds.core.MetadataDict(source_sha256=digest),
     )
 
   def _split_generators(self, dl_manager):
@@ -385,7 +372,8 @@ def build_demo(config: str, data_dir: str | None = None, cache_dir: str | None =
                ) -> tfds.core.DatasetBuilder:
   """Builds (or reuses) one demo dataset and returns its prepared builder.
 
-  A dataset built from other source bytes than the cache now holds (a re-fetch) is rebuilt.
+  A dataset built from other source bytes than the cache now holds (a re-fetch, a fallback
+  source) is rebuilt.
 
   Args:
     config: one of `CONFIGS` (a `demo/` or `bort_demo/` prefix is accepted).
@@ -398,10 +386,7 @@ def build_demo(config: str, data_dir: str | None = None, cache_dir: str | None =
   config = _check_config(config)
   cache_dir = cache_dir or fetch.default_cache_dir()
   data_dir = data_dir or os.path.join(cache_dir, "tfds")
-  source = fetch.paths_for(cache_dir)[_SOURCE[config]]
-  if not os.path.isfile(source):
-    raise DemoDataError(f"demo source {source} not found; run `bort-jax data fetch "
-                        f"--cache-dir {cache_dir}` first")
+  digest = source_digest(config, cache_dir)
 
   def make():
     return BortDemo(config=config, data_dir=data_dir, cache_dir=cache_dir,
@@ -409,7 +394,7 @@ def build_demo(config: str, data_dir: str | None = None, cache_dir: str | None =
 
   builder = make()
   if builder.is_prepared():
-    if builder.info.metadata.get("source_sha256") == fetch.sha256_file(source):
+    if builder.info.metadata.get("source_sha256") == digest:
       return builder
     shutil.rmtree(builder.data_dir)  # stale: rebuild from the current source
     builder = make()
@@ -439,10 +424,7 @@ class DemoRecords(Sequence):
     i = i + n if i < 0 else i
     if not 0 <= i < n:  # IndexError (not array_record's ValueError) ends iteration
       raise IndexError(f"record {i} out of range for a split of {n}")
-    rec = {k: to_jsonable(v) for k, v in self.source[i].items()}
-    if self.config == "social_iqa":
-      rec["choices"] = [rec["answerA"], rec["answerB"], rec["answerC"]]
-    return rec
+    return {k: to_jsonable(v) for k, v in self.source[i].items()}
 
 
 def demo_source(task_name: str, split: str, data_dir: str | None = None,
@@ -450,7 +432,7 @@ def demo_source(task_name: str, split: str, data_dir: str | None = None,
   """Records of one split of a demo task (the task registry's `source` hook).
 
   Args:
-    task_name: `"vitaminc"`, `"movie_sentiment"` or `"social_iqa"` (with or without a
+    task_name: `"movie_sentiment"`, `"word_sense"` or `"bbc_news"` (with or without a
       `demo/` prefix).
     split: "train", "validation" or "test".
     data_dir: TFDS data folder (default `<cache_dir>/tfds`); built there on first use.
@@ -468,16 +450,8 @@ def demo_source(task_name: str, split: str, data_dir: str | None = None,
   return DemoRecords(builder.as_data_source(split=split), config)
 
 
-def _cast_social_iqa(record):
-  from bort_jax.finetune import tasks  # pylint: disable=import-outside-toplevel
-  text = f"{tasks.as_text(record['context'])} {tasks.as_text(record['question'])}".strip()
-  choices = tuple(tasks.as_text(record[k]) for k in ("answerA", "answerB", "answerC"))
-  label = tasks.as_int(record["label"]) if "label" in record else -1
-  return [tasks.Example(text, None, choices=choices, label=label)]
-
-
 def register_demo_tasks(cache_dir: str | None = None, overwrite: bool = True) -> list[str]:
-  """Registers `demo/vitaminc`, `demo/movie_sentiment`, `demo/social_iqa` with the registry.
+  """Registers `demo/movie_sentiment`, `demo/word_sense`, `demo/bbc_news` with the registry.
 
   Args:
     cache_dir: the fetch cache the sources read (default `fetch.default_cache_dir()`).
@@ -493,17 +467,17 @@ def register_demo_tasks(cache_dir: str | None = None, overwrite: bool = True) ->
     return lambda split, data_dir: demo_source(config, split, data_dir, cache_dir)
 
   specs = [
-      tasks.TaskSpec(name="demo/vitaminc", builder=None, kind="classification",
-                     num_labels=3, cast=tasks.pair_cast("premise", "hypothesis"),
-                     metrics=("accuracy", "macro_f1"), label_names=VITAMINC_LABELS,
-                     source=source("vitaminc")),
       tasks.TaskSpec(name="demo/movie_sentiment", builder=None, kind="classification",
                      num_labels=2, cast=tasks.pair_cast("sentence"), metrics=("accuracy",),
                      label_names=MOVIE_LABELS, source=source("movie_sentiment")),
-      tasks.TaskSpec(name="demo/social_iqa", builder=None, kind="multiple_choice",
-                     num_labels=SOCIAL_IQA_CHOICES, cast=_cast_social_iqa,
-                     metrics=("accuracy",), label_names=("A", "B", "C"),
-                     source=source("social_iqa")),
+      tasks.TaskSpec(name="demo/word_sense", builder=None, kind="classification",
+                     num_labels=2, cast=tasks.pair_cast("sentence", "definition"),
+                     metrics=("accuracy",), label_names=WORD_SENSE_LABELS,
+                     source=source("word_sense")),
+      tasks.TaskSpec(name="demo/bbc_news", builder=None, kind="classification",
+                     num_labels=len(BBC_LABELS), cast=tasks.pair_cast("text"),
+                     metrics=("accuracy", "macro_f1"), label_names=BBC_LABELS,
+                     source=source("bbc_news")),
   ]
   for spec in specs:
     tasks.register_task(spec, overwrite=overwrite)

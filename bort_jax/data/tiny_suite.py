@@ -9,8 +9,9 @@ stage of the real pipeline in about a minute on a CPU and without the network. I
   (like all-MiniLM-L6-v2, which has no MLM head), with a WordPiece ``vocab.txt`` of the
   suite's words, the letters and their ``##`` continuations (so any ASCII text tokenises);
 * ``corpus/*.txt``: generated sentences, one per line, a blank line between documents;
-* the three demo tasks' sources in their real formats (``bigbench/*.json`` task files and
-  VADER's tab-separated movie snippets), small and learnable (the label follows a word).
+* the three demo tasks' sources in their real formats (VADER's tab-separated movie snippets,
+  WordNet data files, BBC articles as JSON Lines), small and learnable (the label follows a
+  word).
 
 Nothing in it means anything: it exercises the code path, not the method. The files are
 deterministic; a folder that already holds the suite (``tiny_suite.json``) is left as it is.
@@ -24,7 +25,7 @@ import string
 
 import numpy as np
 
-from bort_jax.data import fetch
+from bort_jax.data import archives, fetch
 from bort_jax.runtime.fileio import atomic_write_text
 
 MARKER = "tiny_suite.json"
@@ -40,7 +41,7 @@ TEACHER = dict(arch="D2-A2-H32-I64", max_positions=128)
 NUM_DOCS, SENTENCES_PER_DOC, NUM_SHARDS = 24, 6, 2
 
 
-EXTRA_WORDS = "claim true false neither what will happen next it is that and was page"
+EXTRA_WORDS = "a it is that and was not cold move fast daily"
 
 
 def _words() -> list[str]:
@@ -67,30 +68,46 @@ def corpus_documents(seed: int = 0) -> list[list[str]]:
   return [[_sentence(rng) for _ in range(SENTENCES_PER_DOC)] for _ in range(NUM_DOCS)]
 
 
+TOPICS = ("business", "entertainment", "politics", "sports", "tech")
+SENSES = ("in the north", "by the sea")  # a word's two senses: a cue its examples carry
+
+
+def _wordnet_line(offset: int, pos: str, word: str, definition: str,
+                  examples: list[str]) -> str:
+  """One synset in WordNet's data-file format (a single word, no pointers)."""
+  quoted = "; ".join(f'"{e}"' for e in examples)
+  return f"{offset:08d} 00 {pos} 01 {word.replace(' ', '_')} 0 000 | {definition}; {quoted}  "
+
+
 def _task_files(rng: np.random.Generator) -> dict[str, object]:
-  """The three tasks' sources (relative path -> JSON object or text), 60 examples each."""
-  vitaminc, social, movie = [], [], []
-  labels = ("True", "False", "Neither")
+  """The three tasks' sources (relative path -> text) in their real formats."""
+  movie, articles = [], []
   for i in range(60):
-    sentence, word = _sentence(rng), labels[i % 3]
-    vitaminc.append({"input": f"Page {i}: {sentence}\nClaim: it is {word.lower()} that "
-                              f"{sentence.lower()}",
-                     "target_scores": {name: int(name == word) for name in labels}})
-    answers = [f"{SUBJECTS[(i + j) % len(SUBJECTS)]} {ENDINGS[(i + j) % len(ENDINGS)]}"
-               for j in range(3)]
-    social.append({"input": f"{sentence} What will happen next {i}?",
-                   "target_scores": {a: int(j == i % 3) for j, a in enumerate(answers)}})
+    sentence = _sentence(rng)
     good = i % 2 == 0
     rating = (1.0 + (i % 3)) * (1 if good else -1)
     adjective = (GOOD if good else BAD)[i % 4]
     movie.append(f"{i + 1}\t{rating}\tThe film was {adjective} and {sentence.lower()}")
-  docs = corpus_documents(1)
-  paragraph = [{"input": "\n".join(d) + "\n", "target": " ".join(["0"] * (len(d) - 1) + ["1"])}
-               for d in docs]
-  return {"paragraph_segmentation": {"name": "paragraph_segmentation", "examples": paragraph},
-          "vitaminc": {"name": "vitaminc_fact_verification", "examples": vitaminc},
-          "social_iqa": {"name": "social_iqa", "examples": social},
-          "movie_snippets": "\r\n".join(movie)}
+    topic = TOPICS[i % len(TOPICS)]
+    articles.append(json.dumps({"category": topic, "id": f"{topic}/{i:03d}",
+                                "text": f"{SUBJECTS[i % len(SUBJECTS)].capitalize()} "
+                                        f"{VERBS[i % len(TOPICS)]}\n\n{sentence}"}))
+  # WordNet: every subject noun has two senses, each with three examples that carry its cue.
+  lines, offset = {pos: [] for pos in archives.WORDNET_POS}, 1000
+  for subject in SUBJECTS:
+    word = subject.split()[-1]
+    for cue in SENSES:
+      examples = [f"{subject} {VERBS[int(rng.integers(len(VERBS)))]} {cue}" for _ in range(3)]
+      lines["noun"].append(_wordnet_line(offset, "n", word, f"a {word} {cue}", examples))
+      offset += 100
+  lines["verb"].append(_wordnet_line(offset, "v", "run", "move fast", ["it runs every day"]))
+  lines["adj"].append(_wordnet_line(offset + 100, "a", "warm", "not cold", ["a warm day"]))
+  lines["adv"].append(_wordnet_line(offset + 200, "r", "every day", "daily", ["it ran"]))
+  files = {f"word_sense/data.{pos}": "  1 tiny synthetic WordNet\n" + "\n".join(rows) + "\n"
+           for pos, rows in lines.items()}
+  files["movie_sentiment/" + archives.VADER_FILE] = "\r\n".join(movie)
+  files["bbc_news/" + archives.BBC_FILE] = "\n".join(articles) + "\n"
+  return files
 
 
 def _write_teacher(out_dir: str) -> None:
@@ -124,11 +141,10 @@ def write_tiny_suite(cache_dir: str) -> dict[str, str]:
     return paths
   os.makedirs(cache_dir, exist_ok=True)
   _write_teacher(os.path.join(cache_dir, "teacher"))
-  files = _task_files(np.random.default_rng(0))
-  for name, content in files.items():
-    path = paths[name]
+  for rel, content in _task_files(np.random.default_rng(0)).items():
+    path = os.path.join(cache_dir, rel)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write_text(path, content if isinstance(content, str) else json.dumps(content))
+    atomic_write_text(path, content)
   os.makedirs(paths["corpus"], exist_ok=True)
   docs = corpus_documents(0)
   for shard in range(NUM_SHARDS):

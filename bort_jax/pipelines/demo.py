@@ -15,15 +15,14 @@ the cache and their models at the workdir's.
    ``CACHE/extracted/`` (keyed by the extraction config and the teacher's bytes), so a demo in
    another workdir with the same teacher copies it.
 4. ``distill``: the chosen architecture distilled from the teacher (``WORKDIR/distill``).
-5. ``finetune``: the student and the teacher fine-tuned on demo/vitaminc,
-   demo/movie_sentiment and demo/social_iqa, each task a population of seeds
+5. ``finetune``: the student and the teacher fine-tuned on demo/movie_sentiment
+   and demo/bbc_news, each task a population of seeds
    (``finetune/population.py``). The student's runs are in ``WORKDIR/finetune/student/``; the
    teacher's in ``CACHE/finetuned/``, keyed by a hash of the teacher's export and its
    fine-tuning config, so later demo runs with the same teacher reuse them.
 6. ``agora`` (``pipelines/demo_agora.py``): Agora (``finetune/agora.py``) on the student for
    the tasks of ``config.agora_tasks`` (``"auto"``: the binary classification tasks whose
-   fine-tuned teacher beats Agora's labeller threshold on dev; on the demo suite,
-   movie_sentiment), with that fine-tuned teacher as the labeller, in ``<the student's job
+   fine-tuned teacher beats Agora's labeller threshold on dev), with that fine-tuned teacher as the labeller, in ``<the student's job
    folder>_agora``. A task Agora does not take is recorded with the reason, and the report
    says it.
 7. ``report``: ``WORKDIR/report/report.md`` (``pipelines/report.py``).
@@ -48,6 +47,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from bort_jax.core import arch as arch_lib
 from bort_jax.data import fetch
 from bort_jax.interop import export
 from bort_jax.pipelines import demo_agora, demo_cache, report
@@ -177,8 +177,14 @@ def step_configs(config: ml_collections.ConfigDict, workdir: str, cache_dir: str
       cfg.train.total_steps = min(cfg.train.total_steps, 20)
       cfg.train.log_every = 5
       cfg.train.eval_batches = min(cfg.train.eval_batches, 1)
-    extract_cfg.fptas.eps = max(extract_cfg.fptas.eps, 12)
-    extract_cfg.audit.steps = min(extract_cfg.audit.steps, 10)
+    space = extract_cfg.space
+    candidates = len(arch_lib.SearchSpace(depth=tuple(space.depth), heads=tuple(space.heads),
+                                          hidden=tuple(space.hidden),
+                                          intermediate=tuple(space.intermediate)).enumerate())
+    extract_cfg.fptas.eps = max(1, min(max(extract_cfg.fptas.eps, 12), candidates))
+    # The audit must train longer than the proxy (S > s): shorten both, keeping S = 2s.
+    extract_cfg.proxy.steps = min(extract_cfg.proxy.steps, 3)
+    extract_cfg.audit.steps = min(extract_cfg.audit.steps, 2 * extract_cfg.proxy.steps)
     extract_cfg.audit.sample = min(extract_cfg.audit.sample, 4)
   return {"adapt": adapt, "extract": extract_cfg, "distill": distill_cfg}
 
@@ -243,8 +249,10 @@ def job_dir(root: str, init_export: str, cfg: ml_collections.ConfigDict) -> str:
   are found again by a later demo with the same teacher, and a run with another length or
   seed count (``--quick`` and a full run in one workdir) gets its own folder.
   """
+  from bort_jax.data import demo as demo_data  # pylint: disable=import-outside-toplevel
   keyed = cfg.to_dict()
   keyed.pop("data_dir", None)
+  keyed["data"] = demo_data.source_digest(cfg.task, os.path.dirname(cfg.data_dir))
   keyed.pop("tokenizer", None)
   keyed["init"] = {"kind": cfg.init.kind,
                    "params": fetch.sha256_file(os.path.join(init_export, export.PARAMS_FILE)),
@@ -392,10 +400,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       from bort_jax.data import tiny_suite  # pylint: disable=import-outside-toplevel
       tiny_suite.write_tiny_suite(cache_dir)
     elif config.fetch:
-      fetch.fetch(cache_dir)
-    corpus_dir = os.path.join(cache_dir, "corpus")
-    if not (os.path.isdir(corpus_dir) and os.listdir(corpus_dir)):
-      demo_data.write_demo_corpus(corpus_dir, cache_dir=cache_dir)
+      fetch.fetch(cache_dir)  # SourcesUnavailable: one paragraph, exit 2
+    state.data["sources"] = fetch.used_sources(cache_dir)
+    state.save()
 
   run_stage(state, "fetch", "fetch the demo suite (cached)", False, fetch_stage, always=True)
   demo_data.register_demo_tasks(cache_dir)

@@ -7,7 +7,11 @@
 3. Train each interval's representatives for s proxy steps under every hyperparameter set
    theta (all at once in vmapped, bucketed populations, ``proxy.py``), score the proxy error e
    on a held-out batch, compute W, keep the best theta.
-4. Return the candidate of largest W with the full table.
+4. Return the candidate of largest W with the full table; with ``config.select.rule="budget"``,
+   also the lowest-error candidate among those meeting the budget (at least K times faster
+   than the teacher, a latency or a size limit), for which the feasible candidates' own
+   intervals are trained too (``search/select.py``; docs/EXTRACTION.md, "Selection by a
+   budget"). ``chosen_arch.txt`` holds the configured rule's choice.
 
 5. With ``config.audit.enabled``, audit the proxy: train a sample for S >> s steps and compare
    (``extract_audit.py``).
@@ -24,7 +28,6 @@ time and count, FLOPs spent; the audit's own cost under ``audit``) and, with the
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -39,8 +42,10 @@ from bort_jax.core import arch as arch_lib
 from bort_jax.core import cost, model
 from bort_jax.core.model import MLM
 from bort_jax.pipelines import extract_audit, setup
+from bort_jax.pipelines.extract_costs import (  # noqa: F401  (API)
+    budget_of, inference_costs, latency_table_path, reference_point, report_columns, selection,
+    shape_cost)
 from bort_jax.runtime import sharding
-from bort_jax.runtime.fileio import atomic_write_text
 from bort_jax.search import buckets, fptas, proxy, proxy_init, report
 
 
@@ -87,6 +92,7 @@ def validate(config: ml_collections.ConfigDict, n: int, paths: bool = True) -> f
       config.proxy.steps < 1):
     raise ValueError(f"config.proxy.steps={config.proxy.steps!r}: must be an integer >= 1")
   _check_init(config)
+  selection(config)
   extract_audit.check_config(config)
   setup.check_config(config, paths)
   return settings
@@ -117,72 +123,6 @@ def master_init(config: ml_collections.ConfigDict, teacher_cfg, teacher_params,
   batches = [{k: v[j] for k, v in data.batches.items()} for j in range(data.steps)]
   return lambda master_config: proxy_init.inherited_master(
       teacher_params, teacher_cfg, master_config, batches, seed=config.seed)
-
-
-# ----------------------------------------------------------------------------- costs
-
-
-def latency_table_path(cost_cfg: ml_collections.ConfigDict) -> str:
-  """Per-device latency table, shared across runs (keyed by device kind)."""
-  if cost_cfg.get("latency_table"):
-    return cost_cfg.latency_table
-  from bort_jax.data import fetch  # the one place that knows the cache folder
-  cache = fetch.default_cache_dir()
-  device = jax.devices()[0]
-  kind = f"{device.platform}_{device.device_kind}".replace(" ", "_").replace("/", "_")
-  return os.path.join(cache, f"latency_{kind}.json")
-
-
-def inference_costs(configs: Sequence[arch_lib.ModelConfig], cost_cfg) -> tuple[list, str]:
-  """i for every candidate: analytic FLOPs or measured latency (ms), and its unit label."""
-  b, t = cost_cfg.batch, cost_cfg.seq_len
-  if cost_cfg.inference == "flops":
-    return [float(cost.forward_flops(c, b, t)["total"]) for c in configs], "forward FLOPs"
-  if cost_cfg.inference != "latency":
-    raise ValueError(f"cost.inference must be 'flops' or 'latency', got {cost_cfg.inference!r}")
-  path = latency_table_path(cost_cfg)
-  table = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      table = json.load(f)
-  out = []
-  for index, c in enumerate(configs):
-    key = f"{c.arch}|V{c.vocab_size}|B{b}|T{t}"
-    if key not in table:
-      measured = cost.measure_latency(c, b, t, repeats=cost_cfg.repeats)
-      table[key] = measured["median_ms"]
-      logging.info("latency %d/%d %s: %.2f ms", index + 1, len(configs), c.arch, table[key])
-      if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        atomic_write_text(path, json.dumps(table, indent=1, sort_keys=True))
-    out.append(float(table[key]))
-  return out, "latency (ms)"
-
-
-def reference_point(config, base: arch_lib.ModelConfig, teacher_cfg, candidates: Sequence[str]):
-  """T for W from ``config.fptas.maximum``: None (the space's largest p and i), a candidate's
-  name, or the (p_T, i_T) of an architecture outside the space: ``"teacher"`` (the teacher's
-  own shape, as in the paper, where T was BERT-large, the teacher's shape) or a name such as
-  ``"D6-A12-H384-I1536"``, costed with the same size and inference measures as the candidates.
-  """
-  name = config.fptas.get("maximum") or ""
-  if not name or name in [str(c) for c in candidates]:
-    return name or None
-  if name == "teacher":
-    if teacher_cfg is None:
-      raise ValueError("config.fptas.maximum='teacher' needs a teacher (config.teacher.kind "
-                       "'params' or 'hf'); give T by name instead")
-    point = teacher_cfg
-  else:
-    try:
-      point = base.replace(arch=arch_lib.Arch.parse(name))
-    except ValueError as err:
-      raise ValueError(f"config.fptas.maximum={name!r}: not a candidate, 'teacher' or an "
-                       f"architecture name such as 'D6-A12-H384-I1536' ({err})") from None
-  p_t = float(cost.param_counts(point)[config.cost.size])
-  i_t = inference_costs([point], config.cost)[0][0]
-  logging.info("maximum point T: %s (p_T %.4g, i_T %.4g)", name, p_t, i_t)
-  return (p_t, i_t)
 
 
 # ----------------------------------------------------------------------------- data
@@ -259,6 +199,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   p = [float(c[config.cost.size]) for c in counts]
   i, i_label = inference_costs(configs, config.cost)
   maximum = reference_point(config, base, teacher_cfg, candidates)
+  budget = budget_of(config, base, teacher_cfg, configs, p, i, i_label)  # before any training
   t_costs = time.perf_counter()
   family = teacher_cfg.family if teacher_cfg is not None else base.family
   data = proxy_data(config, base, family, teacher_cfg, teacher_params)
@@ -279,13 +220,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       candidates, p, i,
       # One call per bucket of trainer.group's plan, so each bucket is journalled as it ends.
       lambda pairs: trainer.train_and_eval(list(pairs), data, one_bucket=True),
-      settings, journal=journal, maximum=maximum,
-      group=trainer.group, columns=_report_columns(config, configs, counts))
+      settings, journal=journal, maximum=maximum, group=trainer.group, budget=budget,
+      columns=report_columns(config, configs, counts, budget))
   t_end = time.perf_counter()
   search_ledger = trainer.ledger()
   _warn_if_size_decides(result)
 
-  summary = {"chosen": result.best.name, "w": result.best.w, "e": result.best.e,
+  # "chosen" is the configured rule's choice (chosen_arch.txt); "w" is W's choice's W.
+  summary = {"chosen": result.chosen.name, "w_choice": result.best.name, "w": result.best.w,
+             "e": result.best.e if result.budget is None else result.selection()["e"],
+             "select": result.selection(),
              "candidates": len(candidates), "trained": sum(r.trained for r in result.rows),
              "computed_now": result.num_computed, "ties": result.ties,
              "tie_extra": result.tie_extra}
@@ -399,20 +343,6 @@ def write_outputs(result: fptas.Result, ledger: Mapping[str, Any], workdir: str,
       "proxy_run_s": ledger["run_seconds"], "population_mode": ledger["mode"],
       "device": str(jax.devices()[0].device_kind), "buckets": ledger["buckets"],
       "ties": result.ties, "tie_extra_trainings": result.tie_extra,
+      "budget_extra_trainings": result.budget_extra,
       "audit": audited["ledger"] if audited is not None else None})
   return paths
-
-
-def _report_columns(config, configs, counts) -> dict:
-  """Size and cost columns of the result table that p and i do not already show.
-
-  The Pareto plot's size axis is ``params_effective``, or p itself when p is that count.
-  """
-  columns = {}
-  for size in ("total", "effective"):
-    if config.cost.size != size:
-      columns[f"params_{size}"] = [c[size] for c in counts]
-  if config.cost.inference != "flops":
-    columns["flops"] = [cost.forward_flops(c, config.cost.batch, config.cost.seq_len)["total"]
-                        for c in configs]
-  return columns

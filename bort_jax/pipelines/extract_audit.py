@@ -1,14 +1,16 @@
 """The proxy audit of an extraction (docs/EXTRACTION.md, "Proxy audit").
 
 After the search, a stratified sample of the trained candidates (``audit.sample`` strata along
-p, plus the chosen one and the runner-up) is trained again for S = ``audit.steps`` proxy steps,
-under every theta, by the search's own :class:`~bort_jax.search.proxy.PopulationTrainer`: the
-same master weights, the same bucketed populations, the same held-out batch, the first s
-training batches the same as the search's. The statistics and the verdict are the pure
+p, plus the configured rule's choice and its runner-up: W's, or with the budget rule the
+budget's) is trained again for S = ``audit.steps`` proxy steps, under every theta, by the
+search's own :class:`~bort_jax.search.proxy.PopulationTrainer`: the same master weights, the
+same bucketed populations, the same held-out batch, the first s training batches the same as
+the search's. The statistics and the verdict are the pure
 ``search/audit.py``; this module trains, journals and writes:
 
-- ``audit.json``: the sample with both errors, Kendall tau-b, Spearman rho, W's choice with the
-  S-step errors, the verdict and the audit's cost;
+- ``audit.json``: the sample with both errors, Kendall tau-b, Spearman rho, the configured
+  rule's choice with the S-step errors (W's largest g / e, or the budget's lowest error among
+  the sampled candidates meeting the budget), the verdict and the audit's cost;
 - ``audit.png``: s-step against S-step error, the chosen candidate marked;
 - ``audit_journal.jsonl``: finished (candidate, theta) S-step errors, so a killed audit
   resumes like the search (its hash adds S to the search's).
@@ -26,7 +28,7 @@ from typing import Any, Callable
 import ml_collections
 
 from bort_jax.runtime.fileio import atomic_write_text, to_jsonable
-from bort_jax.search import audit, fptas, proxy, report
+from bort_jax.search import audit, fptas, proxy, report, select
 
 AUDIT_JOURNAL = "audit_journal.jsonl"
 
@@ -68,14 +70,21 @@ def enabled(config: ml_collections.ConfigDict) -> bool:
   return bool(block is not None and block.get("enabled", False))
 
 
-def _sample(result: fptas.Result, block) -> tuple[list[fptas.Row], str | None]:
-  """The audited rows (trained, finite e) and the runner-up's name."""
+def _sample(result: fptas.Result, block) -> tuple[list[fptas.Row], dict]:
+  """The audited rows (trained, finite e) and the runners-up by rule ({"w", "budget"})."""
   rows = [r for r in result.rows if r.trained and r.e is not None and math.isfinite(r.e)]
-  why = report.explain(result)
-  include = [k for k, r in enumerate(rows) if r.name in (result.best.name, why["runner_up"])]
+  runners = {"w": report.explain(result)["runner_up"]}
+  must = {result.best.name, runners["w"]}
+  if result.budget is not None:
+    # The verdict is about the configured rule's choice: the budget's choice and the runner-up
+    # it might lose to replace W's pair (the sample, and the audit's cost, keep their size).
+    second = result.budget_second
+    runners["budget"] = result.rows[second].name if second is not None else None
+    must = {result.chosen.name, runners["budget"]}
+  include = [k for k, r in enumerate(rows) if r.name in must]
   picked = audit.stratified_sample([r.p for r in rows], int(block.sample), int(_seed(block)),
                                    include=include)
-  return [rows[k] for k in picked], why["runner_up"]
+  return [rows[k] for k in picked], runners
 
 
 def _train(rows, thetas, trainer: proxy.PopulationTrainer, make_data: Callable[[], Any],
@@ -128,7 +137,7 @@ def run_audit(config: ml_collections.ConfigDict, result: fptas.Result,
   since = len(trainer.stats)
   block = config.audit
   short_steps, long_steps = int(config.proxy.steps), int(block.steps)
-  rows, runner_up = _sample(result, block)
+  rows, runners = _sample(result, block)
   thetas = list(result.thetas)
   journal = None
   if write:
@@ -138,9 +147,14 @@ def run_audit(config: ml_collections.ConfigDict, result: fptas.Result,
   # Best over theta, as the search does: the smallest finite error (W = g / e, g > 0).
   long = [min((errors[(r.name, t)] for t in range(len(thetas))
                if math.isfinite(errors[(r.name, t)])), default=math.nan) for r in rows]
-  summary = audit.audit_summary([r.name for r in rows], [r.gain for r in rows],
-                                [r.e for r in rows], long, result.best.name,
-                                float(block.get("tau_min", 0.6)))
+  # With the budget rule the verdict is about the budget's choice (the one distilled), and the
+  # short error it ranks by is the best over theta, as in the search.
+  budget = result.budget is not None
+  summary = audit.audit_summary(
+      [r.name for r in rows], [r.gain for r in rows],
+      [select.best_error(r.errors) if budget else r.e for r in rows], long, result.chosen.name,
+      float(block.get("tau_min", 0.6)), feasible=[r.feasible for r in rows] if budget else None,
+      keys=[(r.i, r.p, r.name) for r in rows])
   line = audit.verdict_line(summary, short_steps, long_steps)
   (logging.info if summary["trusted"] else logging.warning)("%s", line)
   own = trainer.ledger(since=since)
@@ -148,12 +162,14 @@ def run_audit(config: ml_collections.ConfigDict, result: fptas.Result,
           "trained_now": sum(b["members"] for b in own["buckets"]),
           "compile_time_s": own["compile_seconds"], "compile_count": own["compiles"],
           "proxy_run_s": own["run_seconds"], "flops": own["padded_flops"]}
-  table = [{"name": r.name, "p": r.p, "i": r.i, "gain": r.gain, "short": r.e, "long": e,
+  table = [{"name": r.name, "p": r.p, "i": r.i, "gain": r.gain, "feasible": r.feasible,
+            "short": r.e, "long": e,
             "long_per_theta": [errors[(r.name, t)] for t in range(len(thetas))]}
            for r, e in zip(rows, long)]
   if write:
     payload = {"short_steps": short_steps, "long_steps": long_steps,
-               "sample": int(block.sample), "seed": int(_seed(block)), "runner_up": runner_up,
+               "sample": int(block.sample), "seed": int(_seed(block)), "runner_up": runners["w"],
+               "budget_runner_up": runners.get("budget"),
                "summary": summary, "line": line, "rows": table, "cost": cost}
     atomic_write_text(os.path.join(workdir, "audit.json"),
                       json.dumps(to_jsonable(payload), indent=1) + "\n")

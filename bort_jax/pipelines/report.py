@@ -25,50 +25,21 @@ baseline is high), and the teacher's median latency over the student's.
 
 from __future__ import annotations
 
-import glob
 import json
-import math
 import os
 import shutil
 from typing import Any
 
 import ml_collections
 
-from bort_jax.pipelines import report_plots
-from bort_jax.runtime.fileio import atomic_write_text, to_jsonable
+from bort_jax.pipelines import report_choice, report_plots, report_products
+from bort_jax.pipelines.report_finetune import (NOT_RUN, finetune_rows, finetune_runs,
+                                                finetune_section, fmt as _fmt, margin_share,
+                                                standard_error)
+from bort_jax.runtime.fileio import atomic_write_text, read_json, read_jsonl, to_jsonable
 
 STATE_FILE = "demo_state.json"
 REPORT_DIR = "report"
-MODELS = ("student", "teacher")
-NOT_RUN = "not run"
-
-
-def read_json(path: str) -> Any:
-  """A JSON file's content, or None when it is missing or cut short."""
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
-def read_jsonl(path: str) -> list[dict]:
-  """The complete lines of a JSON-lines file (a line cut short by a kill is skipped)."""
-  out = []
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          out.append(json.loads(line))
-        except ValueError:
-          continue
-  return out
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-  if value is None or (isinstance(value, float) and not math.isfinite(value)):
-    return "-"
-  return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -87,7 +58,12 @@ def stages_section(state: dict) -> list[str]:
     status = "done" if entry.get("done") else ("started" if entry.get("seconds") else NOT_RUN)
     lines.append(f"| {name} | {status} | {_fmt(float(entry.get('seconds') or 0.0), 0)} |")
   total = sum(float(e.get("seconds") or 0.0) for e in stages.values())
-  return lines + [f"| total | | {total:.0f} |", ""]
+  lines += [f"| total | | {total:.0f} |", ""]
+  sources = state.get("sources") or {}
+  if sources:  # which pinned archive each item came from (a fallback shows here)
+    lines += ["Data sources (`bort-jax data fetch`): " + ", ".join(
+        f"{item} from `{spec}`" for item, spec in sorted(sources.items())) + ".", ""]
+  return lines
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -118,7 +94,9 @@ def extraction_section(workdir: str, out_dir: str, state: dict) -> tuple[list[st
   cost_label = (f"i = forward {unit}" + (f" (batch {cost_cfg['batch']}, {cost_cfg['seq_len']} "
                                          "tokens)" if "batch" in cost_cfg else ""))
   ranked = sorted((r for r in rows if r.get("w") is not None), key=lambda r: -float(r["w"]))
-  lines += [f"Chosen: **{result['best']}** (W = {float(result['best_w']):.4f}) of {len(rows)} "
+  lines += report_choice.extraction_lines(result)
+  who = "W's choice" if result.get("chosen", result["best"]) != result["best"] else "Chosen"
+  lines += [f"{who}: **{result['best']}** (W = {float(result['best_w']):.4f}) of {len(rows)} "
             f"candidates, eps = {result.get('eps')}, rule {result.get('rule')}. The best "
             f"{min(10, len(ranked))} by W (the full table: `extract/results.md`):", "",
             f"| rank | candidate | p (M) | {cost_label} | proxy error e | W |",
@@ -135,7 +113,8 @@ def extraction_section(workdir: str, out_dir: str, state: dict) -> tuple[list[st
   except ValueError as error:
     lines += [f"No Pareto plot: {error}.", ""]
   lines += _audit_lines(extract_dir, out_dir)
-  return lines, {"chosen": result["best"], "w": result["best_w"]}
+  return lines, {"chosen": result.get("chosen", result["best"]), "w_choice": result["best"],
+                 "w": result["best_w"], "select": result.get("select")}
 
 
 def _audit_lines(extract_dir: str, out_dir: str) -> list[str]:
@@ -186,138 +165,6 @@ def distill_section(workdir: str, out_dir: str) -> tuple[list[str], dict]:
   return lines, info
 
 
-# ----------------------------------------------------------------------------- fine-tuning
-
-
-def finetune_runs(workdir: str, state: dict) -> dict[str, list[str]]:
-  """Each model's fine-tuning run folders: as the demo recorded them (the teacher's live in
-  the cache), else every ``WORKDIR/finetune/<model>/*`` folder."""
-  runs = dict(state.get("finetune_runs") or {})
-  for model_name in MODELS:
-    if model_name not in runs:
-      runs[model_name] = sorted(glob.glob(os.path.join(workdir, "finetune", model_name, "*")))
-  return runs
-
-
-def _best_setting(population: dict) -> dict | None:
-  """The setting with the best mean dev metric, its stats under ``"stats"``."""
-  from bort_jax.finetune import population as pop_lib  # pylint: disable=import-outside-toplevel
-  row = pop_lib.best_setting(population)
-  return None if row is None else dict(row, stats=row[population["metric"]])
-
-
-def finetune_rows(runs: dict[str, list[str]]) -> list[dict]:
-  """One row per task: its metric, dev records, majority baseline and each model's stats."""
-  rows: dict[str, dict] = {}
-  for model_name, folders in runs.items():
-    for folder in folders:
-      path = os.path.join(folder, "population.json")
-      population = read_json(path)
-      if not population or "metric" not in population:
-        continue
-      row = rows.setdefault(population["task"], {
-          "task": population["task"], "metric": population["metric"],
-          "dev_records": population.get("dev_records"),
-          "max_dev_examples": population.get("max_dev_examples", 0),
-          "majority": (population.get("majority") or {}).get(population["metric"])})
-      best = _best_setting(population)
-      if best is not None:
-        row[model_name] = dict(best["stats"], steps=population.get("total_steps"),
-                               setting={k: best[k] for k in ("lr", "weight_decay", "warmup")
-                                        if k in best})
-      agora = agora_summary(read_json(os.path.join(os.path.dirname(path) + "_agora",
-                                                   "agora.json")))
-      if agora:
-        row[f"{model_name}_agora"] = agora
-  return [rows[k] for k in sorted(rows)]
-
-
-def agora_summary(agora: dict | None) -> dict | None:
-  """What the report shows of an ``agora.json``: round 0's best (the plain population's best
-  member, Theta being its seeds), the best over rounds and its round, the points added, the
-  labeller's dev accuracy; None when there is no finished run."""
-  if not agora or not isinstance(agora.get("best"), dict) or not agora.get("rounds"):
-    return None
-  rounds = agora["rounds"]
-  return {"best": agora["best"].get("accuracy"), "best_round": agora["best"].get("round"),
-          "round0": rounds[0]["best"]["accuracy"], "rounds": len(rounds),
-          "points": sum(int(r.get("points_added", 0)) for r in rounds[:-1]),
-          "labeller": agora.get("labeller_accuracy")}
-
-
-def _stats_cell(stats: dict | None) -> str:
-  if not stats:
-    return NOT_RUN
-  n = len(stats.get("values", []))
-  if n == 1:  # one seed: no spread was measured
-    return f"{100 * stats['mean']:.1f} (n=1, no spread; {stats.get('steps', '?')} steps)"
-  return (f"{100 * stats['mean']:.1f} +- {100 * stats['std']:.1f} "
-          f"(n={n}, {stats.get('steps', '?')} steps)")
-
-
-def standard_error(p: float | None, n: int | None) -> float | None:
-  """The standard error of an accuracy ``p`` measured on ``n`` dev records."""
-  if p is None or not n:
-    return None
-  return math.sqrt(max(p * (1 - p), 0.0) / n)
-
-
-def finetune_section(rows: list[dict], out_dir: str,
-                     skipped: dict[str, str] | None = None) -> list[str]:
-  """The fine-tuning table (and its bar chart), then Agora's (``skipped``: task -> why Agora
-  did not run on it, as the demo recorded it)."""
-  skipped = skipped or {}
-  lines = ["## Fine-tuning", ""]
-  if not rows:
-    return lines + [f"Fine-tuning: {NOT_RUN}.", ""]
-  capped = [r for r in rows if r.get("max_dev_examples")]
-  if capped:
-    lines += [f"Dev scores are on {capped[0]['max_dev_examples']} records spread evenly over "
-              "each dev split (all of a smaller split; the count is in the table), the "
-              "majority baseline on the same records.", ""]
-  lines += ["Scores in %: mean +- standard deviation over seeds (sample std), the best "
-            "setting by mean; SE is the dev set's standard error of the teacher's mean.", "",
-            "| task | metric | dev records | majority | student | teacher | student / "
-            "teacher | SE |", "|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    s, t = r.get("student"), r.get("teacher")
-    ratio = s["mean"] / t["mean"] if s and t and t["mean"] else None
-    se = standard_error(t["mean"] if t else (s or {}).get("mean"), r.get("dev_records"))
-    lines.append(f"| {r['task']} | {r['metric']} | {_fmt(r.get('dev_records'))} | "
-                 f"{_fmt(100 * r['majority'] if r.get('majority') is not None else None, 1)} | "
-                 f"{_stats_cell(s)} | {_stats_cell(t)} | {_fmt(ratio)} | "
-                 f"{_fmt(100 * se if se is not None else None, 1)} |")
-  lines.append("")
-  report_plots.finetune_bars(rows, os.path.join(out_dir, "finetune.png"))
-  return lines + ["![Fine-tuning](finetune.png)", ""] + agora_section(rows, skipped)
-
-
-def agora_section(rows: list[dict], skipped: dict[str, str]) -> list[str]:
-  """Agora's runs beside the plain populations, and the tasks it did not take, with why."""
-  lines = ["### Agora", ""]
-  ran = [(r, m) for r in rows for m in MODELS if f"{m}_agora" in r]
-  if ran:
-    lines += ["Theta is the plain population's settings (its seeds), so round 0 is the plain "
-              "run and its best member; each later round adds the best model's dev mistakes, "
-              "made into new points and labelled by the fine-tuned teacher. Accuracy % on the "
-              "binary cast of dev, best member per round: a maximum over members, so compare "
-              "it with round 0, not with the mean above.", "",
-              "| task | model | labeller dev acc. | rounds | points added | round 0 (plain) "
-              "best | Agora best | gain |", "|---|---|---|---|---|---|---|---|"]
-    for r, m in ran:
-      a = r[f"{m}_agora"]
-      gain = a["best"] - a["round0"]
-      lines.append(f"| {r['task']} | {m} | {_fmt(a['labeller'])} | {a['rounds']} | "
-                   f"{a['points']:,} | {100 * a['round0']:.1f} | {100 * a['best']:.1f} (round "
-                   f"{a['best_round']}) | {100 * gain:+.1f} |")
-    lines.append("")
-  for task, reason in skipped.items():
-    lines.append(f"- {task}: not run: {reason}")
-  if not ran and not skipped:
-    lines.append("Agora: not run (plain fine-tuning only).")
-  return lines + [""]
-
-
 # ----------------------------------------------------------------------------- speed
 
 
@@ -342,23 +189,22 @@ def measure_speed(workdir: str, config: ml_collections.ConfigDict, out_dir: str)
   models = speed_models(workdir, config)
   if "student" not in models:
     return {}
+  # W's and the budget's choice: a model of each shape the student does not have is timed too.
+  choices = report_choice.picks(read_json(os.path.join(workdir, "extract", "results.json")))
+  models.update(report_choice.choice_models(choices, models))
   key = {"models": {k: str(v.arch) for k, v in models.items()}, "batch": int(config.batch),
          "seq_len": int(config.seq_len), "rounds": int(config.rounds)}
   path = os.path.join(out_dir, "speed.json")
   cached = read_json(path)
   if cached and cached.get("key") == key and not config.remeasure:
-    return cached
+    return dict(cached, choices=choices)
   print(f"report: timing {', '.join(models)} ({config.rounds} interleaved rounds)",
         flush=True)
   busy = cost.busy_share()  # what other processes take of the CPUs, measured just before
   timings = cost.interleaved_latency(models, int(config.batch), int(config.seq_len),
                                      int(config.rounds), int(config.warmup))
-  for name, c in models.items():
-    counts = cost.param_counts(c, head="none")
-    timings[name].update(params_total=counts["total"], params_effective=counts["effective"],
-                         gflops=cost.forward_flops(c, int(config.batch),
-                                                   int(config.seq_len))["total"] / 1e9)
-  out = {"key": key, "timings": timings, "busy_share": busy}
+  report_choice.annotate(timings, models, int(config.batch), int(config.seq_len))
+  out = {"key": key, "timings": timings, "busy_share": busy, "choices": choices}
   atomic_write_text(path, json.dumps(to_jsonable(out), indent=2))
   return out
 
@@ -394,7 +240,7 @@ def speed_section(speed: dict, config: ml_collections.ConfigDict) -> list[str]:
     lines.append(f"| {name} | {t['arch']} | {t['params_total'] / 1e6:.4g} | "
                  f"{t['gflops']:.4g} | {t['median_ms']:.2f} | {t['iqr_ms']:.2f} | "
                  f"{t['median_ms'] / student:.1f} |")
-  lines.append("")
+  lines += [""] + report_choice.choice_table(speed)
   note = busy_note(speed)
   if note:
     lines += [f"**Busy machine**: {note}.", ""]
@@ -417,8 +263,13 @@ def headline(rows: list[dict], speed: dict) -> dict:
     out.update(student_mean=s, teacher_mean=t, share=s / t if t else None)
     if all(r.get("majority") is not None for r in both):
       m = sum(r["majority"] for r in both) / len(both)
-      # A share of a margin the teacher does not have means nothing: None.
-      out.update(majority_mean=m, margin_share=(s - m) / (t - m) if t > m else None)
+      # The margin share is the mean over tasks of each task's share (each task counts the
+      # same, whatever its margin); a share of a margin the teacher does not have means
+      # nothing, so one such task makes it None.
+      shares = [margin_share(r) for r in both]
+      out.update(majority_mean=m, task_margin_shares=dict(zip(out["tasks"], shares)),
+                 margin_share=(sum(shares) / len(shares)
+                               if all(x is not None for x in shares) else None))
     # A task the teacher does not learn (its mean within one standard error of the majority
     # class) makes the plain share look better than it is: such tasks are named.
     out["unlearnt"] = [r["task"] for r in both if r.get("majority") is not None
@@ -439,8 +290,10 @@ def headline_text(head: dict) -> str:
                  f"score over {len(head['tasks'])} tasks ({100 * head['student_mean']:.1f} vs "
                  f"{100 * head['teacher_mean']:.1f})")
     if head.get("margin_share") is not None:
+      each = "; ".join(f"{t.split('/')[-1]} {100 * v:.0f}%"
+                       for t, v in (head.get("task_margin_shares") or {}).items())
       parts.append(f"{100 * head['margin_share']:.1f}% of the teacher's margin above the "
-                   f"majority class ({100 * head['majority_mean']:.1f})")
+                   f"majority class, averaged over the tasks ({each})")
     elif head.get("majority_mean") is not None:
       parts.append(f"with the teacher not above the majority class "
                    f"({100 * head['majority_mean']:.1f}), so no share of its margin")
@@ -481,10 +334,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   skipped = {f"demo/{task}": entry["reason"] for task, entry in (state.get("agora") or {}).items()
              if not entry.get("run")}
   lines += finetune_section(rows, out_dir, skipped) + speed_section(speed, config)
+  product_lines, made = report_products.products(workdir, state)
+  lines += product_lines
   path = os.path.join(out_dir, "report.md")
   atomic_write_text(path, "\n".join(lines))
   summary = {"report": path, "headline": head, "extraction": extracted,
-             "distillation": distilled, "finetune": rows}
+             "distillation": distilled, "finetune": rows, "products": made}
   atomic_write_text(os.path.join(out_dir, "report.json"), json.dumps(to_jsonable(summary),
                                                                       indent=2))
   return summary

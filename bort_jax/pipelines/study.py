@@ -49,7 +49,7 @@ def pick_rivals(results: Mapping[str, Any], audit: Mapping[str, Any],
                 band: float) -> list[tuple[str, list[str]]]:
   """The architectures of the study, each with its roles, the chosen one first.
 
-  * ``chosen``: the extraction's choice;
+  * ``chosen``: the extraction's choice (its configured rule's: W's or the budget's);
   * ``smallest``: the candidate of smallest p (then i, then name);
   * ``near_latency``: among the audited candidates other than the chosen and the smallest one
     whose inference cost i lies within ``band`` (relative) of the chosen one's, the one of
@@ -71,7 +71,9 @@ def pick_rivals(results: Mapping[str, Any], audit: Mapping[str, Any],
     [(arch name, [roles])], in the order of :data:`ROLES` by first role.
   """
   rows = {r["name"]: r for r in results["rows"]}
-  chosen = results["best"]
+  # The configured selection rule's choice (chosen_arch.txt); W's in results from before the
+  # budget rule, which had no "chosen".
+  chosen = results.get("chosen", results["best"])
   smallest = min(rows.values(), key=lambda r: (r["p"], r["i"], r["name"]))["name"]
   i_c = rows[chosen]["i"]
   audited = [r for r in audit["rows"] if r["name"] not in (chosen, smallest)

@@ -6,6 +6,7 @@ A reader sees the old file (or folder) or the whole new one, never half of it.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -129,3 +130,25 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def read_json(path: str) -> Any:
+  """A JSON file's content, or None when it is missing or cut short."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def read_jsonl(path: str) -> list[dict]:
+  """The complete lines of a JSON-lines file (a line cut short by a kill is skipped)."""
+  out = []
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          out.append(json.loads(line))
+        except ValueError:
+          continue
+  return out

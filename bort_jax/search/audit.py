@@ -3,10 +3,11 @@
 The search ranks candidates by the error e after s proxy steps. Whether that ranking means
 anything is a measurable question: train a sample of the candidates for S >> s steps and ask
 whether the two errors order them alike (:func:`kendall_tau_b`, :func:`spearman_rho`) and
-whether W's choice survives the longer errors (:func:`audit_summary`). :func:`choice_margin`
-says how close the choice was, :func:`size_decides` whether the errors could have changed it at
-all. Nothing here trains anything: ``pipelines/extract_audit.py`` trains the sample with the
-search's own population trainer and hands the errors to these functions.
+whether the search's choice (W's, or the budget rule's lowest feasible error) survives the
+longer errors (:func:`audit_summary`). :func:`choice_margin` says how close W's choice was,
+:func:`size_decides` whether the errors could have changed it at all. Nothing here trains
+anything: ``pipelines/extract_audit.py`` trains the sample with the search's own population
+trainer and hands the errors to these functions.
 
 The statistics are written here rather than taken from scipy so that the search's pure layer
 needs no scientific stack; the tests check them against ``scipy.stats`` on hand and random
@@ -17,9 +18,11 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
+
+from bort_jax.search import select
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -202,12 +205,17 @@ def size_decides(errors: Sequence[float], gains: Sequence[float]) -> dict:
 
 
 def audit_summary(names: Sequence[str], gains: Sequence[float], short: Sequence[float],
-                  long: Sequence[float], chosen: str, tau_min: float) -> dict:
+                  long: Sequence[float], chosen: str, tau_min: float,
+                  feasible: Sequence[bool] | None = None,
+                  keys: Sequence[Any] | None = None) -> dict:
   """Compares the s-step and the S-step errors of the audited sample.
 
   The proxy is trusted on this run when Kendall's tau-b between the two errors is at least
-  ``tau_min`` and W computed with the S-step errors picks, within the sample, the candidate the
-  search chose (the sample always holds the search's choice and its runner-up).
+  ``tau_min`` and the search's rule, applied to the S-step errors, picks within the sample the
+  candidate the search chose. For W (``feasible`` None) that is the largest g / e (the sample
+  always holds W's choice and its runner-up); for the budget rule it is the lowest S-step error
+  among the sampled candidates that meet the budget (the sample holds the budget's choice and
+  its runner-up), ties broken by ``keys`` as the search breaks them.
 
   Args:
     names: the sampled candidates.
@@ -216,9 +224,12 @@ def audit_summary(names: Sequence[str], gains: Sequence[float], short: Sequence[
       has a non-finite error and is left out of the statistics).
     chosen: the search's choice (one of ``names``).
     tau_min: the threshold on tau-b.
+    feasible: per sampled candidate, whether it meets the budget; None for W's rule.
+    keys: per sampled candidate, the budget rule's tie-break (i, p, name); default the order.
 
   Returns:
-    A JSON-able dict: tau, rho, the choice under each error, whether it changed, the verdict.
+    A JSON-able dict: tau, rho, the rule, the choice under each error, whether it changed, the
+    verdict.
   """
   if chosen not in names:
     raise ValueError(f"the audit sample must hold the chosen candidate {chosen!r}")
@@ -226,28 +237,37 @@ def audit_summary(names: Sequence[str], gains: Sequence[float], short: Sequence[
           and long[k] > 0]
   tau = kendall_tau_b([short[k] for k in keep], [long[k] for k in keep])
   rho = spearman_rho([short[k] for k in keep], [long[k] for k in keep])
-  w_long = [gains[k] / long[k] for k in keep]
-  if w_long and any(math.isfinite(w) for w in w_long):
-    best_long, _ = best_two(w_long)
-    choice_long = names[keep[best_long]]
-  else:  # every sampled candidate diverged over the S steps: nothing to rank, not trusted
-    choice_long = None
+  choice_long = None  # stays None when every candidate the rule looks at diverged
+  if feasible is not None:
+    pool = [k for k in keep if feasible[k]]
+    keys = list(range(len(names))) if keys is None else keys
+    ranked = select.order_by_error([long[k] for k in pool], [keys[k] for k in pool])
+    if ranked:
+      choice_long = names[pool[ranked[0]]]
+  else:
+    w_long = [gains[k] / long[k] for k in keep]
+    if w_long and any(math.isfinite(w) for w in w_long):
+      best_long, _ = best_two(w_long)
+      choice_long = names[keep[best_long]]
   changed = choice_long != chosen
   trusted = math.isfinite(tau) and tau >= tau_min and not changed
   return {"kendall_tau_b": tau, "spearman_rho": rho, "compared": len(keep),
-          "diverged": len(names) - len(keep), "chosen": chosen, "choice_long": choice_long,
-          "choice_changed": changed, "tau_min": tau_min, "trusted": trusted}
+          "diverged": len(names) - len(keep), "rule": "w" if feasible is None else "budget",
+          "chosen": chosen, "choice_long": choice_long, "choice_changed": changed,
+          "tau_min": tau_min, "trusted": trusted}
 
 
 def verdict_line(summary: dict, short_steps: int, long_steps: int) -> str:
   """The one line results.md gives the audit."""
   tau, rho = summary["kendall_tau_b"], summary["spearman_rho"]
+  # The budget rule's choice is the lowest error among the sampled candidates meeting it.
+  rule = "the budget rule" if summary.get("rule") == "budget" else "W"
   if summary["choice_long"] is None:
     change = f"every sampled candidate diverged over the {long_steps} steps"
   elif summary["choice_changed"]:
-    change = f"W with the {long_steps}-step errors picks {summary['choice_long']} instead"
+    change = f"{rule} with the {long_steps}-step errors picks {summary['choice_long']} instead"
   else:
-    change = "W's choice is unchanged with them"
+    change = f"{rule}'s choice is unchanged with them"
   word = "can be trusted" if summary["trusted"] else "can NOT be trusted"
   return (f"proxy audit: the {short_steps}-step proxy {word} on this run (threshold: "
           f"Kendall tau-b >= {summary['tau_min']:g} and an unchanged choice): over "

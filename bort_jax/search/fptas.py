@@ -14,6 +14,8 @@ The steps:
    ``ties="all"`` every candidate of equal (p, i) (:func:`with_ties`), under every theta; keep
    the best W over theta;
 4. return the trained candidate of largest W with the whole table (:func:`run_fptas`).
+With a budget (``select.py``), the feasible candidates' own interval plan is trained too and the
+result also holds the trained feasible candidate of lowest error (the budget rule's choice).
 The settings (eps, rule, ties, thetas) are checked once, by :func:`validate`, where they enter.
 
 ``docs/EXTRACTION.md`` states the interval rules and proves the guarantee that
@@ -31,8 +33,11 @@ import numpy as np
 
 from bort_jax.search.formula import check_positive as _check_positive, raw_gain as _gain
 from bort_jax.search.formula import gain, gain_parts, w_coefficient  # noqa: F401  (API)
-from bort_jax.search.guarantee import certified_ratio, guarantee_bound  # noqa: F401  (API)
+from bort_jax.search.guarantee import (  # noqa: F401  (API)
+    budget_bound, certified_ratio, guarantee_bound)
 from bort_jax.search.journal import Journal, config_hash, theta_key  # noqa: F401  (API)
+from bort_jax.search.result import Result, Row
+from bort_jax.search.select import Budget, choose as _budget_choice
 
 RULES = ("max_gain", "endpoints", "all")
 """Interval rules: which members of an interval are trained (see :func:`representatives`)."""
@@ -292,102 +297,6 @@ def with_ties(trained: Sequence[int], order: Sequence[int], p: Sequence[float],
 # ----------------------------------------------------------------------------- the search
 
 
-@dataclasses.dataclass
-class Row:
-  """One candidate's line in the result table.
-
-  Attributes:
-    name: the candidate's string (e.g. ``D4-A8-H1024-I768``).
-    candidate: the candidate object.
-    p, i: its size and inference cost as used in W.
-    gain: [(p_T - p) / p_T] * [(i_T - i) / i_T].
-    interval: index of its interval (0 = smallest sizes).
-    trained: whether it was a representative (and so has e and W).
-    e: its error under the best theta (None if not trained; nan if every theta diverged).
-    w: best W over theta (None if not trained; -inf if every theta diverged).
-    theta: the theta that gave ``w`` (None if not trained).
-    errors: e under every theta, in the order of ``thetas`` (None if not trained).
-    extra: caller-supplied columns (e.g. params_total, params_effective, flops).
-    tie: how many candidates (itself included) share its (p, i); 1 when it has no tie.
-  """
-
-  name: str
-  candidate: Any
-  p: float
-  i: float
-  gain: float
-  interval: int
-  trained: bool
-  e: float | None = None
-  w: float | None = None
-  theta: Any = None
-  errors: tuple[float, ...] | None = None
-  extra: dict = dataclasses.field(default_factory=dict)
-  tie: int = 1
-
-  def to_dict(self) -> dict:
-    """JSON-able form (the candidate as its name)."""
-    out = dataclasses.asdict(self)
-    out["candidate"] = self.name
-    out["errors"] = list(self.errors) if self.errors is not None else None
-    return out
-
-
-@dataclasses.dataclass
-class Result:
-  """What :func:`run_fptas` returns.
-
-  Attributes:
-    rows: one :class:`Row` per candidate, in input order.
-    best_index: index into ``rows`` of the returned candidate.
-    maximum_index: index of T, or None when T was given as a (p_T, i_T) point.
-    p_T, i_T: T's size and cost.
-    eps, rule: the interval size and rule used.
-    thetas: the hyperparameter sets.
-    num_pairs: (candidate, theta) pairs the rule asks for.
-    num_computed: pairs computed by this call (the rest came from the journal).
-    ties: the tie handling used (:data:`TIES`).
-    tie_extra: candidates trained only because they tie with a representative.
-  """
-
-  rows: list[Row]
-  best_index: int
-  maximum_index: int | None
-  p_T: float
-  i_T: float
-  eps: int
-  rule: str
-  thetas: list
-  num_pairs: int
-  num_computed: int
-  ties: str = "all"
-  tie_extra: int = 0
-
-  @property
-  def best(self) -> Row:
-    """The returned candidate's row."""
-    return self.rows[self.best_index]
-
-  def sorted_rows(self) -> list[Row]:
-    """Rows by W, largest first; untrained rows last, by size."""
-    def key(r):
-      w = r.w if r.w is not None else -math.inf
-      return (not r.trained, -w if math.isfinite(w) else math.inf, r.p, r.name)
-    return sorted(self.rows, key=key)
-
-  def to_dict(self) -> dict:
-    """JSON-able summary plus the table."""
-    return {
-        "best": self.best.name, "best_w": self.best.w,
-        "maximum_point": (self.rows[self.maximum_index].name
-                          if self.maximum_index is not None else None),
-        "p_T": self.p_T, "i_T": self.i_T, "eps": self.eps, "rule": self.rule,
-        "thetas": self.thetas, "num_pairs": self.num_pairs, "num_computed": self.num_computed,
-        "ties": self.ties, "tie_extra": self.tie_extra,
-        "rows": [r.to_dict() for r in self.rows],
-    }
-
-
 TrainAndEval = Callable[[list[tuple[Any, Any]]], Sequence[float]]
 
 
@@ -441,6 +350,23 @@ def _train_pending(candidates, names, settings: Settings, pending: list, train_a
   return errors
 
 
+def _errors(candidates, names, settings: Settings, trained_order: list, train_and_eval,
+            journal: Journal | None, group) -> tuple[dict, list]:
+  """{(k, theta index): e} of every trained pair, from the journal or trained now; and the
+  pairs trained now."""
+  errors, pending = {}, []
+  for k in trained_order:
+    for t_idx, theta in enumerate(settings.thetas):
+      known = journal.get(names[k], theta) if journal is not None else None
+      if known is not None:
+        errors[(k, t_idx)] = known
+      else:
+        pending.append((k, t_idx))
+  errors.update(_train_pending(candidates, names, settings, pending, train_and_eval, journal,
+                               group))
+  return errors, pending
+
+
 def _row(k: int, names, candidates, p, i, p_T: float, i_T: float, interval: int,
          errors: tuple | None, thetas, extra: dict) -> Row:
   """One candidate's row: W per theta (a diverged theta gets -inf), the best theta kept."""
@@ -455,15 +381,30 @@ def _row(k: int, names, candidates, p, i, p_T: float, i_T: float, interval: int,
   return row
 
 
-def _plan(p: np.ndarray, i: np.ndarray, gains: np.ndarray, settings: Settings) -> tuple:
-  """Steps 2 and 3: (interval of each candidate, representatives, trained in size order)."""
+def _plan(p: np.ndarray, i: np.ndarray, gains: np.ndarray, settings: Settings,
+          feasible: Sequence[bool] | None = None) -> tuple:
+  """Steps 2 and 3: (interval of each candidate, W's representatives, W's trained, the
+  budget's trained), the trained lists in size order.
+
+  The budget's plan is W's run over the feasible candidates alone: they are sorted by p, cut
+  into intervals of eps and each interval's members chosen by the same rule and tie handling,
+  so every feasible interval holds a trained member (the guarantee of ``budget_bound``).
+  """
   order = sort_by_size(p, i)
   interval_of = np.empty(len(p), dtype=np.int64)
   chosen = []
   for g_idx, members in enumerate(_cut(order, settings.eps)):
     interval_of[members] = g_idx
     chosen.extend(representatives(members, settings.rule, gains))
-  return interval_of, chosen, with_ties(chosen, order, p, i, settings.ties)
+  w_trained = with_ties(chosen, order, p, i, settings.ties)
+  if feasible is None:
+    return interval_of, chosen, w_trained, []
+  sub = [k for k in order if feasible[k]]
+  picked = [k for members in _cut(sub, settings.eps)
+            for k in representatives(members, settings.rule, gains)]
+  # Ties are looked for among the feasible candidates only (``sub`` is the order they see):
+  # tie members of equal (p, i) can still differ in measured latency.
+  return interval_of, chosen, w_trained, with_ties(picked, sub, p, i, settings.ties)
 
 
 def run_fptas(candidates: Sequence[Any], p: Sequence[float], i: Sequence[float],
@@ -471,8 +412,9 @@ def run_fptas(candidates: Sequence[Any], p: Sequence[float], i: Sequence[float],
               journal: Journal | None = None,
               maximum: str | tuple[float, float] | None = None,
               columns: Mapping[str, Sequence[Any]] | None = None,
-              group: Callable[[list], list[list[int]]] | None = None) -> Result:
-  """Steps 1 to 4 of the search (docs/EXTRACTION.md).
+              group: Callable[[list], list[list[int]]] | None = None,
+              budget: Budget | None = None) -> Result:
+  """Steps 1 to 4 of the search (docs/EXTRACTION.md), and the budget rule's choice.
 
   All input checks run before the first training. The pairs are trained in size order
   (interval by interval, theta innermost); each ``train_and_eval`` call's results are
@@ -492,6 +434,10 @@ def run_fptas(candidates: Sequence[Any], p: Sequence[float], i: Sequence[float],
     group: optional planner that splits the pending (candidate, theta) pairs into the lists of
       indices sent together to ``train_and_eval`` (the population trainer's buckets), so each
       group is journalled as soon as it finishes; None sends every pending pair at once.
+    budget: the budget rule's :class:`~bort_jax.search.select.Budget` (``select.apply``), or
+      None for W's rule alone. With it, the feasible candidates' own interval plan is trained
+      too, and the result holds the lowest-error feasible candidate; W's choice is still made
+      among W's plan only, so it is the same as without a budget.
 
   Returns:
     A :class:`Result`.
@@ -504,38 +450,40 @@ def run_fptas(candidates: Sequence[Any], p: Sequence[float], i: Sequence[float],
     raise ValueError(f"settings must come from fptas.validate(..., num_candidates={n})")
   if not callable(train_and_eval):
     raise ValueError("train_and_eval must be callable")
+  if budget is not None and len(budget.feasible) != n:
+    raise ValueError(f"the budget covers {len(budget.feasible)} candidates, not {n}")
   extra_cols = _columns(columns, n)
   t_index, p_T, i_T = _maximum(candidates, p, i, maximum)
 
   # Step 2: sort and partition. Step 3: choose who is trained.
-  interval_of, chosen, trained_order = _plan(p, i, _gain(p_T, i_T, p, i), settings)
+  interval_of, chosen, w_order, b_order = _plan(p, i, _gain(p_T, i_T, p, i), settings,
+                                                budget.feasible if budget else None)
+  in_w, in_b = set(w_order), set(b_order)
+  trained = in_w | in_b
+  trained_order = [k for k in sort_by_size(p, i) if k in trained]
   thetas = list(settings.thetas)
-  errors, pending = {}, []
-  for k in trained_order:
-    for t_idx, theta in enumerate(thetas):
-      known = journal.get(names[k], theta) if journal is not None else None
-      if known is not None:
-        errors[(k, t_idx)] = known
-      else:
-        pending.append((k, t_idx))
-  errors.update(_train_pending(candidates, names, settings, pending, train_and_eval, journal,
-                               group))
+  errors, pending = _errors(candidates, names, settings, trained_order, train_and_eval,
+                            journal, group)
 
   # Step 3 (end): W per theta, best over theta. Step 4: the best trained candidate.
-  trained = set(trained_order)
   rows = [_row(k, names, candidates, p, i, p_T, i_T, int(interval_of[k]),
                tuple(errors[(k, t)] for t in range(len(thetas))) if k in trained else None,
                thetas, {col: vals[k] for col, vals in extra_cols.items()}) for k in range(n)]
-  for row, size in zip(rows, tie_sizes(p, i)):
+  for k, (row, size) in enumerate(zip(rows, tie_sizes(p, i))):
     row.tie = size
-  finite = [k for k in trained_order if math.isfinite(rows[k].w)]
+    row.plan = "+".join(name for name, plan in (("w", in_w), ("budget", in_b)) if k in plan)
+    row.feasible = bool(budget.feasible[k]) if budget is not None else None
+  finite = [k for k in w_order if math.isfinite(rows[k].w)]
   if not finite:
     raise RuntimeError("every trained candidate diverged under every theta (non-finite proxy "
                        "error); no candidate can be returned")
   # Ties go to the smaller candidate (earlier in size order).
-  position = {k: pos for pos, k in enumerate(trained_order)}
+  position = {k: pos for pos, k in enumerate(w_order)}
   best_index = max(finite, key=lambda k: (rows[k].w, -position[k]))
+  first, second = _budget_choice(rows, budget) if budget is not None else (None, None)
   return Result(rows=rows, best_index=best_index, maximum_index=t_index, p_T=p_T, i_T=i_T,
                 eps=settings.eps, rule=settings.rule, thetas=thetas,
                 num_pairs=len(trained_order) * len(thetas), num_computed=len(pending),
-                ties=settings.ties, tie_extra=len(trained_order) - len(set(chosen)))
+                ties=settings.ties, tie_extra=len(w_order) - len(set(chosen)), budget=budget,
+                budget_index=first, budget_second=second,
+                budget_extra=len(trained_order) - len(w_order))

@@ -1,8 +1,9 @@
 """The approximation guarantee of the interval rules (docs/EXTRACTION.md, "Guarantee").
 
 Pure arithmetic on p, i and the measured errors: :func:`guarantee_bound` is the a priori ratio
-rho, :func:`certified_ratio` the a posteriori certificate of a finished search. ``fptas``
-re-exports both.
+rho of W's choice, :func:`certified_ratio` the a posteriori certificate of a finished search,
+:func:`budget_bound` the a priori additive bound of the budget rule's choice
+(docs/EXTRACTION.md, "Selection by a budget"). ``fptas`` re-exports all three.
 """
 
 from __future__ import annotations
@@ -56,6 +57,47 @@ def guarantee_bound(p: Sequence[float], i: Sequence[float], p_T: float, i_T: flo
   dist = np.abs(p[targets][:, None] - p[tr][None, :]) / p_T
   ratio = (g[tr][None, :] / g[targets][:, None]) * (e_min / (e_min + lipschitz * dist))
   return float(np.clip(ratio.max(axis=1).min(), 0.0, 1.0))
+
+
+def budget_bound(p: Sequence[float], p_T: float, feasible: Sequence[bool],
+                 trained: Sequence[int], lipschitz: float) -> float:
+  """A priori bound on e(budget's choice) - e(best feasible candidate), additive.
+
+  Assumption (A2) of :func:`guarantee_bound` on the best-over-theta error e:
+  |e(b) - e(b')| <= lipschitz * |p(b) - p(b')| / p_T. Let F be the feasible candidates, R the
+  trained ones among them and delta = max over b in F of min over r in R of |p(b) - p(r)|.
+  The budget's choice c has the lowest e in R; for the exhaustive optimum b* of F, its nearest
+  trained r* gives e(c) <= e(r*) <= e(b*) + lipschitz * delta / p_T. The budget's plan trains
+  a member of every feasible interval, so delta is at most the widest feasible interval's
+  spread in p; it is 0 when every feasible candidate is trained. No error is used, so the bound
+  is known before training.
+
+  Args:
+    p: size of every candidate.
+    p_T: the maximum point's size (the scale of (A2)).
+    feasible: per candidate, whether it meets the budget.
+    trained: indices of the trained candidates (any plan; the infeasible ones are ignored).
+    lipschitz: L of (A2), >= 0 (1 gives delta / p_T, the bound in units of L).
+
+  Returns:
+    lipschitz * delta / p_T (>= 0); inf when no feasible candidate is trained; 0 when no
+    candidate is feasible (nothing to be near).
+  """
+  if not math.isfinite(lipschitz) or lipschitz < 0:
+    raise ValueError(f"lipschitz must be finite and >= 0, got {lipschitz!r}")
+  p_T = check_positive("p_T", p_T)
+  p = np.asarray(p, dtype=np.float64)
+  feasible = np.asarray(feasible, dtype=bool)
+  if feasible.shape != p.shape:
+    raise ValueError(f"feasible must hold one flag per candidate ({p.size}), got {feasible.shape}")
+  targets = np.flatnonzero(feasible)
+  tr = np.asarray(sorted({int(k) for k in trained if feasible[int(k)]}), dtype=np.int64)
+  if targets.size == 0:
+    return 0.0
+  if tr.size == 0:
+    return math.inf
+  delta = np.abs(p[targets][:, None] - p[tr][None, :]).min(axis=1).max()
+  return float(lipschitz * delta / p_T)
 
 
 def certified_ratio(result, lipschitz: float, e_min: float) -> float:

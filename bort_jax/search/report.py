@@ -3,7 +3,8 @@
 Everything is written into the run's workdir:
 - ``results.md`` / ``results.csv`` / ``results.json``: one row per candidate, sorted by W
   (largest first, untrained candidates last), from a :class:`bort_jax.search.fptas.Result`;
-- ``chosen_arch.txt``: the returned architecture string;
+- ``chosen_arch.txt``: the configured selection rule's choice (W's, or the budget's with
+  ``config.select.rule="budget"``), the architecture distillation reads;
 - ``pareto.png``: size and inference cost against proxy error, Pareto fronts highlighted and
   the chosen candidate marked;
 - ``audit.png``: the proxy audit's s-step against S-step errors, the chosen candidate marked;
@@ -26,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from bort_jax.runtime.fileio import atomic_write_text, to_jsonable
-from bort_jax.search import audit
+from bort_jax.search import audit, guarantee
 from bort_jax.search.formula import gain_parts
 
 LEDGER_KEYS = ("wall_time_s", "compile_time_s", "compile_count", "flops")
@@ -35,16 +36,20 @@ LEDGER_KEYS = ("wall_time_s", "compile_time_s", "compile_count", "flops")
 
 def _columns(result) -> list[str]:
   extra = sorted({k for row in result.rows for k in row.extra})
+  # The budget's columns only with a budget, so W-only tables keep their shape.
+  budget = ["feasible", "plan"] if result.budget is not None else []
   return ["rank", "arch", "p", *extra, "i", "gain_p", "gain_i", "e", "1/e", "W", "theta",
-          "trained", "tie", "interval"]
+          "trained", *budget, "tie", "interval"]
 
 
-def _cells(rank: int, row, extra_keys: Sequence[str], p_T: float, i_T: float) -> list[Any]:
+def _cells(rank: int, row, extra_keys: Sequence[str], p_T: float, i_T: float,
+           budget: bool = False) -> list[Any]:
   # W = gain_p * gain_i * (1/e): the three factors are shown beside it.
   gain_p, gain_i = gain_parts(p_T, i_T, row.p, row.i)
   inv_e = 1.0 / row.e if row.e is not None and math.isfinite(row.e) else None
   return [rank, row.name, row.p, *[row.extra.get(k) for k in extra_keys], row.i, gain_p,
-          gain_i, row.e, inv_e, row.w, row.theta, row.trained, row.tie, row.interval]
+          gain_i, row.e, inv_e, row.w, row.theta, row.trained,
+          *([row.feasible, row.plan] if budget else []), row.tie, row.interval]
 
 
 def explain(result) -> dict:
@@ -55,9 +60,10 @@ def explain(result) -> dict:
 
   Returns:
     {"runner_up": name or None, "margin": :func:`audit.choice_margin`,
-     "max_gain": the trained candidate of largest gain, "size": :func:`audit.size_decides`}.
+     "max_gain": the trained candidate of largest gain, "size": :func:`audit.size_decides`},
+    all over W's plan (the budget's extra trainings do not enter W's choice).
   """
-  trained = [r for r in result.rows if r.trained]
+  trained = [r for r in result.rows if r.in_w_plan]
   best, second = audit.best_two([r.w for r in trained])
   runner_up = trained[second] if second is not None else None
   max_gain = max(trained, key=lambda r: (r.gain, -r.p)).name
@@ -80,6 +86,7 @@ def explanation_lines(result, why: Mapping[str, Any]) -> list[str]:
     lines.append(f"- ties in (p, i): {ties} candidates share their size and cost with another; "
                  f"{rule}; column `tie` counts each one's tie")
   margin = why["margin"]
+  whose = "W's choice" if result.budget is not None else "the choice"
   if why["runner_up"] is None:
     lines.append("- margin: only one candidate was trained")
   elif margin["runner_up_e_fall"] is None:
@@ -87,17 +94,40 @@ def explanation_lines(result, why: Mapping[str, Any]) -> list[str]:
                  "errors can make it overtake")
   else:
     lines.append(
-        f"- margin: the choice changes if {result.best.name}'s e rises by "
+        f"- margin: {whose} changes if {result.best.name}'s e rises by "
         f"{100 * margin['winner_e_rise']:.3g}% or the runner-up {why['runner_up']}'s e falls "
         f"by {100 * margin['runner_up_e_fall']:.3g}%")
   size = why["size"]
   if size["warn"]:
     lines.append(
-        f"- **WARNING: the choice is made by size alone**: the proxy errors spread by "
+        f"- **WARNING: {whose} is made by size alone**: the proxy errors spread by "
         f"{size['error_spread']:.3g}x (max/min over the trained candidates) against "
         f"{size['gain_spread']:.3g}x for the cost gains gain_p*gain_i, so W ranks the "
         f"candidates mostly by size and cost (the largest gain is {why['max_gain']})")
   return lines
+
+
+def choice_lines(result) -> list[str]:
+  """results.md's lines on the choice: W's alone, or the budget's and W's side by side."""
+  best = result.best
+  w_line = f"W = {_md(best.w)}, e = {_md(best.e)}, theta = {_md(best.theta)}"
+  if result.budget is None:
+    return [f"- chosen: **{best.name}** ({w_line})"]
+  sel = result.selection()
+  speedup = f", {sel['speedup']:.3g}x faster than the teacher" if sel["speedup"] else ""
+  trained = [k for k, r in enumerate(result.rows) if r.trained]
+  delta = guarantee.budget_bound([r.p for r in result.rows], result.p_T,
+                                 result.budget.feasible, trained, 1.0)
+  return [
+      f"- chosen (rule `budget`, written to chosen_arch.txt): **{sel['choice']}**, the lowest "
+      f"proxy error among the trained candidates that meet the budget ({sel['budget']}): "
+      f"e = {_md(sel['e'])}, p = {_md(sel['p'])}{speedup}; runner-up "
+      f"{sel['runner_up'] or 'none'}",
+      f"- W's choice (rule `w`, the paper's): **{best.name}** ({w_line})",
+      f"- budget: {sel['feasible']} of {len(result.rows)} candidates meet it, "
+      f"{sel['feasible_trained']} of them trained ({result.budget_extra} candidates beyond W's "
+      f"plan, column `plan`); guarantee under (A2) with constant L: e(chosen) <= e(best "
+      f"feasible) + L x {delta:.4g} (delta / p_T; 0 when every feasible candidate is trained)"]
 
 
 def _md(value: Any) -> str:
@@ -151,18 +181,16 @@ def write_tables(result, workdir: str | os.PathLike,
   columns = _columns(result)
   extra_keys = columns[3:columns.index("i")]
   rows = result.sorted_rows()
-  table = [_cells(rank, row, extra_keys, result.p_T, result.i_T)
+  table = [_cells(rank, row, extra_keys, result.p_T, result.i_T, result.budget is not None)
            for rank, row in enumerate(rows, start=1)]
 
-  best = result.best
   t_name = (result.rows[result.maximum_index].name if result.maximum_index is not None
             else f"reference point (p={result.p_T:g}, i={result.i_T:g})")
   trained = sum(r.trained for r in result.rows)
   lines = [
       "# Extraction results",
       "",
-      f"- chosen: **{best.name}** (W = {_md(best.w)}, e = {_md(best.e)}, "
-      f"theta = {_md(best.theta)})",
+      *choice_lines(result),
       f"- maximum point T: {t_name} (p = {_md(result.p_T)}, i = {_md(result.i_T)})",
       f"- interval size eps = {result.eps}, rule `{result.rule}`: {trained} of "
       f"{len(result.rows)} candidates trained, {result.num_pairs} (candidate, theta) pairs, "
@@ -189,7 +217,7 @@ def write_tables(result, workdir: str | os.PathLike,
   atomic_write_text(paths["csv"], buf.getvalue())
 
   atomic_write_text(paths["json"], json.dumps(to_jsonable(result.to_dict()), indent=1) + "\n")
-  atomic_write_text(paths["chosen"], best.name + "\n")
+  atomic_write_text(paths["chosen"], result.chosen.name + "\n")
   return paths
 
 
@@ -226,8 +254,8 @@ def pareto_plot(result, path: str | os.PathLike, size_key: str = "params_effecti
   """Two panels: size vs proxy error and inference cost vs proxy error.
 
   Only trained candidates with a finite error are plotted. Each panel's Pareto front (both
-  axes minimised) is drawn as a line through highlighted points; the chosen candidate is a
-  red star with its name.
+  axes minimised) is drawn as a line through highlighted points; W's choice is a red star
+  with its name, the budget rule's choice (when there is a budget) a green diamond.
 
   Args:
     result: a :class:`bort_jax.search.fptas.Result`.
@@ -251,6 +279,8 @@ def pareto_plot(result, path: str | os.PathLike, size_key: str = "params_effecti
   cost = np.array([r.i for r in rows])
   err = np.array([r.e for r in rows])
   chosen = next(k for k, r in enumerate(rows) if r.name == result.best.name)
+  budget = next((k for k, r in enumerate(rows) if result.budget is not None
+                 and r.name == result.chosen.name), None)
 
   fig = Figure(figsize=(12, 5), dpi=110)
   FigureCanvasAgg(fig)
@@ -263,11 +293,17 @@ def pareto_plot(result, path: str | os.PathLike, size_key: str = "params_effecti
     ax.plot(x[front], err[front], "-o", c="tab:blue", ms=6, lw=1.5,
             label=f"Pareto front ({len(front)})", zorder=3)
     ax.scatter([x[chosen]], [err[chosen]], marker="*", s=260, c="tab:red",
-               edgecolors="k", label="chosen (max W)", zorder=4)
+               edgecolors="k", zorder=4,
+               label="chosen (max W)" if budget is None else "W's choice (max W)")
     ax.annotate(f"{rows[chosen].name}\nW={rows[chosen].w:.3g}", (x[chosen], err[chosen]),
                 xytext=(12, 12), textcoords="offset points", fontsize=9,
                 arrowprops={"arrowstyle": "->", "lw": 0.8},
                 bbox={"boxstyle": "round", "fc": "white", "alpha": 0.85})
+    if budget is not None:
+      ax.scatter([x[budget]], [err[budget]], marker="D", s=110, c="tab:green", edgecolors="k",
+                 label="chosen (lowest e under the budget)", zorder=5)
+      ax.annotate(rows[budget].name, (x[budget], err[budget]), xytext=(12, -18),
+                  textcoords="offset points", fontsize=9, color="tab:green")
     ax.set_xlabel(label)
     ax.set_ylabel("proxy error e")
     ax.grid(alpha=0.3)
@@ -276,7 +312,7 @@ def pareto_plot(result, path: str | os.PathLike, size_key: str = "params_effecti
       ax.set_xscale("log")
   untrained = len(result.rows) - len(rows)
   fig.suptitle(f"Extraction: {len(result.rows)} candidates, eps={result.eps}, rule "
-               f"{result.rule}, {untrained} not trained or diverged; chosen {result.best.name}")
+               f"{result.rule}, {untrained} not trained or diverged; chosen {result.chosen.name}")
   fig.tight_layout()
   return _save(fig, path)
 
@@ -326,7 +362,8 @@ def audit_plot(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any],
   for name, marker, color, size, label in (
       (summary["chosen"], "*", "tab:red", 280, "chosen by the search"),
       (summary["choice_long"] if summary["choice_changed"] else None, "D", "tab:blue", 90,
-       f"W's choice with {long_steps}-step errors")):
+       f"{'the budget' if summary.get('rule') == 'budget' else 'W'}'s choice with "
+       f"{long_steps}-step errors")):
     match = [k for k, r in enumerate(keep) if r["name"] == name]
     if match:
       k = match[0]

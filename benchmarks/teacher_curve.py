@@ -1,0 +1,95 @@
+"""The fine-tuned teacher's learning curve on each demo task: dev score against steps.
+
+The demo gives the teacher the fine-tuning budget at which its dev score levels off; this script
+measures where that is. For every task of ``configs/demo.py`` and every step count of
+``--steps``, the teacher's fine-tuning job of the demo (its block ``finetune_teacher``: the same
+learning rate, seeds, batch, sequence length and dev sample) runs with that many steps, each in
+its own folder under ``--workdir`` (a rerun skips finished jobs). The output JSON has one row per
+(task, steps) with the dev score, the majority-class baseline, the dev sample size and the
+standard error of the score, and per task the gain of each run over the one half as long.
+
+    bort-jax demo --workdir runs/demo          # or teacher-adapt: the teacher's export
+    python benchmarks/teacher_curve.py --teacher runs/demo/teacher/export \\
+        --workdir runs/teacher_curve --out benchmarks/results/teacher_curve.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+
+import common  # noqa: F401  (puts the repository on sys.path)
+
+from bort_jax.data import demo as demo_data
+from bort_jax.data import fetch
+from bort_jax.finetune import population
+from bort_jax.runtime.fileio import atomic_write_text
+from configs import demo as demo_config
+
+
+def job_config(config, task: str, steps: int, teacher: str, cache_dir: str):
+  """The demo's teacher job on ``task``, ``steps`` long."""
+  cfg = copy.deepcopy(config.finetune_teacher)
+  cfg.task = f"demo/{task}"
+  cfg.seq_len = int(config.finetune_tasks[task].seq_len)
+  cfg.train.total_steps = int(steps)
+  cfg.init.path, cfg.init.kind = teacher, "params"
+  cfg.population.save_best = False
+  cfg.tokenizer = os.path.join(cache_dir, "teacher")
+  cfg.data_dir = os.path.join(cache_dir, "tfds")
+  return cfg
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  parser.add_argument("--teacher", required=True, help="the adapted teacher's export folder")
+  parser.add_argument("--workdir", required=True, help="one folder per (task, steps) job")
+  parser.add_argument("--cache-dir", default=fetch.default_cache_dir())
+  parser.add_argument("--tasks", default=",".join(demo_config.TASKS))
+  parser.add_argument("--steps", default="100,200,400,800")
+  parser.add_argument("--out", default="")
+  args = parser.parse_args(argv)
+  config = demo_config.get_config()
+  demo_data.register_demo_tasks(args.cache_dir)
+  step_list = [int(s) for s in args.steps.split(",")]
+  rows = []
+  for task in args.tasks.split(","):
+    for steps in step_list:
+      folder = os.path.join(args.workdir, f"{task}-{steps}")
+      result_path = os.path.join(folder, "population.json")
+      start = time.perf_counter()
+      if not os.path.exists(result_path):
+        population.run(job_config(config, task, steps, args.teacher, args.cache_dir), folder)
+      with open(result_path, encoding="utf-8") as f:
+        result = json.load(f)
+      metric = result["metric"]
+      score, n = float(result["settings"][0][metric]["mean"]), int(result["dev_records"])
+      row = {"task": task, "steps": steps, "metric": metric, "score": score,
+             "majority": (result.get("majority") or {}).get(metric), "dev_records": n,
+             "standard_error": math.sqrt(max(score * (1 - score), 0.0) / n) if n else None,
+             "seconds": round(time.perf_counter() - start, 1)}
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+  for row in rows:
+    half = [r for r in rows if r["task"] == row["task"] and 2 * r["steps"] == row["steps"]]
+    row["gain_over_half"] = row["score"] - half[0]["score"] if half else None
+  print("\n| task | steps | dev score | gain over half as long | majority | SE |")
+  print("|---|---|---|---|---|---|")
+  for r in rows:
+    gain = "" if r["gain_over_half"] is None else f"{100 * r['gain_over_half']:+.1f}"
+    print(f"| {r['task']} | {r['steps']} | {100 * r['score']:.1f} | {gain} | "
+          f"{100 * (r['majority'] or 0):.1f} | {100 * (r['standard_error'] or 0):.1f} |")
+  if args.out:
+    atomic_write_text(args.out, json.dumps({"teacher": args.teacher, "rows": rows,
+                                            "sources": fetch.used_sources(args.cache_dir)},
+                                           indent=1))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,82 @@
+"""What the demo leaves a user to use at once: per task, the fine-tuned student, its Hugging
+Face export and the command that runs it.
+
+The student's fine-tuning population writes its best member as a fine-tuned model
+(``<job>/best``, ``population.save_best``), which ``bort-jax predict`` and ``bort-jax
+evaluate`` take as it is. The report stage exports each one to a Hugging Face folder under
+``WORKDIR/products/<task>/hf`` (``interop/hf_export.py``: weights, config with the label names,
+tokenizer files and a model card), redone only when the fine-tuned model changed, and lists
+the predict command with an example input of the task's kind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from bort_jax.runtime.fileio import atomic_write_text
+
+PRODUCTS_DIR = "products"
+# An example input per demo task, as predict's flags: the command works as printed.
+EXAMPLES = {
+    "demo/movie_sentiment": '--text "A gripping, beautifully acted film."',
+    "demo/word_sense": ('--text "they sat on the bank of the river" '
+                        '--text-b "bank: sloping land beside a body of water"'),
+    "demo/bbc_news": ('--text "Shares in the carmaker rose 5% after its profits beat '
+                      'forecasts."'),
+}
+
+
+def _stamp(best: str) -> str:
+  """What the export was made from: the fine-tuned model's record (task, score, step)."""
+  with open(os.path.join(best, "finetune.json"), encoding="utf-8") as f:
+    return json.dumps(json.load(f), sort_keys=True)
+
+
+def export_student(best: str, out: str) -> dict[str, Any]:
+  """The Hugging Face folder of one fine-tuned student, made unless it is up to date."""
+  from bort_jax.interop import hf_export  # pylint: disable=import-outside-toplevel
+  stamp_path = os.path.join(out, ".made_from.json")
+  stamp = _stamp(best)
+  if os.path.isfile(stamp_path) and open(stamp_path, encoding="utf-8").read() == stamp:
+    return {"out": out, "made": False}
+  done = hf_export.export_hf(best, out)
+  atomic_write_text(stamp_path, stamp)
+  return {"out": out, "made": True, "parameters": done["parameters"]}
+
+
+def products(workdir: str, state: dict) -> tuple[list[str], list[dict]]:
+  """The products section: per task, the fine-tuned student, its HF export, predict's command.
+
+  Args:
+    workdir: the demo's workdir.
+    state: ``demo_state.json`` (where the student's fine-tuning jobs are).
+
+  Returns:
+    (the section's Markdown lines, one dict per product).
+  """
+  lines = ["## Use the student", ""]
+  rows = []
+  for folder in (state.get("finetune_runs") or {}).get("student", []):
+    best = os.path.join(folder, "best")
+    meta_path = os.path.join(best, "finetune.json")
+    if not os.path.isfile(meta_path):
+      continue
+    with open(meta_path, encoding="utf-8") as f:
+      task = json.load(f).get("task", "")
+    name = task.split("/")[-1] or os.path.basename(folder)
+    hf = export_student(best, os.path.join(workdir, PRODUCTS_DIR, name, "hf"))
+    example = EXAMPLES.get(task, '--text "..."')
+    command = f"bort-jax predict --checkpoint {best} {example}"
+    rows.append({"task": task, "checkpoint": best, "hf": hf["out"], "predict": command})
+  if not rows:
+    return lines + ["No fine-tuned student yet (the finetune stage writes one per task).", ""], []
+  lines += ["The best seed of the student's fine-tuning on each task is a fine-tuned model "
+            "`bort-jax predict` and `bort-jax evaluate` take as it is; its Hugging Face export "
+            "(weights, config with the label names, tokenizer, model card) loads with "
+            "`AutoModelForSequenceClassification.from_pretrained(DIR)`.", ""]
+  for row in rows:
+    lines += [f"- **{row['task']}**: `{row['checkpoint']}`, Hugging Face export "
+              f"`{row['hf']}`", "", "  ```bash", f"  {row['predict']}", "  ```", ""]
+  return lines, rows

@@ -65,7 +65,12 @@ def test_train_step_is_make_optimizers_update(kind, n):
     np.testing.assert_allclose(m["loss"], rm["loss"], rtol=1e-6)
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-  assert not np.allclose(jax.tree.leaves(state.params)[0], jax.tree.leaves(params)[0])
+  # Training moved the weights. Not "the first leaf moved": for multiple choice that leaf is
+  # the classifier bias, whose gradient is exactly zero (a softmax over choices ignores a shift
+  # shared by all of them), and whether it stays bit-exact at zero depends on the CPU.
+  moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(state.params),
+                                                 jax.tree.leaves(params))]
+  assert sum(moved) >= len(moved) // 2, moved
 
 
 def test_schedule_factor_matches_make_schedule():

@@ -29,19 +29,22 @@ from bort_jax.data import demo as demo_data
 from bort_jax.data import fetch
 from bort_jax.finetune import population
 from bort_jax.runtime.fileio import atomic_write_text
+from bort_jax.pipelines import demo as demo_pipeline
 from configs import demo as demo_config
+from configs import finetune as finetune_config
 
 
 def job_config(config, task: str, steps: int, teacher: str, cache_dir: str):
-  """The demo's teacher job on ``task``, ``steps`` long."""
-  cfg = copy.deepcopy(config.finetune_teacher)
-  cfg.task = f"demo/{task}"
-  cfg.seq_len = int(config.finetune_tasks[task].seq_len)
-  cfg.train.total_steps = int(steps)
-  cfg.init.path, cfg.init.kind = teacher, "params"
+  """The demo's teacher job on ``task`` (``pipelines.demo.finetune_config``), ``steps`` long.
+
+  A demo task the demo config leaves out (word_sense) gets its sequence length from
+  ``configs/finetune.DEMO_SEQ_LEN``, as the demo would give it.
+  """
+  config = copy.deepcopy(config)
+  config.finetune_tasks[task] = {"steps": int(steps),
+                                 "seq_len": finetune_config.DEMO_SEQ_LEN[f"demo/{task}"]}
+  cfg = demo_pipeline.finetune_config(config, "teacher", task, teacher, cache_dir)
   cfg.population.save_best = False
-  cfg.tokenizer = os.path.join(cache_dir, "teacher")
-  cfg.data_dir = os.path.join(cache_dir, "tfds")
   return cfg
 
 
@@ -50,7 +53,7 @@ def main(argv=None) -> int:
   parser.add_argument("--teacher", required=True, help="the adapted teacher's export folder")
   parser.add_argument("--workdir", required=True, help="one folder per (task, steps) job")
   parser.add_argument("--cache-dir", default=fetch.default_cache_dir())
-  parser.add_argument("--tasks", default=",".join(demo_config.TASKS))
+  parser.add_argument("--tasks", default=",".join(demo_data.CONFIGS))
   parser.add_argument("--steps", default="100,200,400,800")
   parser.add_argument("--out", default="")
   args = parser.parse_args(argv)

@@ -14,7 +14,7 @@ import pytest
 from bort_jax.interop import export
 from bort_jax.core import arch as arch_lib
 from bort_jax.core import cost
-from bort_jax.pipelines import extract
+from bort_jax.pipelines import extract, extract_costs
 from bort_jax.core import model
 from bort_jax.search import proxy
 from bort_jax.cli import load_config
@@ -280,20 +280,20 @@ def test_latency_budget_reads_the_latency_table(tmp_path, monkeypatch):
   configs = [base.replace(arch=a) for a in candidates]
   counts = [cost.param_counts(c) for c in configs]
   p = [float(c["total"]) for c in counts]
-  i, label = extract.inference_costs(configs, config.cost)
-  budget = extract.budget_of(config, base, teacher, configs, p, i, label)
+  i, label = extract_costs.inference_costs(configs, config.cost)
+  budget = extract_costs.budget_of(config, base, teacher, configs, p, i, label)
   assert [str(a) for a, f in zip(candidates, budget.feasible) if f] == [
       str(a) for a in candidates if a.depth == 1 and a.hidden == 16]
   assert sorted(timed) == sorted(str(a) for a in candidates)  # each measured once, kept
   assert "measured latency <= 1.8 ms" in budget.text and budget.speedup is not None
-  columns = extract.report_columns(config, configs, counts, budget)
+  columns = extract_costs.report_columns(config, configs, counts, budget)
   assert columns["latency_ms"] == list(budget.latency_ms) and "speedup" in columns
   assert json.load(open(config.cost.latency_table))  # the table holds them for the next run
   timed.clear()
-  extract.budget_of(config, base, teacher, configs, p, i, label)
+  extract_costs.budget_of(config, base, teacher, configs, p, i, label)
   assert timed == []
   config.select.rule = "w"
-  assert extract.budget_of(config, base, teacher, configs, p, i, label) is None
+  assert extract_costs.budget_of(config, base, teacher, configs, p, i, label) is None
 
 
 def test_teacher_vocabulary_must_match_student(tmp_path, monkeypatch):
@@ -342,21 +342,21 @@ def test_reference_point_outside_the_space():
   teacher = arch_lib.get_model_config("minilm-l6-h384")
   candidates = ["D1-A2-H32-I64", "D2-A2-H32-I64"]
   config.fptas.maximum = ""
-  assert extract.reference_point(config, base, teacher, candidates) is None
+  assert extract_costs.reference_point(config, base, teacher, candidates) is None
   config.fptas.maximum = "D2-A2-H32-I64"
-  assert extract.reference_point(config, base, teacher, candidates) == "D2-A2-H32-I64"
+  assert extract_costs.reference_point(config, base, teacher, candidates) == "D2-A2-H32-I64"
   config.cost.inference, config.cost.size = "flops", "effective"
   config.fptas.maximum = "teacher"
-  p_t, i_t = extract.reference_point(config, base, teacher, candidates)
+  p_t, i_t = extract_costs.reference_point(config, base, teacher, candidates)
   assert p_t == cost.param_counts(teacher)["effective"]
   assert i_t == cost.forward_flops(teacher, config.cost.batch, config.cost.seq_len)["total"]
   # A named shape is costed with the candidates' family (vocabulary, embeddings).
   config.fptas.maximum, config.cost.size = "D6-A12-H384-I1536", "total"
-  p_named, _ = extract.reference_point(config, base, teacher, candidates)
+  p_named, _ = extract_costs.reference_point(config, base, teacher, candidates)
   assert p_named == cost.param_counts(base.replace(arch="D6-A12-H384-I1536"))["total"]
   config.fptas.maximum = "teacher"
   with pytest.raises(ValueError, match="needs a teacher"):
-    extract.reference_point(config, base, None, candidates)
+    extract_costs.reference_point(config, base, None, candidates)
   config.fptas.maximum = "biggest"
   with pytest.raises(ValueError, match="config.fptas.maximum='biggest'"):
-    extract.reference_point(config, base, teacher, candidates)
+    extract_costs.reference_point(config, base, teacher, candidates)

@@ -51,6 +51,7 @@ from bort_jax.core import arch as arch_lib
 from bort_jax.data import fetch
 from bort_jax.interop import export
 from bort_jax.pipelines import demo_agora, demo_cache, report
+from bort_jax.runtime import fileio
 from bort_jax.runtime.fileio import atomic_write_text, to_jsonable
 
 STAGES = ("fetch", "teacher-adapt", "extract", "distill", "finetune", "agora", "report")
@@ -63,7 +64,7 @@ class State:
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, report.STATE_FILE)
-    self.data = report.read_json(self.path) or {}
+    self.data = fileio.read_json(self.path) or {}
     stages = self.data.setdefault("stages", {})
     for name in STAGES:
       stages.setdefault(name, {"done": False, "seconds": 0.0})
@@ -279,7 +280,7 @@ def finetune_jobs(config: ml_collections.ConfigDict, workdir: str, cache_dir: st
 
 def job_done(folder: str) -> bool:
   """Whether a fine-tuning job finished (its ``population.json``; the folder fixes the job)."""
-  return report.read_json(os.path.join(folder, "population.json")) is not None
+  return fileio.read_json(os.path.join(folder, "population.json")) is not None
 
 
 def run_finetune(config: ml_collections.ConfigDict, workdir: str, cache_dir: str,

@@ -14,7 +14,7 @@ import os
 
 import ml_collections
 
-from bort_jax.pipelines import report
+from bort_jax.runtime import fileio
 from bort_jax.runtime.fileio import atomic_write_text
 
 AGORA_SUFFIX = "_agora"  # the report finds a population's Agora run beside it by this suffix
@@ -83,10 +83,10 @@ def run_agora(config: ml_collections.ConfigDict, jobs: list) -> dict[str, dict]:
     if not entry["run"]:
       print(f"[agora] {task}: skipped: {entry['reason']}", flush=True)
       continue
-    if report.read_json(os.path.join(entry["folder"], "agora.json")) is not None:
+    if fileio.read_json(os.path.join(entry["folder"], "agora.json")) is not None:
       print(f"[agora] {task}: done, skipped ({entry['folder']})", flush=True)
       continue
-    refused = report.read_json(os.path.join(entry["folder"], REFUSED_FILE))
+    refused = fileio.read_json(os.path.join(entry["folder"], REFUSED_FILE))
     if refused is not None:  # an earlier run's refusal: the same labeller, the same verdict
       entry.update(run=False, reason=refused["reason"])
       print(f"[agora] {task}: {entry['reason']}", flush=True)

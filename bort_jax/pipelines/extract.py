@@ -42,9 +42,8 @@ from bort_jax.core import arch as arch_lib
 from bort_jax.core import cost, model
 from bort_jax.core.model import MLM
 from bort_jax.pipelines import extract_audit, setup
-from bort_jax.pipelines.extract_costs import (  # noqa: F401  (API)
-    budget_of, inference_costs, latency_table_path, reference_point, report_columns, selection,
-    shape_cost)
+from bort_jax.pipelines.extract_costs import (budget_of, inference_costs, reference_point,
+                                              report_columns, selection)
 from bort_jax.runtime import sharding
 from bort_jax.search import buckets, fptas, proxy, proxy_init, report
 

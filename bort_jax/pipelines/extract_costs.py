@@ -2,8 +2,7 @@
 feasible set (``pipelines/extract.py``; docs/EXTRACTION.md).
 
 Everything here runs before the first proxy training, so a budget no candidate meets, like any
-other bad input, is refused before the search spends anything. ``extract`` re-exports the
-public functions.
+other bad input, is refused before the search spends anything.
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ def selection(config: ml_collections.ConfigDict) -> select.Selection:
                      "(give a teacher, or set config.select.min_speedup=0 and use "
                      "max_latency_ms or max_params)")
   return sel
-
 
 
 # ----------------------------------------------------------------------------- costs

@@ -15,7 +15,7 @@ import json
 import os
 from typing import Any
 
-from bort_jax.runtime.fileio import atomic_write_text
+from bort_jax.runtime.fileio import atomic_write_text, read_json
 
 PRODUCTS_DIR = "products"
 # An example input per demo task, as predict's flags: the command works as printed.
@@ -30,8 +30,7 @@ EXAMPLES = {
 
 def _stamp(best: str) -> str:
   """What the export was made from: the fine-tuned model's record (task, score, step)."""
-  with open(os.path.join(best, "finetune.json"), encoding="utf-8") as f:
-    return json.dumps(json.load(f), sort_keys=True)
+  return json.dumps(read_json(os.path.join(best, "finetune.json")), sort_keys=True)
 
 
 def export_student(best: str, out: str) -> dict[str, Any]:
@@ -39,7 +38,7 @@ def export_student(best: str, out: str) -> dict[str, Any]:
   from bort_jax.interop import hf_export  # pylint: disable=import-outside-toplevel
   stamp_path = os.path.join(out, ".made_from.json")
   stamp = _stamp(best)
-  if os.path.isfile(stamp_path) and open(stamp_path, encoding="utf-8").read() == stamp:
+  if read_json(stamp_path) == json.loads(stamp):
     return {"out": out, "made": False}
   done = hf_export.export_hf(best, out)
   atomic_write_text(stamp_path, stamp)
@@ -60,11 +59,10 @@ def products(workdir: str, state: dict) -> tuple[list[str], list[dict]]:
   rows = []
   for folder in (state.get("finetune_runs") or {}).get("student", []):
     best = os.path.join(folder, "best")
-    meta_path = os.path.join(best, "finetune.json")
-    if not os.path.isfile(meta_path):
+    meta = read_json(os.path.join(best, "finetune.json"))
+    if not isinstance(meta, dict):
       continue
-    with open(meta_path, encoding="utf-8") as f:
-      task = json.load(f).get("task", "")
+    task = meta.get("task", "")
     name = task.split("/")[-1] or os.path.basename(folder)
     hf = export_student(best, os.path.join(workdir, PRODUCTS_DIR, name, "hf"))
     example = EXAMPLES.get(task, '--text "..."')

@@ -37,12 +37,14 @@ from configs import finetune as finetune_config
 def job_config(config, task: str, steps: int, teacher: str, cache_dir: str):
   """The demo's teacher job on ``task`` (``pipelines.demo.finetune_config``), ``steps`` long.
 
-  A demo task the demo config leaves out (word_sense) gets its sequence length from
+  A demo task the demo config leaves out gets its sequence length from
   ``configs/finetune.DEMO_SEQ_LEN``, as the demo would give it.
   """
   config = copy.deepcopy(config)
-  config.finetune_tasks[task] = {"steps": int(steps),
-                                 "seq_len": finetune_config.DEMO_SEQ_LEN[f"demo/{task}"]}
+  spec = {"seq_len": finetune_config.DEMO_SEQ_LEN[f"demo/{task}"]}
+  if task in config.finetune_tasks:
+    spec = config.finetune_tasks[task].to_dict()
+  config.finetune_tasks[task] = dict(spec, steps=int(steps))
   cfg = demo_pipeline.finetune_config(config, "teacher", task, teacher, cache_dir)
   cfg.population.save_best = False
   return cfg

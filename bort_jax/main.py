@@ -8,8 +8,9 @@ Bad input (an unknown flag or config field, a value of the wrong type, a workdir
 file, an arch string that does not parse, a missing teacher...) exits with status 2 and one
 paragraph on stderr naming the field or path, the value and what is allowed; ``--debug`` adds
 the traceback. Nothing is written before the input has been checked. Routine lines of the
-libraries (JAX probing for absent accelerators, TFDS restating its builder config, absl INFO)
-are hidden; ``--verbose`` shows them.
+libraries (JAX probing for absent accelerators, TFDS restating its builder config and printing
+its build of a local dataset, absl and matplotlib INFO) are hidden, and log records read as
+plain lines like the printed ones (one line per event); ``--verbose`` shows the hidden ones.
 
 Adding a mode is one entry in ``MODES`` plus its ``run(config, workdir) -> dict``, which checks
 its config before it creates or writes anything (raising ``ValueError`` with the message the
@@ -22,9 +23,9 @@ user will see). For example::
 overrides, checks ``--workdir``, starts multi-process JAX when launched that way, calls
 ``run`` and prints its result as JSON. Mode-specific flags go in ``flags`` (they add
 arguments to the mode's parser) and ``apply_flags`` (it copies them into the config). Modes
-without a config (``cost``, ``convert``, ``data``) name a function of the parsed flags that
-returns the exit status. Modules are imported only when their mode runs, so ``bort-jax cost``
-does not pay for TFDS.
+without a config (``cost``, ``convert``, ``data``, ``evaluate``, ``predict``) name a function
+of the parsed flags that returns the exit status and raises ``ValueError`` for bad input.
+Modules are imported only when their mode runs, so ``bort-jax cost`` does not pay for TFDS.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import traceback
 from typing import Any, Callable, Sequence
 
 from bort_jax import cli
+from bort_jax.runtime import quiet
 
 UsageError = cli.UsageError
 
@@ -66,8 +68,6 @@ class Mode:
     apply_flags: copies those arguments into the loaded config (before the overrides).
     workdir_default: the default ``--workdir`` (None: required).
     print_result: print ``run``'s result as JSON at the end.
-    own_parser: ``run`` is ``main(argv) -> status`` with its own argparse parser (its
-      ``--help``, its bad-input status 2); ``--debug`` is passed on to it.
   """
 
   summary: str
@@ -77,7 +77,6 @@ class Mode:
   apply_flags: Callable[[argparse.Namespace, Any], None] | None = None
   workdir_default: str | None = None
   print_result: bool = True
-  own_parser: bool = False
 
 
 # ----------------------------------------------------------------------------- mode flags
@@ -132,6 +131,42 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--force", action="store_true", help="extract again even if cached")
 
 
+def _inference_flags(parser: argparse.ArgumentParser) -> None:
+  """The flags evaluate and predict share: the checkpoint and how to read it."""
+  parser.add_argument("--checkpoint", required=True,
+                      help="a fine-tuned WORKDIR/best or a Hugging Face directory with a task "
+                           "head")
+  parser.add_argument("--task", default=None, help="task (default: the checkpoint's)")
+  parser.add_argument("--tokenizer", default="",
+                      help="tokenizer folder (default: the checkpoint's)")
+  parser.add_argument("--seq-len", type=int, default=None,
+                      help="padded length (default: the fine-tuning run's, else 128)")
+  parser.add_argument("--batch-size", type=int, default=32, help="rows per batch")
+
+
+def _evaluate_flags(parser: argparse.ArgumentParser) -> None:
+  _inference_flags(parser)
+  parser.add_argument("--split", default=None, help="split (default: the first dev split)")
+  parser.add_argument("--data-dir", default=None, help="TFDS data folder")
+  parser.add_argument("--download", action="store_true", help="let TFDS download the data")
+  parser.add_argument("--out", default=None, help="also write the metrics JSON here")
+  parser.add_argument("--submission", default=None, metavar="DIR",
+                      help="test splits: write the prediction and leaderboard files here")
+
+
+def _predict_flags(parser: argparse.ArgumentParser) -> None:
+  _inference_flags(parser)
+  parser.add_argument("--text", action="append", default=[], help="an input text (repeatable)")
+  parser.add_argument("--text-b", action="append", default=[],
+                      help="the second segment of each --text (sentence pairs)")
+  parser.add_argument("--choice", action="append", default=[],
+                      help="multiple choice: one choice (repeatable, shared by every text)")
+  parser.add_argument("--input", default=None,
+                      help="a JSON lines (.jsonl) or TSV file of inputs")
+  parser.add_argument("--output", default=None,
+                      help="write the JSON lines here (default: stdout)")
+
+
 def _demo_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--cache-dir", default=None,
                       help="demo data cache (config.cache_dir; default $BORT_JAX_CACHE or "
@@ -172,9 +207,9 @@ MODES = {
     "finetune": Mode("fine-tune on a GLUE/SuperGLUE/RACE/demo task",
                      run="bort_jax.finetune.loop:run", config="configs/finetune.py"),
     "evaluate": Mode("score a fine-tuned checkpoint on a split",
-                     run="bort_jax.finetune.evaluate:main", own_parser=True),
+                     run="bort_jax.finetune.evaluate:cli_run", flags=_evaluate_flags),
     "predict": Mode("labels and probabilities for your text",
-                    run="bort_jax.finetune.predict:main", own_parser=True),
+                    run="bort_jax.finetune.predict:cli_run", flags=_predict_flags),
 }
 
 
@@ -227,19 +262,16 @@ def convert_main(args: argparse.Namespace) -> int:
     The exit status.
   """
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from bort_jax.interop import convert, export  # pylint: disable=import-outside-toplevel
+  from bort_jax.interop import hf_export  # pylint: disable=import-outside-toplevel
   cli.check_workdir(args.out, "--out")
   if args.from_hf:
     used = [f for f in ("tokenizer", "speed", "results") if getattr(args, f)]
     if used:
       raise UsageError(f"--{used[0]} is a flag of --to-hf (the model card and tokenizer of a "
                        "Hugging Face export), not of --from-hf")
-    config, params = convert.load_hf(args.from_hf,
-                                     with_mlm_head=False if args.no_mlm_head else None,
-                                     family=args.family)
-    export.save(args.out, params, config)
+    config, params = hf_export.import_hf(args.from_hf, args.out, no_mlm_head=args.no_mlm_head,
+                                         family=args.family)
   else:
-    from bort_jax.interop import hf_export  # pylint: disable=import-outside-toplevel
     done = hf_export.export_hf(args.to_hf, args.out, tokenizer=args.tokenizer, speed=args.speed,
                                results=args.results, no_mlm_head=args.no_mlm_head)
     config = done["config"]
@@ -299,8 +331,9 @@ def _parser(name: str, mode: Mode) -> _Parser:
   parser.add_argument("--debug", action="store_true",
                       help="show the traceback of an error (also before the mode name)")
   parser.add_argument("--verbose", action="store_true",
-                      help="show the libraries' routine log lines too (JAX backend probing, "
-                           "TFDS configuration notes, absl INFO)")
+                      help="show the libraries' routine lines too (JAX backend probing, "
+                           "TFDS configuration notes and build lines, absl and matplotlib "
+                           "INFO)")
   if mode.config is not None:
     parser.add_argument("--config", default=mode.config,
                         help=f"FILE[:ARG], a get_config(arg) file (default {mode.config}); "
@@ -336,24 +369,17 @@ def _function(spec: str) -> Callable:
   return getattr(importlib.import_module(module_name), function_name)
 
 
-def run_mode(name: str, argv: Sequence[str], debug: bool = False) -> int:
+def run_mode(name: str, argv: Sequence[str]) -> int:
   """Parses one mode's arguments and runs it (errors propagate; see :func:`main`).
 
   Args:
     name: the mode (a key of ``MODES``).
-    argv: the arguments after the mode's name, ``--debug`` removed.
-    debug: whether ``--debug`` was given (passed on to modes with their own parser).
+    argv: the arguments after the mode's name, ``--debug`` and ``--verbose`` removed.
 
   Returns:
     The exit status.
   """
   mode = MODES[name]
-  if mode.own_parser:
-    configure_logging()
-    try:
-      return int(_function(mode.run)(list(argv) + (["--debug"] if debug else [])) or 0)
-    except SystemExit as exit_:  # argparse's --help (0) and its usage errors (2)
-      return exit_.code if isinstance(exit_.code, int) else 2
   if any(a in ("-h", "--help") for a in argv):
     print(_help(name, mode, argv))
     return 0
@@ -382,17 +408,50 @@ def run_mode(name: str, argv: Sequence[str], debug: bool = False) -> int:
   return 0
 
 
+class _PlainFormatter(logging.Formatter):
+  """A record as one plain line, like the package's printed ones (no time, no level tag).
+
+  WARNING and above say so (``warning: ...``); another library's records (shown by
+  ``--verbose``, or from WARNING up) name their logger (``[absl] ...``).
+  """
+
+  def formatMessage(self, record: logging.LogRecord) -> str:
+    own = record.name == "root" or record.name.split(".")[0] == "bort_jax"
+    source = "" if own else f"[{record.name}] "
+    level = "" if record.levelno <= logging.INFO else f"{record.levelname.lower()}: "
+    return f"{source}{level}{record.message}"
+
+
+class _StderrHandler(logging.StreamHandler):
+  """Writes to the current ``sys.stderr`` (a notebook or a test may replace it after set-up)."""
+
+  def __init__(self):
+    super().__init__()
+    self.setFormatter(_PlainFormatter())
+
+  @property
+  def stream(self):
+    return sys.stderr
+
+  @stream.setter
+  def stream(self, _):
+    pass  # always the current sys.stderr
+
+
 def configure_logging() -> None:
-  """INFO lines to stderr, whether or not another library has installed a handler."""
+  """INFO lines to stderr as plain lines, whatever handler a library's import installed.
+
+  absl calls ``logging.basicConfig()`` when it logs before any handler exists (orbax does at
+  import), which prints ``LEVEL:name:message``; that handler is replaced by ours. A handler
+  set up on purpose (a file, pytest's capture) is left alone and ours is not added.
+  """
   root = logging.getLogger()
   root.setLevel(logging.INFO)
+  for handler in [h for h in root.handlers if type(h) is logging.StreamHandler]:
+    root.removeHandler(handler)
   if not any(isinstance(h, logging.StreamHandler) for h in root.handlers):
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    root.addHandler(handler)
-  if not VERBOSE:
-    # orbax and TFDS log every save and build step through absl at INFO; keep their warnings.
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    root.addHandler(_StderrHandler())
+  _set_library_levels(quiet.VERBOSE)
 
 
 # Lines that third-party libraries log in every normal run and that say nothing about it:
@@ -403,7 +462,15 @@ def configure_logging() -> None:
 NOISE = {"jax._src.xla_bridge": ("Unable to initialize backend", "Platform '"),
          "absl": ("Using custom data configuration", "has no dataset_info.json",
                   "Unable to initialize backend", "Platform '")}
-VERBOSE = False  # set by main() from --verbose
+# Loggers whose INFO lines are routine in every run: orbax and TFDS log each save and build
+# step through absl; matplotlib says "generated new fontManager" on its first import. Their
+# warnings are kept; ``--verbose`` lowers them to INFO.
+QUIET_LEVELS = {"absl": logging.WARNING, "matplotlib": logging.WARNING}
+
+
+def _set_library_levels(verbose: bool) -> None:
+  for name, level in QUIET_LEVELS.items():
+    logging.getLogger(name).setLevel(logging.INFO if verbose else level)
 
 
 class _DropNoise(logging.Filter):
@@ -419,23 +486,21 @@ class _DropNoise(logging.Filter):
 
 
 def quiet_noise(verbose: bool) -> None:
-  """Hides :data:`NOISE` (unless ``verbose``); set once, before any library logs.
+  """Hides :data:`NOISE` and :data:`QUIET_LEVELS` (unless ``verbose``); set once, first.
 
   Only messages are filtered: nothing about which backend JAX picks changes (no JAX_PLATFORMS
-  is set), so a TPU or GPU machine runs as before. ``verbose`` also lets absl's INFO lines
-  (orbax and TFDS steps) through.
+  is set), so a TPU or GPU machine runs as before. ``verbose`` also lets absl's and
+  matplotlib's INFO lines through, and TFDS's build lines and bars (``runtime.quiet``).
   """
-  global VERBOSE
-  VERBOSE = verbose
+  quiet.VERBOSE = verbose
   for name, phrases in NOISE.items():
     logger = logging.getLogger(name)
     for old in [f for f in logger.filters if isinstance(f, _DropNoise)]:
       logger.removeFilter(old)
     if not verbose:
       logger.addFilter(_DropNoise(phrases))
-  if verbose:
-    logging.getLogger("absl").setLevel(logging.INFO)
-  elif not sys.stderr.isatty():
+  _set_library_levels(verbose)
+  if not verbose and not sys.stderr.isatty():
     # TFDS draws tqdm bars while it builds a dataset: control characters in a log file or a
     # notebook cell (a terminal keeps them). tqdm reads its defaults from TQDM_* variables.
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -467,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"bort-jax: unknown mode {name!r}\n\n{_usage()}", file=sys.stderr)
     return 2
   try:
-    return run_mode(name, rest, debug)
+    return run_mode(name, rest)
   except USER_ERRORS as error:
     if debug:
       traceback.print_exc()

@@ -43,9 +43,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   for key, task in TASKS.items():
     ft = finetune.get_config(f"task={task},seeds=3,lrs=3e-5/1e-4{tiny}")
     if not tiny:
-      ft.train.total_steps, ft.seq_len = demo.TASKS[key], finetune.DEMO_SEQ_LEN[task]
+      ft.train.total_steps, ft.seq_len = demo.TASKS[key]["steps"], finetune.DEMO_SEQ_LEN[task]
       ft.train.eval_every = 100
-      ft.max_dev_examples = 500
+      ft.max_dev_examples = demo.TASKS[key].get("max_dev_examples", 500)
     config.finetune[key] = ft
 
   # Latency of each distilled model's forward pass on the running device: the models timed

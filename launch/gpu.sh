@@ -60,13 +60,16 @@ if [ -n "$coordinator$num_processes$process_id" ]; then
              BORT_JAX_PROCESS_ID="$process_id")
 fi
 
-command=(env "${env_vars[@]}" bort-jax "$@")
+bort_jax="$(find_bort_jax)"
+if [ -z "$bort_jax" ]; then
+  [ "$DRY_RUN" = 1 ] || missing_bort_jax "jax[cuda12]==0.10.2"
+  bort_jax=bort-jax  # a dry run prints the plain name
+fi
+command=(env "${env_vars[@]}" "$bort_jax" "$@")
 if [ "$DRY_RUN" = 1 ]; then
   step "${command[@]}"
   exit 0
 fi
-command -v bort-jax > /dev/null ||
-  usage_error "bort-jax is not on PATH; install it first: pip install -e . 'jax[cuda12]==0.10.2'"
 printf '+ %s\n' "$(quote_all "${command[@]}")" >&2
 # exec: a SIGTERM (preemption) reaches bort-jax itself, which saves a checkpoint and exits.
 exec "${command[@]}"

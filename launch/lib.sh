@@ -57,3 +57,34 @@ need_mode() {
     -*) usage_error "the bort-jax mode must come first after '--', got '$1'" ;;
   esac
 }
+
+# find_bort_jax: the bort-jax to run, printed: the one on PATH, else the one in the virtual
+# environment README.md's quick start makes at the repository root (.venv/bin/bort-jax);
+# nothing when neither exists.
+find_bort_jax() {
+  local venv
+  venv="$(repo_root)/.venv/bin/bort-jax"
+  if command -v bort-jax > /dev/null; then
+    printf 'bort-jax'
+  elif [ -x "$venv" ]; then
+    printf '%s' "$venv"
+  fi
+}
+
+# repo_root: the checkout holding these scripts (the parent of launch/).
+repo_root() {
+  (cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+}
+
+# missing_bort_jax [PIP_ARGS...]: stops, saying how to install bort-jax where find_bort_jax
+# looks (PIP_ARGS: extra requirements, e.g. a CUDA jax) or how to put it on PATH.
+missing_bort_jax() {
+  local root install
+  root="$(repo_root)"
+  install="$(quote_all cd "$root") && python3 -m venv .venv && .venv/bin/pip install -e .${*:+ $(quote_all "$@")}"
+  usage_error "bort-jax is not on PATH and $(quote "$root/.venv/bin/bort-jax") does not exist.
+Install it where this script looks, as README.md's quick start does:
+  $install
+or activate the environment that has it, e.g.:
+  source $(quote "$root/.venv/bin/activate")"
+}

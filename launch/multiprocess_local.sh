@@ -40,9 +40,10 @@ while [ "$#" -gt 0 ]; do
 done
 need_mode "$@"
 [ "$port" -le 65535 ] || usage_error "--port=$port is out of range (allowed: 1024 to 65535)"
-if [ "$DRY_RUN" = 0 ]; then
-  command -v bort-jax > /dev/null ||
-    usage_error "bort-jax is not on PATH; install it first: pip install -e ."
+bort_jax="$(find_bort_jax)"
+if [ -z "$bort_jax" ]; then
+  [ "$DRY_RUN" = 1 ] || missing_bort_jax
+  bort_jax=bort-jax  # a dry run prints the plain name
 fi
 
 # The fake device count is appended to any XLA_FLAGS already set, as the test set-up does.
@@ -51,7 +52,7 @@ step mkdir -p "$logs"
 pids=()
 for ((i = 0; i < processes; i++)); do
   command=(env JAX_PLATFORMS=cpu XLA_FLAGS="$xla_flags" BORT_JAX_COORDINATOR="127.0.0.1:$port"
-           BORT_JAX_NUM_PROCESSES="$processes" BORT_JAX_PROCESS_ID="$i" bort-jax "$@")
+           BORT_JAX_NUM_PROCESSES="$processes" BORT_JAX_PROCESS_ID="$i" "$bort_jax" "$@")
   log="$logs/process_$i.log"
   if [ "$DRY_RUN" = 1 ]; then
     printf '%s > %s 2>&1 &\n' "$(quote_all "${command[@]}")" "$(quote "$log")"

@@ -21,7 +21,9 @@ CONFIG_MODES = {"teacher-adapt": "config.adapt.trainable = 'all'",
 def test_every_mode_has_help_with_its_flags(mode, capsys):
   assert cli_main.main([mode, "--help"]) == 0
   out = capsys.readouterr().out
-  assert out.startswith(f"usage: bort-jax {mode}") and "--debug" in out
+  # One parser for every mode: the global flags are listed everywhere, evaluate's and
+  # predict's included.
+  assert out.startswith(f"usage: bort-jax {mode}") and "--debug" in out and "--verbose" in out
   flags = {"cost": "--measure", "convert": "--from-hf", "data": "--cache-dir",
            "demo": "--quick", "evaluate": "--checkpoint", "predict": "--text"}.get(mode,
                                                                                 "--workdir")

@@ -8,15 +8,17 @@ transformers and torch and are skipped where those are not installed.
 import json
 import os
 import pickle
+import shutil
 import struct
 import zipfile
 
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from bort_jax import main as cli_main
-from bort_jax.interop import export
+from bort_jax.interop import export, hf_export
 from bort_jax.interop import convert, torch_reader
 from bort_jax.core import model
 from bort_jax.core.arch import get_model_config
@@ -216,6 +218,10 @@ def test_round_trip_ours_hf_ours_exact(family, kind, tmp_path):
     architecture = json.load(f)["architectures"][0]
   assert architecture.endswith("ForMaskedLM" if kind == "mlm" else "Model")
   loaded_config, loaded = convert.load_hf(str(tmp_path), with_mlm_head=None)
+  if kind == "mlm":  # *ForMaskedLM has no pooler: the export leaves it out.
+    assert ("pooler" in params) == (family != "bort")
+    config = config.replace(pooler=False)
+    params = {k: v for k, v in params.items() if k != "pooler"}
   assert loaded_config == config
   _assert_trees_equal(params, loaded)
 
@@ -259,6 +265,104 @@ def test_cli_both_ways(tmp_path, capsys):
   assert cli_main.main(["convert", "--from-hf", str(tmp_path / "empty"),
                         "--out", ours]) == 2
   assert "has no config.json" in capsys.readouterr().err
+
+
+def _cli_convert(direction, source, out):
+  return cli_main.main(["convert", direction, source, "--out", out])
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_cli_keeps_the_task_head_both_ways(name, tmp_path):
+  """from-hf -> to-hf -> from-hf of a fine-tuned folder: the class, labels and tensors come
+  back as they were, the params are equal, and the logits are transformers' (the fixture's)."""
+  class_name, want = HEADS[name]
+  ours, hf, again = (str(tmp_path / d) for d in ("ours", "hf", "again"))
+  assert _cli_convert("--from-hf", _fixture(name), ours) == 0
+  assert _cli_convert("--to-hf", ours, hf) == 0
+  assert _cli_convert("--from-hf", hf, again) == 0
+
+  hf_config, original = convert.read_hf_config(hf), _hf_config(name)
+  assert hf_config["architectures"] == [class_name]
+  if want.kind != "multiple_choice":
+    assert hf_config["id2label"] == original["id2label"]
+    problem = original.get("problem_type", "single_label_classification")
+    assert hf_config["problem_type"] == problem
+  tensors, back = _tensors(name), convert.read_hf_tensors(hf)
+  assert sorted(back) == sorted(tensors)
+  for key, value in tensors.items():
+    assert np.array_equal(back[key], value), key
+
+  config, params = export.load(ours)
+  config2, params2 = export.load(again)
+  assert config2 == config
+  _assert_trees_equal(params, params2)
+  with open(os.path.join(again, hf_export.FINETUNE_FILE)) as f:
+    head, _ = hf_export.finetuned_head(json.load(f), again)
+  assert head == want
+  expected = dict(np.load(os.path.join(_fixture(name), "expected.npz")))
+  logits, _ = _head_outputs(params2, config2, head, expected)
+  assert float(np.abs(logits - expected["logits"].reshape(logits.shape)).max()) <= TOL
+
+
+def test_sharded_checkpoint_reads_as_one(tmp_path):
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  tensors = _tensors("bert_seqcls")
+  names = sorted(tensors)
+  shards = {"model-00001-of-00002.safetensors": names[:5],
+            "model-00002-of-00002.safetensors": names[5:]}
+  for shard, part in shards.items():
+    save_file({n: tensors[n] for n in part}, str(tmp_path / shard))
+  weight_map = {n: shard for shard, part in shards.items() for n in part}
+  (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  back = convert.read_hf_tensors(str(tmp_path))
+  assert sorted(back) == names
+  assert all(np.array_equal(back[n], tensors[n]) for n in names)
+
+
+def _truncated_pickle_bin(folder):
+  os.remove(folder / "model.safetensors")
+  with zipfile.ZipFile(folder / "pytorch_model.bin", "w") as archive:
+    archive.writestr("archive/data.pkl", pickle.dumps({"a": 1})[:-4])
+  return "pytorch_model.bin"
+
+
+def _garbage_safetensors(folder):
+  (folder / "model.safetensors").write_bytes(b"\xff" * 64)
+  return "model.safetensors"
+
+
+def _truncated_config(folder):
+  (folder / "config.json").write_text('{"model_type": "be')
+  return "config.json"
+
+
+def _index_without_weight_map(folder):
+  (folder / "model.safetensors.index.json").write_text('{"metadata": {}}')
+  return "model.safetensors.index.json"
+
+
+@pytest.mark.parametrize("spoil,want", [
+    (_garbage_safetensors, "is not a readable safetensors file (Error while deserializing "
+                           "header: header too large); allowed: a model.safetensors"),
+    (_truncated_pickle_bin, "is not a readable torch.save archive (UnpicklingError: pickle "
+                            "data was truncated); allowed: a pytorch_model.bin"),
+    (_truncated_config, "is not JSON: Unterminated string starting at: line 1 column 16 (char "
+                        "15); expected the JSON object of a Hugging Face BERT or RoBERTa config"),
+    (_index_without_weight_map, "has no weight_map of file names; expected the index "
+                                "save_pretrained writes"),
+], ids=["safetensors", "bin", "config", "index"])
+def test_cli_unreadable_file_exits_2_naming_it(spoil, want, tmp_path, capsys):
+  folder = tmp_path / "hf"
+  folder.mkdir()
+  for name in ("config.json", "model.safetensors"):
+    shutil.copy(os.path.join(_fixture("bert_seqcls"), name), folder / name)
+  bad = str(folder / spoil(folder))
+  out = str(tmp_path / "ours")
+  assert _cli_convert("--from-hf", str(folder), out) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("bort-jax convert: ") and repr(bad) in err and want in err, err
+  assert "\n" not in err and "Traceback" not in err
+  assert not os.path.exists(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,12 +520,13 @@ def test_head_fixture_parity_and_round_trip(name, tmp_path):
 
 @pytest.mark.parametrize("family,head,class_name", [
     ("bort", model.HeadSpec("classification", 3, "bert"), "BertForSequenceClassification"),
+    ("bort", model.HeadSpec("classification", 3), "BertForSequenceClassification"),
     ("bort", model.HeadSpec("multiple_choice", 4), "BertForMultipleChoice"),
     ("bort", model.HeadSpec("regression", layout="bert"), "BertForSequenceClassification"),
     ("roberta", model.HeadSpec("classification", 2), "RobertaForSequenceClassification"),
 ], ids=lambda x: getattr(x, "kind", x))
 def test_task_head_round_trip_ours_hf_ours(family, head, class_name, tmp_path):
-  config = _tiny(family)
+  config = _tiny(family, pooler=False)
   params = _random_params(config, head, seed=5)
   assert ("pooler" in params) == model.has_pooler(config, head)
   convert.save_hf(params, config, str(tmp_path), head)
@@ -434,11 +539,34 @@ def test_task_head_round_trip_ours_hf_ours(family, head, class_name, tmp_path):
     convert.load_hf(str(tmp_path))  # the default asks for an MLM head
 
 
-def test_heads_transformers_cannot_hold():
-  bort = _tiny("bort")
+def test_roberta_layout_head_on_bort_is_bert_class_head():
+  """Bort's default head (dense + out_proj on the first token) is written as the pooler and
+  classifier of BertForSequenceClassification; read as that class, it gives the same logits."""
+  bort = _tiny("bort", pooler=True)
   head = model.HeadSpec("classification", 3)  # Bort's default: the RoBERTa layout
-  with pytest.raises(ValueError, match="layout 'roberta'.*bort.*layout='bert'"):
-    convert.params_to_hf(_random_params(bort, head), bort, head)
+  params = _random_params(bort, head, seed=6)
+  hf_config, tensors = convert.params_to_hf(params, bort, head)
+  assert hf_config["architectures"] == ["BertForSequenceClassification"]
+  assert hf_config["bort_jax"]["head"]["layout"] == "roberta"
+  flat = traverse_util.flatten_dict(params, sep="/")
+  assert np.array_equal(tensors["bert.pooler.dense.weight"], flat["classifier/dense/kernel"].T)
+  assert np.array_equal(tensors["classifier.weight"], flat["classifier/out_proj/kernel"].T)
+  # Our own pooler has no place (the head takes it) and is left out.
+  assert "pooler/kernel" in flat and hf_config["bort_jax"]["pooler"] is False
+  assert not [n for n in tensors if "out_proj" in n or "classifier.dense" in n]
+
+  plain = {k: v for k, v in hf_config.items() if k != "bort_jax"}  # as transformers reads it
+  config, as_bert, bert_head = convert.hf_to_model(tensors, plain, family="bort")
+  assert bert_head == model.HeadSpec("classification", 3, "bert")
+  batch = _padded_batch(100, bort.pad_id, 1, seed=3)
+  del batch["token_type_ids"]
+  ours = model.apply(params, bort, batch, head=head)["logits"]
+  theirs = model.apply(as_bert, config, batch, head=bert_head)["logits"]
+  assert float(np.std(ours)) > 1e-2
+  np.testing.assert_allclose(theirs, ours, atol=1e-5)
+
+
+def test_heads_transformers_cannot_hold():
   roberta = _tiny("roberta")
   head = model.HeadSpec("classification", 3, "bert")
   with pytest.raises(ValueError, match="layout 'bert'.*roberta"):
@@ -552,13 +680,9 @@ def _torch_logits(hf_model, batch):
                        for k, v in batch.items()}).logits.numpy()
 
 
-@pytest.mark.parity
-@pytest.mark.parametrize("class_name,labels", [
-    ("BertForSequenceClassification", 3), ("RobertaForMultipleChoice", None),
-    ("BertForMultipleChoice", None), ("RobertaForSequenceClassification", 1)])
-def test_live_heads_both_ways(class_name, labels, tmp_path):
-  """A random transformers checkpoint with a head loads with transformers' logits, and the
-  directory save_hf writes back loads in transformers with nothing missing and those logits."""
+def _random_hf_model(class_name, labels, folder):
+  """A random transformers model of ``class_name`` saved in ``folder``, with a padded batch of
+  its inputs (1 example x 2 choices for multiple choice)."""
   transformers = pytest.importorskip("transformers")
   torch = pytest.importorskip("torch")
   torch.manual_seed(11)
@@ -574,11 +698,23 @@ def test_live_heads_both_ways(class_name, labels, tmp_path):
     for name, param in hf_model.named_parameters():
       if "LayerNorm" in name:
         param.add_(0.2 * torch.randn(param.shape))
-  hf_model.save_pretrained(str(tmp_path / "hf"))
-  config, params, head = convert.load_hf_with_head(str(tmp_path / "hf"))
+  hf_model.save_pretrained(folder)
   batch = _padded_batch(90, hf_config.pad_token_id, hf_config.type_vocab_size)
-  if class_name.endswith("ForMultipleChoice"):  # 1 example x 2 choices
+  if class_name.endswith("ForMultipleChoice"):
     batch = {k: v[None] for k, v in batch.items()}
+  return hf_model, batch
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("class_name,labels", [
+    ("BertForSequenceClassification", 3), ("RobertaForMultipleChoice", None),
+    ("BertForMultipleChoice", None), ("RobertaForSequenceClassification", 1)])
+def test_live_heads_both_ways(class_name, labels, tmp_path):
+  """A random transformers checkpoint with a head loads with transformers' logits, and the
+  directory save_hf writes back loads in transformers with nothing missing and those logits."""
+  transformers = pytest.importorskip("transformers")
+  hf_model, batch = _random_hf_model(class_name, labels, str(tmp_path / "hf"))
+  config, params, head = convert.load_hf_with_head(str(tmp_path / "hf"))
   want = _torch_logits(hf_model, batch)
   ours, _ = _head_outputs(params, config, head, batch)
   diff = float(np.abs(ours - want.reshape(ours.shape)).max())
@@ -590,7 +726,8 @@ def test_live_heads_both_ways(class_name, labels, tmp_path):
       str(tmp_path / "back"), output_loading_info=True)
   assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
   assert back.config.num_labels == hf_model.config.num_labels
-  assert np.array_equal(_torch_logits(back.eval(), batch), want)
+  # The same weights; a reloaded model may round differently in the last bit.
+  np.testing.assert_allclose(_torch_logits(back.eval(), batch), want, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parity
@@ -618,3 +755,28 @@ def test_live_task_heads_from_ours_load_in_transformers(family, head, tmp_path):
   diff = float(np.abs(ours - want.reshape(ours.shape)).max())
   print(f"save_hf {family}/{head}: {class_name}, max |diff| {diff:.2e}")
   assert diff <= TOL
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("class_name,labels", [
+    ("BertForSequenceClassification", 3), ("BertForMultipleChoice", None),
+    ("RobertaForSequenceClassification", 2), ("RobertaForMultipleChoice", None)])
+def test_live_cli_keeps_the_task_head_both_ways(class_name, labels, tmp_path):
+  """`convert --from-hf` then `--to-hf` of a transformers checkpoint with a head: our logits
+  are transformers', and the folder written back loads cleanly with the same logits."""
+  transformers = pytest.importorskip("transformers")
+  hf_model, batch = _random_hf_model(class_name, labels, str(tmp_path / "hf"))
+  ours, back = str(tmp_path / "ours"), str(tmp_path / "back")
+  assert _cli_convert("--from-hf", str(tmp_path / "hf"), ours) == 0
+  assert _cli_convert("--to-hf", ours, back) == 0
+  want = _torch_logits(hf_model, batch)
+  config, params = export.load(ours)
+  with open(os.path.join(ours, hf_export.FINETUNE_FILE)) as f:
+    head, _ = hf_export.finetuned_head(json.load(f), ours)
+  logits, _ = _head_outputs(params, config, head, batch)
+  assert float(np.abs(logits - want.reshape(logits.shape)).max()) <= TOL
+  reloaded, info = getattr(transformers, class_name).from_pretrained(back,
+                                                                    output_loading_info=True)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  assert reloaded.config.id2label == hf_model.config.id2label
+  np.testing.assert_allclose(_torch_logits(reloaded.eval(), batch), want, rtol=0, atol=1e-6)

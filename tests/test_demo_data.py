@@ -147,12 +147,13 @@ def wordnet_synsets() -> list[tuple[str, str, tuple[str, ...], str]]:
 WS_RECORDS = 2 * (3 * WS_WORDS + len(range(0, WS_WORDS, 4)) + 2 + 2 + 2)
 
 
-def _synset_line(offset: int, ss_type: str, words: tuple[str, ...], gloss: str) -> str:
+def _synset_line(offset: int, lexfile: int, ss_type: str, words: tuple[str, ...],
+                 gloss: str) -> str:
   pointers = {"n": "002 @ 00001740 n 0000 ~ 00002137 n 0000", "v": "001 @ 00001740 v 0000",
               "s": "001 & 00013906 a 0000", "r": "001 \\ 02260096 a 0101"}[ss_type]
   frames = " 01 + 02 00" if ss_type == "v" else ""
   lemmas = " ".join(f"{w} 0" for w in words)
-  return f"{offset:08d} 03 {ss_type} {len(words):02x} {lemmas} {pointers}{frames} | {gloss}  \n"
+  return f"{offset:08d} {lexfile:02d} {ss_type} {len(words):02x} {lemmas} {pointers}{frames} | {gloss}  \n"
 
 
 def wordnet_files() -> dict[str, bytes]:
@@ -160,9 +161,9 @@ def wordnet_files() -> dict[str, bytes]:
   out = {}
   for pos in archives.WORDNET_POS:
     text = "".join(f"  {i} {line}  \n" for i, line in enumerate(WORDNET_HEADER, 1))
-    for p, ss_type, words, gloss in wordnet_synsets():
-      if p == pos:
-        text += _synset_line(len(text.encode()), ss_type, words, gloss)
+    for index, (p, ss_type, words, gloss) in enumerate(wordnet_synsets()):
+      if p == pos:  # neighbouring synsets in other lexicographer files
+        text += _synset_line(len(text.encode()), index % 45, ss_type, words, gloss)
     out[pos] = text.encode()
   return out
 
@@ -954,21 +955,21 @@ REAL_LINES = {  # verbatim lines of WordNet 3.1's data files: the Synset each gi
      "hit_the_sack 0 sack_out 0 go_to_sleep 1 retire 0 003 ! 00018151 v 0202 ! 00018151 v 0101 "
      "~ 00017524 v 0000 01 + 02 00 | prepare for sleep; \"I usually turn in at midnight\"; "
      "\"He goes to bed at the crack of dawn\"  \n"):
-        demo.Synset("00017858v", ("go to bed", "turn in", "bed", "crawl in", "kip down",
+        demo.Synset("00017858v", 29, ("go to bed", "turn in", "bed", "crawl in", "kip down",
                                   "hit the hay", "hit the sack", "sack out", "go to sleep",
                                   "retire"), "prepare for sleep",
                     ("I usually turn in at midnight", "He goes to bed at the crack of dawn")),
     ("00014377 00 s 02 abounding 0 galore(ip) 0 001 & 00013906 a 0000 | existing in "
      "abundance; \"abounding confidence\"; \"whiskey galore\"  \n"):
-        demo.Synset("00014377s", ("abounding", "galore"), "existing in abundance",
+        demo.Synset("00014377s", 0, ("abounding", "galore"), "existing in abundance",
                     ("abounding confidence", "whiskey galore")),
     ("00020141 00 s 02 outback(a) 0 remote 0 003 & 00019912 a 0000 + 05092372 n 0202 + "
      "08522131 n 0101 | inaccessible and sparsely populated  \n"):
-        demo.Synset("00020141s", ("outback", "remote"), "inaccessible and sparsely populated",
+        demo.Synset("00020141s", 0, ("outback", "remote"), "inaccessible and sparsely populated",
                     ()),
     ("00001740 02 r 02 a_cappella 0 a_capella 0 002 \\ 02260096 a 0202 \\ 02260096 a 0101 | "
      "without musical accompaniment; \"they performed a cappella\"  \n"):
-        demo.Synset("00001740r", ("a cappella", "a capella"), "without musical accompaniment",
+        demo.Synset("00001740r", 2, ("a cappella", "a capella"), "without musical accompaniment",
                     ("they performed a cappella",)),
     ("00186627 04 n 0d cesarean_delivery 0 caesarean_delivery 0 caesarian_delivery 0 "
      "cesarean_section 0 cesarian_section 0 caesarean_section 0 caesarian_section 0 C-section 0 "
@@ -976,7 +977,7 @@ REAL_LINES = {  # verbatim lines of WordNet 3.1's data files: the Synset each gi
      "+ 03041087 a 0b03 + 03041087 a 0a02 + 03041087 a 0901 %p 00678542 n 0000 | the delivery "
      "of a fetus by surgical incision through the abdominal wall and uterus "
      "(from the belief that Julius Caesar was born that way)  \n"):
-        demo.Synset("00186627n", ("cesarean delivery", "caesarean delivery",
+        demo.Synset("00186627n", 4, ("cesarean delivery", "caesarean delivery",
                                   "caesarian delivery", "cesarean section", "cesarian section",
                                   "caesarean section", "caesarian section", "c-section",
                                   "cesarean", "cesarian", "caesarean", "caesarian",
@@ -1005,6 +1006,29 @@ def test_parse_synset_line_on_real_lines():
       demo.parse_synset_line(bad)
 
 
+def test_word_sense_negatives_come_from_another_lexicographer_file(tmp_path):
+  # bank: two senses in noun.group (14), one in noun.artifact (06); ring: both in noun.artifact.
+  lines = {"noun": [(14, ("bank",), 'a financial institution; "he cashed a check at the bank"'),
+                    (14, ("bank",), 'a collection in reserve; "a blood bank"'),
+                    (6, ("bank",), 'a building where a bank does business; "the bank is near"'),
+                    (6, ("ring",), 'jewelry worn on the finger; "she lost her ring"'),
+                    (6, ("ring",), 'a platform for boxing; "the boxers entered the ring"')]}
+  for pos in archives.WORDNET_POS:
+    text = ""
+    for lexfile, words, gloss in lines.get(pos, []):
+      text += _synset_line(len(text.encode()), lexfile, "n", words, gloss)
+    (tmp_path / f"data.{pos}").write_text(text, encoding="utf-8")
+  records = demo.parse_word_sense(str(tmp_path))
+  pairs = {(r["sentence"], r["label"]): r["definition"] for r in records}
+  building = "bank: a building where a bank does business"
+  assert pairs[("he cashed a check at the bank", 0)] == building
+  assert pairs[("a blood bank", 0)] == building
+  # The building's own negative is one of the two noun.group senses; ring gives nothing.
+  assert pairs[("the bank is near", 0)] in {"bank: a financial institution",
+                                            "bank: a collection in reserve"}
+  assert len(records) == 6 and not any("ring" in r["sentence"] for r in records)
+
+
 def test_parse_word_sense(cache):
   wordnet_dir = fetch.paths_for(cache)["wordnet"]
   synsets = demo.read_wordnet(wordnet_dir)
@@ -1014,9 +1038,9 @@ def test_parse_word_sense(cache):
   # Definitions of each word's senses, from the fake's own spec.
   defs = {}
   for _, _, words, gloss in wordnet_synsets():
-    definition = demo.parse_synset_line(_synset_line(0, "n", words, gloss)).definition
+    definition = demo.parse_synset_line(_synset_line(0, 0, "n", words, gloss)).definition
     for w in words:
-      defs.setdefault(demo.parse_synset_line(_synset_line(0, "n", (w,), "x")).words[0],
+      defs.setdefault(demo.parse_synset_line(_synset_line(0, 0, "n", (w,), "x")).words[0],
                       []).append(definition)
   # A positive then a negative per usable example: the same sentence and word, the gloss of
   # the example's own synset, then that of another sense of the same word.

@@ -155,6 +155,34 @@ def test_pareto_axes_are_plain_and_in_millions(tmp_path):
     assert ax.xaxis.get_major_formatter().get_offset() == ""
 
 
+@pytest.mark.parametrize("speedup, words", [(2.5, "runs 2.5x faster than the teacher"),
+                                            (0.4, "runs 2.5x slower than the teacher")])
+def test_headline_words_a_slower_student_as_slower(speedup, words):
+  text = report.headline_text({"speedup": speedup, "busy": False})
+  assert text == f"Headline: the student {words} (measured median latency)."
+
+
+def test_pareto_legend_covers_no_candidate(tmp_path, monkeypatch):
+  # The largest candidate has the highest error: the upper right corner, under the old legend.
+  rows = [{"name": f"c{k}", "p": 1e6 * (k + 1), "i": 1e9 * (k + 2), "e": e, "w": 1.0,
+           "trained": True} for k, e in enumerate([1.0, 0.6, 0.7, 0.9, 1.1])]
+  figs = []
+  real = report.report_plots._save
+  monkeypatch.setattr(report.report_plots, "_save",
+                      lambda fig, path: figs.append(fig) or real(fig, path))
+  report.report_plots.pareto(rows, "c1", "p (M)", "GFLOPs", 1e-9, str(tmp_path / "p.png"))
+  (fig,) = figs
+  fig.canvas.draw()
+  renderer = fig.canvas.get_renderer()
+  for ax in fig.axes:
+    box = ax.get_legend().get_window_extent(renderer)
+    points = np.concatenate([c.get_offsets() for c in ax.collections]
+                            + [np.column_stack(line.get_data()) for line in ax.lines])
+    assert len(points) >= len(rows)
+    covered = [xy for xy in ax.transData.transform(points) if box.contains(*xy)]
+    assert covered == [], f"the legend covers points at {covered}"
+
+
 def test_partial_workdir_lists_missing_stages(tmp_path):
   work = make_workdir(str(tmp_path), stages=("extract",))
   summary = report.run(_config(), work)

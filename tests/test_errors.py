@@ -240,3 +240,16 @@ def test_end_to_end_status_and_debug(tmp_path):
   assert debug.returncode == 2
   assert "Traceback" in debug.stderr and "unknown arg 'tinyy'" in debug.stderr
   assert not os.path.exists(workdir)
+
+
+def test_predict_end_to_end_names_the_flag(tmp_path):
+  """A real ``bort-jax predict`` with a missing checkpoint: one line naming --checkpoint (not
+  the finetune config field it is read into), nothing else on stderr, no output file."""
+  out = tmp_path / "predictions.jsonl"
+  done = _subprocess(["predict", "--checkpoint", str(tmp_path / "nope"), "--text", "a film",
+                      "--output", str(out)])
+  assert done.returncode == 2 and done.stdout == ""
+  assert done.stderr == (f"bort-jax predict: --checkpoint '{tmp_path / 'nope'}' is not a "
+                         "directory (a checkpoint directory: our export, a `bort-jax finetune` "
+                         "WORKDIR/best, or a Hugging Face one).\n"), done.stderr
+  assert not out.exists()

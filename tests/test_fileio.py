@@ -4,6 +4,8 @@ import json
 import math
 import os
 import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -62,16 +64,98 @@ def test_atomic_dir_crash_keeps_the_old_folder_and_cleans_up(tmp_path):
   assert os.listdir(tmp_path) == ["export"]
 
 
+def _dead_pid() -> int:
+  """The pid of a process that has exited (and been reaped)."""
+  child = subprocess.Popen([sys.executable, "-c", ""])
+  child.wait()
+  return child.pid
+
+
 def test_atomic_dir_replaces_and_removes_stale_temporaries(tmp_path):
   out = tmp_path / "export"
-  stale = tmp_path / ".export-abc.tmp"  # what a SIGKILL inside the block leaves behind
+  host = fileio._host()  # what a SIGKILL inside the block leaves behind: a dead owner
+  stale = tmp_path / f".export-{host}-{_dead_pid()}-abc.tmp"
   stale.mkdir()
+  (stale / "half").write_text("x")
   with fileio.atomic_dir(out) as tmp:
     open(os.path.join(tmp, "one"), "w").close()
   with fileio.atomic_dir(out) as tmp:
     open(os.path.join(tmp, "two"), "w").close()
   assert os.listdir(out) == ["two"]
   assert sorted(os.listdir(tmp_path)) == ["export"]
+
+
+def test_atomic_dir_keeps_temporaries_not_provably_abandoned(tmp_path):
+  """Another live writer's, another host's, another target's and an unknown owner's stay."""
+  host = fileio._host()
+  assert host != "elsewhere"
+  kept = [f".export-{host}-{os.getppid()}-live.tmp",  # a live process on this host
+          f".export-elsewhere-{_dead_pid()}-far.tmp",  # a pid on another host says nothing
+          f".export-b-{host}-{_dead_pid()}-sib.tmp",  # the folder "export-b"'s, not ours
+          ".export-abc.tmp"]  # no owner in the name
+  for name in kept:
+    (tmp_path / name).mkdir()
+  with fileio.atomic_dir(tmp_path / "export") as tmp:
+    open(os.path.join(tmp, "f"), "w").close()
+  assert sorted(os.listdir(tmp_path)) == sorted(kept + ["export"])
+
+
+# One writer of tests below: writes PARTS files tagged with its name into an atomic_dir,
+# handing over to the other writer through flag files so that the two really overlap: "b"
+# enters only once "a" is inside (its temporary folder exists), "a" finishes writing only once
+# "b" is inside, and both leave the block (rename into place) together.
+WRITER = """
+import os, sys, time
+from bort_jax.runtime import fileio
+me, other, target, flags, parts = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], 40
+
+def flag(name):
+  open(os.path.join(flags, f"{me}.{name}"), "w").close()
+
+def wait(name):
+  deadline = time.monotonic() + 30
+  while not os.path.exists(os.path.join(flags, f"{other}.{name}")):
+    if os.path.exists(os.path.join(flags, f"{other}.exit")) or time.monotonic() > deadline:
+      sys.exit(f"{me}: {other} never reached {name}")
+    time.sleep(0.005)
+
+try:
+  if me == "b":
+    wait("inside")
+  with fileio.atomic_dir(target) as tmp:
+    for k in range(parts // 2):
+      open(os.path.join(tmp, f"part{k}"), "w").write(me)
+    flag("inside")
+    wait("inside")
+    for k in range(parts // 2, parts):
+      open(os.path.join(tmp, f"part{k}"), "w").write(me)
+    flag("ready")
+    wait("ready")
+finally:
+  flag("exit")
+"""
+
+
+def _two_writers(target, flags):
+  """Runs writers "a" and "b" on ``target`` at once; their exit statuses and stderr."""
+  flags.mkdir()
+  procs = [subprocess.Popen([sys.executable, "-c", WRITER, me, other, str(target), str(flags)],
+                            stderr=subprocess.PIPE, text=True)
+           for me, other in (("a", "b"), ("b", "a"))]
+  return [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+
+
+def test_two_concurrent_writers_both_finish_and_leave_one_whole_folder(tmp_path):
+  cache = tmp_path / "cache"
+  target = cache / "export"
+  for round_ in range(3):  # the first writes a new folder, the next ones replace it
+    for code, err in _two_writers(target, tmp_path / f"flags{round_}"):
+      assert code == 0, err
+    files = sorted(os.listdir(target))
+    assert files == sorted(f"part{k}" for k in range(40))
+    writers = {(target / f).read_text() for f in files}
+    assert writers in ({"a"}, {"b"}), writers  # one writer's whole result, not a mix
+    assert os.listdir(cache) == ["export"]  # neither left a temporary folder behind
 
 
 def test_to_jsonable_is_strict_json():

@@ -250,3 +250,133 @@ def test_transformers_loads_the_export_in_one_line(finetuned, tmp_path, capsys):
     label = hf_model.config.id2label[int(probs.argmax())]
     assert label == row["label"]
     np.testing.assert_allclose(probs, row["probabilities"], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# What transformers' classes can hold: the pooler of a masked LM, Bort's default head
+
+
+@pytest.fixture(scope="module")
+def bert_mlm(tmp_path_factory):
+  """A BERT masked LM with a pooler (the BERT default), in our export format."""
+  path = str(tmp_path_factory.mktemp("hf_export_mlm") / "export")
+  cfg = arch_lib.get_model_config("D1-A2-H32-I64", family="bert", vocab_size=24,
+                                  max_positions=64)
+  params = model.init(jax.random.key(5), cfg, model.HeadSpec("mlm"))
+  assert cfg.pooler and "pooler" in params
+  export.save(path, params, cfg)
+  return {"path": path, "config": cfg, "params": params}
+
+
+def _tensor_names(folder):
+  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+  with safe_open(os.path.join(folder, "model.safetensors"), framework="numpy") as f:
+    return sorted(f.keys())
+
+
+def test_mlm_export_leaves_the_pooler_out(bert_mlm, tmp_path):
+  """BertForMaskedLM has no pooler: writing one made transformers report unexpected keys."""
+  out = str(tmp_path / "hf")
+  assert _convert(bert_mlm["path"], out) == 0
+  names = _tensor_names(out)
+  assert "cls.predictions.bias" in names
+  assert not [n for n in names if "pooler" in n]
+  hf_config = convert.read_hf_config(out)
+  assert hf_config["architectures"] == ["BertForMaskedLM"]
+  assert hf_config["bort_jax"]["pooler"] is False
+  config, params = convert.load_hf(out)
+  assert config == bert_mlm["config"].replace(pooler=False)
+  want = {k: v for k, v in bert_mlm["params"].items() if k != "pooler"}
+  assert jax.tree.all(jax.tree.map(np.array_equal, params, want))
+  with open(os.path.join(out, "README.md"), encoding="utf-8") as f:
+    card = f.read()  # it counts what was written: no pooler
+  total = cost.param_counts(config, model.HeadSpec("mlm"))["total"]
+  assert f"{total:,} in total" in card
+
+
+@pytest.mark.parity
+def test_mlm_export_loads_in_transformers_without_a_report(bert_mlm, tmp_path, capfd):
+  """AutoModelForMaskedLM loads the export with nothing unexpected or missing, and silently."""
+  transformers = pytest.importorskip("transformers")
+  torch = pytest.importorskip("torch")
+  out = str(tmp_path / "hf")
+  assert _convert(bert_mlm["path"], out) == 0
+  capfd.readouterr()
+  hf_model, info = transformers.AutoModelForMaskedLM.from_pretrained(out,
+                                                                     output_loading_info=True)
+  printed = capfd.readouterr()
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  for word in ("UNEXPECTED", "MISSING", "pooler"):
+    assert word not in printed.out + printed.err, printed
+  ids = np.array([[2, 7, 9, 11, 3, 0]], np.int32)
+  mask = np.array([[1, 1, 1, 1, 1, 0]], np.int32)
+  ours = model.apply(bert_mlm["params"], bert_mlm["config"],
+                     {"input_ids": ids, "attention_mask": mask,
+                      "token_type_ids": np.zeros_like(ids)}, head=model.HeadSpec("mlm"))["logits"]
+  with torch.no_grad():
+    theirs = hf_model.eval()(input_ids=torch.from_numpy(ids.astype(np.int64)),
+                             attention_mask=torch.from_numpy(mask.astype(np.int64))).logits
+  np.testing.assert_allclose(theirs.numpy()[0, :5], np.asarray(ours)[0, :5], atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def bort_classifier(tmp_path_factory):
+  """A Bort fine-tuned with its default head (RoBERTa layout: dense + out_proj)."""
+  root = str(tmp_path_factory.mktemp("hf_export_bort_cls"))
+  tok_dir = os.path.join(root, "bpe")
+  tokenization.save_bpe_files(BPE_VOCAB, BPE_MERGES, tok_dir)
+  cfg = arch_lib.get_model_config("D1-A2-H32-I64", family="bort", vocab_size=24,
+                                  max_positions=64)
+  head = steps.task_head("classification", 2).resolve(cfg.family)
+  assert head.layout == "roberta"
+  params = model.init(jax.random.key(6), cfg, head)
+  params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(7), x.shape),
+                        params)  # biases away from zero
+  path = os.path.join(root, "best")
+  loop.save_finetuned(path, params, cfg, loop.head_meta(tasks.get_task("glue/sst2"), SEQ_LEN,
+                                                        head), tok_dir)
+  return {"path": path, "config": cfg, "head": head, "params": params}
+
+
+def _bort_logits(params, config, head):
+  ids = np.array([[0, 15, 16, 17, 18, 2], [0, 14, 2, 1, 1, 1]], np.int32)
+  mask = (ids != config.pad_id).astype(np.int32)
+  out = model.apply(params, config, {"input_ids": ids, "attention_mask": mask}, head=head)
+  return ids, mask, np.asarray(out["logits"])
+
+
+def test_bort_default_head_survives_both_ways(bort_classifier, tmp_path):
+  """--to-hf writes the RoBERTa-layout head as BertForSequenceClassification's pooler and
+  classifier; --from-hf gives back the same params and head."""
+  hf, again = str(tmp_path / "hf"), str(tmp_path / "again")
+  assert _convert(bort_classifier["path"], hf) == 0
+  hf_config = convert.read_hf_config(hf)
+  assert hf_config["architectures"] == ["BertForSequenceClassification"]
+  names = _tensor_names(hf)
+  assert {"bert.pooler.dense.weight", "classifier.weight", "classifier.bias"} <= set(names)
+  assert not [n for n in names if "out_proj" in n or "classifier.dense" in n]
+  assert cli_main.main(["convert", "--from-hf", hf, "--out", again]) == 0
+  config, params = export.load(again)
+  assert config == bort_classifier["config"]
+  assert jax.tree.all(jax.tree.map(np.array_equal, params, bort_classifier["params"]))
+  with open(os.path.join(again, hf_export.FINETUNE_FILE)) as f:
+    head, names = hf_export.finetuned_head(json.load(f), again)
+  assert head == bort_classifier["head"] and names == ("negative", "positive")
+
+
+@pytest.mark.parity
+def test_bort_default_head_export_matches_transformers(bort_classifier, tmp_path):
+  transformers = pytest.importorskip("transformers")
+  torch = pytest.importorskip("torch")
+  out = str(tmp_path / "hf")
+  assert _convert(bort_classifier["path"], out) == 0
+  hf_model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+      out, output_loading_info=True)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  ids, mask, ours = _bort_logits(bort_classifier["params"], bort_classifier["config"],
+                                 bort_classifier["head"])
+  assert float(np.std(ours)) > 1e-2
+  with torch.no_grad():
+    theirs = hf_model.eval()(input_ids=torch.from_numpy(ids.astype(np.int64)),
+                             attention_mask=torch.from_numpy(mask.astype(np.int64))).logits
+  np.testing.assert_allclose(theirs.numpy(), ours, atol=1e-4)

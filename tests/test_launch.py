@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 
 import pytest
@@ -55,8 +56,8 @@ def env(tmp_path):
   return out
 
 
-def _run(script, args, env, cwd):
-  return subprocess.run(["bash", os.path.join(LAUNCH, script), *args], env=env, cwd=cwd,
+def _run(script, args, env, cwd, launch=LAUNCH):
+  return subprocess.run(["bash", os.path.join(launch, script), *args], env=env, cwd=cwd,
                         capture_output=True, text=True, timeout=60)
 
 
@@ -267,3 +268,52 @@ def test_multiprocess_a_failing_process_fails_the_run(env, tmp_path):
 ])
 def test_multiprocess_bad_arguments(env, tmp_path, args, message):
   _assert_usage_error("multiprocess_local.sh", args, message, env, tmp_path)
+
+
+def _checkout_without_bort_jax_on_path(env, tmp_path, venv: bool):
+  """A copy of launch/ in a checkout, with (or without) the README's .venv/bin/bort-jax, and
+  PATH holding no bort-jax; returns the copy's launch folder and the venv program's path."""
+  os.remove(tmp_path / "bin" / "bort-jax")
+  repo = tmp_path / "checkout"
+  shutil.copytree(LAUNCH, repo / "launch")
+  program = repo / ".venv" / "bin" / "bort-jax"
+  if venv:
+    program.parent.mkdir(parents=True)
+    program.write_text(FAKE)
+    program.chmod(0o755)
+  return str(repo / "launch"), str(program)
+
+
+@pytest.mark.parametrize("script, args, runs", [
+    ("multiprocess_local.sh", ["--processes=2", "--", *MODE], 2),
+    ("gpu.sh", ["--", *MODE], 1)])
+def test_bort_jax_from_the_readme_venv_when_not_on_path(env, tmp_path, script, args, runs):
+  launch, program = _checkout_without_bort_jax_on_path(env, tmp_path, venv=True)
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  printed = _run(script, ["--dry-run", *args], env, str(cwd), launch)
+  assert printed.returncode == 0, printed.stderr
+  starts = [shlex.split(line) for line in printed.stdout.splitlines() if program in line]
+  assert len(starts) == runs
+  for line in starts:  # the venv's bort-jax runs the mode
+    assert line[line.index(program) + 1:][:len(MODE)] == MODE
+  result = _run(script, args, env, str(cwd), launch)
+  assert result.returncode == 0, result.stderr
+  assert [call[0] for call in _calls(env)] == ["bort-jax"] * runs
+  assert all(call[-len(MODE):] == MODE for call in _calls(env))
+
+
+@pytest.mark.parametrize("script, pip_extra", [("multiprocess_local.sh", ""),
+                                               ("gpu.sh", " 'jax[cuda12]==0.10.2'")])
+def test_missing_bort_jax_says_how_to_install_it(env, tmp_path, script, pip_extra):
+  launch, program = _checkout_without_bort_jax_on_path(env, tmp_path, venv=False)
+  checkout = os.path.dirname(launch)
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  result = _run(script, ["--", *MODE], env, str(cwd), launch)
+  assert result.returncode == 2 and _calls(env) == [] and not os.listdir(cwd)
+  assert f"bort-jax is not on PATH and {program} does not exist" in result.stderr
+  assert (f"  cd {checkout} && python3 -m venv .venv && .venv/bin/pip install -e .{pip_extra}\n"
+          in result.stderr)
+  assert f"  source {checkout}/.venv/bin/activate\n" in result.stderr
+  assert "unbound variable" not in result.stderr

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from bort_jax.search import fptas, report
+from bort_jax.search import fptas, report, select
 from bort_jax.core.arch import Arch
 
 
@@ -176,3 +176,57 @@ def test_audit_plot(tmp_path):
   assert img.shape[0] > 500 and img.shape[1] > 600
   import matplotlib.pyplot as plt
   assert plt.get_fignums() == []
+
+
+def test_speed_words_word_a_slower_model_as_slower():
+  assert select.speed_words(2.5) == "2.5x faster than the teacher"
+  assert select.speed_words(0.8) == "1.25x slower than the teacher"  # not "0.8x faster"
+  assert select.speed_words(0.4, ".1f", than="") == "2.5x slower"
+  assert select.speed_words(4.0, ".1f", than="") == "4.0x faster"
+  assert select.speed_words(1.0004) == "as fast as the teacher"
+  assert select.speed_words(0.9996, than="BERT-base") == "as fast as BERT-base"
+
+
+def _budget_result(speedup):
+  """A stand-in for fptas.Result with a budget whose choice has the given speed-up."""
+  from types import SimpleNamespace as NS
+  best = NS(name="D2-A2-H64-I128", w=2.0, e=0.3, theta={"lr": 0.1})
+  rows = [NS(p=1e5, trained=True), NS(p=2e5, trained=True)]
+  sel = {"choice": "D1-A2-H32-I64", "budget": "p <= 150000", "e": 0.4, "p": 1e5,
+         "speedup": speedup, "runner_up": None, "feasible": 1, "feasible_trained": 1}
+  return NS(best=best, rows=rows, p_T=3e5, budget=NS(feasible=[True, False]), budget_extra=0,
+            selection=lambda: sel)
+
+
+@pytest.mark.parametrize("speedup, words", [(2.0, "2x faster than the teacher"),
+                                            (0.5, "2x slower than the teacher")])
+def test_budget_choice_line_words_the_speed_both_ways(speedup, words):
+  chosen = report.choice_lines(_budget_result(speedup))[0]
+  assert f"p = 100,000, {words}; runner-up none" in chosen
+  assert "0.5x faster" not in chosen
+
+
+def _legend_covers(fig) -> list:
+  """Per axes, the plotted points (display coordinates) that its legend box covers."""
+  fig.canvas.draw()
+  renderer = fig.canvas.get_renderer()
+  covered = []
+  for ax in fig.axes:
+    box = ax.get_legend().get_window_extent(renderer)
+    points = np.concatenate([c.get_offsets() for c in ax.collections]
+                            + [np.column_stack(line.get_data()) for line in ax.lines])
+    covered += [tuple(xy) for xy in ax.transData.transform(points) if box.contains(*xy)]
+  return covered
+
+
+def test_pareto_plot_legend_covers_no_point(tmp_path, monkeypatch):
+  figs = []
+  real = report._save
+  monkeypatch.setattr(report, "_save", lambda fig, path: figs.append(fig) or real(fig, path))
+  res = _result(rule="endpoints")
+  # A trained candidate in the upper right corner, where the legend used to sit.
+  far = max(res.rows, key=lambda r: r.i)
+  far.e = max(r.e for r in res.rows if r.trained)
+  far.extra["params_effective"] = max(r.extra["params_effective"] for r in res.rows)
+  report.pareto_plot(res, tmp_path / "pareto.png", i_label="latency (ms)")
+  assert _legend_covers(figs[0]) == []

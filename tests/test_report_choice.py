@@ -8,6 +8,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from bort_jax import main as cli_main
 from bort_jax.core import arch as arch_lib
@@ -106,3 +107,13 @@ def test_picks_read_older_results_without_a_selection():
   assert report_choice.picks(old) == [{"rule": "w", "label": "W (the paper's rule)",
                                        "name": W_CHOICE, "e": 1.25, "distilled": True}]
   assert report_choice.choice_table({"choices": [], "timings": {}}) == []
+
+
+@pytest.mark.parametrize("speedup, words", [(2.5, "2.5x faster than the teacher"),
+                                            (0.8, "1.25x slower than the teacher")])
+def test_extraction_line_words_the_budget_choices_speed_both_ways(speedup, words):
+  budget = {"rule": "budget", "budget": "p <= 2M", "choice": BUDGET_CHOICE, "e": 1.5,
+            "feasible": 2, "feasible_trained": 2, "speedup": speedup}
+  line = report_choice.extraction_lines(_results(budget))[0]
+  assert f"(2 of them trained), {words} in the search's cost, is the one distilled" in line
+  assert "0.8x faster" not in line

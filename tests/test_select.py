@@ -328,3 +328,9 @@ def test_tables_carry_both_choices_and_the_feasible_column(tmp_path):
   assert json.load(open(paths["json"]))["select"] == {"rule": "w", "choice": plain.best.name}
   assert f"- chosen: **{plain.best.name}**" in open(paths["md"]).read()
   report.pareto_plot(res, tmp_path / "pareto.png")  # marks both choices without error
+
+
+def test_a_budget_nothing_meets_words_a_slower_fastest_candidate_as_slower():
+  with pytest.raises(ValueError) as err:
+    _budget(["big", "fast"], [5.0, 4.0], [10.0, 2.0], i_ref=1.0, min_speedup=2.0)
+  assert "the fastest candidate, fast, has i = 2 (2x slower than the teacher)" in str(err.value)

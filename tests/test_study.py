@@ -62,6 +62,22 @@ def _register_tasks(rng):
   return names
 
 
+def test_study_table_words_a_model_slower_than_the_teacher_as_slower(tmp_path):
+  from types import SimpleNamespace
+  metrics = {"demo/t": {"metric": "accuracy", "mean": 0.7, "std": 0.01, "majority": 0.5,
+                        "dev_records": 40, "lr": 1e-3}}
+  rows = [{"arch": arch, "roles": roles, "params_total": 1000, "latency_ms": ms,
+           "latency_iqr_ms": 0.1, "speedup_vs_teacher": 4.0 / ms, "metrics": metrics}
+          for arch, roles, ms in (("D1-A2-H16-I32", ["chosen"], 2.0),
+                                  ("D4-A2-H64-I128", ["teacher_shaped"], 6.0))]
+  latency = SimpleNamespace(batch=1, seq_len=16, repeats=3)
+  paths = study.write_study(rows, ["demo/t"], str(tmp_path), latency,
+                            {"latency_ms": 4.0, "latency_iqr_ms": 0.1})
+  table = [line.strip("|").split("|") for line in open(paths["md"]) if line.startswith("| ")]
+  column = [cells[4].strip() for cells in table]
+  assert column == ["speed vs the teacher", "2.0x faster", "1.5x slower"]  # not "0.7"
+
+
 @pytest.mark.slow
 def test_tiny_study_end_to_end(tmp_path):
   assets = helpers.make_assets(str(tmp_path / "assets"))
@@ -101,7 +117,7 @@ def test_tiny_study_end_to_end(tmp_path):
   back = json.load(open(os.path.join(workdir, "study.json")))
   assert [r["arch"] for r in back["archs"]] == [r["arch"] for r in out["archs"]]
   # The teacher is timed beside them: each row's speed-up is the ratio of the two medians.
-  assert back["teacher"]["latency_ms"] > 0 and "x faster than the teacher" in md
+  assert back["teacher"]["latency_ms"] > 0 and "speed vs the teacher" in md
   for row in back["archs"]:
     assert row["speedup_vs_teacher"] == pytest.approx(
         back["teacher"]["latency_ms"] / row["latency_ms"])

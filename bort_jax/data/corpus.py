@@ -24,6 +24,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from bort_jax.runtime import quiet
+
 log = logging.getLogger(__name__)
 
 _VERSION = "1.0.0"
@@ -196,7 +198,8 @@ def build_corpus(files: Sequence[str | os.PathLike], data_dir: str | os.PathLike
     os.rename(builder.data_dir, aside)
     builder = make_builder()
   try:
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig())
+    with quiet.tfds_build():  # without TFDS's printed lines (bort-jax --verbose keeps them)
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig())
   except BaseException:
     # TFDS has already removed its incomplete.* folder; drop the empty config folder it
     # leaves, or put the previous dataset back.

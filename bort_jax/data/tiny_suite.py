@@ -73,10 +73,10 @@ SENSES = ("in the north", "by the sea")  # a word's two senses: a cue its exampl
 
 
 def _wordnet_line(offset: int, pos: str, word: str, definition: str,
-                  examples: list[str]) -> str:
+                  examples: list[str], lexfile: int = 0) -> str:
   """One synset in WordNet's data-file format (a single word, no pointers)."""
   quoted = "; ".join(f'"{e}"' for e in examples)
-  return f"{offset:08d} 00 {pos} 01 {word.replace(' ', '_')} 0 000 | {definition}; {quoted}  "
+  return f"{offset:08d} {lexfile:02d} {pos} 01 {word.replace(' ', '_')} 0 000 | {definition}; {quoted}  "
 
 
 def _task_files(rng: np.random.Generator) -> dict[str, object]:
@@ -92,13 +92,15 @@ def _task_files(rng: np.random.Generator) -> dict[str, object]:
     articles.append(json.dumps({"category": topic, "id": f"{topic}/{i:03d}",
                                 "text": f"{SUBJECTS[i % len(SUBJECTS)].capitalize()} "
                                         f"{VERBS[i % len(TOPICS)]}\n\n{sentence}"}))
-  # WordNet: every subject noun has two senses, each with three examples that carry its cue.
+  # WordNet: every subject noun has two senses (in two lexicographer files), each with three
+  # examples that carry its cue.
   lines, offset = {pos: [] for pos in archives.WORDNET_POS}, 1000
   for subject in SUBJECTS:
     word = subject.split()[-1]
-    for cue in SENSES:
+    for lexfile, cue in enumerate(SENSES, start=5):
       examples = [f"{subject} {VERBS[int(rng.integers(len(VERBS)))]} {cue}" for _ in range(3)]
-      lines["noun"].append(_wordnet_line(offset, "n", word, f"a {word} {cue}", examples))
+      lines["noun"].append(_wordnet_line(offset, "n", word, f"a {word} {cue}", examples,
+                                         lexfile))
       offset += 100
   lines["verb"].append(_wordnet_line(offset, "v", "run", "move fast", ["it runs every day"]))
   lines["adj"].append(_wordnet_line(offset + 100, "a", "warm", "not cold", ["a warm day"]))

@@ -20,8 +20,7 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 
@@ -47,6 +46,35 @@ class Inference:
   batch_size: int
 
 
+# setup's messages name the fields of a `bort-jax finetune` config (config.init.path, ...);
+# evaluate and predict pass ``field=`` so that theirs name the flags the user typed.
+
+
+def _recorded_task(loaded: setup_lib.Loaded, checkpoint: str) -> str:
+  """The task a fine-tuned checkpoint names (``finetune.json``)."""
+  task = loaded.meta.get("task")
+  if not task:
+    raise setup_lib.InputError(f"--checkpoint {checkpoint!r} does not say which task it was "
+                               "fine-tuned on: pass --task.")
+  return task
+
+
+def _resolve_task(loaded: setup_lib.Loaded, checkpoint: str,
+                  task: str | None) -> tasks_lib.TaskSpec:
+  """``--task``, else the task the checkpoint was fine-tuned on."""
+  if task:
+    return setup_lib.resolve_task(task, field="--task")
+  return setup_lib.resolve_task(_recorded_task(loaded, checkpoint), note="pass --task",
+                                field=f"the task recorded in --checkpoint {checkpoint!r},")
+
+
+def _load_tokenizer(loaded: setup_lib.Loaded, checkpoint: str, tokenizer: str):
+  """``--tokenizer``, else the tokenizer saved with the checkpoint."""
+  path = setup_lib.tokenizer_dir(loaded.path, tokenizer, field="--tokenizer")
+  field = "--tokenizer" if tokenizer else f"--checkpoint {checkpoint!r}: its tokenizer"
+  return setup_lib.load_tokenizer(path, loaded.config, field=field)
+
+
 def load_for_inference(checkpoint: str, task: str | None = None, tokenizer: str = "",
                        seq_len: int | None = None, batch_size: int = 32,
                        check: Callable[[tasks_lib.TaskSpec], None] | None = None
@@ -64,19 +92,15 @@ def load_for_inference(checkpoint: str, task: str | None = None, tokenizer: str 
   Raises:
     setup.InputError: no task head, no task, or a head that does not fit the task.
   """
-  loaded = setup_lib.load_model(checkpoint)
+  loaded = setup_lib.load_model(checkpoint, field="--checkpoint")
   if loaded.head is None:
     raise setup_lib.InputError(f"--checkpoint {checkpoint!r} has no task head: fine-tune it "
                                "first (`bort-jax finetune`) or pass a fine-tuned checkpoint.")
-  task = task or loaded.meta.get("task")
-  if not task:
-    raise setup_lib.InputError(f"--checkpoint {checkpoint!r} does not say which task it was "
-                               "fine-tuned on: pass --task.")
-  spec = setup_lib.resolve_task(task)
-  params, layout = setup_lib.fit_head(loaded, spec, training=False)
+  spec = _resolve_task(loaded, checkpoint, task)
+  params, layout = setup_lib.fit_head(loaded, spec, training=False, field="--checkpoint")
   if check is not None:
     check(spec)
-  tok = setup_lib.load_tokenizer(setup_lib.tokenizer_dir(loaded.path, tokenizer), loaded.config)
+  tok = _load_tokenizer(loaded, checkpoint, tokenizer)
   seq_len = int(seq_len or loaded.meta.get("seq_len") or 128)
   if not 2 <= seq_len <= loaded.config.max_length:
     raise setup_lib.InputError(f"--seq-len {seq_len} must be in 2..{loaded.config.max_length}.")
@@ -87,7 +111,8 @@ def load_for_inference(checkpoint: str, task: str | None = None, tokenizer: str 
   cfg = steps.StepConfig(loaded.config, kind, spec.num_labels, 1, layout)
   compiled = loop.compile_steps(cfg, loop.direction_key({}), mesh,
                                 tuple(sharding.rules_from_config(None)))
-  full = setup_lib.init_params(loaded.config, cfg.head, 0, params)
+  full = setup_lib.init_params(loaded.config, cfg.head, 0, params,
+                               field=f"--checkpoint {checkpoint!r}")
   placed = loop.place(full, compiled.param_shardings)
   return Inference(spec, loaded, compiled, placed, tok, mesh, seq_len, batch_size)
 
@@ -149,34 +174,15 @@ def run(checkpoint: str, task: str | None = None, split: str | None = None, *,
   return result
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="bort-jax evaluate", description=__doc__.split("\n")[0])
-  p.add_argument("--checkpoint", required=True, help="a fine-tuned WORKDIR/best or HF dir")
-  p.add_argument("--task", default=None, help="task name (default: the checkpoint's)")
-  p.add_argument("--split", default=None, help="split (default: the first dev split)")
-  p.add_argument("--tokenizer", default="", help="tokenizer dir (default: the checkpoint's)")
-  p.add_argument("--seq-len", type=int, default=None)
-  p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--data-dir", default=None, help="TFDS data directory")
-  p.add_argument("--download", action="store_true", help="let TFDS download the data")
-  p.add_argument("--out", default=None, help="also write the metrics JSON here")
-  p.add_argument("--submission", default=None, help="test splits: write prediction files here")
-  p.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
-  return p
+def cli_run(args: argparse.Namespace) -> int:
+  """``bort-jax evaluate`` (flags in ``bort_jax.main``): the result as JSON on stdout.
 
-
-def main(argv: Sequence[str]) -> int:
-  """``bort-jax evaluate``; exit status 2 on bad input."""
-  args = _parser().parse_args(list(argv))
-  try:
-    result = run(args.checkpoint, args.task, args.split, tokenizer=args.tokenizer,
-                 seq_len=args.seq_len, batch_size=args.batch_size, data_dir=args.data_dir,
-                 download=args.download, out=args.out, submission_dir=args.submission)
-  except setup_lib.InputError as error:
-    if args.debug:
-      raise
-    print(f"bort-jax evaluate: {error}", file=sys.stderr)
-    return 2
+  Bad input raises :class:`setup.InputError` (a ``ValueError``): ``bort_jax.main`` prints it
+  as one paragraph and exits with status 2.
+  """
+  result = run(args.checkpoint, args.task, args.split, tokenizer=args.tokenizer,
+               seq_len=args.seq_len, batch_size=args.batch_size, data_dir=args.data_dir,
+               download=args.download, out=args.out, submission_dir=args.submission)
   if jax.process_index() == 0:
     print(json.dumps(fileio.to_jsonable(result), indent=2), flush=True)
   return 0

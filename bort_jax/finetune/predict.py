@@ -115,22 +115,6 @@ def predict(inf: evaluate.Inference, rows: Sequence[dict]) -> list[dict]:
   return results
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="bort-jax predict", description=__doc__.split("\n")[0])
-  p.add_argument("--checkpoint", required=True, help="a fine-tuned WORKDIR/best or HF dir")
-  p.add_argument("--task", default=None, help="task (default: the checkpoint's)")
-  p.add_argument("--text", action="append", default=[], help="an input text (repeatable)")
-  p.add_argument("--text-b", action="append", default=[], help="second segment per --text")
-  p.add_argument("--choice", action="append", default=[], help="multiple choice: a choice")
-  p.add_argument("--input", default=None, help="JSON lines or TSV file of inputs")
-  p.add_argument("--output", default=None, help="write JSON lines here (default: stdout)")
-  p.add_argument("--tokenizer", default="", help="tokenizer dir (default: the checkpoint's)")
-  p.add_argument("--seq-len", type=int, default=None)
-  p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
-  return p
-
-
 def _rows(args) -> list[dict]:
   if bool(args.text) == bool(args.input):
     raise setup_lib.InputError("give the inputs either as --text (repeatable) or as --input "
@@ -145,20 +129,16 @@ def _rows(args) -> list[dict]:
           for a, b in zip(args.text, texts_b)]
 
 
-def main(argv: Sequence[str]) -> int:
-  """``bort-jax predict``; exit status 2 on bad input."""
-  args = _parser().parse_args(list(argv))
-  try:
-    rows = _rows(args)
-    # Every input is checked against the task before anything compiles.
-    inf = evaluate.load_for_inference(args.checkpoint, args.task, args.tokenizer, args.seq_len,
-                                      args.batch_size, lambda spec: to_examples(spec, rows))
-    results = predict(inf, rows)
-  except setup_lib.InputError as error:
-    if args.debug:
-      raise
-    print(f"bort-jax predict: {error}", file=sys.stderr)
-    return 2
+def cli_run(args: argparse.Namespace) -> int:
+  """``bort-jax predict`` (flags in ``bort_jax.main``): one JSON line per input.
+
+  Bad input raises :class:`setup.InputError` (a ``ValueError``) before anything is compiled
+  or written: ``bort_jax.main`` prints it as one paragraph and exits with status 2.
+  """
+  rows = _rows(args)
+  inf = evaluate.load_for_inference(args.checkpoint, args.task, args.tokenizer, args.seq_len,
+                                    args.batch_size, lambda spec: to_examples(spec, rows))
+  results = predict(inf, rows)
   if jax.process_index() == 0:
     text = "".join(json.dumps(fileio.to_jsonable(r)) + "\n" for r in results)
     if args.output:

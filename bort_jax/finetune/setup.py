@@ -47,11 +47,34 @@ class InputError(ValueError):
   """Bad user input (a task, split, checkpoint or label); printed as one paragraph, exit 2."""
 
 
+# The ``field`` keywords below say how a message names the value the user gave: a config
+# field of `bort-jax finetune` (the default), or the flag of `bort-jax evaluate` / `predict`.
+
+
+def _named(field: str, value: str) -> str:
+  """``field`` and ``value`` as a message names them.
+
+  ``config.task='x'`` for a config field, ``--task 'x'`` for a flag or a phrase (``the
+  checkpoint 'x'``), ``the task recorded in ..., 'x',`` for a phrase ending in a comma.
+  """
+  if field.endswith(","):
+    return f"{field} {value!r},"
+  if field.startswith("-") or " " in field:
+    return f"{field} {value!r}"
+  return f"{field}={value!r}"
+
+
 # ----------------------------------------------------------------------------- tasks
 
 
-def resolve_task(name: str) -> tasks_lib.TaskSpec:
+def resolve_task(name: str, *, field: str = "config.task",
+                 note: str = "") -> tasks_lib.TaskSpec:
   """The registered task ``name``; the demo tasks are registered on first use.
+
+  Args:
+    name: the task name.
+    field: how the message names it (a config field, a flag or a phrase).
+    note: a remedy, put in parentheses after "is not a known task".
 
   Raises:
     InputError: unknown name; the message suggests the closest known names.
@@ -64,7 +87,8 @@ def resolve_task(name: str) -> tasks_lib.TaskSpec:
     return tasks_lib.get_task(name)
   close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
   hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-  raise InputError(f"config.task={name!r} is not a known task.{hint} Known tasks: "
+  note = f" ({note})" if note else ""
+  raise InputError(f"{_named(field, name)} is not a known task{note}.{hint} Known tasks: "
                    f"{', '.join(known)}.")
 
 
@@ -139,30 +163,32 @@ class Loaded:
   head: model.HeadSpec | None = None
 
 
-def detect_kind(path: str) -> str:
-  """``finetuned``, ``params`` or ``hf`` from the files in ``path``.
+def detect_kind(path: str, *, field: str = "config.init.path") -> str:
+  """``finetuned``, ``params`` or ``hf`` from the files in ``path`` (messages name it ``field``).
 
   Raises:
     InputError: not a directory or none of the three layouts.
   """
   if not os.path.isdir(path):
-    raise InputError(f"config.init.path={path!r} is not a directory (a checkpoint directory: "
+    raise InputError(f"{_named(field, path)} is not a directory (a checkpoint directory: "
                      "our export, a `bort-jax finetune` WORKDIR/best, or a Hugging Face one).")
   if os.path.exists(os.path.join(path, export_lib.MODEL_CONFIG_FILE)):
     return "finetuned" if os.path.exists(os.path.join(path, FINETUNE_FILE)) else "params"
   if os.path.exists(os.path.join(path, "config.json")):
     return "hf"
-  raise InputError(f"config.init.path={path!r} holds neither {export_lib.MODEL_CONFIG_FILE} "
+  raise InputError(f"{_named(field, path)} holds neither {export_lib.MODEL_CONFIG_FILE} "
                    "(our export) nor config.json (Hugging Face).")
 
 
-def load_model(path: str, kind: str = "auto", seed: int = 0) -> Loaded:
+def load_model(path: str, kind: str = "auto", seed: int = 0, *,
+               field: str = "config.init.path") -> Loaded:
   """Reads a model to fine-tune or evaluate (see the module docstring for the kinds).
 
   Args:
     path: the checkpoint directory.
     kind: one of :data:`INIT_KINDS`.
     seed: for ``random``: the weights are ``model.init(fold_in(key(seed), 2))``.
+    field: how messages name ``path`` (a config field or a flag).
 
   Returns:
     :class:`Loaded` with host parameters and no MLM head.
@@ -170,10 +196,10 @@ def load_model(path: str, kind: str = "auto", seed: int = 0) -> Loaded:
   if kind not in INIT_KINDS:
     raise InputError(f"config.init.kind={kind!r} is not one of {', '.join(INIT_KINDS)}.")
   if not path:
-    raise InputError("config.init.path is empty: name the checkpoint to start from (our "
+    raise InputError(f"{field} is empty: name the checkpoint to start from (our "
                      "export, a fine-tuned WORKDIR/best, or a Hugging Face directory).")
   path = os.path.expanduser(path)
-  found = detect_kind(path)
+  found = detect_kind(path, field=field)
   if kind == "auto":
     kind = found
   meta, head = {}, None
@@ -189,7 +215,7 @@ def load_model(path: str, kind: str = "auto", seed: int = 0) -> Loaded:
       from bort_jax.interop import convert  # pylint: disable=import-outside-toplevel
       config, params, head = convert.load_hf_with_head(path, with_mlm_head=None)
   except (OSError, KeyError, ValueError) as error:
-    raise InputError(f"config.init.path={path!r} cannot be read as a {found} checkpoint: "
+    raise InputError(f"{_named(field, path)} cannot be read as a {found} checkpoint: "
                      f"{error}") from None
   if head is not None and head.kind not in model.TASK_KINDS:
     head = None
@@ -202,7 +228,8 @@ def load_model(path: str, kind: str = "auto", seed: int = 0) -> Loaded:
 
 
 def fit_head(loaded: Loaded, spec: tasks_lib.TaskSpec, reset_head: bool = False,
-             training: bool = True) -> tuple[Any, str | None]:
+             training: bool = True, *, field: str = "the checkpoint"
+             ) -> tuple[Any, str | None]:
   """The checkpoint's parameters with a task head that fits ``spec`` (or none, to be made).
 
   Args:
@@ -210,6 +237,7 @@ def fit_head(loaded: Loaded, spec: tasks_lib.TaskSpec, reset_head: bool = False,
     spec: the task.
     reset_head: replace a head that does not fit with a fresh one (fine-tuning).
     training: whether the head may be replaced at all (False: evaluation, prediction).
+    field: how the message names the checkpoint (a phrase or a flag).
 
   Returns:
     ``(host params, head layout)``: the checkpoint's own head and layout kept when it fits;
@@ -233,17 +261,17 @@ def fit_head(loaded: Loaded, spec: tasks_lib.TaskSpec, reset_head: bool = False,
          "train a fresh head." if training else
          "Score it on a task with that head (--task), or fine-tune it for this one first.")
   raise InputError(
-      f"the checkpoint {loaded.path!r}{trained_on} has a {have.kind} head with "
+      f"{_named(field, loaded.path)}{trained_on} has a {have.kind} head with "
       f"{have.outputs} output(s), but task {spec.name!r} ({spec.kind}, {spec.num_labels} "
       f"labels) needs a {want.kind} head with {want.outputs}. {fix}")
 
 
 def init_params(config: ModelConfig, head: model.HeadSpec, seed: int,
-                loaded_params: Any = None) -> Any:
+                loaded_params: Any = None, *, field: str = "the checkpoint") -> Any:
   """Full parameters for ``head``: the loaded ones where they fit, fresh ones elsewhere.
 
   The fresh parts come from ``fold_in(key(seed), 2)`` (``model.attach_head``), a function of
-  the seed only.
+  the seed only. ``field`` names the checkpoint in the message when they do not fit.
   """
   rng = jax.random.fold_in(jax.random.key(seed), 2)
   if loaded_params is None:
@@ -251,14 +279,17 @@ def init_params(config: ModelConfig, head: model.HeadSpec, seed: int,
   try:
     return model.attach_head(rng, loaded_params, config, head)
   except ValueError as error:
-    raise InputError(f"the checkpoint does not match its own config: {error}") from None
+    raise InputError(f"{field} does not match its own config: {error}") from None
 
 
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def tokenizer_dir(init_path: str, configured: str = "") -> str:
+def tokenizer_dir(init_path: str, configured: str = "", *,
+                  field: str = "config.tokenizer (--tokenizer)") -> str:
   """Where the tokenizer files are: ``configured``, else next to the checkpoint.
+
+  ``field`` is what the message tells the user to set when there are none.
 
   Raises:
     InputError: no tokenizer files there.
@@ -272,18 +303,21 @@ def tokenizer_dir(init_path: str, configured: str = "") -> str:
       return path
   where = configured or init_path
   raise InputError(f"no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in {where!r}: set "
-                   "config.tokenizer (--tokenizer) to the directory holding them.")
+                   f"{field} to the directory holding them.")
 
 
-def load_tokenizer(path: str, config: ModelConfig):
-  """The tokenizer in ``path`` for ``config``'s family, checked against its vocabulary."""
+def load_tokenizer(path: str, config: ModelConfig, *, field: str = "config.tokenizer"):
+  """The tokenizer in ``path`` for ``config``'s family, checked against its vocabulary.
+
+  ``field`` is how messages name ``path`` (a config field, a flag or a phrase).
+  """
   from bort_jax.data import tokenization  # pylint: disable=import-outside-toplevel
   try:
     tokenizer = tokenization.load_tokenizer(path, config.family)
   except (OSError, ValueError) as error:
-    raise InputError(f"config.tokenizer={path!r}: {error}") from None
+    raise InputError(f"{_named(field, path)}: {error}") from None
   if tokenizer.vocab_size > config.vocab_size:
-    raise InputError(f"config.tokenizer={path!r} has {tokenizer.vocab_size} ids but the model's "
+    raise InputError(f"{_named(field, path)} has {tokenizer.vocab_size} ids but the model's "
                      f"vocabulary has {config.vocab_size} rows: it belongs to another model.")
   return tokenizer
 

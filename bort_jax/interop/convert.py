@@ -11,7 +11,9 @@ raises ``ValueError`` naming the offending tensor or field. There is no silent p
 The tensor table (names, transposes, shapes, heads) is ``interop.hf_layout``; the MLM decoder
 is tied to the word embeddings and keeps its own bias. Heads follow the transformers class:
 ``*ForMaskedLM``, ``*Model``, ``*ForSequenceClassification`` and ``*ForMultipleChoice`` load
-with their head (:func:`load_hf_with_head`) and :func:`save_hf` writes each of them back.
+with their head (:func:`load_hf_with_head`) and :func:`save_hf` writes each of them back (a
+RoBERTa-layout head on a BERT or Bort body as ``BertForSequenceClassification``, see
+``hf_layout``). A pooler that the class has no place for, as in ``*ForMaskedLM``, is left out.
 
 Families: ``bert`` and ``roberta`` by ``model_type``; ``bort`` is a BERT body with the RoBERTa
 vocabulary (``model_type`` bert and 50,265 ids, or a ``bort_jax`` block in config.json that this
@@ -30,6 +32,8 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
+import zipfile
 from typing import Callable
 
 import numpy as np
@@ -37,7 +41,7 @@ from flax import traverse_util
 
 from bort_jax.core.arch import FAMILY_DEFAULTS, Arch, ModelConfig
 from bort_jax.core.model import MLM, NO_HEAD, TASK_KINDS, HeadSpec, has_pooler
-from bort_jax.interop import hf_layout
+from bort_jax.interop import hf_layout, model_card
 from bort_jax.runtime import fileio
 from bort_jax.interop.torch_reader import read_torch_bin
 
@@ -355,6 +359,7 @@ def params_to_hf(params: dict, config: ModelConfig, head: HeadSpec | None = None
                        "labels can be written")
     head = MLM if "mlm_head" in params else NO_HEAD
   head = head.resolve(config.family)
+  params, config = drop_unplaced_pooler(params, config, head)
   hf_config = config_to_hf(config, head, label_names)
   base = "roberta" if config.family == "roberta" else "bert"
   entries = hf_layout.body_entries(config)
@@ -390,10 +395,25 @@ def params_to_hf(params: dict, config: ModelConfig, head: HeadSpec | None = None
   if extra:
     raise ValueError(f"params {extra} have no place in a Hugging Face "
                      f"{hf_config['architectures'][0]}")
-  if config.pooler and not head.uses_pooler(config.family) and head.kind != "none":
-    logger.warning("%s has no pooler; the pooler is saved but transformers will report it as "
-                   "unexpected when loading it", hf_config["architectures"][0])
   return hf_config, tensors
+
+
+def drop_unplaced_pooler(params: dict, config: ModelConfig, head: HeadSpec
+                         ) -> tuple[dict, ModelConfig]:
+  """``params`` and ``config`` without a pooler that the transformers class cannot hold.
+
+  ``*ForMaskedLM`` and ``RobertaForSequenceClassification`` have no pooler (and a RoBERTa-layout
+  head on a BERT body takes its place); the head does not read it, so leaving it out changes no
+  output, and transformers then loads the folder without reporting unexpected tensors.
+
+  Returns:
+    ``(params, config)``, with ``config.pooler`` False where the pooler was left out.
+  """
+  if not config.pooler or hf_layout.keeps_pooler(config, head):
+    return params, config
+  logger.info("left out the pooler: %s has no place for it and the %s head does not use it",
+              hf_layout.hf_architecture(config, head), head.kind)
+  return {k: v for k, v in params.items() if k != "pooler"}, config.replace(pooler=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,24 +428,58 @@ def read_hf_tensors(path: str) -> dict[str, np.ndarray]:
 
   Returns:
     Name -> numpy array.
-  """
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
 
-  for index_name, reader in (("model.safetensors.index.json", load_file),
-                             ("pytorch_model.bin.index.json", read_torch_bin)):
+  Raises:
+    ValueError: no weights file, or one (or an index) that cannot be read, named in the message.
+  """
+  for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
     index_path = os.path.join(path, index_name)
     if os.path.exists(index_path):
-      with open(index_path) as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
       out: dict[str, np.ndarray] = {}
-      for shard in shards:
-        out.update(reader(os.path.join(path, shard)))
+      for shard in _shards(index_path):
+        out.update(_read_weights(os.path.join(path, shard)))
       return out
-  if os.path.exists(os.path.join(path, "model.safetensors")):
-    return dict(load_file(os.path.join(path, "model.safetensors")))
-  if os.path.exists(os.path.join(path, "pytorch_model.bin")):
-    return read_torch_bin(os.path.join(path, "pytorch_model.bin"))
+  for name in ("model.safetensors", "pytorch_model.bin"):
+    if os.path.exists(os.path.join(path, name)):
+      return _read_weights(os.path.join(path, name))
   raise ValueError(f"{path!r} has neither model.safetensors nor pytorch_model.bin")
+
+
+def _shards(index_path: str) -> list[str]:
+  """The weight files a sharded checkpoint's index names."""
+  expected = ('expected the index save_pretrained writes: {"weight_map": {tensor name: '
+              'shard file}}')
+  index = model_card.read_json(index_path, "weights index", expected)
+  weight_map = index.get("weight_map") if isinstance(index, dict) else None
+  if not isinstance(weight_map, dict) or not all(
+      isinstance(v, str) for v in weight_map.values()):
+    raise ValueError(f"weights index {index_path!r} has no weight_map of file names; {expected}")
+  return sorted(set(weight_map.values()))
+
+
+def _read_weights(file: str) -> dict[str, np.ndarray]:
+  """One weights file, safetensors or a torch zip archive by its name.
+
+  A file that is not what its name says (cut short, overwritten, another format) raises
+  ValueError naming it, so the command ends with that message rather than a reader's traceback.
+  """
+  from safetensors import SafetensorError  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+
+  if file.endswith(".bin"):
+    try:
+      return read_torch_bin(file)
+    except (pickle.UnpicklingError, EOFError, KeyError, zipfile.BadZipFile) as error:
+      raise ValueError(f"weights file {file!r} is not a readable torch.save archive "
+                       f"({type(error).__name__}: {error}); allowed: a pytorch_model.bin "
+                       "written by torch.save or save_pretrained, or model.safetensors"
+                       ) from None
+  try:
+    return dict(load_file(file))
+  except SafetensorError as error:
+    raise ValueError(f"weights file {file!r} is not a readable safetensors file ({error}); "
+                     "allowed: a model.safetensors written by safetensors or save_pretrained, "
+                     "or pytorch_model.bin") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,14 +487,24 @@ def read_hf_tensors(path: str) -> dict[str, np.ndarray]:
 
 
 def read_hf_config(path: str) -> dict:
-  """The parsed config.json of a checkpoint directory."""
+  """The parsed config.json of a checkpoint directory.
+
+  Raises:
+    ValueError: no directory, no config.json, or a config.json that is not a JSON object (the
+      message names the file).
+  """
   if not os.path.isdir(path):
     raise ValueError(f"{path!r} is not a directory")
   config_path = os.path.join(path, "config.json")
   if not os.path.exists(config_path):
     raise ValueError(f"{path!r} has no config.json")
-  with open(config_path) as f:
-    return json.load(f)
+  expected = ("expected the JSON object of a Hugging Face BERT or RoBERTa config "
+              "(as save_pretrained writes it)")
+  hf_config = model_card.read_json(config_path, "config.json", expected)
+  if not isinstance(hf_config, dict):
+    raise ValueError(f"config.json {config_path!r} holds a JSON {type(hf_config).__name__}; "
+                     f"{expected}")
+  return hf_config
 
 
 def load_hf(path: str, with_mlm_head: bool | None = True, family: str | None = None
@@ -490,7 +554,8 @@ def save_hf(params: dict, config: ModelConfig, out_dir: str, head: HeadSpec | No
   The class follows the head: ``*ForMaskedLM``, ``*Model``, ``*ForSequenceClassification``
   (classification, regression) or ``*ForMultipleChoice``. Bort is written as a BERT (with a
   1-row zero token-type table); our own fields ride along in config.json's ``bort_jax`` block
-  so that :func:`load_hf_with_head` gives back the same config and head. The directory is
+  so that :func:`load_hf_with_head` gives back the same config and head (less a pooler the
+  class cannot hold: :func:`drop_unplaced_pooler`). The directory is
   built under a temporary name and renamed into place (an existing one is replaced whole);
   files get normal permissions (``fileio.atomic_dir``).
 

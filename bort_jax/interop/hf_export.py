@@ -1,7 +1,9 @@
-"""``bort-jax convert --to-hf``: our export -> a Hugging Face folder a user loads in one line.
+"""``bort-jax convert --to-hf``: our export -> a Hugging Face folder a user loads in one line;
+``bort-jax convert --from-hf``: a Hugging Face folder -> our export, its task head kept.
 
     bort-jax convert --to-hf runs/demo/distill/export --out hf/student
     bort-jax convert --to-hf runs/ft/best --out hf/movie --speed speed.json --results ft.json
+    bort-jax convert --from-hf hf/movie --out runs/movie      (then --to-hf runs/movie again)
 
 The folder holds what ``convert.save_hf`` writes (``config.json`` + ``model.safetensors``),
 the tokenizer files (``interop.hf_tokenizer``; ``AutoTokenizer.from_pretrained(dir)`` works)
@@ -12,6 +14,11 @@ keeps its MLM head unless ``--no-mlm-head``.
 
 Every input is checked before anything is written: the checkpoint, the tokenizer (its kind
 must fit the family and its ids the vocabulary), the speed and results files.
+
+``import_hf`` writes the export of a fine-tuned Hugging Face folder with a ``finetune.json``
+naming its head (kind, num_labels, layout, label names), as fine-tuning does: the tensors alone
+cannot tell regression from multiple choice, and without it ``--to-hf`` would find a
+classifier it has no class for.
 """
 
 from __future__ import annotations
@@ -22,9 +29,11 @@ import re
 from typing import Any
 
 from bort_jax.core import cost
-from bort_jax.core.model import HeadSpec
+from bort_jax.core.arch import ModelConfig
+from bort_jax.core.model import TASK_KINDS, HeadSpec
 from bort_jax.data import tokenization
 from bort_jax.interop import convert, export, hf_layout, hf_tokenizer, model_card
+from bort_jax.runtime import fileio
 
 # Written by ``bort-jax finetune`` beside the export of its best model (finetune/setup.py).
 FINETUNE_FILE = "finetune.json"
@@ -131,6 +140,7 @@ def export_hf(checkpoint: str, out: str, *, tokenizer: str = "", speed: str = ""
   if head is None:
     head = HeadSpec("mlm") if "mlm_head" in params else HeadSpec("none")
   head = head.resolve(config.family)
+  params, config = convert.drop_unplaced_pooler(params, config, head)
   tok, tok_path = _tokenizer(checkpoint, tokenizer, config)
   speed_rows = model_card.speed_rows(model_card.read_json(speed, "--speed"), speed) \
       if speed else []
@@ -161,6 +171,46 @@ def export_hf(checkpoint: str, out: str, *, tokenizer: str = "", speed: str = ""
   convert.save_hf(params, config, out, head, label_names=names, extra=extra)
   return {"out": out, "config": config, "head": head, "parameters": card.exported_values,
           "tokenizer": tok_path, "files": written["files"]}
+
+
+def import_hf(path: str, out: str, *, no_mlm_head: bool = False, family: str | None = None
+              ) -> tuple[ModelConfig, dict]:
+  """Writes our export of a Hugging Face folder; a task head gets a ``finetune.json``.
+
+  Args:
+    path: the Hugging Face checkpoint directory.
+    out: the export folder to write (replaced whole if it exists, in one atomic write).
+    no_mlm_head: leave the MLM head out.
+    family: force "bert", "roberta" or "bort" (otherwise read from config.json).
+
+  Returns:
+    ``(config, params)`` as written.
+  """
+  config, params, head = convert.load_hf_with_head(
+      path, with_mlm_head=False if no_mlm_head else None, family=family)
+  if head.kind not in TASK_KINDS:
+    export.save(out, params, config)
+    return config, params
+  meta = head_record(head, convert.read_hf_config(path))
+  with fileio.atomic_dir(out) as tmp:
+    export.save(tmp, params, config)
+    with open(os.path.join(tmp, FINETUNE_FILE), "w") as f:
+      json.dump(meta, f, indent=2, sort_keys=True)
+  return config, params
+
+
+def head_record(head: HeadSpec, hf_config: dict) -> dict:
+  """The ``finetune.json`` of an imported task head: what :func:`finetuned_head` reads back.
+
+  Class names come from config.json's ``id2label`` (a classification head only).
+  """
+  record = {"kind": head.kind, "num_labels": head.num_labels, "layout": head.layout}
+  id2label = hf_config.get("id2label")
+  id2label = id2label if isinstance(id2label, dict) else {}
+  names = [id2label.get(str(i)) for i in range(head.num_labels)]
+  if head.kind == "classification" and None not in names:
+    record["label_names"] = [str(n) for n in names]
+  return record
 
 
 def _recorded_paths(checkpoint: str) -> list[tuple[str, str]]:

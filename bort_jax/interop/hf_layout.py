@@ -11,6 +11,13 @@ Task heads (docs/INTERFACES.md, "Model"): the BERT layout and every multiple-cho
 ``classifier.out_proj`` on the first token. This module also maps a head to the transformers
 class that has it (:func:`hf_architecture`) and reads the head back from a checkpoint
 (:func:`head_from_hf`).
+
+A RoBERTa-layout sequence head on a BERT or Bort body (Bort's default) goes into
+``BertForSequenceClassification``: at inference ``out_proj(tanh(dense(first token)))`` is that
+class's ``classifier(pooler(first token))``, so ``classifier/dense`` is written as the pooler
+and ``classifier/out_proj`` as the classifier. The logits are the same; only training dropout
+differs (transformers has none before the pooler). The ``bort_jax`` block of config.json keeps
+the layout, so a reload gives back the RoBERTa-layout head.
 """
 
 from __future__ import annotations
@@ -181,6 +188,8 @@ def head_entries(config: ModelConfig, head: HeadSpec) -> list[Entry]:
                   "head"),
             Entry("classifier.bias", ("classifier", "bias"), "copy", (n,), labels,
                   "head")]
+  if config.family != "roberta":
+    return _roberta_head_in_bert_class(h, n, labels, out_fields)
   return [
       Entry("classifier.dense.weight", ("classifier", "dense", "kernel"), "linear", (h, h),
             "hidden_size x hidden_size", "head"),
@@ -193,12 +202,28 @@ def head_entries(config: ModelConfig, head: HeadSpec) -> list[Entry]:
   ]
 
 
+def _roberta_head_in_bert_class(h: int, n: int, labels: str, out_fields: str
+                                ) -> list[Entry]:
+  """A RoBERTa-layout sequence head as ``BertForSequenceClassification`` holds it: its dense
+  layer is the pooler, its out_proj the classifier (see the module docstring)."""
+  return [
+      Entry("pooler.dense.weight", ("classifier", "dense", "kernel"), "linear", (h, h),
+            "hidden_size x hidden_size", "pooler"),
+      Entry("pooler.dense.bias", ("classifier", "dense", "bias"), "copy", (h,), "hidden_size",
+            "pooler"),
+      Entry("classifier.weight", ("classifier", "out_proj", "kernel"), "linear", (n, h),
+            out_fields, "head"),
+      Entry("classifier.bias", ("classifier", "out_proj", "bias"), "copy", (n,), labels,
+            "head"),
+  ]
+
+
 def hf_architecture(config: ModelConfig, head: HeadSpec) -> str:
   """The transformers class that holds a model of ``config`` with ``head``.
 
   Raises:
-    ValueError: when transformers has no class with that head for the family (a RoBERTa-layout
-      sequence head on a BERT body, or a BERT-layout one on a RoBERTa body).
+    ValueError: when transformers has no class with that head for the family (a BERT-layout
+      sequence head on a RoBERTa body).
   """
   name = "Roberta" if config.family == "roberta" else "Bert"
   head = head.resolve(config.family)
@@ -208,13 +233,23 @@ def hf_architecture(config: ModelConfig, head: HeadSpec) -> str:
     return f"{name}ForMaskedLM"
   if head.kind == "multiple_choice":
     return f"{name}ForMultipleChoice"
-  if head.layout != name.lower():
-    other = "bert" if name == "Bert" else "roberta"
+  if name == "Roberta" and head.layout == "bert":
     raise ValueError(
-        f"head layout {head.layout!r} has no transformers class for a {config.family} body: "
-        f"{name}ForSequenceClassification has the {other!r} layout (use HeadSpec(..., "
-        f"layout={other!r}) to fine-tune a model you want to export, or keep our own format)")
+        f"head layout 'bert' has no transformers class for a {config.family} body: "
+        "RobertaForSequenceClassification has the 'roberta' layout (use HeadSpec(..., "
+        "layout='roberta') to fine-tune a model you want to export, or keep our own format)")
   return f"{name}ForSequenceClassification"
+
+
+def keeps_pooler(config: ModelConfig, head: HeadSpec) -> bool:
+  """Whether the transformers class of ``config`` with ``head`` has a place for our pooler.
+
+  ``*ForMaskedLM`` and ``RobertaForSequenceClassification`` have no pooler, and a
+  RoBERTa-layout head on a BERT body takes the pooler's place; a pooler written there would be
+  reported as unexpected when transformers loads the folder.
+  """
+  head = head.resolve(config.family)
+  return head.kind in ("none", "multiple_choice") or head.layout == "bert"
 
 
 def head_config_fields(head: HeadSpec, label_names: tuple = ()) -> dict:

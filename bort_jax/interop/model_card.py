@@ -92,15 +92,19 @@ def flatten(value: Any, prefix: str = "") -> dict:
   return out
 
 
-def read_json(path: str, what: str) -> Any:
-  """A JSON file the user named; ValueError (naming ``what``) if missing or not JSON."""
+def read_json(path: str, what: str, expected: str = "") -> Any:
+  """A JSON file the user named; ValueError (naming ``what``) if missing or not JSON.
+
+  ``expected`` (what the file should be) ends the message, so it says what is allowed.
+  """
+  tail = f"; {expected}" if expected else ""
   if not os.path.isfile(path):
-    raise ValueError(f"{what} {path!r} is not a file")
+    raise ValueError(f"{what} {path!r} is not a file{tail}")
   try:
     with open(path, encoding="utf-8") as f:
       return json.load(f)
   except ValueError as error:
-    raise ValueError(f"{what} {path!r} is not JSON: {error}") from None
+    raise ValueError(f"{what} {path!r} is not JSON: {error}{tail}") from None
 
 
 def speed_rows(data: Any, path: str) -> list[dict]:

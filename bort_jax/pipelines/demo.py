@@ -202,6 +202,8 @@ def finetune_config(config: ml_collections.ConfigDict, model_name: str, task: st
   cfg.task = f"demo/{task}"
   cfg.seq_len = int(spec.seq_len)
   cfg.train.total_steps = int(block.train.total_steps) or int(spec.steps)
+  if int(spec.get("max_dev_examples", 0)):  # a task whose dev score needs more records
+    cfg.max_dev_examples = int(spec.max_dev_examples)
   cfg.init.path, cfg.init.kind = init, "params"
   cfg.tokenizer = os.path.join(cache_dir, "teacher")
   cfg.data_dir = os.path.join(cache_dir, "tfds")
@@ -226,9 +228,10 @@ def check_finetune(config: ml_collections.ConfigDict) -> None:
     if int(block.max_dev_examples) < 0 or int(block.train.total_steps) < 0:
       raise ValueError(f"config.{name}: max_dev_examples and train.total_steps must be >= 0")
   for task, spec in config.finetune_tasks.items():
-    if int(spec.steps) < 1 or int(spec.seq_len) < 2:
-      raise ValueError(f"config.finetune_tasks.{task}: steps={spec.steps} must be >= 1 and "
-                       f"seq_len={spec.seq_len} >= 2")
+    if int(spec.steps) < 1 or int(spec.seq_len) < 2 or int(spec.get("max_dev_examples", 0)) < 0:
+      raise ValueError(f"config.finetune_tasks.{task}: steps={spec.steps} must be >= 1, "
+                       f"seq_len={spec.seq_len} >= 2 and max_dev_examples="
+                       f"{spec.get('max_dev_examples', 0)} >= 0")
   wanted = str(config.agora_tasks).strip()
   if wanted != "auto":
     unknown = [t.strip() for t in wanted.split(",")

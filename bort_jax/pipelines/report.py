@@ -37,6 +37,7 @@ from bort_jax.pipelines.report_finetune import (NOT_RUN, finetune_rows, finetune
                                                 finetune_section, fmt as _fmt, margin_share,
                                                 standard_error)
 from bort_jax.runtime.fileio import atomic_write_text, read_json, read_jsonl, to_jsonable
+from bort_jax.search.select import speed_words
 
 STATE_FILE = "demo_state.json"
 REPORT_DIR = "report"
@@ -303,8 +304,8 @@ def headline_text(head: dict) -> str:
   if head.get("speedup") is not None:
     busy = ("; timed on a busy machine, so overstated: see the speed section"
             if head.get("busy") else "")
-    parts.append(f"{'and it' if parts else 'the student'} runs {head['speedup']:.1f}x faster "
-                 f"than the teacher (measured median latency{busy})")
+    parts.append(f"{'and it' if parts else 'the student'} runs "
+                 f"{speed_words(head['speedup'], '.1f')} (measured median latency{busy})")
   return ("Headline: " + ", ".join(parts) + ".") if parts else "Headline: not available yet."
 
 

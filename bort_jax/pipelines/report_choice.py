@@ -26,6 +26,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from bort_jax.search.select import speed_words
+
 
 def picks(result: dict | None) -> list[dict]:
   """W's choice and, with a budget, the budget's, from a ``results.json``.
@@ -60,7 +62,7 @@ def extraction_lines(result: dict | None) -> list[str]:
   if sel.get("rule") != "budget":
     return [f"Selection rule `w` (the paper's): W's choice **{result['best']}** is the one "
             "distilled (`extract/chosen_arch.txt`).", ""]
-  speedup = (f", {float(sel['speedup']):.3g}x faster than the teacher in the search's cost"
+  speedup = (f", {speed_words(sel['speedup'])} in the search's cost"
              if sel.get("speedup") else "")
   return [f"Selection rule `budget` ({sel['budget']}): **{sel['choice']}**, the lowest proxy "
           f"error (e = {_num(sel.get('e'), 4)}) among the {sel['feasible']} candidates meeting "
@@ -126,7 +128,7 @@ def choice_table(speed: dict) -> list[str]:
            "Predicted speed-up: the teacher's forward FLOPs over the model's at this batch and "
            "length; measured: the teacher's median latency over the model's, timed "
            "interleaved above (a model of the choice's shape with random weights when it is "
-           "not the distilled student's).", "",
+           "not the distilled student's). Below 1x the model is slower than the teacher.", "",
            "| rule | shape | params (M, total) | proxy error e | predicted speed-up | measured "
            "speed-up | median (IQR) ms | distilled |", "|---|---|---|---|---|---|---|---|"]
   for pick in choices:

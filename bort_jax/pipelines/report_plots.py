@@ -85,7 +85,7 @@ def pareto(rows: Sequence[Mapping], chosen: str, size_label: str, cost_label: st
     ax.set_xlabel(label)
     ax.set_ylabel("proxy error e (held-out loss)")
     _plain(ax, log_x=x.max() / max(x.min(), 1e-12) > 50)
-    ax.legend(loc="upper right", fontsize=8)
+    search_report.legend_outside(ax)  # above the axes: "upper right" hid a candidate
   fig.suptitle(f"Extraction: {len(rows)} trained candidates; chosen {rows[best]['name']}")
   return _save(fig, path)
 

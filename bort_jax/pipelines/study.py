@@ -32,6 +32,7 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 
 from bort_jax.runtime.fileio import atomic_write_text, to_jsonable
+from bort_jax.search.select import speed_words
 
 ROLES = ("chosen", "smallest", "near_latency", "lowest_error", "teacher_shaped")
 TEACHER = "teacher"  # the key of the teacher's latency, timed beside the studied models
@@ -239,14 +240,14 @@ def write_study(rows: Sequence[Mapping], tasks: Sequence[str], workdir: str, lat
       {"archs": list(rows), "teacher": teacher}), indent=1) + "\n")
   speed = teacher is not None
   head = (["arch", "roles", "params (total)", f"latency ms (B={latency.batch}, "
-           f"T={latency.seq_len})"] + (["x faster than the teacher"] if speed else [])
+           f"T={latency.seq_len})"] + (["speed vs the teacher"] if speed else [])
           + [f"{t} ({rows[0]['metrics'][t]['metric']})" for t in tasks])
   lines = ["# Downstream study of the extraction's choice", "",
            "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
   for r in rows:
     cells = ([r["arch"], ", ".join(r["roles"]), f"{r['params_total']:,}",
               f"{r['latency_ms']:.2f} (IQR {r['latency_iqr_ms']:.2f})"]
-             + ([f"{r['speedup_vs_teacher']:.1f}"] if speed else [])
+             + ([speed_words(r["speedup_vs_teacher"], ".1f", than="")] if speed else [])
              + [_metric_cell(r["metrics"][t]) for t in tasks])
     lines.append("| " + " | ".join(cells) + " |")
   lines.append("")

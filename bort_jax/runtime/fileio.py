@@ -6,10 +6,13 @@ A reader sees the old file (or folder) or the whole new one, never half of it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import tempfile
 from typing import Any, Iterator
 
@@ -96,11 +99,17 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
   """Builds a folder under a temporary name beside ``path`` and renames it into place.
 
   Use as ``with atomic_dir(out) as tmp: write files into tmp``. A reader (or a resumed run)
-  sees either no folder, the old one, or the complete new one: a crash inside the block leaves
-  only a hidden ``.NAME-*.tmp`` folder, which the next call for the same path removes. An
-  existing folder at ``path`` is replaced only after the new one is complete. Files written
-  inside get normal permissions, those of ``open`` and ``mkdir`` (:func:`normal_modes`: 0644
-  and 0755 under the usual umask 022), not the owner-only 0700 of the temporary folder.
+  sees either no folder, the old one, or a complete new one. Files written inside get normal
+  permissions, those of ``open`` and ``mkdir`` (:func:`normal_modes`: 0644 and 0755 under the
+  usual umask 022), not the owner-only 0700 of the temporary folder.
+
+  Several writers may share the parent (two runs sharing a cache): each temporary folder is
+  ``.NAME-HOST-PID-RANDOM.tmp``, named after its writer, and a call removes only those whose
+  writer is provably gone (same host, process no longer alive), e.g. what a SIGKILL inside the
+  block left; another writer's work in progress is never touched. An existing folder at
+  ``path`` is replaced only after the new one is complete. When two writers finish the same
+  ``path`` together, each rename installs one whole folder and the last one stays: the result
+  is always one writer's complete folder, never a mix.
 
   Yields:
     The temporary folder to write into.
@@ -108,28 +117,101 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
   path = os.path.abspath(os.fspath(path))
   parent, name = os.path.split(path)
   os.makedirs(parent, exist_ok=True)
-  for stale in os.listdir(parent):
-    if stale.startswith(f".{name}-") and stale.endswith(".tmp"):
-      shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}-", suffix=".tmp")
+  _remove_abandoned(parent, name)
+  tmp = _make_temp(parent, name)
   try:
     yield tmp
-    file_mode, dir_mode = normal_modes()
-    for root, _, files in os.walk(tmp):
-      os.chmod(root, dir_mode)
-      for f in files:
-        os.chmod(os.path.join(root, f), file_mode)
-    if os.path.isdir(path):
-      old = tempfile.mkdtemp(dir=parent, prefix=f".{name}-", suffix=".tmp")
-      os.rmdir(old)
-      os.replace(path, old)
-      os.replace(tmp, path)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, path)
+    _normal_permissions(tmp)
+    _install(tmp, path)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def _host() -> str:
+  """This machine's name, reduced to characters safe in a file name."""
+  return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+
+
+def _make_temp(parent: str, name: str) -> str:
+  """A new empty folder ``.NAME-HOST-PID-RANDOM.tmp`` in ``parent``, owned by this process."""
+  return tempfile.mkdtemp(dir=parent, prefix=f".{name}-{_host()}-{os.getpid()}-",
+                          suffix=".tmp")
+
+
+def _temp_owner(entry: str, name: str) -> tuple[str, int] | None:
+  """``(host, pid)`` of a temporary folder of ``name``, or None when ``entry`` is not one.
+
+  The random part has no ``-`` (``tempfile`` draws it from ``[a-z0-9_]``), so the last two
+  dashes delimit the pid whatever the host name holds.
+  """
+  prefix, suffix = f".{name}-", ".tmp"
+  if not (entry.startswith(prefix) and entry.endswith(suffix)):
+    return None
+  parts = entry[len(prefix):-len(suffix)].rsplit("-", 2)
+  if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) <= 0:
+    return None
+  return parts[0], int(parts[1])
+
+
+def _alive(pid: int) -> bool:
+  """Whether process ``pid`` exists on this machine (another user's counts)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _remove_abandoned(parent: str, name: str) -> None:
+  """Removes ``name``'s temporary folders whose writer died on this host; keeps the rest.
+
+  A folder of another host, of a live process (this one included: another thread may be
+  writing) or of an unknown owner (an older naming) is left alone: it is not provably
+  abandoned.
+  """
+  host = _host()
+  for entry in os.listdir(parent):
+    owner = _temp_owner(entry, name)
+    if owner and owner[0] == host and owner[1] != os.getpid() and not _alive(owner[1]):
+      shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _normal_permissions(folder: str) -> None:
+  """Gives ``folder`` and everything in it the modes of a plain ``mkdir`` and ``open``."""
+  file_mode, dir_mode = normal_modes()
+  for root, _, files in os.walk(folder):
+    os.chmod(root, dir_mode)
+    for f in files:
+      os.chmod(os.path.join(root, f), file_mode)
+
+
+def _install(tmp: str, path: str, tries: int = 100) -> None:
+  """Renames the finished folder ``tmp`` to ``path``, moving a folder already there aside.
+
+  The rename succeeds only where ``path`` is absent (or an empty folder). When it is taken,
+  the folder there is renamed to a temporary name of ours and removed, and the rename tried
+  again; another writer that installs or moves ``path`` in between only costs a retry. Each
+  rename moves a whole folder, so ``path`` always holds one writer's complete result.
+  """
+  parent, name = os.path.split(path)
+  for _ in range(tries):
+    try:
+      os.rename(tmp, path)
+      return
+    except OSError as e:
+      if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+        raise
+    old = _make_temp(parent, name)
+    try:
+      os.rename(path, old)  # onto our own empty folder: allowed, and the name stays ours
+    except FileNotFoundError:
+      os.rmdir(old)  # another writer moved it first: try again
+      continue
+    shutil.rmtree(old, ignore_errors=True)
+  raise OSError(f"could not install {path}: other writers kept replacing it ({tries} tries)")
 
 
 def read_json(path: str) -> Any:

@@ -28,6 +28,7 @@ import numpy as np
 
 from bort_jax.runtime.fileio import atomic_write_text, to_jsonable
 from bort_jax.search import audit, guarantee
+from bort_jax.search.select import speed_words
 from bort_jax.search.formula import gain_parts
 
 LEDGER_KEYS = ("wall_time_s", "compile_time_s", "compile_count", "flops")
@@ -114,7 +115,7 @@ def choice_lines(result) -> list[str]:
   if result.budget is None:
     return [f"- chosen: **{best.name}** ({w_line})"]
   sel = result.selection()
-  speedup = f", {sel['speedup']:.3g}x faster than the teacher" if sel["speedup"] else ""
+  speedup = f", {speed_words(sel['speedup'])}" if sel["speedup"] else ""
   trained = [k for k, r in enumerate(result.rows) if r.trained]
   delta = guarantee.budget_bound([r.p for r in result.rows], result.p_T,
                                  result.budget.feasible, trained, 1.0)
@@ -307,7 +308,7 @@ def pareto_plot(result, path: str | os.PathLike, size_key: str = "params_effecti
     ax.set_xlabel(label)
     ax.set_ylabel("proxy error e")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
+    legend_outside(ax)
     if x.max() / max(x.min(), 1e-300) > 50:
       ax.set_xscale("log")
   untrained = len(result.rows) - len(rows)
@@ -315,6 +316,15 @@ def pareto_plot(result, path: str | os.PathLike, size_key: str = "params_effecti
                f"{result.rule}, {untrained} not trained or diverged; chosen {result.chosen.name}")
   fig.tight_layout()
   return _save(fig, path)
+
+
+def legend_outside(ax, ncol: int = 3) -> None:
+  """The axes' legend above them, outside the plotting area, so it covers no data point.
+
+  ``tight_layout`` then makes room for it (it counts the legend as part of the axes).
+  """
+  ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.02, 1.0, 0.2), mode="expand", ncol=ncol,
+            fontsize=8, borderaxespad=0.0)
 
 
 def _save(fig, path: str) -> str:

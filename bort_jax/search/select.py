@@ -147,12 +147,29 @@ class Budget:
     return int(sum(self.feasible))
 
 
+def speed_words(ratio: float, spec: str = ".3g", than: str = "the teacher") -> str:
+  """A speed ratio (the reference's time over the model's) in words.
+
+  ``2.5`` reads "2.5x faster than the teacher" and ``0.8`` "1.25x slower than the teacher"
+  (never "0.8x faster"); a ratio that prints as 1 reads "as fast as the teacher". ``spec``
+  formats the number; ``than=""`` leaves out the comparison ("1.25x slower").
+  """
+  ratio = float(ratio)
+  if not (math.isfinite(ratio) and ratio > 0):
+    return f"at an unknown speed (ratio {ratio:g})" + (f" against {than}" if than else "")
+  one = format(1.0, spec)
+  if format(ratio, spec) == one or format(1 / ratio, spec) == one:
+    return f"as fast as {than}" if than else "as fast"
+  word, times = ("faster", ratio) if ratio > 1 else ("slower", 1 / ratio)
+  return f"{times:{spec}}x {word}" + (f" than {than}" if than else "")
+
+
 def _fail(names, p, i, speedup, latency, text) -> ValueError:
   """The error of a budget nothing meets: the figures that say how far to relax it."""
   fast, small = int(np.argmin(i)), int(np.argmin(p))
   fastest = f"the fastest candidate, {names[fast]}, has i = {i[fast]:.4g}"
   if speedup is not None:
-    fastest += f" ({speedup[fast]:.4g}x faster than the teacher)"
+    fastest += f" ({speed_words(speedup[fast], '.4g')})"
   if latency is not None:
     low = int(np.argmin(latency))
     fastest += f"; the lowest measured latency is {latency[low]:.4g} ms ({names[low]})"

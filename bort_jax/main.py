@@ -408,36 +408,6 @@ def run_mode(name: str, argv: Sequence[str]) -> int:
   return 0
 
 
-class _PlainFormatter(logging.Formatter):
-  """A record as one plain line, like the package's printed ones (no time, no level tag).
-
-  WARNING and above say so (``warning: ...``); another library's records (shown by
-  ``--verbose``, or from WARNING up) name their logger (``[absl] ...``).
-  """
-
-  def formatMessage(self, record: logging.LogRecord) -> str:
-    own = record.name == "root" or record.name.split(".")[0] == "bort_jax"
-    source = "" if own else f"[{record.name}] "
-    level = "" if record.levelno <= logging.INFO else f"{record.levelname.lower()}: "
-    return f"{source}{level}{record.message}"
-
-
-class _StderrHandler(logging.StreamHandler):
-  """Writes to the current ``sys.stderr`` (a notebook or a test may replace it after set-up)."""
-
-  def __init__(self):
-    super().__init__()
-    self.setFormatter(_PlainFormatter())
-
-  @property
-  def stream(self):
-    return sys.stderr
-
-  @stream.setter
-  def stream(self, _):
-    pass  # always the current sys.stderr
-
-
 def configure_logging() -> None:
   """INFO lines to stderr as plain lines, whatever handler a library's import installed.
 
@@ -450,7 +420,7 @@ def configure_logging() -> None:
   for handler in [h for h in root.handlers if type(h) is logging.StreamHandler]:
     root.removeHandler(handler)
   if not any(isinstance(h, logging.StreamHandler) for h in root.handlers):
-    root.addHandler(_StderrHandler())
+    root.addHandler(quiet.StderrHandler())
   _set_library_levels(quiet.VERBOSE)
 
 

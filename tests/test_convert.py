@@ -19,7 +19,7 @@ from flax import traverse_util
 
 from bort_jax import main as cli_main
 from bort_jax.interop import export, hf_export
-from bort_jax.interop import convert, torch_reader
+from bort_jax.interop import convert, hf_files, torch_reader
 from bort_jax.core import model
 from bort_jax.core.arch import get_model_config
 
@@ -53,11 +53,11 @@ def _fixture(name):
 
 
 def _tensors(name):
-  return convert.read_hf_tensors(_fixture(name))
+  return hf_files.read_hf_tensors(_fixture(name))
 
 
 def _hf_config(name):
-  return convert.read_hf_config(_fixture(name))
+  return hf_files.read_hf_config(_fixture(name))
 
 
 def _leaves(tree):
@@ -281,13 +281,13 @@ def test_cli_keeps_the_task_head_both_ways(name, tmp_path):
   assert _cli_convert("--to-hf", ours, hf) == 0
   assert _cli_convert("--from-hf", hf, again) == 0
 
-  hf_config, original = convert.read_hf_config(hf), _hf_config(name)
+  hf_config, original = hf_files.read_hf_config(hf), _hf_config(name)
   assert hf_config["architectures"] == [class_name]
   if want.kind != "multiple_choice":
     assert hf_config["id2label"] == original["id2label"]
     problem = original.get("problem_type", "single_label_classification")
     assert hf_config["problem_type"] == problem
-  tensors, back = _tensors(name), convert.read_hf_tensors(hf)
+  tensors, back = _tensors(name), hf_files.read_hf_tensors(hf)
   assert sorted(back) == sorted(tensors)
   for key, value in tensors.items():
     assert np.array_equal(back[key], value), key
@@ -314,7 +314,7 @@ def test_sharded_checkpoint_reads_as_one(tmp_path):
     save_file({n: tensors[n] for n in part}, str(tmp_path / shard))
   weight_map = {n: shard for shard, part in shards.items() for n in part}
   (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-  back = convert.read_hf_tensors(str(tmp_path))
+  back = hf_files.read_hf_tensors(str(tmp_path))
   assert sorted(back) == names
   assert all(np.array_equal(back[n], tensors[n]) for n in names)
 
@@ -502,14 +502,14 @@ def test_head_fixture_parity_and_round_trip(name, tmp_path):
 
   out = str(tmp_path / "hf")
   convert.save_hf(params, config, out, head)
-  hf_config = convert.read_hf_config(out)
+  hf_config = hf_files.read_hf_config(out)
   assert hf_config["architectures"] == [class_name]
   assert oct(os.stat(os.path.join(out, "model.safetensors")).st_mode & 0o777) == "0o644"
   if head.kind != "multiple_choice":
     assert len(hf_config["id2label"]) == head.outputs
     assert hf_config["problem_type"] == _hf_config(name).get("problem_type",
                                                            "single_label_classification")
-  original, back = _tensors(name), convert.read_hf_tensors(out)
+  original, back = _tensors(name), hf_files.read_hf_tensors(out)
   assert sorted(back) == sorted(original)
   for key, value in original.items():
     assert np.array_equal(back[key], value), key
@@ -530,7 +530,7 @@ def test_task_head_round_trip_ours_hf_ours(family, head, class_name, tmp_path):
   params = _random_params(config, head, seed=5)
   assert ("pooler" in params) == model.has_pooler(config, head)
   convert.save_hf(params, config, str(tmp_path), head)
-  assert convert.read_hf_config(str(tmp_path))["architectures"] == [class_name]
+  assert hf_files.read_hf_config(str(tmp_path))["architectures"] == [class_name]
   loaded_config, loaded, loaded_head = convert.load_hf_with_head(str(tmp_path))
   # Bort's config keeps pooler=False: the pooler belongs to the head.
   assert loaded_config == config and loaded_head == head.resolve(family)
@@ -743,7 +743,7 @@ def test_live_task_heads_from_ours_load_in_transformers(family, head, tmp_path):
   config = _tiny(family, pooler=False)
   params = _random_params(config, head, seed=4)
   convert.save_hf(params, config, str(tmp_path), head)
-  class_name = convert.read_hf_config(str(tmp_path))["architectures"][0]
+  class_name = hf_files.read_hf_config(str(tmp_path))["architectures"][0]
   hf_model, info = getattr(transformers, class_name).from_pretrained(
       str(tmp_path), output_loading_info=True)
   assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info

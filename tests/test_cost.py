@@ -107,12 +107,12 @@ def test_task_head_counts_equal_transformers_fixture():
 
 def test_task_head_counts_equal_the_head_fixtures():
   """Our count of each committed fine-tuned checkpoint equals the numbers it stores."""
-  from bort_jax.interop import convert
+  from bort_jax.interop import convert, hf_files
 
   for name in ("bert_seqcls", "bert_mc", "roberta_seqcls", "roberta_regression", "roberta_mc"):
     path = os.path.join(ROOT, "tests", "fixtures", name)
     config, _, head = convert.load_hf_with_head(path)
-    stored = sum(v.size for v in convert.read_hf_tensors(path).values())
+    stored = sum(v.size for v in hf_files.read_hf_tensors(path).values())
     assert cost.param_counts(config, head)["total"] == stored, name
 
 

@@ -23,7 +23,7 @@ from bort_jax.core import cost, model
 from bort_jax.data import tokenization
 from bort_jax.finetune import loop, steps, tasks
 from bort_jax.finetune import setup
-from bort_jax.interop import convert, export, hf_export
+from bort_jax.interop import convert, export, hf_export, hf_files
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = ["a", "gripping", ",", "funny", "film", "dull", "and", "slow", "the", "plot", "is",
@@ -78,7 +78,7 @@ def test_finetuned_export_has_tokenizer_card_and_normal_modes(finetuned, tmp_pat
   for name in names:
     assert stat.S_IMODE(os.stat(os.path.join(out, name)).st_mode) == 0o644, name
   assert stat.S_IMODE(os.stat(out).st_mode) == 0o755
-  hf_config = convert.read_hf_config(out)
+  hf_config = hf_files.read_hf_config(out)
   assert hf_config["architectures"] == ["BertForSequenceClassification"]
   assert hf_config["id2label"] == {"0": "negative", "1": "positive"}
   # The weights and head come back as they were.
@@ -281,7 +281,7 @@ def test_mlm_export_leaves_the_pooler_out(bert_mlm, tmp_path):
   names = _tensor_names(out)
   assert "cls.predictions.bias" in names
   assert not [n for n in names if "pooler" in n]
-  hf_config = convert.read_hf_config(out)
+  hf_config = hf_files.read_hf_config(out)
   assert hf_config["architectures"] == ["BertForMaskedLM"]
   assert hf_config["bort_jax"]["pooler"] is False
   config, params = convert.load_hf(out)
@@ -350,7 +350,7 @@ def test_bort_default_head_survives_both_ways(bort_classifier, tmp_path):
   classifier; --from-hf gives back the same params and head."""
   hf, again = str(tmp_path / "hf"), str(tmp_path / "again")
   assert _convert(bort_classifier["path"], hf) == 0
-  hf_config = convert.read_hf_config(hf)
+  hf_config = hf_files.read_hf_config(hf)
   assert hf_config["architectures"] == ["BertForSequenceClassification"]
   names = _tensor_names(hf)
   assert {"bert.pooler.dense.weight", "classifier.weight", "classifier.bias"} <= set(names)

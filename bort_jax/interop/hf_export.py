@@ -32,7 +32,7 @@ from bort_jax.core import cost
 from bort_jax.core.arch import ModelConfig
 from bort_jax.core.model import TASK_KINDS, HeadSpec
 from bort_jax.data import tokenization
-from bort_jax.interop import convert, export, hf_layout, hf_tokenizer, model_card
+from bort_jax.interop import convert, export, hf_files, hf_layout, hf_tokenizer, model_card
 from bort_jax.runtime import fileio
 
 # Written by ``bort-jax finetune`` beside the export of its best model (finetune/setup.py).
@@ -191,7 +191,7 @@ def import_hf(path: str, out: str, *, no_mlm_head: bool = False, family: str | N
   if head.kind not in TASK_KINDS:
     export.save(out, params, config)
     return config, params
-  meta = head_record(head, convert.read_hf_config(path))
+  meta = head_record(head, hf_files.read_hf_config(path))
   with fileio.atomic_dir(out) as tmp:
     export.save(tmp, params, config)
     with open(os.path.join(tmp, FINETUNE_FILE), "w") as f:

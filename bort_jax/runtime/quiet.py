@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
+import sys
 from typing import Iterator
 
 VERBOSE = False  # set by bort_jax.main.quiet_noise from --verbose
@@ -34,3 +36,33 @@ def tfds_build() -> Iterator[None]:
     return
   with contextlib.redirect_stdout(io.StringIO()):
     yield
+
+
+class PlainFormatter(logging.Formatter):
+  """A record as one plain line, like the package's printed ones (no time, no level tag).
+
+  WARNING and above say so (``warning: ...``); another library's records (shown by
+  ``--verbose``, or from WARNING up) name their logger (``[absl] ...``).
+  """
+
+  def formatMessage(self, record: logging.LogRecord) -> str:
+    own = record.name == "root" or record.name.split(".")[0] == "bort_jax"
+    source = "" if own else f"[{record.name}] "
+    level = "" if record.levelno <= logging.INFO else f"{record.levelname.lower()}: "
+    return f"{source}{level}{record.message}"
+
+
+class StderrHandler(logging.StreamHandler):
+  """Writes to the current ``sys.stderr`` (a notebook or a test may replace it after set-up)."""
+
+  def __init__(self):
+    super().__init__()
+    self.setFormatter(PlainFormatter())
+
+  @property
+  def stream(self):
+    return sys.stderr
+
+  @stream.setter
+  def stream(self, _):
+    pass  # always the current sys.stderr

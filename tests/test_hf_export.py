@@ -126,14 +126,20 @@ def test_predict_from_the_export_matches_the_checkpoint(finetuned, tmp_path, cap
                              [r["probabilities"] for r in rows["hf"]], atol=2e-6)
 
 
-@pytest.fixture(scope="module")
-def bort_mlm(tmp_path_factory):
-  """A Bort masked LM exported the way distillation exports, tokenizer recorded in config.json."""
-  root = str(tmp_path_factory.mktemp("hf_export_bort"))
+def _tiny_bort(tmp_path_factory, name):
+  """A folder with a byte-level BPE tokenizer in it and the tiny Bort shape these tests use."""
+  root = str(tmp_path_factory.mktemp(name))
   tok_dir = os.path.join(root, "bpe")
   tokenization.save_bpe_files(BPE_VOCAB, BPE_MERGES, tok_dir)
   cfg = arch_lib.get_model_config("D1-A2-H32-I64", family="bort", vocab_size=24,
                                   max_positions=64)
+  return root, tok_dir, cfg
+
+
+@pytest.fixture(scope="module")
+def bort_mlm(tmp_path_factory):
+  """A Bort masked LM exported the way distillation exports, tokenizer recorded in config.json."""
+  root, tok_dir, cfg = _tiny_bort(tmp_path_factory, "hf_export_bort")
   params = model.init(jax.random.key(4), cfg, model.HeadSpec("mlm"))
   run = os.path.join(root, "distill")
   export.save(os.path.join(run, "export"), params, cfg)
@@ -322,11 +328,7 @@ def test_mlm_export_loads_in_transformers_without_a_report(bert_mlm, tmp_path, c
 @pytest.fixture(scope="module")
 def bort_classifier(tmp_path_factory):
   """A Bort fine-tuned with its default head (RoBERTa layout: dense + out_proj)."""
-  root = str(tmp_path_factory.mktemp("hf_export_bort_cls"))
-  tok_dir = os.path.join(root, "bpe")
-  tokenization.save_bpe_files(BPE_VOCAB, BPE_MERGES, tok_dir)
-  cfg = arch_lib.get_model_config("D1-A2-H32-I64", family="bort", vocab_size=24,
-                                  max_positions=64)
+  root, tok_dir, cfg = _tiny_bort(tmp_path_factory, "hf_export_bort_cls")
   head = steps.task_head("classification", 2).resolve(cfg.family)
   assert head.layout == "roberta"
   params = model.init(jax.random.key(6), cfg, head)

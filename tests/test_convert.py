@@ -296,7 +296,7 @@ def test_cli_keeps_the_task_head_both_ways(name, tmp_path):
   config2, params2 = export.load(again)
   assert config2 == config
   _assert_trees_equal(params, params2)
-  with open(os.path.join(again, hf_export.FINETUNE_FILE)) as f:
+  with open(os.path.join(again, export.FINETUNE_FILE)) as f:
     head, _ = hf_export.finetuned_head(json.load(f), again)
   assert head == want
   expected = dict(np.load(os.path.join(_fixture(name), "expected.npz")))
@@ -771,7 +771,7 @@ def test_live_cli_keeps_the_task_head_both_ways(class_name, labels, tmp_path):
   assert _cli_convert("--to-hf", ours, back) == 0
   want = _torch_logits(hf_model, batch)
   config, params = export.load(ours)
-  with open(os.path.join(ours, hf_export.FINETUNE_FILE)) as f:
+  with open(os.path.join(ours, export.FINETUNE_FILE)) as f:
     head, _ = hf_export.finetuned_head(json.load(f), ours)
   logits, _ = _head_outputs(params, config, head, batch)
   assert float(np.abs(logits - want.reshape(logits.shape)).max()) <= TOL

@@ -22,7 +22,6 @@ from bort_jax.core import arch as arch_lib
 from bort_jax.core import cost, model
 from bort_jax.data import tokenization
 from bort_jax.finetune import loop, steps, tasks
-from bort_jax.finetune import setup
 from bort_jax.interop import convert, export, hf_export, hf_files
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -64,7 +63,6 @@ def _convert(ckpt, out, *extra):
 
 
 def test_finetuned_export_has_tokenizer_card_and_normal_modes(finetuned, tmp_path, capsys):
-  assert hf_export.FINETUNE_FILE == setup.FINETUNE_FILE  # the file fine-tuning writes
   out = str(tmp_path / "hf")
   old = os.umask(0o022)
   try:
@@ -361,7 +359,7 @@ def test_bort_default_head_survives_both_ways(bort_classifier, tmp_path):
   config, params = export.load(again)
   assert config == bort_classifier["config"]
   assert jax.tree.all(jax.tree.map(np.array_equal, params, bort_classifier["params"]))
-  with open(os.path.join(again, hf_export.FINETUNE_FILE)) as f:
+  with open(os.path.join(again, export.FINETUNE_FILE)) as f:
     head, names = hf_export.finetuned_head(json.load(f), again)
   assert head == bort_classifier["head"] and names == ("negative", "positive")
 

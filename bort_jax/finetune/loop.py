@@ -198,14 +198,14 @@ def save_finetuned(path: str, params: Any, config: ModelConfig, meta: dict,
     return
   with fileio.atomic_dir(path) as tmp:
     export_lib.save(tmp, params, config)
-    with open(os.path.join(tmp, setup_lib.FINETUNE_FILE), "w") as f:
+    with open(os.path.join(tmp, export_lib.FINETUNE_FILE), "w") as f:
       json.dump(fileio.to_jsonable(meta), f, indent=2, sort_keys=True)
     setup_lib.copy_tokenizer(tokenizer_path, os.path.join(tmp, setup_lib.TOKENIZER_DIR))
 
 
 def read_best(workdir: str) -> dict | None:
   """``finetune.json`` of ``WORKDIR/best`` (``step``, ``metric``, ``value``, ...) or None."""
-  path = os.path.join(workdir, BEST_DIR, setup_lib.FINETUNE_FILE)
+  path = os.path.join(workdir, BEST_DIR, export_lib.FINETUNE_FILE)
   if not os.path.exists(path):
     return None
   with open(path) as f:

@@ -37,7 +37,6 @@ from bort_jax.finetune import steps
 from bort_jax.finetune import tasks as tasks_lib
 from bort_jax.interop import export as export_lib
 
-FINETUNE_FILE = "finetune.json"
 TOKENIZER_DIR = "tokenizer"
 INIT_KINDS = ("auto", "params", "finetuned", "hf", "random")
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt")
@@ -173,7 +172,7 @@ def detect_kind(path: str, *, field: str = "config.init.path") -> str:
     raise InputError(f"{_named(field, path)} is not a directory (a checkpoint directory: "
                      "our export, a `bort-jax finetune` WORKDIR/best, or a Hugging Face one).")
   if os.path.exists(os.path.join(path, export_lib.MODEL_CONFIG_FILE)):
-    return "finetuned" if os.path.exists(os.path.join(path, FINETUNE_FILE)) else "params"
+    return "finetuned" if os.path.exists(os.path.join(path, export_lib.FINETUNE_FILE)) else "params"
   if os.path.exists(os.path.join(path, "config.json")):
     return "hf"
   raise InputError(f"{_named(field, path)} holds neither {export_lib.MODEL_CONFIG_FILE} "
@@ -208,7 +207,7 @@ def load_model(path: str, kind: str = "auto", seed: int = 0, *,
       config, params = export_lib.load(path) if kind != "random" else \
           (export_lib.load_config(path), None)
       if found == "finetuned":
-        with open(os.path.join(path, FINETUNE_FILE)) as f:
+        with open(os.path.join(path, export_lib.FINETUNE_FILE)) as f:
           meta = json.load(f)
         head = steps.task_head(meta["kind"], int(meta["num_labels"]), meta.get("layout"))
     else:

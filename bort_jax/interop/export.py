@@ -18,6 +18,8 @@ from bort_jax.runtime import fileio
 
 PARAMS_FILE = "params.safetensors"
 MODEL_CONFIG_FILE = "model_config.json"
+# Beside an export, a fine-tuned model's task head, labels, sequence length and tokenizer.
+FINETUNE_FILE = "finetune.json"
 
 
 def save(path: str, params: dict, config: ModelConfig) -> None:

@@ -35,8 +35,6 @@ from bort_jax.data import tokenization
 from bort_jax.interop import convert, export, hf_files, hf_layout, hf_tokenizer, model_card
 from bort_jax.runtime import fileio
 
-# Written by ``bort-jax finetune`` beside the export of its best model (finetune/setup.py).
-FINETUNE_FILE = "finetune.json"
 _LICENSE_LINE = re.compile(r"^license:\s*(\S+)\s*$", re.MULTILINE)
 
 
@@ -56,7 +54,8 @@ def finetuned_head(meta: dict, path: str) -> tuple[HeadSpec, tuple]:
     else:
       head = HeadSpec(kind, num_labels if kind == "multiple_choice" else 1, meta.get("layout"))
   except (KeyError, TypeError, ValueError) as error:
-    raise ValueError(f"{path!r}: {FINETUNE_FILE} does not describe a task head ({error})") from None
+    raise ValueError(f"{path!r}: {export.FINETUNE_FILE} does not describe a task head "
+                     f"({error})") from None
   names = tuple(meta.get("label_names") or ()) if kind == "classification" else ()
   return head, names
 
@@ -131,9 +130,9 @@ def export_hf(checkpoint: str, out: str, *, tokenizer: str = "", speed: str = ""
   """
   config, params = export.load(checkpoint)
   head, names, meta = None, (), {}
-  meta_path = os.path.join(checkpoint, FINETUNE_FILE)
+  meta_path = os.path.join(checkpoint, export.FINETUNE_FILE)
   if os.path.isfile(meta_path):
-    meta = model_card.read_json(meta_path, FINETUNE_FILE)
+    meta = model_card.read_json(meta_path, export.FINETUNE_FILE)
     head, names = finetuned_head(meta, checkpoint)
   if no_mlm_head:
     params = {k: v for k, v in params.items() if k != "mlm_head"}
@@ -194,7 +193,7 @@ def import_hf(path: str, out: str, *, no_mlm_head: bool = False, family: str | N
   meta = head_record(head, hf_files.read_hf_config(path))
   with fileio.atomic_dir(out) as tmp:
     export.save(tmp, params, config)
-    with open(os.path.join(tmp, FINETUNE_FILE), "w") as f:
+    with open(os.path.join(tmp, export.FINETUNE_FILE), "w") as f:
       json.dump(meta, f, indent=2, sort_keys=True)
   return config, params
 

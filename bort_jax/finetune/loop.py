@@ -197,9 +197,7 @@ def save_finetuned(path: str, params: Any, config: ModelConfig, meta: dict,
   if jax.process_index() != 0:
     return
   with fileio.atomic_dir(path) as tmp:
-    export_lib.save(tmp, params, config)
-    with open(os.path.join(tmp, export_lib.FINETUNE_FILE), "w") as f:
-      json.dump(fileio.to_jsonable(meta), f, indent=2, sort_keys=True)
+    export_lib.save_with_head(tmp, params, config, meta)
     setup_lib.copy_tokenizer(tokenizer_path, os.path.join(tmp, setup_lib.TOKENIZER_DIR))
 
 

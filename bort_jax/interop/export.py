@@ -46,6 +46,17 @@ def save(path: str, params: dict, config: ModelConfig) -> None:
       json.dump(config.to_dict(), f, indent=2, sort_keys=True)
 
 
+def save_with_head(path: str, params: dict, config: ModelConfig, meta: dict) -> None:
+  """Writes a fine-tuned model's export and, beside it, its ``finetune.json`` (the task head).
+
+  The one writer of that pair, for fine-tuning's best model and for a converted Hugging Face
+  model with a task head. ``path`` is usually the temporary folder of an ``atomic_dir``.
+  """
+  save(path, params, config)
+  with open(os.path.join(path, FINETUNE_FILE), "w") as f:
+    json.dump(fileio.to_jsonable(meta), f, indent=2, sort_keys=True)
+
+
 def load_config(path: str) -> ModelConfig:
   """The ModelConfig of a checkpoint written by :func:`save`, without its weights."""
   file = os.path.join(path, MODEL_CONFIG_FILE)

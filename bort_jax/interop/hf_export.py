@@ -192,9 +192,7 @@ def import_hf(path: str, out: str, *, no_mlm_head: bool = False, family: str | N
     return config, params
   meta = head_record(head, hf_files.read_hf_config(path))
   with fileio.atomic_dir(out) as tmp:
-    export.save(tmp, params, config)
-    with open(os.path.join(tmp, export.FINETUNE_FILE), "w") as f:
-      json.dump(meta, f, indent=2, sort_keys=True)
+    export.save_with_head(tmp, params, config, meta)
   return config, params
 
 

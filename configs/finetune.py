@@ -133,6 +133,8 @@ def get_config(arg=None):
   config.agora.points_per_mistake = 2
   config.agora.resample_fraction = 0.15
   config.agora.edit_prob = 0.5
+  config.agora.first_round = ""        # a finished `finetune ...,seeds=N` run of the same job:
+                                       # round 0 is read from it, not trained again ("": train)
 
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
   config.rules = None

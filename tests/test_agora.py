@@ -1,5 +1,6 @@
 """Agora's mechanics on a small synthetic task, its casts, pruning rule and transformations."""
 
+import dataclasses
 import json
 import os
 
@@ -44,13 +45,19 @@ class _Killed(Exception):
   pass
 
 
-def _run(workdir, report=None):
-  thetas = [pop_lib.Member(1e-2, seed=0), pop_lib.Member(3e-3, seed=1),
-            pop_lib.Member(1e-4, seed=2)]
-  settings = pop_lib.Settings(total_steps=16, batch_size=8, mode="map")
+THETAS = [pop_lib.Member(1e-2, seed=0), pop_lib.Member(3e-3, seed=1),
+          pop_lib.Member(1e-4, seed=2)]
+SETTINGS = pop_lib.Settings(total_steps=16, batch_size=8, mode="map")
+
+
+def _run(workdir, report=None, first_round=""):
   transform = augment.TokenEditTransform(SPECIALS, pad_id=0, points_per_row=2, seed=5)
-  return agora.run_agora(_config(), thetas, settings, _rows(40, 0), _rows(N_DEV, 1), transform,
-                         oracle, str(workdir), report=report)
+  return agora.run_agora(_config(), THETAS, SETTINGS, _rows(40, 0), _rows(N_DEV, 1), transform,
+                         oracle, str(workdir), report=report, first_round=first_round)
+
+
+def _strip(rounds):
+  return [{k: v for k, v in e.items() if k not in ("seconds", "read_from")} for e in rounds]
 
 
 def test_agora_rounds_add_labelled_points_prune_theta_end_and_resume(tmp_path):
@@ -92,12 +99,69 @@ def test_agora_rounds_add_labelled_points_prune_theta_end_and_resume(tmp_path):
   lines = []
   resumed = _run(tmp_path / "killed", report=lines.append)
   assert lines[0] == "agora: resuming after round 0 (%d sets left)" % len(rounds[0]["left"])
-  strip = lambda es: [{k: v for k, v in e.items() if k != "seconds"} for e in es]
-  assert strip(resumed.rounds) == strip(rounds)
+  assert _strip(resumed.rounds) == _strip(rounds)
   assert resumed.best == full.best
   for a, b in zip(jax.tree.leaves(resumed.best_params), jax.tree.leaves(full.best_params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
   assert os.path.isdir(tmp_path / "killed" / "best")
+
+
+def test_round_zero_is_read_from_a_finished_population_run_of_the_same_job_only(tmp_path):
+  full = _run(tmp_path / "full")
+  assert all(e["read_from"] == "" for e in full.rounds)
+  dev = _rows(N_DEV, 1)
+
+  def population(folder, train):
+    pop_lib.train_population(_config(), "classification", 2, THETAS, SETTINGS, train, dev,
+                             pop_lib.accuracy_scorer(dev), workdir=str(folder))
+    return str(folder)
+
+  # The plain population run of Theta on the same rows is round 0: read, not trained, and
+  # the rounds, the best and its weights come out as when round 0 trained.
+  same = population(tmp_path / "plain", _rows(40, 0))
+  lines = []
+  warm = _run(tmp_path / "warm", report=lines.append, first_round=same)
+  assert lines[0] == f"agora round 0: read from the finished population run in {same}"
+  assert [e["read_from"] for e in warm.rounds] == [same] + [""] * (len(warm.rounds) - 1)
+  assert _strip(warm.rounds) == _strip(full.rounds)
+  assert warm.best == full.best
+  for a, b in zip(jax.tree.leaves(warm.best_params), jax.tree.leaves(full.best_params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  # A run on other rows (or of other members, or unfinished) is not the same job: round 0
+  # trains, with the same outcome as without it.
+  other = population(tmp_path / "other", _rows(40, 7))
+  lines = []
+  cold = _run(tmp_path / "cold", report=lines.append, first_round=other)
+  assert lines[0] == (f"agora round 0: {other} holds no finished run of the same job; training")
+  assert cold.rounds[0]["read_from"] == "" and _strip(cold.rounds) == _strip(full.rounds)
+  assert pop_lib.restore_finished(_config(), "classification", 2, THETAS[:2], SETTINGS,
+                                  _rows(40, 0), dev, pop_lib.accuracy_scorer(dev), same) is None
+  longer = dataclasses.replace(SETTINGS, total_steps=32)
+  assert pop_lib.restore_finished(_config(), "classification", 2, THETAS, longer,
+                                  _rows(40, 0), dev, pop_lib.accuracy_scorer(dev), same) is None
+
+
+def test_a_resume_into_a_folder_of_another_job_is_refused(tmp_path):
+  dev = _rows(N_DEV, 1)
+
+  def kill(line):
+    if line.startswith("population step 8/16"):
+      raise _Killed(line)
+
+  def run(train, steps=16, report=None):
+    return pop_lib.train_population(
+        _config(), "classification", 2, THETAS,
+        dataclasses.replace(SETTINGS, total_steps=steps, eval_every=8), train, dev,
+        pop_lib.accuracy_scorer(dev), workdir=str(tmp_path), report=report)
+
+  with pytest.raises(_Killed):
+    run(_rows(40, 0), report=kill)
+  # Other rows, or another length (its schedule differs), are another job: refused.
+  for train, steps in ((_rows(40, 7), 16), (_rows(40, 0), 32)):
+    with pytest.raises(ValueError, match="trained on other data, settings or initial weights"):
+      run(train, steps)
+  resumed = run(_rows(40, 0))  # the same job resumes after step 8
+  assert [h["step"] for h in resumed.history] == [8, 16]
 
 
 def test_a_weak_labeller_is_refused_before_training(tmp_path):

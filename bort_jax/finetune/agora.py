@@ -43,6 +43,13 @@ parameters to ``best/`` (``interop.export`` format), both before the journal lin
 run replays the journal, reloads the points, and starts at the round after the last finished
 one; every random choice is a function of (seed, round, step, row), so it ends where an
 uninterrupted run ends.
+
+**Round 0 from a finished run.** Round 0 trains Theta on the task's own rows: for a task that
+needs no cast, that is exactly a plain population run of the same members
+(``finetune ...,seeds=N``). ``config.agora.first_round`` names such a run's folder; its final
+checkpoint is used for round 0 when its members, training rows, initial weights and settings
+match (``population.restore_finished``), and the journal's ``read_from`` says so. The demo
+runs Agora this way on the student's own fine-tuning.
 """
 
 from __future__ import annotations
@@ -281,7 +288,8 @@ def run_agora(config: ModelConfig, thetas: Sequence[pop_lib.Member],
               dev_data: Mapping[str, np.ndarray], transform: Transform, labeller: Labeller,
               workdir: str, init_params: Any = None, layout: str | None = None,
               report: Callable[[str], None] | None = None,
-              min_labeller_accuracy: float = MIN_LABELLER_ACCURACY) -> AgoraResult:
+              min_labeller_accuracy: float = MIN_LABELLER_ACCURACY,
+              first_round: str = "") -> AgoraResult:
   """Runs Agora to the end (Theta empty), resuming from ``workdir``'s journal.
 
   Args:
@@ -296,6 +304,11 @@ def run_agora(config: ModelConfig, thetas: Sequence[pop_lib.Member],
     init_params: the checkpoint every round fine-tunes from (None: scratch).
     layout: the binary head's layout (None: the family's default).
     report: progress lines.
+    min_labeller_accuracy: the labeller's bar.
+    first_round: a finished population run of Theta on the same (binary) training rows, from
+      the same weights and settings (``population.restore_finished`` checks all of it): round
+      0's training is read from it instead of run again (a plain population run of a binary
+      task is exactly round 0). "" or a run that does not match: round 0 trains.
 
   Returns:
     An :class:`AgoraResult`.
@@ -322,9 +335,16 @@ def run_agora(config: ModelConfig, thetas: Sequence[pop_lib.Member],
     round_index = len(rounds)
     t0 = time.perf_counter()
     train = _concat([train_data] + added)
-    result = pop_lib.train_population(config, "classification", 2, left, settings, train,
-                                      dev_data, pop_lib.accuracy_scorer(dev_data), init_params,
-                                      layout=layout)
+    scorer, result = pop_lib.accuracy_scorer(dev_data), None
+    if round_index == 0 and first_round:
+      result = pop_lib.restore_finished(config, "classification", 2, left, settings, train,
+                                        dev_data, scorer, first_round, init_params, layout)
+      say(f"agora round 0: read from the finished population run in {first_round}" if result
+          else f"agora round 0: {first_round} holds no finished run of the same job; training")
+    read_from = first_round if result is not None else ""
+    if result is None:
+      result = pop_lib.train_population(config, "classification", 2, left, settings, train,
+                                        dev_data, scorer, init_params, layout=layout)
     accs = [m["accuracy"] for m in result.metrics]
     b = int(np.argmax(accs))
     mistakes, points = _new_points(result.dev_logits[b], dev_data, transform, labeller,
@@ -340,6 +360,7 @@ def run_agora(config: ModelConfig, thetas: Sequence[pop_lib.Member],
              "members": [dataclasses.asdict(m) for m in left], "dev_accuracy": accs,
              "best": round_best, "mistakes": len(mistakes), "points_added": len(points["label"]),
              "positive_points": int(points["label"].sum()),
+             "read_from": read_from,
              "removed": [dataclasses.asdict(left[i]) for i in removed],
              "left": [dataclasses.asdict(m) for i, m in enumerate(left) if i not in removed],
              "seconds": time.perf_counter() - t0}
@@ -423,7 +444,8 @@ def run(config: Any, workdir: str) -> dict:
   result = run_agora(prep.loaded.config, pop_lib.members_from_config(config), settings, train,
                      dev, _transform_from_config(config, prep.tokenizer), labeller, workdir,
                      init_params=prep.params, layout=prep.layout, report=print,
-                     min_labeller_accuracy=min_accuracy)
+                     min_labeller_accuracy=min_accuracy,
+                     first_round=str(config.agora.get("first_round", "") or ""))
   out = {"task": spec.name, "binary_positive_class": positive, "rounds": result.rounds,
          "best": result.best, "labeller_accuracy": result.labeller_accuracy,
          "train_rows": result.train_rows}

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 import time
@@ -55,7 +56,7 @@ from bort_jax.runtime import train
 __all__ = ["MODES", "Member", "Settings", "batch_indices", "dropout_key", "format_table", "grid",
            "init_key", "summarize", "majority_scores", "progress_line", "Population", "Result",
            "train_population", "check_data", "encode_examples", "task_scorer",
-           "accuracy_scorer", "get_population"]
+           "accuracy_scorer", "get_population", "job_fingerprint", "restore_finished"]
 
 DATA_KEYS = ("input_ids", "attention_mask", "token_type_ids", "label", "weight")
 Scorer = Callable[[np.ndarray], dict]
@@ -347,9 +348,10 @@ def train_population(config: ModelConfig, kind: str, num_labels: int,
   pop = get_population(config, kind, num_labels, settings, layout)
   data = {k: jnp.asarray(train_data[k]) for k in DATA_KEYS}
   state = pop.init(members, init_params)
-  manager, history = None, []
+  manager, history, job = None, [], None
   if workdir:
-    state, history, manager = _resume(workdir, state, members)
+    job = job_fingerprint(config, kind, num_labels, settings, layout, data, init_params)
+    state, history, manager = _resume(workdir, state, members, job)
   start = first = int(np.asarray(state.step)[0])
   losses_, dev_logits = np.full(len(members), np.nan), None
   chunk = settings.eval_every or settings.total_steps
@@ -365,8 +367,8 @@ def train_population(config: ModelConfig, kind: str, num_labels: int,
       scores, dev_logits = _score_all(pop, state, dev_data, score)
       history.append({"step": stop, "metrics": scores})
       if manager is not None:
-        manager.save(stop, state, {"history": history, "members": _members_json(members)},
-                     force=True)
+        manager.save(stop, state, {"history": history, "members": _members_json(members),
+                                   "job": job}, force=True)
       if report:
         report(progress_line(stop, settings.total_steps, float(np.mean(losses_)),
                              time.perf_counter() - t0, stop - first))
@@ -412,16 +414,82 @@ def _members_json(members: Sequence[Member]) -> list[dict]:
   return [dataclasses.asdict(m) for m in members]
 
 
-def _resume(workdir: str, state, members):
-  """The latest saved population in ``workdir`` (same members), or the fresh state."""
+def job_fingerprint(config: ModelConfig, kind: str, num_labels: int, settings: Settings,
+                    layout: str | None, data: Mapping[str, Any], init_params: Any) -> str:
+  """A digest of what a population's training depends on besides its members.
+
+  The model config, task head, settings, the training rows (every array of ``DATA_KEYS``, its
+  dtype and shape) and the initial parameters. Two runs with the same fingerprint and members
+  reach the same state (every random choice is a function of seed and step), so a finished
+  run's checkpoint can stand in for training again (:func:`restore_finished`), and a resume
+  into a folder of another job is refused.
+  """
+  sha = hashlib.sha256(repr((config, kind, num_labels, settings, layout)).encode())
+  for key in DATA_KEYS:
+    array = np.ascontiguousarray(np.asarray(data[key]))
+    sha.update(f"{key}:{array.dtype}:{array.shape}".encode())
+    sha.update(array.tobytes())
+  leaves = [] if init_params is None else jax.tree_util.tree_leaves_with_path(init_params)
+  for path, leaf in leaves:
+    array = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+    sha.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
+    sha.update(array.tobytes())
+  return sha.hexdigest()
+
+
+def _resume(workdir: str, state, members, job: str):
+  """The latest saved population in ``workdir`` (same members and job), or the fresh state."""
   from bort_jax.runtime import checkpoint  # pylint: disable=import-outside-toplevel
   manager = checkpoint.CheckpointManager(os.path.join(workdir, "population"), max_to_keep=1)
   restored = manager.restore_latest(checkpoint.abstract_like(state))
   if restored is None:
     return state, [], manager
   if restored.metadata.get("members") != _members_json(members):
+    manager.close()
     raise ValueError(f"{workdir} holds a population of other members; use a fresh workdir")
+  if restored.metadata.get("job", job) != job:  # checkpoints from before the fingerprint: no check
+    manager.close()
+    raise ValueError(f"{workdir} holds a population trained on other data, settings or initial "
+                     "weights; use a fresh workdir")
   return restored.state, list(restored.metadata.get("history", [])), manager
+
+
+def restore_finished(config: ModelConfig, kind: str, num_labels: int,
+                     members: Sequence[Member], settings: Settings,
+                     train_data: Mapping[str, np.ndarray], dev_data: Mapping[str, np.ndarray],
+                     score: Scorer, workdir: str, init_params: Any = None,
+                     layout: str | None = None) -> Result | None:
+  """What :func:`train_population` would return, read from a finished run in ``workdir``.
+
+  The run must be of these members with the same :func:`job_fingerprint` (same model, head,
+  settings, training rows and initial weights) and have reached ``settings.total_steps``;
+  its final state is then the state training again would reach, and it is scored on
+  ``dev_data`` here. Anything else (no checkpoint, another job, an unfinished run, a
+  checkpoint from before the fingerprint was kept) returns None: train instead.
+  """
+  from bort_jax.runtime import checkpoint  # pylint: disable=import-outside-toplevel
+  t0 = time.perf_counter()
+  members = _check_members(members)
+  if not os.path.isdir(os.path.join(workdir, "population")):
+    return None
+  check_data(dev_data, kind, num_labels, "dev")
+  pop = get_population(config, kind, num_labels, settings, layout)
+  data = {k: jnp.asarray(train_data[k]) for k in DATA_KEYS}
+  job = job_fingerprint(config, kind, num_labels, settings, layout, data, init_params)
+  manager = checkpoint.CheckpointManager(os.path.join(workdir, "population"), max_to_keep=1)
+  try:
+    step = manager.latest_step()
+    meta = manager.metadata(step) if step is not None else {}
+    if (step != settings.total_steps or meta.get("members") != _members_json(members)
+        or meta.get("job") != job):
+      return None
+    abstract = jax.eval_shape(pop._init, _member_arrays(members), init_params)  # pylint: disable=protected-access
+    state, meta = manager.restore(step, abstract)
+  finally:
+    manager.close()
+  scores, logits = _score_all(pop, state, dev_data, score)
+  return Result(members, scores, list(meta.get("history", [])), np.full(len(members), np.nan),
+                state, logits, time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------- the mode

@@ -69,7 +69,24 @@ def finished(cache, tmp_path_factory):  # pylint: disable=redefined-outer-name
   """One uninterrupted tiny demo run."""
   workdir = str(tmp_path_factory.mktemp("demo_run"))
   summary = demo.run(make_config(cache), workdir)
-  return {"workdir": workdir, "summary": summary}
+  return {"workdir": workdir, "summary": summary, "cache_dir": cache["dir"]}
+
+
+# What a test removes from the shared cache so that its run computes it again: the cached
+# result of a pretraining stage, or the finished run's fine-tunings of the student (and Agora's
+# runs beside them).
+_CACHED = {"teacher": "adapted", "extract": "extracted", "distill": "distilled"}
+
+
+def _forget(cache, finished, target):  # pylint: disable=redefined-outer-name
+  if target in _CACHED:
+    shutil.rmtree(os.path.join(cache["dir"], _CACHED[target]), ignore_errors=True)
+    return
+  state = json.load(open(os.path.join(finished["workdir"], report.STATE_FILE)))
+  for folder in state["finetune_runs"]["student"]:
+    shutil.rmtree(folder + demo_agora.AGORA_SUFFIX, ignore_errors=True)
+    if target == "finetune":
+      shutil.rmtree(folder, ignore_errors=True)
 
 
 def _numbers(summary):
@@ -86,7 +103,7 @@ def test_demo_runs_every_stage_to_the_report(finished):
   state = json.load(open(os.path.join(work, report.STATE_FILE)))
   assert all(state["stages"][s]["done"] for s in demo.STAGES)
   assert all(state["stages"][s]["seconds"] > 0 for s in demo.STAGES)
-  assert len(summary["finetune"]) == 2
+  assert len(summary["finetune"]) == 3  # the suite's three tasks
   for row in summary["finetune"]:
     assert len(row["student"]["values"]) == 2 and len(row["teacher"]["values"]) == 2
     assert row["majority"] is not None and row["dev_records"] <= 16
@@ -94,8 +111,9 @@ def test_demo_runs_every_stage_to_the_report(finished):
   # Agora ran on the binary task (the tiny config lowers the labeller bar to 0), with the
   # teacher's best fine-tuned member as its labeller; the other is listed with the reason.
   plan = state["agora"]
-  assert plan["movie_sentiment"]["run"] and os.path.exists(
-      os.path.join(plan["movie_sentiment"]["labeller"], "finetune.json"))
+  for task in ("movie_sentiment", "word_sense"):  # the binary ones
+    assert plan[task]["run"] and os.path.exists(
+        os.path.join(plan[task]["labeller"], "finetune.json"))
   assert not plan["bbc_news"]["run"]
   movie = next(r for r in summary["finetune"] if r["task"] == "demo/movie_sentiment")
   agora_run = movie["student_agora"]
@@ -106,9 +124,13 @@ def test_demo_runs_every_stage_to_the_report(finished):
   assert "not run" not in text.replace("Audit of the proxy: not run", "").replace(
       ": not run: not binary", "")
   assert summary["headline"]["share"] > 0 and summary["headline"]["speedup"] > 0
-  # The teacher's runs are in the cache, keyed by its export and config.
-  assert all(f.startswith(os.path.join(state["finetune_runs"]["teacher"][0].rsplit(
-      "finetuned", 1)[0], "finetuned")) for f in state["finetune_runs"]["teacher"])
+  # Both models' runs are in the cache, keyed by their export and config; the students' best
+  # seeds are copied into the workdir as the products a user runs.
+  runs = state["finetune_runs"]["teacher"] + state["finetune_runs"]["student"]
+  assert all(os.path.dirname(f) == os.path.join(finished["cache_dir"], "finetuned") for f in runs)
+  for task in ("movie_sentiment", "word_sense", "bbc_news"):
+    assert os.path.exists(os.path.join(work, "products", task, "model", "finetune.json"))
+  assert f"bort-jax predict --checkpoint {os.path.join(work, 'products')}" in text
 
 
 def test_rerun_skips_everything_and_keeps_the_stage_times(finished, cache, capsys):  # pylint: disable=redefined-outer-name
@@ -133,6 +155,11 @@ def test_new_workdir_copies_the_adapted_teacher_from_the_cache(finished, cache, 
   out = capsys.readouterr().out
   assert "the adapted teacher is in the cache" in out
   assert "this teacher's extraction with this config is in the cache" in out
+  assert "distill: the distilled student is in the cache" in out
+  # Same models: every fine-tuning and Agora run is the cached one; nothing trains again.
+  assert "population step" not in out and "agora round" not in out
+  assert "fine-tune the student and the teacher on the demo tasks: done, skipped" in out
+  assert "[agora] movie_sentiment: done, skipped" in out
   for name in ("results.json", "audit.json", "journal.jsonl"):  # copied, not searched again
     assert (open(os.path.join(str(tmp_path / "again"), "extract", name)).read()
             == open(os.path.join(finished["workdir"], "extract", name)).read())
@@ -193,6 +220,7 @@ def test_killed_in_finetuning_resumes_to_the_same_report(finished, cache, tmp_pa
   for stage in ("finetune", "agora", "report"):
     state["stages"][stage] = {"done": False, "seconds": 0.0}
   json.dump(state, open(state_path, "w"))
+  _forget(cache, finished, "finetune")
   env = helpers.subprocess_env({"xla_cache": cache["xla_cache"]})
   proc = subprocess.run([sys.executable, "-c", _DIE_IN_FINETUNE] + argv(cache, work),
                         cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -267,9 +295,10 @@ from bort_jax import main
 sys.exit(main.main(sys.argv[1:]))
 """
 
-# target of _DIE_IN_STAGE -> (the demo stage it lands in, the workdir folder that stage writes)
+# target of _DIE_IN_STAGE -> (the demo stage it lands in, the workdir folder that stage writes;
+# Agora writes beside the student's fine-tuning runs, in the cache)
 _KILLS = {"teacher": ("teacher-adapt", "teacher"), "extract": ("extract", "extract"),
-          "distill": ("distill", "distill"), "agora": ("agora", "finetune"),
+          "distill": ("distill", "distill"), "agora": ("agora", None),
           "report": ("report", "report")}
 
 
@@ -278,10 +307,8 @@ def test_killed_in_a_stage_resumes_to_the_same_report(finished, cache, tmp_path,
                                                        target):
   stage, folder = _KILLS[target]
   later = demo.STAGES[demo.STAGES.index(stage):]
-  # The stages before the killed one as the uninterrupted run left them (Agora's runs lie
-  # beside the student's fine-tuning runs).
-  later_dirs = ([_KILLS[t][1] for t in _KILLS if _KILLS[t][0] in later and t != "agora"]
-                + ["*" + demo_agora.AGORA_SUFFIX] + (["finetune"] if "finetune" in later else []))
+  # The stages before the killed one as the uninterrupted run left them.
+  later_dirs = [_KILLS[t][1] for t in _KILLS if _KILLS[t][0] in later and _KILLS[t][1]]
   work = str(tmp_path / "work")
   shutil.copytree(finished["workdir"], work, ignore=shutil.ignore_patterns(*later_dirs))
   state_path = os.path.join(work, report.STATE_FILE)
@@ -292,16 +319,19 @@ def test_killed_in_a_stage_resumes_to_the_same_report(finished, cache, tmp_path,
   for name in later:
     state["stages"][name] = {"done": False, "seconds": 0.0}
   json.dump(state, open(state_path, "w"))
-  if target in ("teacher", "extract"):  # run it again rather than copy the earlier run's
-    shutil.rmtree(os.path.join(cache["dir"], {"teacher": "adapted", "extract": "extracted"}[
-        target]), ignore_errors=True)
+  if target != "report":  # run it again rather than copy the earlier run's
+    _forget(cache, finished, target)
   env = helpers.subprocess_env({"xla_cache": cache["xla_cache"]})
   proc = subprocess.run([sys.executable, "-c", _DIE_IN_STAGE, target] + argv(cache, work),
                         cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == -signal.SIGKILL, proc.stdout[-3000:] + proc.stderr[-3000:]
   killed = json.load(open(state_path))["stages"]
   assert not killed[stage]["done"] and killed[stage]["seconds"] == 0.0
-  assert os.path.isdir(os.path.join(work, folder))  # it had started writing
+  if folder:  # it had started writing
+    assert os.path.isdir(os.path.join(work, folder))
+  else:
+    assert os.path.isdir([f for f in json.load(open(state_path))["finetune_runs"]["student"]
+                          if "movie_sentiment" in f][0] + demo_agora.AGORA_SUFFIX)
   capsys.readouterr()
   summary = demo.run(make_config(cache), work)
   stages = json.load(open(state_path))["stages"]
@@ -332,7 +362,8 @@ def test_sigterm_in_a_training_stage_stops_the_demo_and_a_rerun_resumes(finished
     state["stages"][name] = {"done": False, "seconds": 0.0}
   json.dump(state, open(state_path, "w"))
   adapted = os.path.join(cache["dir"], "adapted")
-  shutil.rmtree(adapted, ignore_errors=True)
+  _forget(cache, finished, "teacher")
+  _forget(cache, finished, target)
   env = helpers.subprocess_env({"xla_cache": cache["xla_cache"]})
   proc = subprocess.run([sys.executable, "-c", _DIE_IN_STAGE, f"{target}:term"]
                         + argv(cache, work), cwd=helpers.REPO, env=env, capture_output=True,

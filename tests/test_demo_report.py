@@ -324,13 +324,25 @@ def test_agora_plan_takes_binary_tasks_whose_teacher_beats_the_bar(tmp_path):
 
 @pytest.mark.parametrize("field,value,message", [
     ("agora_tasks", "movie,bbc_news", "config.agora_tasks='movie,bbc_news': movie not among"),
-    ("finetune.agora.min_labeller_accuracy", 1.0, "must be a number in [0, 1)")])
+    ("finetune.agora.min_labeller_accuracy", 1.0, "must be a number in [0, 1)"),
+    ("finetune_tasks.word_sense.student_steps", -1, "student_steps=-1 >= 0 (0: steps)")])
 def test_demo_refuses_bad_agora_settings(field, value, message):
   from bort_jax.pipelines import demo
   config = cli_main.cli.load_config("configs/demo.py")
   cli_main.cli.apply_overrides(config, [(f"config.{field}", str(value))])
   with pytest.raises(ValueError, match=re.escape(message)):
     demo.check_finetune(config)
+
+
+def test_the_student_gets_its_own_length_where_the_task_gives_one(tmp_path):
+  from bort_jax.pipelines import demo
+  config = cli_main.cli.load_config("configs/demo.py")
+  steps = lambda model, task: int(demo.finetune_config(
+      config, model, task, str(tmp_path), str(tmp_path)).train.total_steps)
+  assert (steps("teacher", "word_sense"), steps("student", "word_sense")) == (200, 800)
+  assert steps("teacher", "bbc_news") == steps("student", "bbc_news") == 200  # 0: steps
+  config.finetune.train.total_steps = 50  # a model's own override still wins
+  assert (steps("teacher", "word_sense"), steps("student", "word_sense")) == (200, 50)
 
 
 def test_busy_share_reads_the_kernel_counters_and_the_report_flags_a_busy_machine(tmp_path,

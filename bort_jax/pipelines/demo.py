@@ -14,17 +14,19 @@ the cache and their models at the workdir's.
 3. ``extract``: the FPTAS over ``configs/extract_demo.py``'s space with that teacher, kept in
    ``CACHE/extracted/`` (keyed by the extraction config and the teacher's bytes), so a demo in
    another workdir with the same teacher copies it.
-4. ``distill``: the chosen architecture distilled from the teacher (``WORKDIR/distill``).
-5. ``finetune``: the student and the teacher fine-tuned on demo/movie_sentiment
-   and demo/bbc_news, each task a population of seeds
-   (``finetune/population.py``). The student's runs are in ``WORKDIR/finetune/student/``; the
-   teacher's in ``CACHE/finetuned/``, keyed by a hash of the teacher's export and its
-   fine-tuning config, so later demo runs with the same teacher reuse them.
+4. ``distill``: the chosen architecture distilled from the teacher (``WORKDIR/distill``), kept
+   in ``CACHE/distilled/`` (keyed by its config, the teacher, the chosen shape and the corpus).
+5. ``finetune``: the student and the teacher fine-tuned on each demo task, each task a
+   population of seeds (``finetune/population.py``). The runs of both are kept in
+   ``CACHE/finetuned/``, keyed by a hash of the model's export and the job's config, so a later
+   demo with the same models reuses them; the report copies each task's best student into
+   ``WORKDIR/products/<task>/model`` (``pipelines/report_products.py``).
 6. ``agora`` (``pipelines/demo_agora.py``): Agora (``finetune/agora.py``) on the student for
    the tasks of ``config.agora_tasks`` (``"auto"``: the binary classification tasks whose
-   fine-tuned teacher beats Agora's labeller threshold on dev), with that fine-tuned teacher as the labeller, in ``<the student's job
-   folder>_agora``. A task Agora does not take is recorded with the reason, and the report
-   says it.
+   fine-tuned teacher beats Agora's labeller threshold on dev), with that fine-tuned teacher
+   as the labeller, in ``<the student's job folder>_agora`` (so it is cached with the job; its
+   round 0 is read from the student's fine-tuning, which is exactly that round). A task Agora
+   does not take is recorded with the reason, and the report says it.
 7. ``report``: ``WORKDIR/report/report.md`` (``pipelines/report.py``).
 
 Every stage resumes: a finished one is skipped (its time kept), an interrupted one continues
@@ -201,7 +203,8 @@ def finetune_config(config: ml_collections.ConfigDict, model_name: str, task: st
   spec = config.finetune_tasks[task]
   cfg.task = f"demo/{task}"
   cfg.seq_len = int(spec.seq_len)
-  cfg.train.total_steps = int(block.train.total_steps) or int(spec.steps)
+  steps = int(spec.get("student_steps", 0) or 0) if model_name == "student" else 0
+  cfg.train.total_steps = int(block.train.total_steps) or steps or int(spec.steps)
   if int(spec.get("max_dev_examples", 0)):  # a task whose dev score needs more records
     cfg.max_dev_examples = int(spec.max_dev_examples)
   cfg.init.path, cfg.init.kind = init, "params"
@@ -228,9 +231,11 @@ def check_finetune(config: ml_collections.ConfigDict) -> None:
     if int(block.max_dev_examples) < 0 or int(block.train.total_steps) < 0:
       raise ValueError(f"config.{name}: max_dev_examples and train.total_steps must be >= 0")
   for task, spec in config.finetune_tasks.items():
-    if int(spec.steps) < 1 or int(spec.seq_len) < 2 or int(spec.get("max_dev_examples", 0)) < 0:
+    if (int(spec.steps) < 1 or int(spec.seq_len) < 2 or int(spec.get("max_dev_examples", 0)) < 0
+        or int(spec.get("student_steps", 0)) < 0):
       raise ValueError(f"config.finetune_tasks.{task}: steps={spec.steps} must be >= 1, "
-                       f"seq_len={spec.seq_len} >= 2 and max_dev_examples="
+                       f"seq_len={spec.seq_len} >= 2, student_steps="
+                       f"{spec.get('student_steps', 0)} >= 0 (0: steps) and max_dev_examples="
                        f"{spec.get('max_dev_examples', 0)} >= 0")
   wanted = str(config.agora_tasks).strip()
   if wanted != "auto":
@@ -269,15 +274,14 @@ def finetune_jobs(config: ml_collections.ConfigDict, workdir: str, cache_dir: st
                   ) -> list[tuple[str, ml_collections.ConfigDict, str]]:
   """``(model, config, job folder)`` for the student and the teacher on every task."""
   jobs = []
-  roots = {"student": os.path.join(workdir, "finetune", "student"),
-           "teacher": os.path.join(cache_dir, "finetuned")}
+  root = os.path.join(cache_dir, "finetuned")  # both models' runs: keyed by their parameters
   # The teacher first: its jobs are most of the stage's work, so the ETA after its first job
   # is measured on the model that dominates (the students' jobs are mostly compile time).
   for model_name, init in (("teacher", os.path.join(workdir, "teacher", "export")),
                            ("student", os.path.join(workdir, "distill", "export"))):
     for task in config.finetune_tasks:
       cfg = finetune_config(config, model_name, task, init, cache_dir)
-      jobs.append((model_name, cfg, job_dir(roots[model_name], init, cfg)))
+      jobs.append((model_name, cfg, job_dir(root, init, cfg)))
   return jobs
 
 
@@ -380,7 +384,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """:func:`run` up to a preemption."""
   from bort_jax.data import demo as demo_data  # pylint: disable=import-outside-toplevel
-  from bort_jax.pipelines import distill  # pylint: disable=import-outside-toplevel
 
   workdir = os.path.abspath(workdir)
   tiny = bool(config.get("tiny"))  # the synthetic suite instead of the fetched one
@@ -422,7 +425,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   distill_dir = os.path.join(workdir, "distill")
   run_stage(state, "distill", "distill the chosen architecture",
             os.path.exists(os.path.join(distill_dir, "export", export.PARAMS_FILE)),
-            lambda: distill.run(cfg["distill"], distill_dir),
+            lambda: demo_cache.run_distill_cached(cfg["distill"], workdir, cache_dir),
             steps=int(cfg["distill"].train.total_steps), digest=hashes["distill"])
   jobs = finetune_jobs(config, workdir, cache_dir)
   state.data["finetune_runs"] = {m: [folder for name, _, folder in jobs if name == m]

@@ -78,7 +78,8 @@ def run_agora(config: ml_collections.ConfigDict, jobs: list) -> dict[str, dict]:
   """
   from bort_jax.finetune import agora  # pylint: disable=import-outside-toplevel
   plan = agora_plan(config, jobs)
-  configs = {cfg.task.split("/", 1)[1]: cfg for m, cfg, _ in jobs if m == "student"}
+  students = {cfg.task.split("/", 1)[1]: (cfg, folder) for m, cfg, folder in jobs
+              if m == "student"}
   for task, entry in plan.items():
     if not entry["run"]:
       print(f"[agora] {task}: skipped: {entry['reason']}", flush=True)
@@ -91,8 +92,9 @@ def run_agora(config: ml_collections.ConfigDict, jobs: list) -> dict[str, dict]:
       entry.update(run=False, reason=refused["reason"])
       print(f"[agora] {task}: {entry['reason']}", flush=True)
       continue
-    cfg = copy.deepcopy(configs[task])
+    cfg = copy.deepcopy(students[task][0])
     cfg.agora.enabled, cfg.agora.labeller = True, entry["labeller"]
+    cfg.agora.first_round = students[task][1]  # its round 0 is the student's fine-tuning
     print(f"[agora] {task}: the student with Theta = its {cfg.population.seeds} seeds, the "
           f"fine-tuned teacher as labeller -> {entry['folder']}", flush=True)
     try:

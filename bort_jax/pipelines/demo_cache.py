@@ -1,4 +1,4 @@
-"""The demo's caches: the adapted teacher and the extraction, kept with the demo data.
+"""The demo's caches: the adapted teacher, the extraction and the distilled student.
 
 A demo in another workdir with the same source teacher and configs copies them instead of
 training again. Each is keyed by a hash of what determines it, with the workdir's and the
@@ -7,18 +7,24 @@ cache's own paths left out, so a moved cache or a new workdir still matches:
 * ``CACHE/adapted/<hash>``: teacher-adapt's export, ``config.json`` and ``metrics.jsonl``
   (keyed by the adapt config and the bytes of the source teacher's files);
 * ``CACHE/extracted/<hash>``: the extraction's folder (keyed by the extraction config and the
-  adapted teacher's parameters and model config).
+  adapted teacher's parameters and model config);
+* ``CACHE/distilled/<hash>``: distillation's export, ``config.json`` and ``metrics.jsonl``
+  (keyed by the distillation config, the adapted teacher, the architecture the extraction
+  chose and the bytes of the corpus files).
 
-Both are written and copied with ``fileio.atomic_dir``: a reader sees no folder or a complete
+The fine-tunings of both models are kept in ``CACHE/finetuned`` by ``pipelines/demo.py`` (keyed
+by the model's parameters and the job's config). Every entry is written and copied with ``fileio.atomic_dir``: a reader sees no folder or a complete
 one. A preempted adaptation caches nothing.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import shutil
+from typing import Any, Callable
 
 import ml_collections
 
@@ -70,12 +76,20 @@ def run_adapt_cached(adapt_cfg: ml_collections.ConfigDict, workdir: str, cache_d
   record as after a real adaptation.
   """
   from bort_jax.pipelines import distill  # pylint: disable=import-outside-toplevel
+  return _run_cached(adapted_cache(cache_dir, adapt_cfg), os.path.join(workdir, "teacher"),
+                     lambda run_dir: distill.run_adapt(adapt_cfg, run_dir),
+                     "teacher-adapt: the adapted teacher")
+
+
+def _run_cached(cached: str, run_dir: str, train: Callable[[str], dict], what: str) -> dict:
+  """A training run's export and record copied from ``cached``, or trained and then cached.
+
+  The export is copied last (atomically): it marks the run done. A preempted run (SIGTERM,
+  no export) caches nothing and returns its metrics, so the stage resumes on a rerun.
+  """
   from bort_jax.runtime import fileio  # pylint: disable=import-outside-toplevel
-  cached = adapted_cache(cache_dir, adapt_cfg)
-  run_dir = os.path.join(workdir, "teacher")
   if os.path.exists(os.path.join(cached, "export", export.PARAMS_FILE)):
-    print(f"teacher-adapt: the adapted teacher is in the cache ({cached}); copying it",
-          flush=True)
+    print(f"{what} is in the cache ({cached}); copying it", flush=True)
     os.makedirs(run_dir, exist_ok=True)
     for name in RUN_RECORD:
       if os.path.exists(os.path.join(cached, name)):
@@ -83,8 +97,8 @@ def run_adapt_cached(adapt_cfg: ml_collections.ConfigDict, workdir: str, cache_d
     with fileio.atomic_dir(os.path.join(run_dir, "export")) as tmp:  # last: it marks done
       shutil.copytree(os.path.join(cached, "export"), tmp, dirs_exist_ok=True)
     return {"copied": cached}
-  metrics = distill.run_adapt(adapt_cfg, run_dir)
-  if metrics.get("preempted"):  # no export: nothing to cache, the stage resumes on a rerun
+  metrics = train(run_dir)
+  if metrics.get("preempted"):
     return metrics
   with fileio.atomic_dir(cached) as tmp:
     shutil.copytree(os.path.join(run_dir, "export"), os.path.join(tmp, "export"))
@@ -94,6 +108,43 @@ def run_adapt_cached(adapt_cfg: ml_collections.ConfigDict, workdir: str, cache_d
   return metrics
 
 
+def distilled_cache(cache_dir: str, distill_cfg: ml_collections.ConfigDict, workdir: str
+                    ) -> str:
+  """``CACHE/distilled/<hash>``: where the distilled student of this job is kept.
+
+  The hash covers the distillation config (the workdir's and the cache's paths left out), the
+  teacher export's parameters and model config, the architecture the extraction chose
+  (``chosen_arch.txt``, which ``student.arch = extract:DIR`` reads) and the bytes of every
+  corpus file: distillation is a deterministic function of these (every random choice is one
+  of seed and step), so a demo in another workdir with the same inputs copies the student.
+  """
+  from bort_jax.pipelines import setup  # pylint: disable=import-outside-toplevel
+  sha = hashlib.sha256(config_text(distill_cfg, cache_dir, workdir).encode())
+  _update_with_export(sha, distill_cfg.teacher.path)
+  sha.update(setup.resolve_student_arch(str(distill_cfg.student.arch)).encode())
+  for pattern in distill_cfg.data.corpus_files:
+    for path in sorted(glob.glob(os.path.expanduser(pattern))):
+      sha.update(f"{os.path.basename(path)}:{fetch.sha256_file(path)}".encode())
+  return os.path.join(cache_dir, "distilled", sha.hexdigest()[:12])
+
+
+def run_distill_cached(distill_cfg: ml_collections.ConfigDict, workdir: str, cache_dir: str
+                       ) -> dict:
+  """Distillation into ``WORKDIR/distill``, or a copy of the cached run of the same job
+  (its export, ``config.json`` and ``metrics.jsonl``, which the report reads)."""
+  from bort_jax.pipelines import distill  # pylint: disable=import-outside-toplevel
+  return _run_cached(distilled_cache(cache_dir, distill_cfg, workdir),
+                     os.path.join(workdir, "distill"),
+                     lambda run_dir: distill.run(distill_cfg, run_dir),
+                     "distill: the distilled student")
+
+
+def _update_with_export(sha: Any, path: str) -> None:
+  """Adds an export's parameters (sha256 of the file) and model config to a hash."""
+  sha.update(fetch.sha256_file(os.path.join(path, export.PARAMS_FILE)).encode())
+  sha.update(json.dumps(to_jsonable(export.load_config(path).to_dict()), sort_keys=True).encode())
+
+
 def extracted_cache(cache_dir: str, extract_cfg: ml_collections.ConfigDict, workdir: str) -> str:
   """``CACHE/extracted/<hash>``: where a finished extraction of this teacher and config is kept.
 
@@ -101,11 +152,8 @@ def extracted_cache(cache_dir: str, extract_cfg: ml_collections.ConfigDict, work
   teacher export's parameters and model config: the search and its audit are deterministic
   functions of these, so a demo in another workdir with the same teacher copies the result.
   """
-  teacher = extract_cfg.teacher.path
   sha = hashlib.sha256(config_text(extract_cfg, cache_dir, workdir).encode())
-  sha.update(fetch.sha256_file(os.path.join(teacher, export.PARAMS_FILE)).encode())
-  sha.update(json.dumps(to_jsonable(export.load_config(teacher).to_dict()),
-                        sort_keys=True).encode())
+  _update_with_export(sha, extract_cfg.teacher.path)
   return os.path.join(cache_dir, "extracted", sha.hexdigest()[:12])
 
 

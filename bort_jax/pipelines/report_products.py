@@ -2,17 +2,19 @@
 Face export and the command that runs it.
 
 The student's fine-tuning population writes its best member as a fine-tuned model
-(``<job>/best``, ``population.save_best``), which ``bort-jax predict`` and ``bort-jax
-evaluate`` take as it is. The report stage exports each one to a Hugging Face folder under
+(``<job>/best``, ``population.save_best``; the job lies in the demo's cache). The report stage
+copies it into the workdir, ``WORKDIR/products/<task>/model`` (``bort-jax predict`` and
+``bort-jax evaluate`` take it as it is), exports it to a Hugging Face folder beside it,
 ``WORKDIR/products/<task>/hf`` (``interop/hf_export.py``: weights, config with the label names,
-tokenizer files and a model card), redone only when the fine-tuned model changed, and lists
-the predict command with an example input of the task's kind.
+tokenizer files and a model card), each redone only when the fine-tuned model changed, and
+lists the predict command with an example input of the task's kind.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 from bort_jax.runtime.fileio import atomic_write_text, read_json
@@ -31,6 +33,21 @@ EXAMPLES = {
 def _stamp(best: str) -> str:
   """What the export was made from: the fine-tuned model's record (task, score, step)."""
   return json.dumps(read_json(os.path.join(best, "finetune.json")), sort_keys=True)
+
+
+def copy_student(best: str, out: str) -> str:
+  """``best`` copied to ``out`` (atomically) unless ``out`` holds the same model already."""
+  from bort_jax.data import fetch  # pylint: disable=import-outside-toplevel
+  from bort_jax.interop import export  # pylint: disable=import-outside-toplevel
+  from bort_jax.runtime import fileio  # pylint: disable=import-outside-toplevel
+  same = (read_json(os.path.join(out, "finetune.json")) == read_json(
+      os.path.join(best, "finetune.json")) and os.path.exists(os.path.join(out, export.PARAMS_FILE))
+          and fetch.sha256_file(os.path.join(out, export.PARAMS_FILE))
+          == fetch.sha256_file(os.path.join(best, export.PARAMS_FILE)))
+  if not same:
+    with fileio.atomic_dir(out) as tmp:
+      shutil.copytree(best, tmp, dirs_exist_ok=True)
+  return out
 
 
 def export_student(best: str, out: str) -> dict[str, Any]:
@@ -58,12 +75,13 @@ def products(workdir: str, state: dict) -> tuple[list[str], list[dict]]:
   lines = ["## Use the student", ""]
   rows = []
   for folder in (state.get("finetune_runs") or {}).get("student", []):
-    best = os.path.join(folder, "best")
-    meta = read_json(os.path.join(best, "finetune.json"))
+    meta = read_json(os.path.join(folder, "best", "finetune.json"))
     if not isinstance(meta, dict):
       continue
     task = meta.get("task", "")
     name = task.split("/")[-1] or os.path.basename(folder)
+    best = copy_student(os.path.join(folder, "best"),
+                        os.path.join(workdir, PRODUCTS_DIR, name, "model"))
     hf = export_student(best, os.path.join(workdir, PRODUCTS_DIR, name, "hf"))
     example = EXAMPLES.get(task, '--text "..."')
     command = f"bort-jax predict --checkpoint {best} {example}"

@@ -29,7 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_distill as helpers  # noqa: E402  (the tiny teacher, corpus and subprocess env)
 from test_distill import xla_cache  # noqa: E402,F401  (a compilation cache shared with children)
 
-pytestmark = pytest.mark.slow
+# The first two tests (a whole tiny demo, then a second one in a new workdir that copies every
+# cached stage) run in the default suite: they guard the README's two promises about the demo.
+# The kill-and-resume tests are slow.
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +135,7 @@ def test_demo_runs_every_stage_to_the_report(finished):
   assert f"bort-jax predict --checkpoint {os.path.join(work, 'products')}" in text
 
 
+@pytest.mark.slow
 def test_rerun_skips_everything_and_keeps_the_stage_times(finished, cache, capsys):  # pylint: disable=redefined-outer-name
   work = finished["workdir"]
   before = json.load(open(os.path.join(work, report.STATE_FILE)))["stages"]
@@ -175,6 +178,7 @@ def test_new_workdir_copies_the_adapted_teacher_from_the_cache(finished, cache, 
   assert _numbers(summary) == _numbers(finished["summary"])
 
 
+@pytest.mark.slow
 def test_a_workdir_of_another_config_is_refused(finished, cache, capsys):  # pylint: disable=redefined-outer-name
   """A --quick run in the full run's workdir would reuse its stages: refused, nothing run."""
   from bort_jax import main  # pylint: disable=import-outside-toplevel
@@ -209,6 +213,7 @@ sys.exit(main.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_killed_in_finetuning_resumes_to_the_same_report(finished, cache, tmp_path, capsys):  # pylint: disable=redefined-outer-name
   # The earlier stages as the uninterrupted run left them; fine-tuning, Agora and report to come.
   work = str(tmp_path / "work")
@@ -302,6 +307,7 @@ _KILLS = {"teacher": ("teacher-adapt", "teacher"), "extract": ("extract", "extra
           "report": ("report", "report")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", sorted(_KILLS))
 def test_killed_in_a_stage_resumes_to_the_same_report(finished, cache, tmp_path, capsys,  # pylint: disable=redefined-outer-name
                                                        target):
@@ -342,6 +348,7 @@ def test_killed_in_a_stage_resumes_to_the_same_report(finished, cache, tmp_path,
           == json.load(open(os.path.join(finished["workdir"], "extract", "results.json")))["best"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["teacher", "distill"])
 def test_sigterm_in_a_training_stage_stops_the_demo_and_a_rerun_resumes(finished, cache,  # pylint: disable=redefined-outer-name
                                                                         tmp_path, capsys,

@@ -169,3 +169,28 @@ def test_to_jsonable_is_strict_json():
   text = json.dumps(out, allow_nan=False)  # raises on NaN or infinity
   assert json.loads(text) == {"a": 3, "b": [0, 1, 2], "c": None, "4": [1.5, None], "d": "text",
                               "e": {"lr": 0.5}, "f": 2.0, "g": None, "h": str(object)}
+
+
+def test_read_jsonl_ignores_a_torn_tail_repairs_it_and_tells_damage_from_a_kill(tmp_path):
+  path = str(tmp_path / "log.jsonl")
+  assert fileio.read_jsonl(path) == []  # missing
+  with open(path, "w") as f:
+    f.write('{"a": 1}\n{"a": 2}\n{"a": 3, "b"')  # a kill inside the third line
+  before = open(path).read()
+  assert fileio.read_jsonl(path) == [{"a": 1}, {"a": 2}]
+  assert open(path).read() == before  # read only: untouched
+  with pytest.warns(UserWarning, match="torn last line"):
+    assert fileio.read_jsonl(path, repair=True) == [{"a": 1}, {"a": 2}]
+  assert open(path).read() == '{"a": 1}\n{"a": 2}\n'  # cut back, the next line starts clean
+  # A whole last line that does not parse (zero-filled by a crash) is a torn tail too.
+  with open(path, "ab") as f:
+    f.write(b"\x00\x00\x00\n")
+  with pytest.warns(UserWarning):
+    assert fileio.read_jsonl(path, repair=True, strict=True) == [{"a": 1}, {"a": 2}]
+  assert open(path).read() == '{"a": 1}\n{"a": 2}\n'
+  # A damaged line before the last is not a kill: skipped by a reader, refused when strict.
+  with open(path, "w") as f:
+    f.write('{"a": 1}\n{"a": 2, "b\n{"a": 3}\n')
+  assert fileio.read_jsonl(path, repair=True) == [{"a": 1}, {"a": 3}]
+  with pytest.raises(ValueError, match="line 2 is corrupt"):
+    fileio.read_jsonl(path, strict=True)

@@ -57,6 +57,28 @@ def save_with_head(path: str, params: dict, config: ModelConfig, meta: dict) -> 
     json.dump(fileio.to_jsonable(meta), f, indent=2, sort_keys=True)
 
 
+def read_head(path: str) -> dict | None:
+  """The ``finetune.json`` of the export at ``path`` (its task head and record), or None when
+  the export has none (a pretrained model).
+
+  The one reader of that file. It is written with the export, atomically, so a file that is
+  not a JSON object is damage, not a run in progress: ValueError naming it.
+  """
+  file = os.path.join(path, FINETUNE_FILE)
+  if not os.path.exists(file):
+    return None
+  try:
+    with open(file, encoding="utf-8") as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as error:
+    raise ValueError(f"{file!r} cannot be read as JSON ({error}); the fine-tuned model's "
+                     "export is damaged: fine-tune again or restore it") from None
+  if not isinstance(meta, dict):
+    raise ValueError(f"{file!r} holds {type(meta).__name__}, not a JSON object; the fine-tuned "
+                     "model's export is damaged: fine-tune again or restore it")
+  return meta
+
+
 def load_config(path: str) -> ModelConfig:
   """The ModelConfig of a checkpoint written by :func:`save`, without its weights."""
   file = os.path.join(path, MODEL_CONFIG_FILE)

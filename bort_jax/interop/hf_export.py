@@ -129,11 +129,10 @@ def export_hf(checkpoint: str, out: str, *, tokenizer: str = "", speed: str = ""
     ``{"out", "config", "head", "parameters", "tokenizer", "files"}``.
   """
   config, params = export.load(checkpoint)
-  head, names, meta = None, (), {}
-  meta_path = os.path.join(checkpoint, export.FINETUNE_FILE)
-  if os.path.isfile(meta_path):
-    meta = model_card.read_json(meta_path, export.FINETUNE_FILE)
+  head, names, meta = None, (), export.read_head(checkpoint)
+  if meta is not None:
     head, names = finetuned_head(meta, checkpoint)
+  meta = meta or {}
   if no_mlm_head:
     params = {k: v for k, v in params.items() if k != "mlm_head"}
   if head is None:
@@ -185,12 +184,14 @@ def import_hf(path: str, out: str, *, no_mlm_head: bool = False, family: str | N
   Returns:
     ``(config, params)`` as written.
   """
-  config, params, head = convert.load_hf_with_head(
-      path, with_mlm_head=False if no_mlm_head else None, family=family)
+  hf_config = hf_files.read_hf_config(path)  # first: a wrong path gets the plainest message
+  config, params, head = convert.hf_to_model(
+      hf_files.read_hf_tensors(path), hf_config, with_mlm_head=False if no_mlm_head else None,
+      family=family)
   if head.kind not in TASK_KINDS:
     export.save(out, params, config)
     return config, params
-  meta = head_record(head, hf_files.read_hf_config(path))
+  meta = head_record(head, hf_config)
   with fileio.atomic_dir(out) as tmp:
     export.save_with_head(tmp, params, config, meta)
   return config, params

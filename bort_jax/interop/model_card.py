@@ -17,6 +17,8 @@ import json
 import os
 from typing import Any, Iterable
 
+from bort_jax.runtime import fileio
+
 PIPELINE_TAG = {"mlm": "fill-mask", "none": "feature-extraction",
                 "classification": "text-classification", "regression": "text-classification",
                 "multiple_choice": "multiple-choice"}
@@ -153,16 +155,9 @@ def run_record(checkpoint: str) -> tuple[dict, dict, str]:
       fields = {k: _plain(flat[k]) for k in TRAINING_FIELDS if k in flat and flat[k] != ""}
     except (OSError, ValueError):
       fields = {}
-  metrics_path = os.path.join(run_dir, "metrics.jsonl")
-  if os.path.isfile(metrics_path):
-    with open(metrics_path) as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except ValueError:
-          continue
-        if isinstance(record, dict):
-          metrics.update({k: v for k, v in record.items() if _is_number(v)})
+  for record in fileio.read_jsonl(os.path.join(run_dir, "metrics.jsonl")):
+    if isinstance(record, dict):
+      metrics.update({k: v for k, v in record.items() if _is_number(v)})
   source = os.path.basename(run_dir) if (fields or metrics) else ""
   return fields, metrics, source
 

@@ -8,11 +8,11 @@ and returns its path.
 
 from __future__ import annotations
 
-import os
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from bort_jax.runtime import fileio
 from bort_jax.search import report as search_report
 
 
@@ -41,12 +41,8 @@ def _plain(ax, log_x: bool = False, axis: str = "both") -> None:
 
 
 def _save(fig, path: str) -> str:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, format="png")
-  os.replace(tmp, path)
-  return path
+  return fileio.save_figure(fig, path)
 
 
 def pareto(rows: Sequence[Mapping], chosen: str, size_label: str, cost_label: str,

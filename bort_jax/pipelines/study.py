@@ -4,7 +4,7 @@ The paper's claim is that the W-optimal architecture is the best trade-off after
 distillation and fine-tuning. This mode tests it on one extraction: it takes the chosen
 architecture and its rivals from the extraction's workdir (:func:`pick_rivals`), distils each
 under the same step budget (``pipelines/distill.run``, one config for all), fine-tunes each on
-the same tasks as a population of seeds (``finetune/population.run``), measures each one's
+the same tasks as a population of seeds (``finetune/population_mode.run``), measures each one's
 latency on this device, and writes:
 
 - ``study.json``: ``{"archs": [...], "teacher": ...}``: every architecture's roles, size,
@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 
 import ml_collections
 
+from bort_jax.runtime import fileio
 from bort_jax.runtime.fileio import atomic_write_text, to_jsonable
 from bort_jax.search.select import speed_words
 
@@ -127,7 +128,7 @@ def _finetune_config(config: ml_collections.ConfigDict, key: str, init: str):
 def _train_one(config, arch: str, workdir: str) -> dict | None:
   """Distils ``arch`` and fine-tunes it on every task (each step skipped when done); None
   when a SIGTERM stopped the distillation (its checkpoint saved, no export)."""
-  from bort_jax.finetune import population  # pylint: disable=import-outside-toplevel
+  from bort_jax.finetune import population_mode  # pylint: disable=import-outside-toplevel
   from bort_jax.interop import export  # pylint: disable=import-outside-toplevel
   from bort_jax.pipelines import distill  # pylint: disable=import-outside-toplevel
   base = os.path.join(workdir, arch)
@@ -143,11 +144,11 @@ def _train_one(config, arch: str, workdir: str) -> dict | None:
     out_dir = os.path.join(base, "finetune", key)
     path = os.path.join(out_dir, "population.json")
     if not os.path.exists(path):
-      population.run(_finetune_config(config, key, export_dir), out_dir)
+      population_mode.run(_finetune_config(config, key, export_dir), out_dir)
     with open(path) as f:
       done = json.load(f)
     # Each architecture gets its own learning rate: the setting of best mean dev metric.
-    setting = population.best_setting(done)
+    setting = population_mode.best_setting(done)
     if setting is None:
       raise ValueError(f"{path} has no setting with a finite mean {done['metric']}")
     stats = setting[done["metric"]]
@@ -301,6 +302,4 @@ def _plot(rows, tasks, path: str, chosen: int) -> None:
     ax.grid(alpha=0.3)
   fig.suptitle("Chosen architecture (red star) against its rivals")
   fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, format="png")
-  os.replace(tmp, path)
+  fileio.save_figure(fig, path)

@@ -14,6 +14,7 @@ import re
 import shutil
 import socket
 import tempfile
+import warnings
 from typing import Any, Iterator
 
 import numpy as np
@@ -29,12 +30,31 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> str:
   Returns:
     ``path`` as a string.
   """
+  def write(f):
+    f.write(text.encode("utf-8"))
+  return _atomic_write(os.fspath(path), write, ".tmp")
+
+
+def save_figure(fig: Any, path: str | os.PathLike) -> str:
+  """Saves a matplotlib figure as a PNG at ``path`` through a unique temporary file and a
+  rename (parent folders made): a reader sees the old plot or the new one, never half of one.
+
+  Returns:
+    ``path`` as a string.
+  """
   path = os.fspath(path)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  return _atomic_write(path, lambda f: fig.savefig(f, format="png"), ".tmp.png")
+
+
+def _atomic_write(path: str, write: Any, suffix: str) -> str:
+  """``write(binary file)`` into a unique temporary file beside ``path``, fsynced, given the
+  modes of a plain write and renamed into place; removed again if anything fails."""
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
-                             prefix=f".{os.path.basename(path)}-", suffix=".tmp")
+                             prefix=f".{os.path.basename(path)}-", suffix=suffix)
   try:
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-      f.write(text)
+    with os.fdopen(fd, "wb") as f:
+      write(f)
       f.flush()
       os.fsync(f.fileno())
     os.chmod(tmp, normal_modes()[0])  # mkstemp makes the file owner-only; plain outputs
@@ -214,6 +234,17 @@ def _install(tmp: str, path: str, tries: int = 100) -> None:
   raise OSError(f"could not install {path}: other writers kept replacing it ({tries} tries)")
 
 
+def clock(seconds: float, hours: bool = False) -> str:
+  """A duration as ``M:SS`` (``H:MM:SS`` with ``hours``) for progress lines; ``?`` when it is
+  not known (an ETA before any rate was measured)."""
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(max(seconds, 0))
+  if hours:
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+  return f"{seconds // 60}:{seconds % 60:02d}"
+
+
 def read_json(path: str) -> Any:
   """A JSON file's content, or None when it is missing or cut short."""
   try:
@@ -223,14 +254,38 @@ def read_json(path: str) -> Any:
     return None
 
 
-def read_jsonl(path: str) -> list[dict]:
-  """The complete lines of a JSON-lines file (a line cut short by a kill is skipped)."""
-  out = []
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          out.append(json.loads(line))
-        except ValueError:
-          continue
+def read_jsonl(path: str, repair: bool = False, strict: bool = False) -> list:
+  """The records of a JSON-lines file this project appends to (``[]`` when it is missing).
+
+  The one reader of metrics, journals and run records, with the torn-last-line rule: writers
+  append whole lines, so a kill can leave only the last line torn (cut short, or bytes after
+  the last newline). That tail is ignored; with ``repair`` (a journal about to be appended to)
+  the file is cut back to its whole lines, with a warning, so the next line starts clean. A
+  line before the last that does not parse is damage, not a kill: ``strict`` (journals whose
+  every record counts) raises ValueError naming the line; otherwise it is skipped (a report
+  shows what it can).
+  """
+  if not os.path.exists(path):
+    return []
+  with open(path, "rb") as f:
+    raw = f.read()
+  lines = raw.split(b"\n")[:-1]  # the piece after the last newline is never whole
+  out, offset, whole = [], 0, 0  # whole: bytes up to the end of the last line that parsed
+  for number, line in enumerate(lines, 1):
+    offset += len(line) + 1
+    try:
+      out.append(json.loads(line))
+    except ValueError as error:
+      if number < len(lines) and strict:
+        raise ValueError(f"{path} line {number} is corrupt ({error}); only the last line may "
+                         "be torn by a kill") from None
+      continue
+    whole = offset
+  if repair and whole < len(raw):
+    warnings.warn(f"{path}: ignoring a torn last line ({len(raw) - whole} bytes) left by an "
+                  "interrupted write")
+    with open(path, "r+b") as f:
+      f.truncate(whole)
+      f.flush()
+      os.fsync(f.fileno())
   return out

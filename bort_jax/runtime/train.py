@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bort_jax.runtime.fileio import atomic_write_text, to_jsonable
+from bort_jax.runtime.fileio import atomic_write_text, clock, read_jsonl, to_jsonable
 
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array, Any], tuple[jax.Array, dict]]
 
@@ -134,18 +134,10 @@ class MetricsWriter:
         self._drop_after(resume_step)
 
   def _drop_after(self, step: int) -> None:
-    with open(self.path) as f:
-      lines = f.read().splitlines()
-    kept = []
-    for line in lines:
-      try:
-        record = json.loads(line)
-      except ValueError:
-        continue  # a line cut short by a kill
-      if isinstance(record, dict) and int(record.get("step", 0)) <= step:
-        kept.append(line)
-    if len(kept) != len(lines):
-      atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+    """Keeps the records up to the resumed step (and none torn by the kill), rewritten whole."""
+    kept = [r for r in read_jsonl(self.path)
+            if isinstance(r, dict) and int(r.get("step", 0)) <= step]
+    atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     """Appends ``{"step": step, **metrics}``."""
@@ -165,13 +157,6 @@ def write_config(workdir: str, config: Any) -> None:
   data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   atomic_write_text(os.path.join(workdir, "config.json"),
                     json.dumps(data, indent=2, sort_keys=True, default=str))
-
-
-def _format_seconds(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "?"
-  seconds = int(seconds)
-  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 _CARRIED = "unreported_metrics"
@@ -209,7 +194,8 @@ class _Reports:
                 f"{rate:.2f} steps/s"
                 + (f"  {metrics['tokens_per_second']:.0f} tok/s" if self.loop.tokens_per_step
                    else "")
-                + f"  elapsed {_format_seconds(now - self.t_start)}  eta {_format_seconds(eta)}")
+                + f"  elapsed {clock(now - self.t_start, hours=True)}"
+                + f"  eta {clock(eta, hours=True)}")
     self.t_last, self.step_last = now, step
     return metrics
 

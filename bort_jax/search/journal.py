@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from typing import Any, Sequence
+
+from bort_jax.runtime import fileio
 
 JOURNAL_KIND = "bort_jax.fptas.journal"
 JOURNAL_VERSION = 1
@@ -80,29 +81,7 @@ class Journal:
       os.fsync(f.fileno())
 
   def _load(self):
-    with open(self.path, "rb") as f:
-      data = f.read()
-    lines = data.split(b"\n")
-    # A file that ends with "\n" splits into [..., b""]; otherwise the last piece is torn.
-    complete, tail = lines[:-1], lines[-1]
-    parsed, good_bytes = [], 0
-    for k, raw in enumerate(complete):
-      try:
-        parsed.append(json.loads(raw.decode("utf-8")))
-      except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        if k == len(complete) - 1 and not tail:
-          tail = raw  # An unreadable final line is a torn write too (e.g. zero-filled).
-          break
-        raise ValueError(f"journal {self.path} line {k + 1} is corrupt ({err}); only the last "
-                         "line may be torn by a kill") from err
-      good_bytes += len(raw) + 1
-    if tail:
-      warnings.warn(f"journal {self.path}: ignoring a torn last line ({len(tail)} bytes) left "
-                    "by an interrupted write")
-      with open(self.path, "r+b") as f:
-        f.truncate(good_bytes)
-        f.flush()
-        os.fsync(f.fileno())
+    parsed = fileio.read_jsonl(self.path, repair=True, strict=True)  # a torn tail is cut
     if not parsed:  # Only a torn header: start afresh.
       self._write_header()
       return

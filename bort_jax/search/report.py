@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from bort_jax.runtime import fileio
 from bort_jax.runtime.fileio import atomic_write_text, to_jsonable
 from bort_jax.search import audit, guarantee
 from bort_jax.search.select import speed_words
@@ -328,13 +329,7 @@ def legend_outside(ax, ncol: int = 3) -> None:
 
 
 def _save(fig, path: str) -> str:
-  parent = os.path.dirname(path)
-  if parent:
-    os.makedirs(parent, exist_ok=True)
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, format="png")
-  os.replace(tmp, path)
-  return path
+  return fileio.save_figure(fig, path)
 
 
 def audit_plot(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any],

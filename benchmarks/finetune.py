@@ -42,7 +42,7 @@ import common  # noqa: F401  (puts the repository on sys.path)
 import jax
 import numpy as np
 
-from bort_jax.core import model
+from bort_jax.core import model, optim
 from bort_jax.core.arch import get_model_config
 from bort_jax.finetune import population as pop_lib
 from bort_jax.finetune import setup, steps
@@ -74,7 +74,7 @@ def sequential(config, members, settings, train, dev, body) -> dict:
   for member in members:
     jax.clear_caches()
     cfg = steps.StepConfig(config, "classification", 2, settings.total_steps)
-    tx = steps.make_direction(settings.direction_config())
+    tx = optim.make_direction(settings.direction_config())
     state = steps.init_state(setup.init_params(config, cfg.head, member.seed, body), tx)
     step = jax.jit(functools.partial(steps.train_step, cfg=cfg, tx=tx))
     evaluate = jax.jit(functools.partial(steps.eval_step, cfg=cfg))
@@ -109,7 +109,7 @@ def compile_seconds(config, members, settings, train, dev, body) -> dict:
   """Cold compile time of one separate run's programs and of the population's programs."""
   jax.clear_caches()
   cfg = steps.StepConfig(config, "classification", 2, settings.total_steps)
-  tx = steps.make_direction(settings.direction_config())
+  tx = optim.make_direction(settings.direction_config())
   state = steps.init_state(setup.init_params(config, cfg.head, 0, body), tx)
   batch = {k: v[:settings.batch_size] for k, v in train.items()}
   t0 = time.perf_counter()

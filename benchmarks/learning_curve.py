@@ -32,7 +32,7 @@ import common  # noqa: F401  (puts the repository on sys.path)
 
 from bort_jax.data import demo as demo_data
 from bort_jax.data import fetch
-from bort_jax.finetune import population
+from bort_jax.finetune import population_mode
 from bort_jax.runtime.fileio import atomic_write_text
 from bort_jax.pipelines import demo as demo_pipeline
 from configs import demo as demo_config
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
       result_path = os.path.join(folder, "population.json")
       start = time.perf_counter()
       if not os.path.exists(result_path):
-        population.run(job_config(config, args.model, task, steps, args.export, args.cache_dir),
+        population_mode.run(job_config(config, args.model, task, steps, args.export, args.cache_dir),
                        folder)
       with open(result_path, encoding="utf-8") as f:
         result = json.load(f)

@@ -20,7 +20,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bort_jax.core import optim
-from bort_jax.runtime import checkpoint, integrity, restore_noise
+from bort_jax.runtime import checkpoint, integrity, preemption, restore_noise
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -229,7 +229,7 @@ def test_resume_order_workdir_then_init_from_then_scratch(tmp_path):
 
 
 def test_preemption_flag_in_process():
-  flag = checkpoint.install_preemption_handler(signals=(signal.SIGUSR1,))
+  flag = preemption.install_preemption_handler(signals=(signal.SIGUSR1,))
   try:
     assert not flag.should_stop()
     os.kill(os.getpid(), signal.SIGUSR1)
@@ -245,10 +245,10 @@ def test_preemption_flag_in_process():
 _CHILD = textwrap.dedent("""
     import sys, time
     import jax, jax.numpy as jnp
-    from bort_jax.runtime import checkpoint
+    from bort_jax.runtime import checkpoint, preemption
     directory, mode = sys.argv[1], sys.argv[2]
     mgr = checkpoint.CheckpointManager(directory, max_to_keep=2, async_save=True)
-    flag = checkpoint.install_preemption_handler()
+    flag = preemption.install_preemption_handler()
     n = 4_000_000 if mode == "kill" else 1000
     step = 0
     while True:
@@ -362,13 +362,13 @@ _TWO_PROCESS_CHILD = textwrap.dedent("""
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
     import jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from bort_jax.runtime import checkpoint
+    from bort_jax.runtime import checkpoint, preemption
     mesh = jax.make_mesh((4,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
     full = np.arange(16, dtype=np.float32).reshape(4, 4)
     w = jax.make_array_from_callback((4, 4), NamedSharding(mesh, P("x")), lambda i: full[i])
     step = jax.device_put(jnp.asarray(3, jnp.int32), NamedSharding(mesh, P()))
     mgr = checkpoint.CheckpointManager(directory, async_save=True)
-    flag = checkpoint.PreemptionFlag()
+    flag = preemption.PreemptionFlag()
     if pid == 1:
       flag.set()  # only one process is signalled; both must agree to stop
     stop = flag.should_stop()

@@ -16,7 +16,7 @@ from bort_jax import main as cli_main
 from bort_jax.core import arch as arch_lib
 from bort_jax.core import cost
 from bort_jax.core import model
-from bort_jax.finetune import population, tasks
+from bort_jax.finetune import casts, population, population_mode, tasks
 from bort_jax.interop import export
 from bort_jax.pipelines import report
 
@@ -206,10 +206,10 @@ def test_report_mode_through_the_cli(tmp_path, capsys):
 
 def test_majority_scores_use_the_train_majority_on_the_dev_examples():
   spec = tasks.get_task("glue/sst2")
-  ex = lambda label: tasks.Example("text", None, label=label)
+  ex = lambda label: casts.Example("text", None, label=label)
   train = [ex(1), ex(1), ex(0)]
   dev = [ex(1), ex(0), ex(0), ex(0)]
-  assert population.majority_scores(spec, train, dev) == {"accuracy": 0.25}
+  assert population_mode.majority_scores(spec, train, dev) == {"accuracy": 0.25}
   assert population.progress_line(50, 200, 0.5, 10.0, 50).endswith("elapsed 0:10, eta 0:30")
   assert "(25%)" in population.progress_line(50, 200, 0.5, 10.0, 50)
 
@@ -230,7 +230,7 @@ def test_read_split_keeps_records_spread_over_the_split_up_to_the_cap():
   records = [{"sentence": f"w{i}", "label": i % 2, "idx": i} for i in range(10)]
   spec = tasks.register_task(tasks.TaskSpec(
       name="test/capped", builder=None, kind="classification", num_labels=2,
-      cast=tasks.pair_cast("sentence"), source=lambda split, data_dir: records),
+      cast=casts.pair_cast("sentence"), source=lambda split, data_dir: records),
       overwrite=True)
   capped = loop.read_split(spec, "validation", None, False, limit=4)
   assert [r["idx"] for r in capped.records] == [0, 3, 6, 9] and len(capped.examples) == 4
@@ -288,7 +288,7 @@ def test_report_shows_agora_beside_round_0_and_the_tasks_it_skipped(tmp_path, mo
 
 def test_agora_plan_takes_binary_tasks_whose_teacher_beats_the_bar(tmp_path):
   from bort_jax.data import demo as demo_data
-  from bort_jax.pipelines import demo_agora
+  from bort_jax.pipelines import demo_agora, demo_cache
   demo_data.register_demo_tasks(str(tmp_path / "cache"))
   config = cli_main.cli.load_config("configs/demo.py")
   jobs = []
@@ -296,7 +296,7 @@ def test_agora_plan_takes_binary_tasks_whose_teacher_beats_the_bar(tmp_path):
     for task in config.finetune_tasks:
       cfg = config.finetune.copy_and_resolve_references()
       cfg.task = f"demo/{task}"
-      jobs.append((model_name, cfg, str(tmp_path / model_name / task)))
+      jobs.append(demo_cache.Job(model_name, task, cfg, str(tmp_path / model_name / task)))
 
   def teacher_scores(accuracy):
     for task in config.finetune_tasks:

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from bort_jax.search import fptas
+from bort_jax.search import formula, fptas, guarantee
+from bort_jax.search import journal as journal_lib
 from bort_jax.core.arch import Arch
 
 
@@ -22,13 +23,13 @@ def _run(candidates, p, i, train_and_eval, thetas, eps, rule="max_gain", **kwarg
 
 def test_w_coefficient_hand_cases():
   # (100-40)/100 * (10-5)/10 / 2 = 0.6 * 0.5 / 2 = 0.15
-  assert fptas.w_coefficient(100, 10, 40, 5, 2.0) == pytest.approx(0.15)
+  assert formula.w_coefficient(100, 10, 40, 5, 2.0) == pytest.approx(0.15)
   # (8-2)/8 * (4-1)/4 / 0.5 = 0.75 * 0.75 * 2 = 1.125
-  assert fptas.w_coefficient(8, 4, 2, 1, 0.5) == pytest.approx(1.125)
+  assert formula.w_coefficient(8, 4, 2, 1, 0.5) == pytest.approx(1.125)
   # W(T, T) = 0 whatever the error.
-  assert fptas.w_coefficient(8, 4, 8, 4, 0.3) == 0.0
+  assert formula.w_coefficient(8, 4, 8, 4, 0.3) == 0.0
   # Larger than T in one cost: negative.
-  assert fptas.w_coefficient(8, 4, 10, 2, 1.0) == pytest.approx(-0.125)
+  assert formula.w_coefficient(8, 4, 10, 2, 1.0) == pytest.approx(-0.125)
 
 
 @pytest.mark.parametrize("args, word", [
@@ -43,7 +44,7 @@ def test_w_coefficient_hand_cases():
 ])
 def test_w_coefficient_errors(args, word):
   with pytest.raises(ValueError, match=word):
-    fptas.w_coefficient(*args)
+    formula.w_coefficient(*args)
 
 
 def test_maximum_point():
@@ -184,7 +185,7 @@ def test_guarantee_holds_against_exhaustive_search():
     exact = _run(names, p, i, train, thetas, eps=1)
     # Exhaustive optimum by brute force, independently of run_fptas.
     t = fptas.maximum_point(names, p, i)
-    w_star = max(max(fptas.w_coefficient(p[t], i[t], p[k], i[k], error(p[k] / p_T, th))
+    w_star = max(max(formula.w_coefficient(p[t], i[t], p[k], i[k], error(p[k] / p_T, th))
                      for th in thetas) for k in range(n))
     assert exact.best.w == pytest.approx(w_star, rel=1e-12)
     if w_star <= 0:
@@ -193,10 +194,10 @@ def test_guarantee_holds_against_exhaustive_search():
     for rule in fptas.RULES:
       res = _run(names, p, i, train, thetas, eps=eps, rule=rule)
       trained = [k for k, r in enumerate(res.rows) if r.trained]
-      bound = fptas.guarantee_bound(p, i, res.p_T, res.i_T, trained, lip, e_min)
+      bound = guarantee.guarantee_bound(p, i, res.p_T, res.i_T, trained, lip, e_min)
       assert 0.0 <= bound <= 1.0
       assert res.best.w >= bound * w_star - 1e-12, (trial, rule, eps, bound)
-      cert = fptas.certified_ratio(res, lip, e_min)
+      cert = guarantee.certified_ratio(res, lip, e_min)
       assert res.best.w >= cert * w_star - 1e-12, (trial, rule, eps, cert)
       if rule == "all" or eps == 1:
         assert res.best.w == pytest.approx(w_star, rel=1e-12) and bound == 1.0
@@ -217,7 +218,7 @@ def test_bound_is_violated_when_the_assumption_is():
   err = {"a": 4.0, "b": 1.0, "c": 0.5, "d": 0.1, "t": 0.1}
   res = _run(names, p, i, lambda ps: [err[c] for c, _ in ps], [0], eps=2)
   trained = [k for k, r in enumerate(res.rows) if r.trained]
-  bound = fptas.guarantee_bound(p, i, 10, 10, trained, lipschitz=1e-3, e_min=0.1)
+  bound = guarantee.guarantee_bound(p, i, 10, 10, trained, lipschitz=1e-3, e_min=0.1)
   assert res.best.w / 0.9 < bound
 
 
@@ -336,15 +337,15 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
   first_log = []
   with pytest.raises(_Killed):
     _run(train_and_eval=counting(first_log, kill_after=3),
-                    journal=fptas.Journal(path, "cfg-1"), **common)
-  done = {(c, fptas.theta_key(t)) for batch in first_log for c, t in batch}
+                    journal=journal_lib.Journal(path, "cfg-1"), **common)
+  done = {(c, journal_lib.theta_key(t)) for batch in first_log for c, t in batch}
   assert len(done) == 6
   assert len(path.read_text().splitlines()) == 1 + 6
 
   second_log = []
   resumed = _run(train_and_eval=counting(second_log),
-                            journal=fptas.Journal(path, "cfg-1"), **common)
-  redo = [(c, fptas.theta_key(t)) for batch in second_log for c, t in batch]
+                            journal=journal_lib.Journal(path, "cfg-1"), **common)
+  redo = [(c, journal_lib.theta_key(t)) for batch in second_log for c, t in batch]
   assert not done & set(redo), "finished pairs were trained again"
   assert len(redo) + len(done) == full.num_pairs
   assert resumed.num_computed == len(redo)
@@ -354,7 +355,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
   # A third start trains nothing at all.
   third_log = []
   again = _run(train_and_eval=counting(third_log),
-                          journal=fptas.Journal(path, "cfg-1"), **common)
+                          journal=journal_lib.Journal(path, "cfg-1"), **common)
   assert third_log == [] and again.num_computed == 0
   assert [r.to_dict() for r in again.rows] == [r.to_dict() for r in full.rows]
 
@@ -363,11 +364,11 @@ def test_torn_last_line_is_ignored_and_cut(tmp_path):
   names, p, i, thetas, error = _problem(6)
   path = tmp_path / "journal.jsonl"
   train = lambda ps: [error(c, th) for c, th in ps]  # noqa: E731
-  full = _run(names, p, i, train, thetas, eps=1, journal=fptas.Journal(path, "h"))
+  full = _run(names, p, i, train, thetas, eps=1, journal=journal_lib.Journal(path, "h"))
   good = path.read_bytes()
   path.write_bytes(good + b'{"candidate": "D1-A2-H32-I64", "the')
   with pytest.warns(UserWarning, match="torn last line"):
-    journal = fptas.Journal(path, "h")
+    journal = journal_lib.Journal(path, "h")
   assert path.read_bytes() == good
   assert len(journal.entries) == len(names) * len(thetas)
   journal.append([("extra", {"lr": 1.0}, 2.5)])
@@ -375,39 +376,39 @@ def test_torn_last_line_is_ignored_and_cut(tmp_path):
   assert lines[-1] == {"candidate": "extra", "theta": {"lr": 1.0}, "e": 2.5}
   calls = []
   res = _run(names, p, i, lambda ps: calls.append(ps) or train(ps), thetas, eps=1,
-                        journal=fptas.Journal(path, "h"))
+                        journal=journal_lib.Journal(path, "h"))
   assert calls == [] and res.best.name == full.best.name
 
   # A complete but unreadable last line (e.g. zero-filled after a crash) counts as torn too.
   path.write_bytes(good + b"\x00\x00\x00\n")
   with pytest.warns(UserWarning, match="torn"):
-    fptas.Journal(path, "h")
+    journal_lib.Journal(path, "h")
   assert path.read_bytes() == good
 
 
 def test_journal_errors(tmp_path):
   path = tmp_path / "j.jsonl"
-  journal = fptas.Journal(path, fptas.config_hash({"steps": 3}))
+  journal = journal_lib.Journal(path, journal_lib.config_hash({"steps": 3}))
   journal.append([("a", 0, 1.0)])
   with pytest.raises(ValueError, match="config hash"):
-    fptas.Journal(path, fptas.config_hash({"steps": 30}))
-  assert fptas.Journal(path, fptas.config_hash({"steps": 3})).get("a", 0) == 1.0
+    journal_lib.Journal(path, journal_lib.config_hash({"steps": 30}))
+  assert journal_lib.Journal(path, journal_lib.config_hash({"steps": 3})).get("a", 0) == 1.0
   # Corruption in the middle is not a torn write: refuse.
   lines = path.read_text().splitlines()
   path.write_text(lines[0] + "\n{broken\n" + lines[1] + "\n")
   with pytest.raises(ValueError, match="line 2 is corrupt"):
-    fptas.Journal(path, fptas.config_hash({"steps": 3}))
+    journal_lib.Journal(path, journal_lib.config_hash({"steps": 3}))
   other = tmp_path / "other.jsonl"
   other.write_text('{"hello": 1}\n')
   with pytest.raises(ValueError, match="not an FPTAS journal"):
-    fptas.Journal(other, "x")
+    journal_lib.Journal(other, "x")
   # A torn header alone: start afresh.
   torn = tmp_path / "torn.jsonl"
   torn.write_text('{"kind": "bort_ja')
   with pytest.warns(UserWarning):
-    fresh = fptas.Journal(torn, "x")
+    fresh = journal_lib.Journal(torn, "x")
   assert fresh.entries == {} and json.loads(torn.read_text())["config_hash"] == "x"
-  assert fptas.config_hash({"a": 1, "b": 2}) == fptas.config_hash({"b": 2, "a": 1})
+  assert journal_lib.config_hash({"a": 1, "b": 2}) == journal_lib.config_hash({"b": 2, "a": 1})
 
 
 # ------------------------------------------------------------------------------------ ties

@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from bort_jax.core import model
+from bort_jax.core import model, optim
 from bort_jax.core.arch import get_model_config
-from bort_jax.finetune import loop, setup, steps, tasks
+from bort_jax.finetune import casts, loop, setup, steps, tasks
 from bort_jax.finetune import population as pop_lib
 
 VOCAB, T, N = 40, 8, 44  # 44 rows: the last batch of an epoch is padded
@@ -39,7 +39,7 @@ def _examples(n, seed):
     words = rng.integers(8, VOCAB, size=rng.integers(3, 7))
     if rng.random() < 0.5:
       words[rng.integers(len(words))] = 7
-    out.append(tasks.Example(" ".join(f"w{w}" for w in words), label=int(7 in words),
+    out.append(casts.Example(" ".join(f"w{w}" for w in words), label=int(7 in words),
                              example_id=i))
   return out
 
@@ -61,7 +61,7 @@ def _setup():
 def _separate_run(config, member, settings, train_ex, dev, init_params):
   """One member alone, as ``bort-jax finetune`` runs one model (the reference)."""
   cfg = steps.StepConfig(config, "classification", 2, settings.total_steps)
-  tx = steps.make_direction(settings.direction_config())
+  tx = optim.make_direction(settings.direction_config())
   state = steps.init_state(setup.init_params(config, cfg.head, member.seed, init_params), tx)
   step = jax.jit(functools.partial(steps.train_step, cfg=cfg, tx=tx))
   hp = steps.hparams(member.lr, member.weight_decay, member.warmup)
@@ -205,7 +205,7 @@ def assets(tmp_path_factory):
     records.append({"sentence": " ".join(words), "label": int("w7" in words), "idx": i})
   tasks.register_task(tasks.TaskSpec(
       name="test/population_cli", builder=None, kind="classification", num_labels=2,
-      cast=tasks.pair_cast("sentence"), source=lambda split, data_dir: records),
+      cast=casts.pair_cast("sentence"), source=lambda split, data_dir: records),
       overwrite=True)
   return {"init": str(root / "pretrained"), "tokenizer": str(root / "tok")}
 

@@ -9,7 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from bort_jax.search import fptas, report, select
+from bort_jax.search import fptas, guarantee, report, select
+from bort_jax.search import journal as journal_lib
 
 
 def _budget(names, p, i, i_ref=None, latency=None, **limits):
@@ -227,7 +228,7 @@ def test_budget_bound_holds_against_exhaustive_search():
       for ties in fptas.TIES:
         res = _run(names, p, i, train, thetas, eps=eps, rule=rule, ties=ties, budget=budget)
         trained = [j for j, r in enumerate(res.rows) if r.trained]
-        bound = fptas.budget_bound(p, res.p_T, feasible, trained, lip)
+        bound = guarantee.budget_bound(p, res.p_T, feasible, trained, lip)
         e_chosen = select.best_error(res.chosen.errors)
         assert res.chosen.feasible and bound >= 0.0
         assert e_chosen <= e_star + bound + 1e-12, (trial, rule, eps, ties, bound)
@@ -250,13 +251,13 @@ def test_budget_bound_hand_values_and_violation_without_the_assumption():
   p = [1.0, 2.0, 4.0, 8.0, 10.0]
   feasible = [True, True, True, False, False]
   # Trained a and c: b is at distance 1 from a, so delta = 1; with L = 2, 2 * 1 / 10.
-  assert fptas.budget_bound(p, 10.0, feasible, [0, 2, 4], 2.0) == pytest.approx(0.2)
-  assert fptas.budget_bound(p, 10.0, feasible, [0, 1, 2], 5.0) == 0.0
-  assert fptas.budget_bound(p, 10.0, feasible, [3, 4], 1.0) == math.inf  # none feasible trained
+  assert guarantee.budget_bound(p, 10.0, feasible, [0, 2, 4], 2.0) == pytest.approx(0.2)
+  assert guarantee.budget_bound(p, 10.0, feasible, [0, 1, 2], 5.0) == 0.0
+  assert guarantee.budget_bound(p, 10.0, feasible, [3, 4], 1.0) == math.inf  # none feasible trained
   with pytest.raises(ValueError, match="lipschitz"):
-    fptas.budget_bound(p, 10.0, feasible, [0], -1.0)
+    guarantee.budget_bound(p, 10.0, feasible, [0], -1.0)
   with pytest.raises(ValueError, match="one flag per candidate"):
-    fptas.budget_bound(p, 10.0, feasible[:2], [0], 1.0)
+    guarantee.budget_bound(p, 10.0, feasible[:2], [0], 1.0)
   # (A2) false: e drops from 3 (a, the trained one) to 0.1 (b, untrained) over a size step of
   # 0.1 p_T; an assumed L of 0.1 then claims a gap of at most 0.03 where it is 2.9, so the
   # check against exhaustive search above can fail.
@@ -266,7 +267,7 @@ def test_budget_bound_hand_values_and_violation_without_the_assumption():
   res = _run(names, p, p, lambda ps: [err[c] for c, _ in ps], [0], eps=3, budget=budget)
   trained = [j for j, r in enumerate(res.rows) if r.trained]
   assert not res.rows[1].trained and res.chosen.name == "a"
-  bound = fptas.budget_bound(p, res.p_T, budget.feasible, trained, 0.1)
+  bound = guarantee.budget_bound(p, res.p_T, budget.feasible, trained, 0.1)
   assert bound == pytest.approx(0.03) and 3.0 > 0.1 + bound
 
 
@@ -285,18 +286,18 @@ def test_a_rerun_with_the_budget_trains_only_its_extra_candidates(tmp_path):
     return [err(c) for c, _ in pairs]
 
   path = tmp_path / "journal.jsonl"
-  w_only = _run(names, p, i, train, [{"lr": 1}], eps=4, journal=fptas.Journal(path, "h"))
+  w_only = _run(names, p, i, train, [{"lr": 1}], eps=4, journal=journal_lib.Journal(path, "h"))
   first = list(log)
   log.clear()
   # Feasible by latency: the 3rd, 4th and 6th to 8th; W's plan trains the 1st, 5th and 9th.
   latency = [9.0, 9.0, 1.0, 1.0, 9.0, 1.0, 1.0, 1.0, 9.0, 9.0, 9.0, 9.0]
   budget = _budget(names, p, i, latency=latency, max_latency_ms=2.0)
-  both = _run(names, p, i, train, [{"lr": 1}], eps=4, journal=fptas.Journal(path, "h"),
+  both = _run(names, p, i, train, [{"lr": 1}], eps=4, journal=journal_lib.Journal(path, "h"),
               budget=budget)
   assert not set(log) & set(first) and len(log) == both.budget_extra > 0
   assert both.num_computed == len(log) and both.best.name == w_only.best.name
   log.clear()
-  again = _run(names, p, i, train, [{"lr": 1}], eps=4, journal=fptas.Journal(path, "h"),
+  again = _run(names, p, i, train, [{"lr": 1}], eps=4, journal=journal_lib.Journal(path, "h"),
                budget=budget)
   assert log == [] and again.chosen.name == both.chosen.name
 

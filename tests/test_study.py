@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_distill as helpers  # noqa: E402  (the tiny teacher, corpus and config helpers)
 
 from bort_jax import cli  # noqa: E402
-from bort_jax.finetune import tasks  # noqa: E402
+from bort_jax.finetune import casts, tasks  # noqa: E402
 from bort_jax.pipelines import extract, study  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def _register_tasks(rng):
     name = f"test/study_{k}"
     tasks.register_task(tasks.TaskSpec(
         name=name, builder=None, kind="classification", num_labels=2,
-        cast=tasks.pair_cast("sentence"),
+        cast=casts.pair_cast("sentence"),
         source=lambda split, data_dir, records=records: records), overwrite=True)
     names.append(name)
   return names
@@ -125,7 +125,7 @@ def test_tiny_study_end_to_end(tmp_path):
 
 def test_a_preempted_distillation_stops_the_study(tmp_path, monkeypatch, capsys):
   """SIGTERM in a rival's distillation (no export): the study stops, nothing is fine-tuned."""
-  from bort_jax.finetune import population
+  from bort_jax.finetune import population_mode
   from bort_jax.pipelines import distill, setup
   extract_dir = tmp_path / "extract"
   extract_dir.mkdir()
@@ -141,7 +141,7 @@ def test_a_preempted_distillation_stops_the_study(tmp_path, monkeypatch, capsys)
   monkeypatch.setattr(setup, "check_config", lambda cfg, **kw: None)
   monkeypatch.setattr(distill, "run", lambda cfg, wd: calls.append(wd) or {"preempted": True,
                                                                           "step": 3})
-  monkeypatch.setattr(population, "run", lambda *a: pytest.fail("fine-tuned a missing export"))
+  monkeypatch.setattr(population_mode, "run", lambda *a: pytest.fail("fine-tuned a missing export"))
   out = study.run(config, str(tmp_path / "study"))
   assert out["preempted"] and "D1-A2-H16-I32 was preempted" in out["message"]
   assert len(calls) == 1 and "Stopped:" in capsys.readouterr().out

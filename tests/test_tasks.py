@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 
 from bort_jax.finetune import metrics
 from bort_jax.finetune import submission
-from bort_jax.finetune import tasks
+from bort_jax.finetune import casts, tasks
 
 CLS, SEP, PAD = 0, 2, 1
 SEQ_LEN = 24
@@ -197,7 +197,7 @@ def test_source_hook_and_registration():
     return rows
 
   spec = tasks.TaskSpec(name="test/local_three_way", builder=None, kind="classification",
-                        num_labels=3, cast=tasks.pair_cast("sentence"), source=source)
+                        num_labels=3, cast=casts.pair_cast("sentence"), source=source)
   tasks.register_task(spec, overwrite=True)
   with pytest.raises(ValueError, match="already registered"):
     tasks.register_task(spec)
@@ -208,10 +208,10 @@ def test_source_hook_and_registration():
   assert batches[1]["weight"].tolist() == [1, 1, 1, 0]
   with pytest.raises(ValueError, match="kind"):
     tasks.TaskSpec(name="bad", builder="x", kind="ranking", num_labels=2,
-                   cast=tasks.pair_cast("s"))
+                   cast=casts.pair_cast("s"))
   with pytest.raises(ValueError, match="decode"):
     tasks.TaskSpec(name="bad", builder="x", kind="candidates", num_labels=2,
-                   cast=tasks.pair_cast("s"))
+                   cast=casts.pair_cast("s"))
 
 
 def test_shuffle_is_a_function_of_seed_and_epoch_and_processes_split_rows():
@@ -344,12 +344,12 @@ def test_gather_reports_missing_outputs():
 
 
 def test_text_normalisation():
-  assert tasks.as_text(b"caf\xc3\xa9") == "café"
-  assert tasks.as_text(np.array("x")) == "x"
-  assert tasks.as_texts(np.array([b"a", b"b"], dtype=object)) == ["a", "b"]
-  assert tasks.as_texts(np.array(["a", "b"])) == ["a", "b"]
+  assert casts.as_text(b"caf\xc3\xa9") == "café"
+  assert casts.as_text(np.array("x")) == "x"
+  assert casts.as_texts(np.array([b"a", b"b"], dtype=object)) == ["a", "b"]
+  assert casts.as_texts(np.array(["a", "b"])) == ["a", "b"]
   with pytest.raises(TypeError, match="text value"):
-    tasks.as_text(3)
+    casts.as_text(3)
 
 
 # ----------------------------------------------------------------------------- submissions

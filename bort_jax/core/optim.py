@@ -137,18 +137,23 @@ def make_schedule(peak_lr: float, total_steps: int, warmup_fraction: float | Non
     raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], got "
                      f"{warmup_steps}.")
   peak = float(peak_lr)
-  decay_len = max(total_steps - warmup_steps, 1)
 
   def schedule(count):
-    s = jnp.asarray(count, jnp.float32)
-    decay = (total_steps - s) / decay_len
-    if warmup_steps > 0:
-      factor = jnp.minimum((s + 1.0) / warmup_steps, decay)
-    else:
-      factor = decay
-    return peak * jnp.clip(factor, 0.0, 1.0)
+    return peak * schedule_factor(count, total_steps, warmup_steps)
 
   return schedule
+
+
+def schedule_factor(count: Any, total_steps: int, warmup_steps: Any) -> jax.Array:
+  """:func:`make_schedule`'s factor (peak 1) at update ``count``; ``warmup_steps`` may be a
+  traced value (a population member's warmup): ``min((s + 1) / W, (T - s) / (T - W))``
+  clipped to [0, 1], a pure linear decay ``(T - s) / T`` when ``W = 0``."""
+  s = jnp.asarray(count, jnp.float32)
+  total = jnp.float32(total_steps)
+  w = jnp.asarray(warmup_steps, jnp.float32)
+  decay = (total - s) / jnp.maximum(total - w, 1.0)
+  rise = jnp.where(w > 0, (s + 1.0) / jnp.maximum(w, 1.0), jnp.inf)
+  return jnp.clip(jnp.minimum(rise, decay), 0.0, 1.0)
 
 
 def _get(cfg: Any, name: str, default: Any = None) -> Any:
@@ -188,6 +193,34 @@ def schedule_from_config(cfg: Any, total_steps: int | None = None) -> optax.Sche
   return make_schedule(lr, int(total), warmup_fraction=float(warmup))
 
 
+def _direction_parts(cfg: Any) -> list[optax.GradientTransformation]:
+  """Global-norm clipping (``clip_norm``; 0 or None: none), then Adam (``name``, ``b1``,
+  ``b2``, ``eps``): the first links of :func:`make_optimizer`'s chain."""
+  name = _get(cfg, "name", "adam_nobc")
+  b1, b2 = float(_get(cfg, "b1", 0.9)), float(_get(cfg, "b2", 0.999))
+  eps = float(_get(cfg, "eps", 1e-6))
+  if name == "adam_nobc":
+    adam = scale_by_adam_no_bias_correction(b1, b2, eps)
+  elif name == "adamw":
+    adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=0.0)
+  else:
+    raise ValueError(f"unknown optimizer name {name!r}; expected one of {OPTIMIZER_NAMES}.")
+  clip_norm = _get(cfg, "clip_norm")
+  return ([optax.clip_by_global_norm(float(clip_norm))] if clip_norm else []) + [adam]
+
+
+def make_direction(cfg: Any) -> optax.GradientTransformation:
+  """:func:`make_optimizer`'s chain without its weight decay and learning rate: the Adam
+  direction of the clipped gradients.
+
+  A population of fine-tuning runs applies the rest itself, with each member's learning rate,
+  decay and warmup as traced values (``finetune/steps.train_step``: ``p - lr(s) * (d + wd *
+  p)`` with :func:`schedule_factor`), which is what the full chain computes.
+  """
+  parts = _direction_parts(cfg)
+  return optax.chain(*parts) if len(parts) > 1 else parts[0]
+
+
 def make_optimizer(cfg: Any, *, total_steps: int | None = None, lr: Any = None,
                    weight_decay: Any = None) -> optax.GradientTransformation:
   """Builds the optimizer from a config (the one optimizer chain of the project).
@@ -209,20 +242,7 @@ def make_optimizer(cfg: Any, *, total_steps: int | None = None, lr: Any = None,
   Returns:
     ``chain(clip, adam, decayed weights, scale_by_learning_rate(lr or schedule))``.
   """
-  name = _get(cfg, "name", "adam_nobc")
-  b1, b2 = float(_get(cfg, "b1", 0.9)), float(_get(cfg, "b2", 0.999))
-  eps = float(_get(cfg, "eps", 1e-6))
-  if name == "adam_nobc":
-    adam = scale_by_adam_no_bias_correction(b1, b2, eps)
-  elif name == "adamw":
-    adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=0.0)
-  else:
-    raise ValueError(f"unknown optimizer name {name!r}; expected one of {OPTIMIZER_NAMES}.")
-  parts = []
-  clip_norm = _get(cfg, "clip_norm")
-  if clip_norm:
-    parts.append(optax.clip_by_global_norm(float(clip_norm)))
-  parts.append(adam)
+  parts = _direction_parts(cfg)
   if weight_decay is None:
     weight_decay = float(_get(cfg, "weight_decay", 0.0) or 0.0)
     if weight_decay < 0:

@@ -476,21 +476,21 @@ def register_demo_tasks(cache_dir: str | None = None, overwrite: bool = True) ->
     the registered task names.
   """
   # Imported here so that fetching and building do not pull in the registry.
-  from bort_jax.finetune import tasks  # pylint: disable=import-outside-toplevel
+  from bort_jax.finetune import casts, tasks  # pylint: disable=import-outside-toplevel
 
   def source(config):
     return lambda split, data_dir: demo_source(config, split, data_dir, cache_dir)
 
   specs = [
       tasks.TaskSpec(name="demo/movie_sentiment", builder=None, kind="classification",
-                     num_labels=2, cast=tasks.pair_cast("sentence"), metrics=("accuracy",),
+                     num_labels=2, cast=casts.pair_cast("sentence"), metrics=("accuracy",),
                      label_names=MOVIE_LABELS, source=source("movie_sentiment")),
       tasks.TaskSpec(name="demo/word_sense", builder=None, kind="classification",
-                     num_labels=2, cast=tasks.pair_cast("sentence", "definition"),
+                     num_labels=2, cast=casts.pair_cast("sentence", "definition"),
                      metrics=("accuracy",), label_names=WORD_SENSE_LABELS,
                      source=source("word_sense")),
       tasks.TaskSpec(name="demo/bbc_news", builder=None, kind="classification",
-                     num_labels=len(BBC_LABELS), cast=tasks.pair_cast("text"),
+                     num_labels=len(BBC_LABELS), cast=casts.pair_cast("text"),
                      metrics=("accuracy", "macro_f1"), label_names=BBC_LABELS,
                      source=source("bbc_news")),
   ]

@@ -67,7 +67,9 @@ import numpy as np
 from bort_jax.core import model
 from bort_jax.core.arch import ModelConfig
 from bort_jax.finetune import population as pop_lib
+from bort_jax.finetune import population_mode
 from bort_jax.finetune.augment import ROW_KEYS, Transform, fixed_batches
+from bort_jax.runtime import fileio
 
 MIN_LABELLER_ACCURACY = 2.0 / 3.0
 JOURNAL = "agora.jsonl"
@@ -233,29 +235,29 @@ class AgoraResult:
   train_rows: int
 
 
-def _read_journal(path: str) -> list[dict]:
-  if not os.path.exists(path):
-    return []
-  entries, good_bytes = [], 0
-  with open(path, "rb") as f:
-    raw = f.read()
-  for line in raw.split(b"\n")[:-1]:  # the piece after the last newline is never whole
-    try:
-      entries.append(json.loads(line))
-    except ValueError:
-      break  # a line torn by a kill: that round did not finish
-    good_bytes += len(line) + 1
-  if good_bytes < len(raw):  # cut the torn tail, so the next round's line starts clean
-    with open(path, "r+b") as f:
-      f.truncate(good_bytes)
-  return entries
-
-
 def _append_journal(path: str, entry: dict) -> None:
   with open(path, "a") as f:
     f.write(json.dumps(entry, sort_keys=True) + "\n")
     f.flush()
     os.fsync(f.fileno())
+
+
+def _train_theta(config: ModelConfig, left: list, settings: pop_lib.Settings, train: Mapping,
+                 dev_data: Mapping, init_params: Any, layout: str | None, first_round: str,
+                 say: Callable[[str], None]) -> tuple[pop_lib.Result, str]:
+  """One round's training of Theta's sets: read from ``first_round`` when it holds the same
+  job finished (round 0 only), trained otherwise. Returns the result and where it was read
+  from ("" when trained)."""
+  scorer = pop_lib.accuracy_scorer(dev_data)
+  if first_round:
+    result = pop_lib.restore_finished(config, "classification", 2, left, settings, train,
+                                      dev_data, scorer, first_round, init_params, layout)
+    if result is not None:
+      say(f"agora round 0: read from the finished population run in {first_round}")
+      return result, first_round
+    say(f"agora round 0: {first_round} holds no finished run of the same job; training")
+  return pop_lib.train_population(config, "classification", 2, left, settings, train,
+                                  dev_data, scorer, init_params, layout=layout), ""
 
 
 def _points_path(workdir: str, round_index: int) -> str:
@@ -305,10 +307,8 @@ def run_agora(config: ModelConfig, thetas: Sequence[pop_lib.Member],
     layout: the binary head's layout (None: the family's default).
     report: progress lines.
     min_labeller_accuracy: the labeller's bar.
-    first_round: a finished population run of Theta on the same (binary) training rows, from
-      the same weights and settings (``population.restore_finished`` checks all of it): round
-      0's training is read from it instead of run again (a plain population run of a binary
-      task is exactly round 0). "" or a run that does not match: round 0 trains.
+    first_round: a finished population run of this job (module docstring): round 0 is read
+      from it, not trained again; "" or a run of another job: round 0 trains.
 
   Returns:
     An :class:`AgoraResult`.
@@ -321,7 +321,7 @@ def run_agora(config: ModelConfig, thetas: Sequence[pop_lib.Member],
   labeller_accuracy = check_labeller(labeller, dev_data, min_labeller_accuracy)
   os.makedirs(workdir, exist_ok=True)
   journal_path = os.path.join(workdir, JOURNAL)
-  rounds = _read_journal(journal_path)
+  rounds = fileio.read_jsonl(journal_path, repair=True, strict=True)  # a torn tail is cut
   left, added, best, best_params = list(thetas), [], None, None
   for entry in rounds:  # replay the finished rounds
     left = [pop_lib.Member(**m) for m in entry["left"]]
@@ -335,20 +335,11 @@ def run_agora(config: ModelConfig, thetas: Sequence[pop_lib.Member],
     round_index = len(rounds)
     t0 = time.perf_counter()
     train = _concat([train_data] + added)
-    scorer, result = pop_lib.accuracy_scorer(dev_data), None
-    if round_index == 0 and first_round:
-      result = pop_lib.restore_finished(config, "classification", 2, left, settings, train,
-                                        dev_data, scorer, first_round, init_params, layout)
-      say(f"agora round 0: read from the finished population run in {first_round}" if result
-          else f"agora round 0: {first_round} holds no finished run of the same job; training")
-    read_from = first_round if result is not None else ""
-    if result is None:
-      result = pop_lib.train_population(config, "classification", 2, left, settings, train,
-                                        dev_data, scorer, init_params, layout=layout)
+    result, read_from = _train_theta(config, left, settings, train, dev_data, init_params,
+                                     layout, first_round if round_index == 0 else "", say)
     accs = [m["accuracy"] for m in result.metrics]
     b = int(np.argmax(accs))
-    mistakes, points = _new_points(result.dev_logits[b], dev_data, transform, labeller,
-                                   round_index)
+    mistakes, points = _new_points(result.dev_logits[b], dev_data, transform, labeller, round_index)
     removed = prune(accs, n_dev)
     _save_points(_points_path(workdir, round_index), points)
     round_best = {"member": dataclasses.asdict(left[b]), "accuracy": accs[b]}
@@ -359,8 +350,7 @@ def run_agora(config: ModelConfig, thetas: Sequence[pop_lib.Member],
     entry = {"round": round_index, "train_rows": len(train["label"]),
              "members": [dataclasses.asdict(m) for m in left], "dev_accuracy": accs,
              "best": round_best, "mistakes": len(mistakes), "points_added": len(points["label"]),
-             "positive_points": int(points["label"].sum()),
-             "read_from": read_from,
+             "positive_points": int(points["label"].sum()), "read_from": read_from,
              "removed": [dataclasses.asdict(left[i]) for i in removed],
              "left": [dataclasses.asdict(m) for i, m in enumerate(left) if i not in removed],
              "seconds": time.perf_counter() - t0}
@@ -427,7 +417,6 @@ def run(config: Any, workdir: str) -> dict:
     ``{"task", "rounds", "best", "labeller_accuracy", "train_rows"}``.
   """
   from bort_jax.finetune import loop  # pylint: disable=import-outside-toplevel  (loop calls us)
-  from bort_jax.runtime import fileio  # pylint: disable=import-outside-toplevel
   prep = loop.prepare(config)
   min_accuracy = labeller_bar(config.agora.get("min_labeller_accuracy", MIN_LABELLER_ACCURACY),
                               "config.agora.min_labeller_accuracy")
@@ -439,9 +428,11 @@ def run(config: Any, workdir: str) -> dict:
     positive = majority_class(train["label"], train["weight"])
   train = to_binary(train, spec.kind, spec.num_labels, positive)
   dev = to_binary(dev, spec.kind, spec.num_labels, positive)
-  settings = pop_lib.settings_from_config(config, prep.total_steps, config.population.mode)
+  settings = population_mode.settings_from_config(config, prep.total_steps,
+                                                  config.population.mode)
   labeller = _labeller_from_config(config, train, dev, settings, int(config.seed))
-  result = run_agora(prep.loaded.config, pop_lib.members_from_config(config), settings, train,
+  thetas = population_mode.members_from_config(config)
+  result = run_agora(prep.loaded.config, thetas, settings, train,
                      dev, _transform_from_config(config, prep.tokenizer), labeller, workdir,
                      init_params=prep.params, layout=prep.layout, report=print,
                      min_labeller_accuracy=min_accuracy,

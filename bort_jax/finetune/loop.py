@@ -38,15 +38,16 @@ import jax
 import ml_collections
 import numpy as np
 
-from bort_jax.core import model
+from bort_jax.core import model, optim
 from bort_jax.core.arch import ModelConfig
+from bort_jax.finetune import casts
 from bort_jax.finetune import metrics as metrics_lib
 from bort_jax.finetune import setup as setup_lib
 from bort_jax.finetune import steps
 from bort_jax.finetune import submission
 from bort_jax.finetune import tasks as tasks_lib
 from bort_jax.interop import export as export_lib
-from bort_jax.runtime import checkpoint, fileio, sharding, train
+from bort_jax.runtime import checkpoint, fileio, preemption, sharding, train
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ RESULTS_FILE = "results.json"
 # ----------------------------------------------------------------------------- data
 
 
-def train_batch(spec: tasks_lib.TaskSpec, examples: Sequence[tasks_lib.Example], tokenizer: Any,
+def train_batch(spec: tasks_lib.TaskSpec, examples: Sequence[casts.Example], tokenizer: Any,
                 seq_len: int, batch_size: int, seed: int, step: int,
                 process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
   """This process's rows of the global train batch of ``step`` (random access by step).
@@ -134,7 +135,7 @@ def compile_steps(cfg: steps.StepConfig, direction: tuple, mesh: Any, rules: tup
   Runs sharing (model config, task kind, labels, run length, optimizer, mesh) share one
   compilation; the hyperparameters are inputs, not constants.
   """
-  tx = steps.make_direction(dict(direction))
+  tx = optim.make_direction(dict(direction))
   specs = model.logical_axes(cfg.model, cfg.head)
   param_sh = sharding.logical_to_shardings(specs, mesh, rules)
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), cfg.model, cfg.head))
@@ -153,14 +154,6 @@ def compile_steps(cfg: steps.StepConfig, direction: tuple, mesh: Any, rules: tup
   return Compiled(train_fn, eval_fn, init_fn, tx, state_sh, param_sh)
 
 
-def fetch(tree: Any) -> Any:
-  """Host copy of a pytree of global arrays (gathered across processes when needed)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    return multihost_utils.process_allgather(tree, tiled=True)
-  return jax.device_get(tree)
-
-
 def predict_split(params: Any, compiled: Compiled, split: Split, tokenizer: Any, seq_len: int,
                   batch_size: int, mesh: Any) -> tuple[tasks_lib.Predictions, np.ndarray]:
   """Dropout-free model outputs on a split, grouped back into scored units.
@@ -174,7 +167,8 @@ def predict_split(params: Any, compiled: Compiled, split: Split, tokenizer: Any,
                                         process_count=jax.process_count()):
     batch = sharding.global_batch(local, mesh)
     out = compiled.eval_step(params, batch)
-    got = fetch({"logits": out["logits"], **{k: batch[k] for k in rows if k != "logits"}})
+    got = sharding.host_get({"logits": out["logits"],
+                             **{k: batch[k] for k in rows if k != "logits"}})
     for key in rows:
       rows[key].append(np.asarray(got[key]))
   cat = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in rows.items()}
@@ -203,11 +197,7 @@ def save_finetuned(path: str, params: Any, config: ModelConfig, meta: dict,
 
 def read_best(workdir: str) -> dict | None:
   """``finetune.json`` of ``WORKDIR/best`` (``step``, ``metric``, ``value``, ...) or None."""
-  path = os.path.join(workdir, BEST_DIR, export_lib.FINETUNE_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return export_lib.read_head(os.path.join(workdir, BEST_DIR))
 
 
 def head_meta(spec: tasks_lib.TaskSpec, seq_len: int, head: model.HeadSpec) -> dict:
@@ -340,8 +330,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     from bort_jax.finetune import agora  # pylint: disable=import-outside-toplevel
     return agora.run(config, workdir)
   if "population" in config and config.population.seeds:  # seeds x settings at once
-    from bort_jax.finetune import population  # pylint: disable=import-outside-toplevel
-    return population.run(config, workdir)
+    from bort_jax.finetune import population_mode  # pylint: disable=import-outside-toplevel
+    return population_mode.run(config, workdir)
   prep = prepare(config)
   spec, seed = prep.spec, int(config.seed)
   # Candidates train a binary classifier: one compiled step with binary classification.
@@ -354,7 +344,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   manager = checkpoint.CheckpointManager(
       os.path.join(workdir, "checkpoints"), save_interval_steps=1,
       max_to_keep=int(config.train.get("keep_checkpoints", 2)))
-  stop_flag = checkpoint.install_preemption_handler()
+  stop_flag = preemption.install_preemption_handler()
   try:
     def fresh():
       params = setup_lib.init_params(cfg.model, cfg.head, seed, prep.params)
@@ -377,7 +367,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         total_steps=prep.total_steps, log_every=int(config.train.log_every),
         checkpoint_every=int(config.train.checkpoint_every), eval_every=eval_every,
         tokens_per_step=int(config.batch_size) * int(config.seq_len))
-    start = int(fetch(initial.state.step))
+    start = int(sharding.host_get(initial.state.step))
     state = initial.state
     done = eval_every and start % eval_every == 0 and tracker.stale(start)
     log.info("%s: %s from %s (%s), %d steps, starting from %s at step %d", workdir, spec.name,
@@ -387,7 +377,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           state, compiled.train_step, get_batch, jax.random.key(seed), loop, frozen=hp,
           workdir=workdir, checkpointer=manager, eval_fn=eval_fn if eval_every else None,
           should_stop=lambda: stop_flag.should_stop() or tracker.stopped)
-    step = int(fetch(state.step))
+    step = int(sharding.host_get(state.step))
     if step < prep.total_steps and not tracker.stopped and not done:
       return {"task": spec.name, "step": step, "preempted": True}
     if tracker.best is None:  # no evaluation on the way (eval_every = 0): the final model
@@ -412,9 +402,9 @@ def _make_eval_fn(prep: Prepared, compiled: Compiled, tracker: Tracker, config: 
     preds, _ = predict_split(state.params, compiled, prep.dev[0], prep.tokenizer,
                              int(config.seq_len), int(config.eval_batch_size), prep.mesh)
     scores = score(prep.spec, preds)
-    step = int(fetch(state.step))
+    step = int(sharding.host_get(state.step))
     save = lambda best: save_finetuned(
-        os.path.join(workdir, BEST_DIR), fetch(state.params), prep.loaded.config,
+        os.path.join(workdir, BEST_DIR), sharding.host_get(state.params), prep.loaded.config,
         dict(meta, **best), prep.tokenizer_path)
     tracker.update(step, scores, save)
     sharding.barrier("bort_jax.finetune.best")

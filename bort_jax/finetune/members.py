@@ -17,9 +17,9 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 
+from bort_jax.core import members as members_lib
 from bort_jax.core import optim
 
-MODES = ("vmap", "map", "auto")
 
 
 # ----------------------------------------------------------------------------- members
@@ -109,20 +109,17 @@ class Settings:
                        f"{self.total_steps}, {self.batch_size}, {self.eval_batch_size}")
     if self.eval_every < 0:
       raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
-    if self.mode not in MODES:
-      raise ValueError(f"population mode must be one of {MODES}, got {self.mode!r}")
+    members_lib.check_mode(self.mode)
     if self.optimizer not in optim.OPTIMIZER_NAMES:
       raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of "
                        f"{optim.OPTIMIZER_NAMES}")
 
   def resolved_mode(self) -> str:
     """``mode`` with ``"auto"`` resolved for the default backend."""
-    if self.mode != "auto":
-      return self.mode
-    return "map" if jax.default_backend() == "cpu" else "vmap"
+    return members_lib.resolve_mode(self.mode)
 
   def direction_config(self) -> dict:
-    """The optimizer fields of ``steps.make_direction`` (lr, decay and schedule are data)."""
+    """The optimizer fields of ``core.optim.make_direction`` (lr, decay and schedule are data)."""
     return {"name": self.optimizer, "b1": self.b1, "b2": self.b2, "eps": self.eps,
             "clip_norm": self.clip_norm}
 

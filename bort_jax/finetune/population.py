@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import math
 import os
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -44,17 +43,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bort_jax.core import optim
 from bort_jax.core.arch import ModelConfig
+from bort_jax.core.members import over_members
+from bort_jax.finetune import casts
 from bort_jax.finetune import metrics as metrics_lib
 from bort_jax.finetune import setup as setup_lib
 from bort_jax.finetune import steps
 from bort_jax.finetune import tasks as tasks_lib
-from bort_jax.finetune.members import (MODES, Member, Settings, batch_indices, dropout_key,
+from bort_jax.finetune.members import (Member, Settings, batch_indices, dropout_key,
                                        format_table, grid, init_key, summarize)
 from bort_jax.runtime import train
+from bort_jax.runtime.fileio import clock
 
-__all__ = ["MODES", "Member", "Settings", "batch_indices", "dropout_key", "format_table", "grid",
-           "init_key", "summarize", "majority_scores", "progress_line", "Population", "Result",
+__all__ = ["Member", "Settings", "batch_indices", "dropout_key", "format_table", "grid",
+           "init_key", "summarize", "progress_line", "Population", "Result",
            "train_population", "check_data", "encode_examples", "task_scorer",
            "accuracy_scorer", "get_population", "job_fingerprint", "restore_finished"]
 
@@ -87,7 +90,7 @@ def check_data(data: Mapping[str, np.ndarray], kind: str, num_labels: int, name:
   return n
 
 
-def encode_examples(spec: tasks_lib.TaskSpec, examples: Sequence[tasks_lib.Example],
+def encode_examples(spec: tasks_lib.TaskSpec, examples: Sequence[casts.Example],
                     tokenizer: tasks_lib.Tokenizer, seq_len: int) -> dict[str, np.ndarray]:
   """Tokenises a whole cast split into one Task batch (docs/INTERFACES.md) of N rows."""
   if not examples:
@@ -136,14 +139,6 @@ def _member_arrays(members: Sequence[Member]) -> dict[str, Any]:
           "hp": {k: np.stack([np.asarray(h[k]) for h in hp]) for k in hp[0]}}
 
 
-def _over_members(fn, mode: str, per_member: tuple, shared: tuple):
-  """``fn(*per_member_slices, *shared)`` for every member: vmapped, or one at a time."""
-  if mode == "vmap":
-    axes = (0,) * len(per_member) + (None,) * len(shared)
-    return jax.vmap(fn, in_axes=axes)(*per_member, *shared)
-  return jax.lax.map(lambda xs: fn(*xs, *shared), per_member)
-
-
 def _eval_rows(data: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
   """The split padded with weight-0 rows to whole batches, as ``[num_batches, B, ...]``."""
   n = len(data["input_ids"])
@@ -174,7 +169,7 @@ class Population:
     self.cfg = steps.StepConfig(config, kind, num_labels, settings.total_steps, layout)
     self.settings = settings
     self.mode = settings.resolved_mode()
-    self.tx = steps.make_direction(settings.direction_config())
+    self.tx = optim.make_direction(settings.direction_config())
     self._init = jax.jit(self._init_program)
     self._train = jax.jit(self._train_program, donate_argnums=(0,))
     self._eval = jax.jit(self._eval_program)
@@ -184,7 +179,7 @@ class Population:
       params = setup_lib.init_params(self.cfg.model, self.cfg.head, seed, loaded)
       return steps.init_state(params, self.tx)
 
-    return _over_members(one, self.mode, (members["seed"],), (init_params,))
+    return over_members(one, self.mode, (members["seed"],), (init_params,))
 
   def _train_program(self, state, members, indices, active, data):
     step_fn = functools.partial(steps.train_step, cfg=self.cfg, tx=self.tx)
@@ -208,7 +203,7 @@ class Population:
       return jax.lax.scan(step, state, (idx, active))
 
     per = (state, members["seed"], members["hp"], indices)
-    return _over_members(one, self.mode, per, (data,))
+    return over_members(one, self.mode, per, (data,))
 
   def _eval_program(self, params, rows):
     def one(params, rows):
@@ -217,7 +212,7 @@ class Population:
       logits = jax.lax.map(batch_logits, rows)
       return logits.reshape((-1,) + logits.shape[2:])
 
-    return _over_members(one, self.mode, (params,), (rows,))
+    return over_members(one, self.mode, (params,), (rows,))
 
   def init(self, members: Sequence[Member], init_params: Any = None) -> Any:
     """The stacked state of every member at step 0."""
@@ -386,28 +381,8 @@ def progress_line(step: int, total: int, loss: float, elapsed: float, steps_done
   """One progress line: step, share done, loss, elapsed and the ETA at this call's step rate."""
   rate = steps_done / elapsed if elapsed > 0 else 0.0
   eta = (total - step) / rate if rate > 0 else float("nan")
-  clock = lambda s: "?" if not np.isfinite(s) else f"{int(s) // 60}:{int(s) % 60:02d}"
   return (f"population step {step}/{total} ({100.0 * step / max(total, 1):.0f}%): mean train "
           f"loss {loss:.4f}, elapsed {clock(elapsed)}, eta {clock(eta)}")
-
-
-def majority_scores(spec: tasks_lib.TaskSpec, train_examples: Sequence[tasks_lib.Example],
-                    dev_examples: Sequence[tasks_lib.Example]) -> dict:
-  """The dev metrics of always answering the train split's most frequent label.
-
-  The floor a fine-tuned model must clear: the majority class of a classification task, the
-  most frequent correct choice of a multiple-choice one, scored on the same dev examples as
-  the model. Regression and candidate tasks have no such floor (``{}``).
-  """
-  if spec.kind not in ("classification", "multiple_choice") or not dev_examples:
-    return {}
-  labels = [int(e.label) for e in train_examples if int(e.label) >= 0]
-  if not labels:
-    return {}
-  majority = int(np.bincount(labels).argmax())
-  gold = [int(e.label) for e in dev_examples]
-  return {k: float(v) for k, v in metrics_lib.compute_metrics(
-      spec.name, [majority] * len(gold), gold).items()}
 
 
 def _members_json(members: Sequence[Member]) -> list[dict]:
@@ -483,108 +458,11 @@ def restore_finished(config: ModelConfig, kind: str, num_labels: int,
     if (step != settings.total_steps or meta.get("members") != _members_json(members)
         or meta.get("job") != job):
       return None
-    abstract = jax.eval_shape(pop._init, _member_arrays(members), init_params)  # pylint: disable=protected-access
+    abstract = jax.eval_shape(pop._init,  # pylint: disable=protected-access
+                              _member_arrays(members), init_params)
     state, meta = manager.restore(step, abstract)
   finally:
     manager.close()
   scores, logits = _score_all(pop, state, dev_data, score)
   return Result(members, scores, list(meta.get("history", [])), np.full(len(members), np.nan),
                 state, logits, time.perf_counter() - t0)
-
-
-# ----------------------------------------------------------------------------- the mode
-
-
-def members_from_config(config: Any) -> list[Member]:
-  """``config.population``'s grid; an empty field takes the single value of ``config.optim``."""
-  pop = config.population
-  seeds = pop.seeds
-  seeds = list(range(int(seeds))) if isinstance(seeds, int) else [int(s) for s in seeds]
-  return grid(list(pop.lrs) or [config.optim.lr], seeds or [int(config.seed)],
-              list(pop.weight_decays) or [config.optim.weight_decay],
-              list(pop.warmups) or [config.optim.warmup])
-
-
-def settings_from_config(config: Any, total_steps: int, mode: str = "auto") -> Settings:
-  """The shared :class:`Settings` of a ``configs/finetune.py`` config."""
-  return Settings(total_steps=int(total_steps), batch_size=int(config.batch_size),
-                  optimizer=config.optim.name, b1=float(config.optim.b1),
-                  b2=float(config.optim.b2), eps=float(config.optim.eps),
-                  clip_norm=float(config.optim.clip_norm or 0.0),
-                  eval_every=int(config.train.eval_every),
-                  eval_batch_size=int(config.eval_batch_size), mode=mode)
-
-
-def best_setting(population: Mapping[str, Any]) -> dict | None:
-  """The setting of ``population.json`` with the best finite mean dev metric, or None."""
-  metric = population.get("metric")
-  rows = [r for r in population.get("settings", [])
-          if isinstance((r.get(metric) or {}).get("mean"), (int, float))
-          and math.isfinite(r[metric]["mean"])]
-  return max(rows, key=lambda r: r[metric]["mean"]) if rows else None
-
-
-def save_best(prep: Any, config: Any, result: Result, path: str) -> None:
-  """Writes the member of best dev score as a fine-tuned model (``loop.save_finetuned``).
-
-  The member is the one whose first metric is highest after its last step (the first such
-  in member order); ``finetune.json`` names it with its score, so Agora (or ``evaluate``)
-  loads it with its head.
-  """
-  from bort_jax.finetune import loop  # pylint: disable=import-outside-toplevel  (loop calls us)
-  metric = prep.spec.metrics[0]
-  values = [m.get(metric, float("nan")) for m in result.metrics]
-  finite = [i for i, v in enumerate(values) if math.isfinite(v)]
-  if not finite:
-    print(f"population: no member has a finite dev {metric}; {path} not written")
-    return
-  best = max(finite, key=lambda i: values[i])
-  kind = "classification" if prep.spec.kind == "candidates" else prep.spec.kind
-  head = steps.StepConfig(prep.loaded.config, kind, prep.spec.num_labels, prep.total_steps,
-                          prep.layout).head
-  meta = dict(loop.head_meta(prep.spec, int(config.seq_len), head), init=prep.loaded.path,
-              init_kind=prep.loaded.kind, member=dataclasses.asdict(result.members[best]),
-              step=prep.total_steps, metric=metric, value=values[best])
-  loop.save_finetuned(path, jax.device_get(result.params(best)), prep.loaded.config, meta,
-                      prep.tokenizer_path)
-
-
-def run(config: Any, workdir: str) -> dict:
-  """``bort-jax finetune ...,seeds=N[,lrs=A/B]``: the grid as one population on one task.
-
-  Inputs are checked by ``loop.prepare`` (exit status 2 before compiling). Writes
-  ``population.json`` (per-setting mean, std, best and every seed's value, plus the dev
-  history) and checkpoints the population in ``workdir/population`` (resumable).
-
-  Returns:
-    ``{"task", "dev_split", "metric", "dev_records", "majority", "settings":
-    summarize(...), "seconds"}``; ``population.json`` adds ``max_dev_examples``,
-    ``total_steps`` and the dev history.
-  """
-  import json  # pylint: disable=import-outside-toplevel
-  from bort_jax.finetune import loop  # pylint: disable=import-outside-toplevel  (loop calls us)
-  from bort_jax.runtime import fileio  # pylint: disable=import-outside-toplevel
-  prep = loop.prepare(config)
-  spec, seq_len, dev_split = prep.spec, int(config.seq_len), prep.dev[0]
-  members = members_from_config(config)
-  settings = settings_from_config(config, prep.total_steps, config.population.mode)
-  train = encode_examples(spec, prep.train.examples, prep.tokenizer, seq_len)
-  dev = encode_examples(spec, dev_split.examples, prep.tokenizer, seq_len)
-  result = train_population(prep.loaded.config, spec.kind, spec.num_labels, members, settings,
-                            train, dev, task_scorer(spec, dev_split.records, dev),
-                            init_params=prep.params, layout=prep.layout, workdir=workdir,
-                            report=print)
-  if config.population.get("save_best"):
-    save_best(prep, config, result, os.path.join(workdir, loop.BEST_DIR))
-  rows = summarize(members, result.metrics)
-  out = {"task": spec.name, "dev_split": dev_split.name, "metric": spec.metrics[0],
-         "dev_records": len(dev_split.records),
-         "max_dev_examples": int(config.get("max_dev_examples", 0) or 0),
-         "majority": majority_scores(spec, prep.train.examples, dev_split.examples),
-         "total_steps": prep.total_steps, "settings": rows, "history": result.history,
-         "seconds": result.seconds}
-  fileio.atomic_write_text(os.path.join(workdir, "population.json"),
-                           json.dumps(fileio.to_jsonable(out), indent=2) + "\n")
-  print(format_table(rows, spec.metrics[0]))
-  return {k: out[k] for k in ("task", "dev_split", "metric", "dev_records", "majority",
-                              "settings", "seconds")}

@@ -23,8 +23,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from bort_jax.finetune import casts
 from bort_jax.finetune import evaluate
-from bort_jax.finetune import loop
 from bort_jax.finetune import setup as setup_lib
 from bort_jax.finetune import tasks as tasks_lib
 from bort_jax.runtime import fileio, sharding
@@ -63,7 +63,7 @@ def read_inputs(path: str) -> list[dict]:
   return rows
 
 
-def to_examples(spec: tasks_lib.TaskSpec, rows: Sequence[dict]) -> list[tasks_lib.Example]:
+def to_examples(spec: tasks_lib.TaskSpec, rows: Sequence[dict]) -> list[casts.Example]:
   """Input rows as task examples (checked against the task's kind)."""
   out = []
   for i, row in enumerate(rows):
@@ -77,7 +77,7 @@ def to_examples(spec: tasks_lib.TaskSpec, rows: Sequence[dict]) -> list[tasks_li
       choices = tuple(str(c) for c in choices)
     else:
       choices = None
-    out.append(tasks_lib.Example(str(row["text_a"]), row.get("text_b"), choices=choices,
+    out.append(casts.Example(str(row["text_a"]), row.get("text_b"), choices=choices,
                                  example_id=i, candidate=0))
   return out
 
@@ -92,7 +92,7 @@ def predict(inf: evaluate.Inference, rows: Sequence[dict]) -> list[dict]:
                                         inf.batch_size, process_index=jax.process_index(),
                                         process_count=jax.process_count()):
     batch = sharding.global_batch(local, inf.mesh)
-    out = loop.fetch({"logits": inf.compiled.eval_step(inf.params, batch)["logits"],
+    out = sharding.host_get({"logits": inf.compiled.eval_step(inf.params, batch)["logits"],
                        "example_id": batch["example_id"], "weight": batch["weight"]})
     real = np.asarray(out["weight"]) > 0
     ids = np.asarray(out["example_id"])[real]

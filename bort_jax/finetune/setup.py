@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import os
 import shutil
 from typing import Any, Sequence
@@ -33,6 +32,7 @@ import numpy as np
 
 from bort_jax.core import model
 from bort_jax.core.arch import ModelConfig
+from bort_jax.finetune import casts
 from bort_jax.finetune import steps
 from bort_jax.finetune import tasks as tasks_lib
 from bort_jax.interop import export as export_lib
@@ -107,7 +107,7 @@ def check_trainable(spec: tasks_lib.TaskSpec) -> None:
                      f"best checkpoint on (its splits: {', '.join(spec.splits)}).{how}")
 
 
-def check_labels(spec: tasks_lib.TaskSpec, examples: Sequence[tasks_lib.Example], split: str,
+def check_labels(spec: tasks_lib.TaskSpec, examples: Sequence[casts.Example], split: str,
                  allow_unlabeled: bool = False) -> None:
   """Every label must lie in the task's label space.
 
@@ -207,8 +207,7 @@ def load_model(path: str, kind: str = "auto", seed: int = 0, *,
       config, params = export_lib.load(path) if kind != "random" else \
           (export_lib.load_config(path), None)
       if found == "finetuned":
-        with open(os.path.join(path, export_lib.FINETUNE_FILE)) as f:
-          meta = json.load(f)
+        meta = export_lib.read_head(path) or {}
         head = steps.task_head(meta["kind"], int(meta["num_labels"]), meta.get("layout"))
     else:
       from bort_jax.interop import convert  # pylint: disable=import-outside-toplevel

@@ -13,7 +13,8 @@ argument, never a Python constant baked into the compiled step:
 The update is the one ``core.optim.make_optimizer`` builds (clip, Adam without bias
 correction, decoupled weight decay off LayerNorm parameters and biases, linear warmup then
 linear decay), written out so that lr, weight decay and warmup can be traced values: ``tx``
-(:func:`make_direction`) gives the Adam direction and ``train_step`` scales it.
+(``core.optim.make_direction``) gives the Adam direction and ``train_step`` scales it with
+``core.optim.schedule_factor``.
 
 Signatures match ``runtime.train.run_loop``'s ``step_fn(state, batch, rng, frozen)`` with the
 hyperparameters in the ``frozen`` slot (they are inputs, never trained or checkpointed).
@@ -94,40 +95,6 @@ def hparams(lr: float, weight_decay: float, warmup: float) -> dict[str, jax.Arra
           "warmup": jnp.float32(warmup)}
 
 
-def make_direction(optim_cfg: Any) -> optax.GradientTransformation:
-  """The learning-rate-free part of the optimizer: global-norm clipping, then Adam's direction.
-
-  Args:
-    optim_cfg: ``name`` ("adam_nobc" or "adamw"), ``b1``, ``b2``, ``eps``, ``clip_norm``
-      (fields as in ``core.optim.make_optimizer``; lr, decay and schedule are ignored here).
-  """
-  get = lambda k, d: (optim_cfg.get(k, d) if hasattr(optim_cfg, "get") else d)
-  name = get("name", "adam_nobc")
-  b1, b2, eps = float(get("b1", 0.9)), float(get("b2", 0.999)), float(get("eps", 1e-6))
-  if name == "adam_nobc":
-    adam = optim.scale_by_adam_no_bias_correction(b1, b2, eps)
-  elif name == "adamw":
-    adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=0.0)
-  else:
-    raise ValueError(f"unknown optimizer name {name!r}; expected one of {optim.OPTIMIZER_NAMES}")
-  clip = get("clip_norm", 0.0)
-  return optax.chain(optax.clip_by_global_norm(float(clip)), adam) if clip else adam
-
-
-def schedule_factor(step: jax.Array, total_steps: int, warmup: jax.Array) -> jax.Array:
-  """``core.optim.make_schedule``'s factor (peak 1) with a traced warmup fraction.
-
-  With ``W = round(warmup * T)``: ``min((s + 1) / W, (T - s) / (T - W))`` clipped to [0, 1];
-  a pure linear decay ``(T - s) / T`` when ``W = 0``.
-  """
-  s = jnp.asarray(step, jnp.float32)
-  total = jnp.float32(total_steps)
-  w = jnp.round(jnp.asarray(warmup, jnp.float32) * total)
-  decay = (total - s) / jnp.maximum(total - w, 1.0)
-  rise = jnp.where(w > 0, (s + 1.0) / jnp.maximum(w, 1.0), jnp.inf)
-  return jnp.clip(jnp.minimum(rise, decay), 0.0, 1.0)
-
-
 def task_loss(logits: jax.Array, batch: Mapping[str, jax.Array], kind: str
               ) -> tuple[jax.Array, dict]:
   """Weighted mean loss of a Task batch: cross-entropy, or squared error for regression.
@@ -178,7 +145,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
     rng: the member's base key; dropout uses ``fold_in(rng, state.step)``.
     hp: :func:`hparams` (arrays).
     cfg: the static :class:`StepConfig`.
-    tx: :func:`make_direction`.
+    tx: ``core.optim.make_direction``.
 
   Returns:
     The new state and ``{"loss", "accuracy", "examples", "grad_norm", "lr"}``.
@@ -190,7 +157,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   direction, opt_state = tx.update(grads, state.opt_state, state.params)
-  lr = hp["lr"] * schedule_factor(state.step, cfg.total_steps, hp["warmup"])
+  warmup = jnp.round(jnp.asarray(hp["warmup"], jnp.float32) * jnp.float32(cfg.total_steps))
+  lr = hp["lr"] * optim.schedule_factor(state.step, cfg.total_steps, warmup)
   decays = optim.decay_mask(state.params)
   params = jax.tree.map(
       lambda p, d, m: p - lr * (d + hp["weight_decay"] * p) if m else p - lr * d,

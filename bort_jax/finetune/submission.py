@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from bort_jax.finetune import casts
 from bort_jax.finetune import tasks as tasks_lib
 from bort_jax.runtime.fileio import atomic_write_text
 
@@ -102,7 +103,7 @@ def _glue_value(spec: tasks_lib.TaskSpec, pred: Any) -> str:
 
 def _superglue_value(spec: tasks_lib.TaskSpec, pred: Any) -> Any:
   if spec.name == "super_glue/record":
-    return tasks_lib.as_text(pred) if not isinstance(pred, str) else pred
+    return casts.as_text(pred) if not isinstance(pred, str) else pred
   if spec.name == "super_glue/copa":
     return _class_id(pred, spec, 2)
   if spec.name in _SUPERGLUE_BOOLS:
@@ -115,8 +116,8 @@ def _multirc_lines(spec, records, predictions) -> list[str]:
       lambda: collections.defaultdict(list))
   for record, pred in zip(records, predictions):
     idx = record["idx"]
-    answer = {"idx": tasks_lib.as_int(idx["answer"]), "label": _class_id(pred, spec, 2)}
-    nested[tasks_lib.as_int(idx["paragraph"])][tasks_lib.as_int(idx["question"])].append(answer)
+    answer = {"idx": casts.as_int(idx["answer"]), "label": _class_id(pred, spec, 2)}
+    nested[casts.as_int(idx["paragraph"])][casts.as_int(idx["question"])].append(answer)
   lines = []
   for p in sorted(nested):
     questions = [{"idx": q, "answers": sorted(nested[p][q], key=lambda a: a["idx"])}
@@ -151,9 +152,9 @@ def write_submission(task: str, records: Sequence, predictions: Sequence, out_di
     _write_lines(path, _multirc_lines(spec, records, predictions))
     return path
   if spec.name == "super_glue/record":
-    keys = [tasks_lib.as_int(r["idx"]["query"]) for r in records]
+    keys = [casts.as_int(r["idx"]["query"]) for r in records]
   else:
-    keys = [tasks_lib.as_int(r["idx"]) for r in records]
+    keys = [casts.as_int(r["idx"]) for r in records]
   if len(set(keys)) != len(keys):
     raise ValueError(f"task {spec.name!r}: duplicate idx values among the records")
   order = np.argsort(keys, kind="stable")

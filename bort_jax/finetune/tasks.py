@@ -31,9 +31,7 @@ from typing import Any, Callable, Hashable, Iterator, Protocol, Sequence
 import numpy as np
 
 from bort_jax.finetune import casts
-# Re-exported: the registry's users build examples and casts through this module.
-from bort_jax.finetune.casts import (  # noqa: F401
-    RACE_CHOICES, Example, Record, as_int, as_text, as_texts, pair_cast)
+from bort_jax.finetune.casts import RACE_CHOICES, Example, Record, pair_cast
 
 KINDS = ("classification", "regression", "multiple_choice", "candidates")
 

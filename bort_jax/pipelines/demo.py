@@ -78,11 +78,6 @@ class State:
     atomic_write_text(self.path, json.dumps(to_jsonable(self.data), indent=2))
 
 
-def _clock(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f"{seconds // 60}:{seconds % 60:02d}"
-
-
 def config_hash(cfg: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> str:
   """A short hash of a stage's config (what its finished output was made with)."""
   text = demo_cache.config_text(cfg, cache_dir, workdir)
@@ -133,13 +128,14 @@ def run_stage(state: State, name: str, title: str, done: bool, fn: Callable[[], 
     if digest:
       entry.setdefault("config_hash", digest)
     state.save()
-    print(f"=== [{index}/{count}] {title}: done, skipped (took {_clock(entry['seconds'])} "
-          "when it ran)", flush=True)
+    ran = (f"took {fileio.clock(entry['seconds'])} when it ran" if entry.get("seconds")
+           else "its results are in the cache")
+    print(f"=== [{index}/{count}] {title}: done, skipped ({ran})", flush=True)
     return
   finished_before = bool(entry.get("done"))
   before = 0.0 if finished_before else float(entry.get("seconds") or 0.0)
   print(f"\n=== [{index}/{count}] {title}" + (f": {steps:,} steps" if steps else "")
-        + (f" (resuming; {_clock(before)} spent before)" if before else ""), flush=True)
+        + (f" (resuming; {fileio.clock(before)} spent before)" if before else ""), flush=True)
   start = time.perf_counter()
   result = fn()
   seconds = time.perf_counter() - start
@@ -154,8 +150,8 @@ def run_stage(state: State, name: str, title: str, done: bool, fn: Callable[[], 
     if digest:
       entry["config_hash"] = digest
     state.save()
-  print(f"=== [{index}/{count}] {title}: done in {_clock(seconds)}"
-        + (f" (kept the first run's {_clock(entry['seconds'])})" if finished_before else ""),
+  print(f"=== [{index}/{count}] {title}: done in {fileio.clock(seconds)}"
+        + (f" (kept the first run's {fileio.clock(entry['seconds'])})" if finished_before else ""),
         flush=True)
 
 
@@ -250,44 +246,19 @@ def check_finetune(config: ml_collections.ConfigDict) -> None:
                      "config.finetune.agora.min_labeller_accuracy")
 
 
-def job_dir(root: str, init_export: str, cfg: ml_collections.ConfigDict) -> str:
-  """A fine-tuning job's folder under ``root``: the task and a hash of (export, config).
-
-  The paths (which workdir the model came from, the cache) are left out of the hash; the
-  export's parameters and model config are in it. So the teacher's runs, kept in the cache,
-  are found again by a later demo with the same teacher, and a run with another length or
-  seed count (``--quick`` and a full run in one workdir) gets its own folder.
-  """
-  from bort_jax.data import demo as demo_data  # pylint: disable=import-outside-toplevel
-  keyed = cfg.to_dict()
-  keyed.pop("data_dir", None)
-  keyed["data"] = demo_data.source_digest(cfg.task, os.path.dirname(cfg.data_dir))
-  keyed.pop("tokenizer", None)
-  keyed["init"] = {"kind": cfg.init.kind,
-                   "params": fetch.sha256_file(os.path.join(init_export, export.PARAMS_FILE)),
-                   "config": export.load_config(init_export).to_dict()}
-  digest = hashlib.sha256(json.dumps(to_jsonable(keyed), sort_keys=True).encode()).hexdigest()
-  return os.path.join(root, f"{cfg.task.replace('/', '_')}-{digest[:12]}")
-
-
 def finetune_jobs(config: ml_collections.ConfigDict, workdir: str, cache_dir: str
-                  ) -> list[tuple[str, ml_collections.ConfigDict, str]]:
-  """``(model, config, job folder)`` for the student and the teacher on every task."""
+                  ) -> list[demo_cache.Job]:
+  """The fine-tuning jobs of the student and the teacher on every task, in the cache."""
   jobs = []
-  root = os.path.join(cache_dir, "finetuned")  # both models' runs: keyed by their parameters
   # The teacher first: its jobs are most of the stage's work, so the ETA after its first job
   # is measured on the model that dominates (the students' jobs are mostly compile time).
   for model_name, init in (("teacher", os.path.join(workdir, "teacher", "export")),
                            ("student", os.path.join(workdir, "distill", "export"))):
     for task in config.finetune_tasks:
       cfg = finetune_config(config, model_name, task, init, cache_dir)
-      jobs.append((model_name, cfg, job_dir(root, init, cfg)))
+      jobs.append(demo_cache.Job(model_name, task, cfg,
+                                 demo_cache.finetuned_cache(cache_dir, init, cfg)))
   return jobs
-
-
-def job_done(folder: str) -> bool:
-  """Whether a fine-tuning job finished (its ``population.json``; the folder fixes the job)."""
-  return fileio.read_json(os.path.join(folder, "population.json")) is not None
 
 
 def run_finetune(config: ml_collections.ConfigDict, workdir: str, cache_dir: str,
@@ -299,7 +270,7 @@ def run_finetune(config: ml_collections.ConfigDict, workdir: str, cache_dir: str
   measured so far.
   """
   from bort_jax.core import cost  # pylint: disable=import-outside-toplevel
-  from bort_jax.finetune import population  # pylint: disable=import-outside-toplevel
+  from bort_jax.finetune import population_mode  # pylint: disable=import-outside-toplevel
   jobs = finetune_jobs(config, workdir, cache_dir)
 
   def size(cfg):
@@ -307,26 +278,27 @@ def run_finetune(config: ml_collections.ConfigDict, workdir: str, cache_dir: str
     per_step = cost.forward_flops(model_cfg, int(cfg.batch_size), int(cfg.seq_len))["total"]
     return int(cfg.train.total_steps) * int(cfg.population.seeds) * per_step
 
-  total = sum(size(cfg) for _, cfg, _ in jobs)
+  total = sum(size(job.config) for job in jobs)
   entry, done_steps, run_steps = state.stage("finetune"), 0.0, 0.0
   start, before = time.perf_counter(), float(entry.get("seconds") or 0.0)
-  for k, (model_name, cfg, folder) in enumerate(jobs):
+  for k, job in enumerate(jobs):
+    model_name, cfg, folder = job.model, job.config, job.folder
     label = (f"[finetune {k + 1}/{len(jobs)}] {model_name} on {cfg.task}: "
              f"{cfg.population.seeds} seeds x {cfg.train.total_steps} steps")
-    if job_done(folder):
+    if job.done():
       print(f"{label}: done, skipped ({folder})", flush=True)
     else:
       print(f"{label} -> {folder}", flush=True)
-      population.run(cfg, folder)
+      population_mode.run(cfg, folder)
       run_steps += size(cfg)
     done_steps += size(cfg)
     elapsed = time.perf_counter() - start
     entry["seconds"] = before + elapsed
     state.save()
     rate = run_steps / elapsed if run_steps and elapsed > 0 else 0.0
-    eta = f"eta {_clock((total - done_steps) / rate)}" if rate else "eta after the first job"
+    eta = f"eta {fileio.clock((total - done_steps) / rate)}" if rate else "eta after the first job"
     print(f"[finetune] {k + 1}/{len(jobs)} jobs, {100 * done_steps / total:.0f}% of the "
-          f"stage's work, elapsed {_clock(elapsed)}, {eta}", flush=True)
+          f"stage's work, elapsed {fileio.clock(elapsed)}, {eta}", flush=True)
 
 
 def run_agora(config: ml_collections.ConfigDict, workdir: str, cache_dir: str,
@@ -428,13 +400,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             lambda: demo_cache.run_distill_cached(cfg["distill"], workdir, cache_dir),
             steps=int(cfg["distill"].train.total_steps), digest=hashes["distill"])
   jobs = finetune_jobs(config, workdir, cache_dir)
-  state.data["finetune_runs"] = {m: [folder for name, _, folder in jobs if name == m]
+  state.data["finetune_runs"] = {m: [job.folder for job in jobs if job.model == m]
                                  for m in ("student", "teacher")}
   state.save()
   run_stage(state, "finetune", "fine-tune the student and the teacher on the demo tasks",
-            all(job_done(folder) for _, _, folder in jobs),
+            all(job.done() for job in jobs),
             lambda: run_finetune(config, workdir, cache_dir, state),
-            steps=sum(int(c.train.total_steps) * int(c.population.seeds) for _, c, _ in jobs))
+            steps=sum(int(job.config.train.total_steps) * int(job.config.population.seeds)
+                      for job in jobs))
   run_stage(state, "agora", "Agora on the student (config.agora_tasks)", False,
             lambda: run_agora(config, workdir, cache_dir, state), always=True)
   summary, report_cfg = {}, copy.deepcopy(config.report)

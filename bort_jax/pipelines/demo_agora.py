@@ -32,7 +32,7 @@ def agora_plan(config: ml_collections.ConfigDict, jobs: list) -> dict[str, dict]
   fine-tuning stage: the teachers' ``best/`` models and scores must exist.
   """
   from bort_jax.finetune import tasks as tasks_lib  # pylint: disable=import-outside-toplevel
-  folders = {(m, cfg.task.split("/", 1)[1]): folder for m, cfg, folder in jobs}
+  folders = {(job.model, job.task): job.folder for job in jobs}
   wanted = str(config.agora_tasks).strip()
   named = {t.strip() for t in wanted.split(",") if t.strip()} if wanted != "auto" else set()
   threshold = float(config.finetune.agora.min_labeller_accuracy)
@@ -71,15 +71,14 @@ def run_agora(config: ml_collections.ConfigDict, jobs: list) -> dict[str, dict]:
 
   Args:
     config: the demo config.
-    jobs: the fine-tuning jobs, ``(model, config, folder)`` (``demo.finetune_jobs``), all done.
+    jobs: the fine-tuning jobs (``demo_cache.Job``, from ``demo.finetune_jobs``), all done.
 
   Returns:
     The plan (:func:`agora_plan`), with the refusals met on the way.
   """
   from bort_jax.finetune import agora  # pylint: disable=import-outside-toplevel
   plan = agora_plan(config, jobs)
-  students = {cfg.task.split("/", 1)[1]: (cfg, folder) for m, cfg, folder in jobs
-              if m == "student"}
+  students = {job.task: job for job in jobs if job.model == "student"}
   for task, entry in plan.items():
     if not entry["run"]:
       print(f"[agora] {task}: skipped: {entry['reason']}", flush=True)
@@ -92,9 +91,9 @@ def run_agora(config: ml_collections.ConfigDict, jobs: list) -> dict[str, dict]:
       entry.update(run=False, reason=refused["reason"])
       print(f"[agora] {task}: {entry['reason']}", flush=True)
       continue
-    cfg = copy.deepcopy(students[task][0])
+    cfg = copy.deepcopy(students[task].config)
     cfg.agora.enabled, cfg.agora.labeller = True, entry["labeller"]
-    cfg.agora.first_round = students[task][1]  # its round 0 is the student's fine-tuning
+    cfg.agora.first_round = students[task].folder  # its round 0 is the student's fine-tuning
     print(f"[agora] {task}: the student with Theta = its {cfg.population.seeds} seeds, the "
           f"fine-tuned teacher as labeller -> {entry['folder']}", flush=True)
     try:

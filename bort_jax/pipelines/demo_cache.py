@@ -13,12 +13,14 @@ cache's own paths left out, so a moved cache or a new workdir still matches:
   chose and the bytes of the corpus files).
 
 The fine-tunings of both models are kept in ``CACHE/finetuned`` by ``pipelines/demo.py`` (keyed
-by the model's parameters and the job's config). Every entry is written and copied with ``fileio.atomic_dir``: a reader sees no folder or a complete
-one. A preempted adaptation caches nothing.
+by the model's parameters and the job's config). Every entry is written and copied with
+``fileio.atomic_dir``: a reader sees no folder or a complete one. A preempted training caches
+nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -178,3 +180,40 @@ def run_extract_cached(extract_cfg: ml_collections.ConfigDict, workdir: str,
   extract.run(extract_cfg, out)
   with fileio.atomic_dir(cached) as tmp:
     shutil.copytree(out, tmp, dirs_exist_ok=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """One fine-tuning job of the demo: ``model`` ("student" or "teacher") on demo ``task``
+  (its short name), with its ``config`` and the ``folder`` it runs in
+  (:func:`finetuned_cache`)."""
+
+  model: str
+  task: str
+  config: ml_collections.ConfigDict
+  folder: str
+
+  def done(self) -> bool:
+    """Whether it finished (its ``population.json``; the folder fixes the job)."""
+    from bort_jax.runtime import fileio  # pylint: disable=import-outside-toplevel
+    return fileio.read_json(os.path.join(self.folder, "population.json")) is not None
+
+
+def finetuned_cache(cache_dir: str, init_export: str, cfg: ml_collections.ConfigDict) -> str:
+  """``CACHE/finetuned/<task>-<hash>``: where a fine-tuning job of the demo runs and is kept.
+
+  The hash covers the job's config (its data and tokenizer paths left out; the task's source
+  digest in their place) and the export it starts from (its parameters and model config), so a
+  later demo with the same model finds its runs again, and a run with another length or seed
+  count (``--quick`` and a full run) gets its own folder.
+  """
+  from bort_jax.data import demo as demo_data  # pylint: disable=import-outside-toplevel
+  keyed = cfg.to_dict()
+  keyed.pop("data_dir", None)
+  keyed["data"] = demo_data.source_digest(cfg.task, os.path.dirname(cfg.data_dir))
+  keyed.pop("tokenizer", None)
+  keyed["init"] = {"kind": cfg.init.kind,
+                   "params": fetch.sha256_file(os.path.join(init_export, export.PARAMS_FILE)),
+                   "config": export.load_config(init_export).to_dict()}
+  digest = hashlib.sha256(json.dumps(to_jsonable(keyed), sort_keys=True).encode()).hexdigest()
+  return os.path.join(cache_dir, "finetuned", f"{cfg.task.replace('/', '_')}-{digest[:12]}")

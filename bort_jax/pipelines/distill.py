@@ -37,7 +37,7 @@ from bort_jax.core import losses, masks, model, optim
 from bort_jax.core.model import MLM
 from bort_jax.interop import export as export_lib
 from bort_jax.pipelines import setup as run_setup
-from bort_jax.runtime import checkpoint, sharding, train
+from bort_jax.runtime import checkpoint, preemption, sharding, train
 
 TRAINABLE = ("all", "mlm_head")
 # Trainable parameters that belong to the distillation, not to the student (the hidden-state
@@ -209,7 +209,7 @@ def make_eval_fn(student, teacher, loss_cfg, trainable, frozen, batches: list,
     return dict(metrics, loss=loss)
 
   def eval_fn(state):
-    results = [_fetch(one(state.params, b, frozen)) for b in batches]
+    results = [sharding.host_get(one(state.params, b, frozen)) for b in batches]
     return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
 
   return eval_fn
@@ -412,14 +412,6 @@ def _with_shardings(abstract: Any, shardings: Any) -> Any:
 
 
 
-def _fetch(tree: Any) -> Any:
-  """Host copy of a pytree of global arrays (gathered across processes when needed)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    return multihost_utils.process_allgather(tree, tiled=True)
-  return jax.device_get(tree)
-
-
 def run(config: ml_collections.ConfigDict, workdir: str, trainable: str = "all") -> dict:
   """Trains per ``config`` in ``workdir``; resumes from the workdir's latest checkpoint.
 
@@ -451,11 +443,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, trainable: str = "all")
   manager = checkpoint.CheckpointManager(
       os.path.join(workdir, "checkpoints"), save_interval_steps=1,
       max_to_keep=config.train.get("keep_checkpoints", 2))
-  stop_flag = checkpoint.install_preemption_handler()
+  stop_flag = preemption.install_preemption_handler()
   try:
     # The same batches in every process (each gathers the global batch), so every process
     # measures the same importance and inherits the same student.
-    first = lambda n: [_fetch(inputs.batch(i)) for i in range(n)]
+    first = lambda n: [sharding.host_get(inputs.batch(i)) for i in range(n)]
     built = build(config, trainable, manager, models=models, batches=first)
     get_batch = lambda step: sharding.global_batch(inputs.batch(step), built.mesh)
     eval_fn = None
@@ -477,7 +469,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, trainable: str = "all")
         built.state, built.step_fn, get_batch, built.rng, loop, frozen=built.frozen,
         workdir=workdir, checkpointer=manager, eval_fn=eval_fn,
         should_stop=stop_flag.should_stop)
-    step = int(_fetch(state.step))
+    step = int(sharding.host_get(state.step))
     preempted = step < config.train.total_steps
     metrics = dict(metrics, step=step, started_from=built.source, preempted=preempted,
                    processes=jax.process_count(), devices=jax.device_count())
@@ -499,9 +491,9 @@ def export(params: Any, built: Setup, workdir: str) -> str:
   Returns:
     The export directory.
   """
-  host = {k: v for k, v in _fetch(params).items() if k != AUX}  # the distillation's own
+  host = {k: v for k, v in sharding.host_get(params).items() if k != AUX}  # the distillation's own
   if built.models.trainable == "mlm_head":
-    host = {**_fetch(built.frozen["body"]), **host}
+    host = {**sharding.host_get(built.frozen["body"]), **host}
   out = os.path.join(workdir, "export")
   if jax.process_index() == 0:
     export_lib.save(out, host, built.student)

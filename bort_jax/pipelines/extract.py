@@ -40,12 +40,15 @@ import numpy as np
 
 from bort_jax.core import arch as arch_lib
 from bort_jax.core import cost, model
+from bort_jax.core import members as members_lib
 from bort_jax.core.model import MLM
 from bort_jax.pipelines import extract_audit, setup
 from bort_jax.pipelines.extract_costs import (budget_of, inference_costs, reference_point,
                                               report_columns, selection)
 from bort_jax.runtime import sharding
 from bort_jax.search import buckets, fptas, proxy, proxy_init, report
+from bort_jax.search import journal as journal_lib
+from bort_jax.search import theta as theta_lib
 
 
 def search_space(space_cfg: Mapping[str, Any]) -> list[arch_lib.Arch]:
@@ -76,14 +79,14 @@ def validate(config: ml_collections.ConfigDict, n: int, paths: bool = True) -> f
   # eps, the rule and Theta: the search's one validation (the search then trusts them).
   settings = fptas.validate(config.fptas.eps, config.fptas.rule,
                             [dict(t) for t in config.fptas.thetas], n,
-                            check_theta=proxy.check_theta, where="config.fptas.",
+                            check_theta=theta_lib.check_theta, where="config.fptas.",
                             ties=config.fptas.get("ties", "all"))
   for field, value, allowed in (
       ("cost.size", config.cost.size, ("total", "effective")),
       ("cost.inference", config.cost.inference, ("flops", "latency")),
       ("data.kind", config.data.kind, ("corpus", "synthetic")),
       ("proxy.error", config.proxy.error, ("distill", "mlm")),
-      ("proxy.mode", config.proxy.mode, proxy.MODES),
+      ("proxy.mode", config.proxy.mode, members_lib.MODES),
       ("proxy.init", config.proxy.get("init", "random"), PROXY_INITS)):
     if value not in allowed:
       raise ValueError(f"config.{field}={value!r}: must be one of {', '.join(allowed)}")
@@ -190,9 +193,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   configs = [base.replace(arch=a) for a in candidates]
   master = buckets.padded_arch(candidates)
   journal_path = os.path.join(workdir, "journal.jsonl")
-  journal_hash = fptas.config_hash(_determines_e(config, base, master))
+  journal_hash = journal_lib.config_hash(_determines_e(config, base, master))
   if jax.process_index() == 0 and os.path.exists(journal_path):
-    fptas.Journal(journal_path, journal_hash)  # refuses a corrupt journal or another config's
+    journal_lib.Journal(journal_path, journal_hash)  # refuses a corrupt journal or another config's
 
   counts = [cost.param_counts(c) for c in configs]
   p = [float(c[config.cost.size]) for c in counts]
@@ -214,7 +217,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     trainer.master  # pylint: disable=pointless-statement  (inherit's shape errors come now)
 
   os.makedirs(workdir, exist_ok=True)
-  journal = fptas.Journal(journal_path, journal_hash) if jax.process_index() == 0 else None
+  journal = journal_lib.Journal(journal_path, journal_hash) if jax.process_index() == 0 else None
   result = fptas.run_fptas(
       candidates, p, i,
       # One call per bucket of trainer.group's plan, so each bucket is journalled as it ends.

@@ -29,6 +29,7 @@ import ml_collections
 
 from bort_jax.runtime.fileio import atomic_write_text, to_jsonable
 from bort_jax.search import audit, fptas, proxy, report, select
+from bort_jax.search import journal as journal_lib
 
 AUDIT_JOURNAL = "audit_journal.jsonl"
 
@@ -88,7 +89,7 @@ def _sample(result: fptas.Result, block) -> tuple[list[fptas.Row], dict]:
 
 
 def _train(rows, thetas, trainer: proxy.PopulationTrainer, make_data: Callable[[], Any],
-           journal: fptas.Journal | None) -> dict:
+           journal: journal_lib.Journal | None) -> dict:
   """S-step errors {(name, theta index): e}, from the journal or trained bucket by bucket."""
   errors, pending = {}, []
   for row in rows:
@@ -141,8 +142,8 @@ def run_audit(config: ml_collections.ConfigDict, result: fptas.Result,
   thetas = list(result.thetas)
   journal = None
   if write:
-    journal = fptas.Journal(os.path.join(workdir, AUDIT_JOURNAL),
-                            fptas.config_hash({"search": search_hash, "steps": long_steps}))
+    journal = journal_lib.Journal(os.path.join(workdir, AUDIT_JOURNAL),
+                            journal_lib.config_hash({"search": search_hash, "steps": long_steps}))
   errors = _train(rows, thetas, trainer, make_data, journal)
   # Best over theta, as the search does: the smallest finite error (W = g / e, g > 0).
   long = [min((errors[(r.name, t)] for t in range(len(thetas))

@@ -43,8 +43,8 @@ def finetune_runs(workdir: str, state: dict) -> dict[str, list[str]]:
 
 def _best_setting(population: dict) -> dict | None:
   """The setting with the best mean dev metric, its stats under ``"stats"``."""
-  from bort_jax.finetune import population as pop_lib  # pylint: disable=import-outside-toplevel
-  row = pop_lib.best_setting(population)
+  from bort_jax.finetune import population_mode  # pylint: disable=import-outside-toplevel
+  row = population_mode.best_setting(population)
   return None if row is None else dict(row, stats=row[population["metric"]])
 
 

@@ -2,7 +2,7 @@
 Face export and the command that runs it.
 
 The student's fine-tuning population writes its best member as a fine-tuned model
-(``<job>/best``, ``population.save_best``; the job lies in the demo's cache). The report stage
+(``<job>/best``, ``population_mode.save_best``; the job lies in the demo's cache). The report stage
 copies it into the workdir, ``WORKDIR/products/<task>/model`` (``bort-jax predict`` and
 ``bort-jax evaluate`` take it as it is), exports it to a Hugging Face folder beside it,
 ``WORKDIR/products/<task>/hf`` (``interop/hf_export.py``: weights, config with the label names,

@@ -46,7 +46,6 @@ from flax import traverse_util
 
 from bort_jax.runtime import integrity, restore_noise, sharding
 from bort_jax.runtime.fileio import to_jsonable
-from bort_jax.runtime.preemption import PreemptionFlag, install_preemption_handler  # noqa: F401
 
 _STATE = "state"
 _METADATA = "metadata"

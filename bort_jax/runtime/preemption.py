@@ -1,7 +1,6 @@
 """Preemption: SIGTERM becomes a flag the train loop polls, agreed across processes.
 
-The loop then saves a checkpoint at the step reached and exits cleanly
-(``checkpoint.install_preemption_handler`` re-exports :func:`install_preemption_handler`).
+The loop then saves a checkpoint at the step reached and exits cleanly.
 """
 
 from __future__ import annotations

@@ -224,6 +224,14 @@ def tree_shardings_like(tree: Any, params_treedef: Any, param_shardings: Any,
   return jax.tree_util.tree_map(assign, tree, is_leaf=is_params_like)
 
 
+def host_get(tree: Any) -> Any:
+  """Host copy of a pytree of global arrays (gathered across processes when needed)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
+
+
 def barrier(name: str) -> None:
   """Waits until every process reaches the barrier ``name`` (a no-op in one process)."""
   if jax.process_count() > 1:

@@ -32,10 +32,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from bort_jax.search.formula import check_positive as _check_positive, raw_gain as _gain
-from bort_jax.search.formula import gain, gain_parts, w_coefficient  # noqa: F401  (API)
-from bort_jax.search.guarantee import (  # noqa: F401  (API)
-    budget_bound, certified_ratio, guarantee_bound)
-from bort_jax.search.journal import Journal, config_hash, theta_key  # noqa: F401  (API)
+from bort_jax.search.formula import gain, w_coefficient
+from bort_jax.search.journal import Journal, theta_key
 from bort_jax.search.result import Result, Row
 from bort_jax.search.select import Budget, choose as _budget_choice
 
@@ -116,7 +114,7 @@ def validate(eps: int, rule: str, thetas: Sequence[Any], num_candidates: int,
     thetas: hyperparameter sets.
     num_candidates: how many candidates the search space has (eps is at most that).
     check_theta: the trainer's own check of one theta (it raises ``ValueError``); what it
-      returns is stored (e.g. ``proxy.check_theta``'s typed sets).
+      returns is stored (e.g. ``theta.check_theta``'s typed sets).
     where: prefix of the field names in messages (``"fptas."`` names the config fields).
     ties: tie handling, one of :data:`TIES`.
 

@@ -69,14 +69,14 @@ import optax
 from flax import traverse_util
 
 from bort_jax.core import cost, losses, masks, model, optim
+from bort_jax.core import members as members_lib
 from bort_jax.core.arch import Arch, ModelConfig
 from bort_jax.core.model import MLM
 from bort_jax.search import proxy_data
 from bort_jax.search.buckets import Bucket, check_bounds, exceeded_field, padded_arch, plan_buckets
 from bort_jax.search.proxy_data import ProxyData
-from bort_jax.search.theta import THETA_KEYS, Theta, check_theta  # noqa: F401  (API)
+from bort_jax.search.theta import Theta, check_theta
 
-MODES = ("vmap", "map", "auto")
 
 
 def _leading_slice(flat_master: Mapping[tuple, np.ndarray], config: ModelConfig) -> dict:
@@ -152,10 +152,7 @@ class PopulationTrainer:
                compile_workers: int = 1, master_init: Callable[[ModelConfig], Any] | None = None):
     if error not in ("distill", "mlm"):
       raise ValueError(f"proxy error must be 'distill' or 'mlm', got {error!r}")
-    if mode not in MODES:
-      raise ValueError(f"population mode must be one of {MODES}, got {mode!r}")
-    if mode == "auto":
-      mode = "map" if jax.default_backend() == "cpu" else "vmap"
+    mode = members_lib.resolve_mode(mode)
     if mesh is not None and "data" not in mesh.shape:
       raise ValueError(f"the mesh needs a 'data' axis to shard populations, has {mesh.shape}")
     if isinstance(compile_workers, bool) or int(compile_workers) < 1:
@@ -286,10 +283,9 @@ class PopulationTrainer:
     mode = self.mode
 
     def population(master, arch_mask, lr, weight_decay, data):
-      if mode == "vmap":
-        return jax.vmap(member, in_axes=(None, 0, 0, 0, None))(
-            master, arch_mask, lr, weight_decay, data)
-      return jax.lax.map(lambda x: member(master, *x, data), (arch_mask, lr, weight_decay))
+      return members_lib.over_members(
+          lambda mask, lr_, wd, master_, data_: member(master_, mask, lr_, wd, data_), mode,
+          (arch_mask, lr, weight_decay), (master, data))
 
     if not self._sharded():
       return jax.jit(population)

@@ -79,8 +79,8 @@ def main(argv=None) -> int:
       result_path = os.path.join(folder, "population.json")
       start = time.perf_counter()
       if not os.path.exists(result_path):
-        population_mode.run(job_config(config, args.model, task, steps, args.export, args.cache_dir),
-                       folder)
+        cfg = job_config(config, args.model, task, steps, args.export, args.cache_dir)
+        population_mode.run(cfg, folder)
       with open(result_path, encoding="utf-8") as f:
         result = json.load(f)
       metric = result["metric"]

@@ -2,8 +2,8 @@
 Face export and the command that runs it.
 
 The student's fine-tuning population writes its best member as a fine-tuned model
-(``<job>/best``, ``population_mode.save_best``; the job lies in the demo's cache). The report stage
-copies it into the workdir, ``WORKDIR/products/<task>/model`` (``bort-jax predict`` and
+(``<job>/best``, ``population_mode.save_best``; the job lies in the demo's cache). The report
+stage copies it into the workdir, ``WORKDIR/products/<task>/model`` (``bort-jax predict`` and
 ``bort-jax evaluate`` take it as it is), exports it to a Hugging Face folder beside it,
 ``WORKDIR/products/<task>/hf`` (``interop/hf_export.py``: weights, config with the label names,
 tokenizer files and a model card), each redone only when the fine-tuned model changed, and
@@ -40,10 +40,10 @@ def copy_student(best: str, out: str) -> str:
   from bort_jax.data import fetch  # pylint: disable=import-outside-toplevel
   from bort_jax.interop import export  # pylint: disable=import-outside-toplevel
   from bort_jax.runtime import fileio  # pylint: disable=import-outside-toplevel
+  params = lambda folder: os.path.join(folder, export.PARAMS_FILE)
   same = (read_json(os.path.join(out, "finetune.json")) == read_json(
-      os.path.join(best, "finetune.json")) and os.path.exists(os.path.join(out, export.PARAMS_FILE))
-          and fetch.sha256_file(os.path.join(out, export.PARAMS_FILE))
-          == fetch.sha256_file(os.path.join(best, export.PARAMS_FILE)))
+      os.path.join(best, "finetune.json")) and os.path.exists(params(out))
+          and fetch.sha256_file(params(out)) == fetch.sha256_file(params(best)))
   if not same:
     with fileio.atomic_dir(out) as tmp:
       shutil.copytree(best, tmp, dirs_exist_ok=True)

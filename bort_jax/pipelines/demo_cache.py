@@ -32,6 +32,7 @@ import ml_collections
 
 from bort_jax.data import fetch
 from bort_jax.interop import export
+from bort_jax.runtime import fileio
 from bort_jax.runtime.fileio import to_jsonable
 
 
@@ -89,7 +90,6 @@ def _run_cached(cached: str, run_dir: str, train: Callable[[str], dict], what: s
   The export is copied last (atomically): it marks the run done. A preempted run (SIGTERM,
   no export) caches nothing and returns its metrics, so the stage resumes on a rerun.
   """
-  from bort_jax.runtime import fileio  # pylint: disable=import-outside-toplevel
   if os.path.exists(os.path.join(cached, "export", export.PARAMS_FILE)):
     print(f"{what} is in the cache ({cached}); copying it", flush=True)
     os.makedirs(run_dir, exist_ok=True)
@@ -168,7 +168,6 @@ def run_extract_cached(extract_cfg: ml_collections.ConfigDict, workdir: str,
   marks the stage done, appears with the rest).
   """
   from bort_jax.pipelines import extract  # pylint: disable=import-outside-toplevel
-  from bort_jax.runtime import fileio  # pylint: disable=import-outside-toplevel
   cached = extracted_cache(cache_dir, extract_cfg, workdir)
   out = os.path.join(workdir, "extract")
   if os.path.exists(os.path.join(cached, "results.json")):
@@ -195,7 +194,6 @@ class Job:
 
   def done(self) -> bool:
     """Whether it finished (its ``population.json``; the folder fixes the job)."""
-    from bort_jax.runtime import fileio  # pylint: disable=import-outside-toplevel
     return fileio.read_json(os.path.join(self.folder, "population.json")) is not None
 
 

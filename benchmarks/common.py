@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from typing import Any, Callable
@@ -71,11 +70,11 @@ def _cpu_model() -> str:
 
 
 def summarize(seconds: list[float]) -> dict:
-  """Median, extremes and interquartile range of timings, in milliseconds."""
-  ms = sorted(1e3 * s for s in seconds)
-  quartiles = statistics.quantiles(ms, n=4) if len(ms) >= 2 else [ms[0]] * 3
-  return {"median_ms": statistics.median(ms), "min_ms": ms[0], "max_ms": ms[-1],
-          "iqr_ms": quartiles[2] - quartiles[0], "times_ms": [round(t, 3) for t in ms]}
+  """``cost.summarize_times`` (median, extremes, IQR in ms) with every timing kept."""
+  from bort_jax.core import cost  # pylint: disable=import-outside-toplevel
+  out = cost.summarize_times(seconds)
+  out.pop("repeats")
+  return out | {"times_ms": sorted(round(1e3 * s, 3) for s in seconds)}
 
 
 def interleaved_timing(fns: dict[str, Callable[[], Any]], rounds: int,

@@ -5,7 +5,7 @@ paid as a fresh process would pay it):
 
 * ``sequential``: K separate runs, each as ``bort-jax finetune`` runs one model: its own
   compiled ``steps.train_step`` and eval step, initial weights from ``setup.init_params``,
-  one host batch per step in ``loop.train_batch``'s order, dev logits at the end;
+  one host batch per step in ``prepare.train_batch``'s order, dev logits at the end;
 * ``population_map`` / ``population_vmap``: the same K members in one
   ``population.train_population`` call (one init, one train and one eval program for all of
   them; members under ``lax.map`` or ``vmap``).

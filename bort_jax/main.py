@@ -16,8 +16,8 @@ Adding a mode is one entry in ``MODES`` plus its ``run(config, workdir) -> dict`
 its config before it creates or writes anything (raising ``ValueError`` with the message the
 user will see). For example::
 
-    "finetune": Mode("fine-tune a checkpoint on a task", run="bort_jax.finetune.train:run",
-                     config="configs/finetune.py"),
+    "finetune": Mode("fine-tune on a GLUE/SuperGLUE/RACE/demo task",
+                     run="bort_jax.finetune.modes:run", config="configs/finetune.py"),
 
 ``main`` then loads ``--config`` (default: the entry's), applies the ``--config.*``
 overrides, checks ``--workdir``, starts multi-process JAX when launched that way, calls
@@ -205,7 +205,7 @@ MODES = {
                    run="bort_jax.pipelines.report:cli_run", config="configs/report.py",
                    workdir_default="runs/demo", print_result=False),
     "finetune": Mode("fine-tune on a GLUE/SuperGLUE/RACE/demo task",
-                     run="bort_jax.finetune.loop:run", config="configs/finetune.py"),
+                     run="bort_jax.finetune.modes:run", config="configs/finetune.py"),
     "evaluate": Mode("score a fine-tuned checkpoint on a split",
                      run="bort_jax.finetune.evaluate:cli_run", flags=_evaluate_flags),
     "predict": Mode("labels and probabilities for your text",

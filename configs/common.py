@@ -8,18 +8,34 @@ takes; an unknown one (a misspelt ``tinyy``) is an error, never silently ignored
 from __future__ import annotations
 
 import difflib
-import os
 from typing import Mapping
 
 import ml_collections
 
+from bort_jax.data import fetch
+
 FLAG = "flag"    # an arg without a value: ``tiny``
-VALUE = "value"  # an arg with a value: ``arch=D2-A2-H64-I128``
+VALUE = "value"  # an arg with a text value: ``arch=D2-A2-H64-I128``
+INT = "int"      # an integer: ``seeds=3``
+FLOAT = "float"  # a number: ``lr=1e-4``
+POSITIVE_FLOATS = "positive floats"  # positive numbers separated by ``/``: ``lrs=3e-5/1e-4``
+
+# What each typed kind parses to, and how the message names what it wants.
+_KINDS = {INT: (int, "an integer"), FLOAT: (float, "a number"),
+          POSITIVE_FLOATS: (lambda text: _positive_floats(text),
+                            "positive numbers separated by '/', e.g. 3e-5/1e-4")}
+
+
+def _positive_floats(text: str) -> tuple[float, ...]:
+  values = tuple(float(part) for part in text.split("/"))
+  if not all(0 < v < float("inf") for v in values):
+    raise ValueError(text)
+  return values
 
 
 def cache_dir() -> str:
-  """The demo data cache: ``$BORT_JAX_CACHE`` or ``~/.cache/bort_jax``."""
-  return os.environ.get("BORT_JAX_CACHE") or os.path.expanduser("~/.cache/bort_jax")
+  """The demo data cache: ``$BORT_JAX_CACHE`` or ``~/.cache/bort_jax`` (``fetch``'s rule)."""
+  return fetch.default_cache_dir()
 
 
 def parse_arg(arg: str | None, allowed: Mapping[str, str], config: str) -> dict:
@@ -27,15 +43,16 @@ def parse_arg(arg: str | None, allowed: Mapping[str, str], config: str) -> dict:
 
   Args:
     arg: e.g. ``"adapt,tiny,arch=D2-A2-H64-I128"`` (None or "" for none).
-    allowed: ``{name: FLAG | VALUE}``.
+    allowed: ``{name: FLAG | VALUE | INT | FLOAT | POSITIVE_FLOATS}``.
     config: the config's name, for messages.
 
   Returns:
-    ``{name: True}`` for flags, ``{name: value}`` for pairs.
+    ``{name: True}`` for flags, ``{name: value}`` for pairs, the value parsed to its kind
+    (``str``, ``int``, ``float`` or a tuple of floats).
 
   Raises:
-    ValueError: an unknown name (with the closest allowed ones), a flag given a value or a
-      pair given none.
+    ValueError: an unknown name (with the closest allowed ones), a flag given a value, a
+      pair given none, or a value that is not of its kind (naming the arg and the kind).
   """
   out = {}
   for part in (arg or "").split(","):
@@ -46,14 +63,24 @@ def parse_arg(arg: str | None, allowed: Mapping[str, str], config: str) -> dict:
     if name not in allowed:
       close = difflib.get_close_matches(name, list(allowed), n=3)
       hint = f"; did you mean {' or '.join(close)}?" if close else ""
-      known = ", ".join(f"{k}=VALUE" if v == VALUE else k for k, v in allowed.items())
+      known = ", ".join(k if v == FLAG else f"{k}=VALUE" for k, v in allowed.items())
       raise ValueError(f"config {config}: unknown arg {part!r}{hint} (it takes "
                        f"{known or 'no args'})")
-    if (allowed[name] == VALUE) != bool(sep):
-      want = f"{name}=VALUE" if allowed[name] == VALUE else f"{name} without a value"
+    if (allowed[name] != FLAG) != bool(sep):
+      want = f"{name}=VALUE" if allowed[name] != FLAG else f"{name} without a value"
       raise ValueError(f"config {config}: arg {part!r} must be given as {want}")
-    out[name] = value if sep else True
+    out[name] = _parse_value(name, value, allowed[name], config) if sep else True
   return out
+
+
+def _parse_value(name: str, value: str, kind: str, config: str):
+  if kind == VALUE:
+    return value
+  parse, wanted = _KINDS[kind]
+  try:
+    return parse(value)
+  except ValueError:
+    raise ValueError(f"config {config}: arg {name}={value!r} must be {wanted}") from None
 
 
 def loss(intermediate: bool = True) -> ml_collections.ConfigDict:
@@ -80,6 +107,18 @@ def student_init(config: ml_collections.ConfigDict) -> None:
   """Adds the student's initialisation fields to ``config.student``."""
   config.student.init = "random"       # "random" (the paper) or "inherit" (from the teacher)
   config.student.importance_batches = 4  # inherit: training batches the importance is measured on
+
+
+def corpus_tfds(data: ml_collections.ConfigDict) -> None:
+  """Adds the fields of a TFDS corpus read by name to ``config.data`` (off: empty name).
+
+  Set, it is read instead of ``corpus_files``: e.g. ``--config.data.corpus_tfds=wikipedia/
+  20230601.en`` with the dataset prepared under ``config.data.data_dir``.
+  """
+  data.corpus_tfds = ""        # "NAME" or "NAME/CONFIG" of a TFDS text dataset ("" = the files)
+  data.corpus_field = "text"   # the feature that holds a document's text
+  data.corpus_split = "train"  # the TFDS split read; validation is held out by a text hash
+  data.download = False        # let TFDS download and prepare a dataset that is not there
 
 
 def optim(lr: float, warmup: float) -> ml_collections.ConfigDict:

@@ -31,20 +31,9 @@ import ml_collections
 from configs import common
 
 
-def _learning_rates(text: str) -> tuple[float, ...]:
-  """``"2e-4/5e-4"`` -> (2e-4, 5e-4); anything but positive numbers is a clear error."""
-  try:
-    rates = tuple(float(part) for part in text.split("/"))
-  except ValueError:
-    rates = ()
-  if not rates or not all(0 < lr < float("inf") for lr in rates):
-    raise ValueError(f"config extract_demo.py: arg lrs={text!r} must be positive learning rates "
-                     "separated by '/', e.g. lrs=2e-4/5e-4/1e-3")
-  return rates
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, {"tiny": common.FLAG, "lrs": common.VALUE}, "extract_demo.py")
+  args = common.parse_arg(arg, {"tiny": common.FLAG, "lrs": common.POSITIVE_FLOATS},
+                          "extract_demo.py")
   cache = common.cache_dir()
   config = ml_collections.ConfigDict()
   config.seed = 0
@@ -78,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                         # or a shape name outside the space
   config.fptas.thetas = ({"lr": 5e-4},)  # Theta: hyperparameter sets tried per candidate
   if "lrs" in args:
-    config.fptas.thetas = tuple({"lr": lr} for lr in _learning_rates(args["lrs"]))
+    config.fptas.thetas = tuple({"lr": lr} for lr in args["lrs"])
   config.fptas.ties = "all"             # equal (p, i): "all" members trained, or "first" in sort
                                         # order only (the behaviour before ties were handled)
 
@@ -120,6 +109,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   config.data.kind = "corpus"           # "corpus" (text files) or "synthetic" (random tokens)
   config.data.corpus_files = (os.path.join(cache, "corpus", "*.txt"),)
+  common.corpus_tfds(config.data)     # or a TFDS dataset by name
   config.data.data_dir = os.path.join(cache, "tfds")
   config.data.tokenizer = os.path.join(cache, "teacher")
   config.data.corpus_name = "corpus"    # the TFDS corpus distillation builds and reads too

@@ -13,7 +13,9 @@
 Args (comma-separated ``key=value`` or flags):
 
 * ``task=NAME``: a registered task (``glue/rte``, ``super_glue/copa``, ``race/high``,
-  ``demo/word_sense``, ...); ``demo/*`` tasks get the demo defaults below;
+  ``demo/word_sense``, ...); ``demo/*`` tasks get the demo defaults below; ``file:PATH``
+  is your own CSV, TSV or JSON Lines training file, read as ``config.files`` says;
+  ``tfds:NAME[/CONFIG]`` any TFDS text dataset, read as ``config.tfds`` says;
 * ``init=PATH``: the checkpoint to start from (our export, a fine-tuned ``WORKDIR/best``, or a
   Hugging Face directory); ``random`` as ``init_kind=random`` keeps only its shape;
 * ``init_kind=auto|params|finetuned|hf|random``;
@@ -44,11 +46,11 @@ import ml_collections
 
 from configs import common
 
-# Every arg takes a value (task=glue/rte) except tiny.
-ARGS = {**{key: common.VALUE for key in ("task", "init", "init_kind", "tokenizer", "seed", "lr",
-                                         "wd", "warmup", "batch", "steps", "epochs", "seeds",
-                                         "lrs")},
-        "tiny": common.FLAG, "agora": common.FLAG}
+# Every arg takes a value (task=glue/rte) except tiny and agora; parse_arg checks its kind.
+ARGS = {**{key: common.VALUE for key in ("task", "init", "init_kind", "tokenizer")},
+        **{key: common.INT for key in ("seed", "batch", "steps", "epochs", "seeds")},
+        **{key: common.FLOAT for key in ("lr", "wd", "warmup")},
+        "lrs": common.POSITIVE_FLOATS, "tiny": common.FLAG, "agora": common.FLAG}
 
 # Tokens per example of the demo tasks, sized to their text with the teacher's WordPiece
 # tokenizer (docs/DATA.md): 64 holds 99.9% of movie snippets whole, 48 99% of word_sense's
@@ -68,6 +70,26 @@ def get_config(arg=None):
   config.data_dir = ""                 # TFDS data directory ("" = TFDS's default)
   config.download = False              # let TFDS download GLUE / SuperGLUE / RACE
   config.init_from = ""                # an orbax checkpoint dir whose params replace the init
+
+  # Your own data (``task=file:TRAIN_FILE``, bort_jax/data/files.py): CSV, TSV or JSON Lines.
+  config.files = ml_collections.ConfigDict()
+  config.files.validation = ""         # "" = hold out config.files.held_out of the train rows
+  config.files.test = ""               # a file to predict (labels optional)
+  config.files.kind = "auto"           # auto | classification | regression | multiple_choice
+  config.files.text = ""               # "" = text, sentence, sentence1 or question
+  config.files.text_pair = ""          # "" = text_pair, sentence2 or hypothesis if present;
+                                       # "-" = none
+  config.files.label = "label"
+  config.files.choices = ""            # multiple choice: columns a/b/c, or one list field
+  config.files.held_out = 0.1          # share of train rows for validation (by a text hash)
+
+  # Any TFDS text dataset by name (``task=tfds:NAME[/CONFIG]``, bort_jax/data/tfds_tasks.py),
+  # read from config.data_dir; "" = inferred from the dataset's features.
+  config.tfds = ml_collections.ConfigDict()
+  config.tfds.text = ""
+  config.tfds.text_pair = ""           # "-" = none
+  config.tfds.label = ""
+  config.tfds.validation_split = ""    # "" = validation, else test
 
   config.init = ml_collections.ConfigDict()
   config.init.kind = "auto"            # auto | params | finetuned | hf | random
@@ -116,8 +138,8 @@ def get_config(arg=None):
   config.population.weight_decays = ()
   config.population.warmups = ()
   config.population.mode = "auto"      # vmap | map | auto (map on CPU)
-  config.population.save_best = False  # also write WORKDIR/best: the member of best dev score
-                                       # (the demo's teacher: Agora's labeller)
+  config.population.save_best = True   # also write WORKDIR/best: the member of best dev score,
+                                       # the model evaluate, predict and convert take
 
   # Agora (finetune/agora.py; ``agora`` arg): Theta is config.population's grid.
   config.agora = ml_collections.ConfigDict()
@@ -155,20 +177,14 @@ def get_config(arg=None):
 
   overrides = {"init": ("init", "path"), "init_kind": ("init", "kind"), "lr": ("optim", "lr"),
                "wd": ("optim", "weight_decay"), "warmup": ("optim", "warmup"),
-               "steps": ("train", "total_steps"), "epochs": ("train", "epochs")}
+               "steps": ("train", "total_steps"), "epochs": ("train", "epochs"),
+               "seeds": ("population", "seeds"), "lrs": ("population", "lrs")}
   for key, (group, field) in overrides.items():
     if key in args:
-      kind = type(config[group][field])
-      config[group][field] = kind(args[key])
-  for key, field, kind in (("tokenizer", "tokenizer", str), ("seed", "seed", int),
-                           ("batch", "batch_size", int)):
+      config[group][field] = args[key]
+  for key, field in (("tokenizer", "tokenizer"), ("seed", "seed"), ("batch", "batch_size")):
     if key in args:
-      config[field] = kind(args[key])
-
-  if "seeds" in args:
-    config.population.seeds = int(args["seeds"])
-  if "lrs" in args:
-    config.population.lrs = tuple(float(x) for x in args["lrs"].split("/"))
+      config[field] = args[key]
   if args.get("agora"):
     config.agora.enabled = True
     if not config.population.seeds:

@@ -6,7 +6,14 @@ files with documents separated by blank lines; the tokenizer is RoBERTa's vocab.
 
     bort-jax distill --config=configs/pretrain_bort.py --workdir=gs://BUCKET/bort \\
         --config.teacher.path=/data/roberta-large --config.data.tokenizer=/data/roberta-large \\
-        --config.data.corpus_files='("/data/corpus/*.txt",)'
+        --config.data.corpus_files='("gs://BUCKET/corpus/*.txt",)'
+
+or, with a TFDS text dataset prepared under ``config.data.data_dir`` (each host then reads
+only its share of the records):
+
+    bort-jax distill --config=configs/pretrain_bort.py --workdir=gs://BUCKET/bort \
+        --config.teacher.path=/data/roberta-large --config.data.tokenizer=/data/roberta-large \
+        --config.data.corpus_tfds=wikipedia/20230601.en --config.data.data_dir=gs://BUCKET/tfds
 
 Expect about 288 accelerator-hours (the paper's claim on GPUs) for the full schedule. Arg:
 ``tiny`` (a smoke run of the same code path, for tests with a tiny teacher).
@@ -38,6 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict()
   config.data.corpus_files = ("",)     # glob patterns of text files
+  common.corpus_tfds(config.data)     # or a TFDS dataset by name
   config.data.data_dir = "/tmp/bort_jax_tfds"  # where the corpus builder writes array_record
   config.data.tokenizer = ""           # directory with vocab.json + merges.txt
   config.data.seq_len = 512

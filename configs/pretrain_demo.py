@@ -69,6 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict()
   config.data.corpus_files = (os.path.join(cache, "corpus", "*.txt"),)  # glob patterns
+  common.corpus_tfds(config.data)     # or a TFDS dataset by name
   config.data.data_dir = os.path.join(cache, "tfds")  # where the corpus dataset is built
   config.data.corpus_name = "corpus"   # TFDS config name (the same corpus extraction reads)
   config.data.cache_dir = os.path.join(cache, "packed")  # packed-example cache ("" = none)

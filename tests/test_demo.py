@@ -22,8 +22,8 @@ import pytest
 from bort_jax import cli
 from bort_jax.data import tiny_suite
 from bort_jax.interop import export
-from bort_jax.pipelines import demo, demo_agora, demo_cache, report
-from bort_jax.runtime import checkpoint
+from bort_jax.pipelines import demo, demo_agora, demo_cache
+from bort_jax.runtime import checkpoint, rundir
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_distill as helpers  # noqa: E402  (the tiny teacher, corpus and subprocess env)
@@ -84,7 +84,7 @@ def _forget(cache, finished, target):  # pylint: disable=redefined-outer-name
   if target in _CACHED:
     shutil.rmtree(os.path.join(cache["dir"], _CACHED[target]), ignore_errors=True)
     return
-  state = json.load(open(os.path.join(finished["workdir"], report.STATE_FILE)))
+  state = json.load(open(os.path.join(finished["workdir"], rundir.DEMO_STATE)))
   for folder in state["finetune_runs"]["student"]:
     shutil.rmtree(folder + demo_agora.AGORA_SUFFIX, ignore_errors=True)
     if target == "finetune":
@@ -102,7 +102,7 @@ def _numbers(summary):
 
 def test_demo_runs_every_stage_to_the_report(finished):
   work, summary = finished["workdir"], finished["summary"]
-  state = json.load(open(os.path.join(work, report.STATE_FILE)))
+  state = json.load(open(os.path.join(work, rundir.DEMO_STATE)))
   assert all(state["stages"][s]["done"] for s in demo.STAGES)
   assert all(state["stages"][s]["seconds"] > 0 for s in demo.STAGES)
   assert len(summary["finetune"]) == 3  # the suite's three tasks
@@ -138,9 +138,9 @@ def test_demo_runs_every_stage_to_the_report(finished):
 @pytest.mark.slow
 def test_rerun_skips_everything_and_keeps_the_stage_times(finished, cache, capsys):  # pylint: disable=redefined-outer-name
   work = finished["workdir"]
-  before = json.load(open(os.path.join(work, report.STATE_FILE)))["stages"]
+  before = json.load(open(os.path.join(work, rundir.DEMO_STATE)))["stages"]
   summary = demo.run(make_config(cache), work)
-  after = json.load(open(os.path.join(work, report.STATE_FILE)))["stages"]
+  after = json.load(open(os.path.join(work, rundir.DEMO_STATE)))["stages"]
   assert after == before
   out = capsys.readouterr().out
   assert out.count(": done, skipped (took") == 4 and "Headline:" in out
@@ -172,9 +172,9 @@ def test_new_workdir_copies_the_adapted_teacher_from_the_cache(finished, cache, 
   again = os.path.join(str(tmp_path / "again"), "teacher", "export", export.PARAMS_FILE)
   assert open(first, "rb").read() == open(again, "rb").read()
   # Same teacher bytes: the teacher's fine-tunings are the cached ones, the numbers the same.
-  state = json.load(open(os.path.join(str(tmp_path / "again"), report.STATE_FILE)))
+  state = json.load(open(os.path.join(str(tmp_path / "again"), rundir.DEMO_STATE)))
   assert state["finetune_runs"]["teacher"] == json.load(open(os.path.join(
-      finished["workdir"], report.STATE_FILE)))["finetune_runs"]["teacher"]
+      finished["workdir"], rundir.DEMO_STATE)))["finetune_runs"]["teacher"]
   assert _numbers(summary) == _numbers(finished["summary"])
 
 
@@ -183,12 +183,12 @@ def test_a_workdir_of_another_config_is_refused(finished, cache, capsys):  # pyl
   """A --quick run in the full run's workdir would reuse its stages: refused, nothing run."""
   from bort_jax import main  # pylint: disable=import-outside-toplevel
   work = finished["workdir"]
-  before = open(os.path.join(work, report.STATE_FILE)).read()
+  before = open(os.path.join(work, rundir.DEMO_STATE)).read()
   code = main.main(argv(cache, work) + ["--config.adapt.train.total_steps=3"])
   err = capsys.readouterr().err
   assert code == 2 and "finished teacher-adapt stage made with another config" in err
   assert "Traceback" not in err and "use a fresh --workdir" in err
-  assert open(os.path.join(work, report.STATE_FILE)).read() == before
+  assert open(os.path.join(work, rundir.DEMO_STATE)).read() == before
 
 
 # Kills the demo right after the first chunk of the first fine-tuning job is checkpointed
@@ -196,7 +196,7 @@ def test_a_workdir_of_another_config_is_refused(finished, cache, capsys):  # pyl
 _DIE_IN_FINETUNE = """
 import os, signal, sys
 from bort_jax.finetune import population
-from bort_jax.runtime import checkpoint
+from bort_jax.runtime import checkpoint, rundir
 real_save = checkpoint.CheckpointManager.save
 def save_and_wait(self, *args, **kwargs):
   out = real_save(self, *args, **kwargs)
@@ -218,7 +218,7 @@ def test_killed_in_finetuning_resumes_to_the_same_report(finished, cache, tmp_pa
   # The earlier stages as the uninterrupted run left them; fine-tuning, Agora and report to come.
   work = str(tmp_path / "work")
   shutil.copytree(finished["workdir"], work, ignore=shutil.ignore_patterns("finetune", "report"))
-  state_path = os.path.join(work, report.STATE_FILE)
+  state_path = os.path.join(work, rundir.DEMO_STATE)
   state = json.load(open(state_path))
   state.pop("finetune_runs")
   state.pop("agora")
@@ -261,7 +261,7 @@ target, _, how = sys.argv.pop(1).partition(":")
 sent = []
 def die():
   os.kill(os.getpid(), signal.SIGKILL)
-from bort_jax.runtime import checkpoint
+from bort_jax.runtime import checkpoint, rundir
 real_save = checkpoint.CheckpointManager.save
 def save_then_die(self, *args, **kwargs):
   out = real_save(self, *args, **kwargs)
@@ -317,7 +317,7 @@ def test_killed_in_a_stage_resumes_to_the_same_report(finished, cache, tmp_path,
   later_dirs = [_KILLS[t][1] for t in _KILLS if _KILLS[t][0] in later and _KILLS[t][1]]
   work = str(tmp_path / "work")
   shutil.copytree(finished["workdir"], work, ignore=shutil.ignore_patterns(*later_dirs))
-  state_path = os.path.join(work, report.STATE_FILE)
+  state_path = os.path.join(work, rundir.DEMO_STATE)
   state = json.load(open(state_path))
   state.pop("agora")
   if "finetune" in later:
@@ -361,7 +361,7 @@ def test_sigterm_in_a_training_stage_stops_the_demo_and_a_rerun_resumes(finished
   shutil.copytree(finished["workdir"], work, ignore=shutil.ignore_patterns(
       *[_KILLS[t][1] for t in ("teacher", "distill") if _KILLS[t][0] in later], "report",
       "finetune"))
-  state_path = os.path.join(work, report.STATE_FILE)
+  state_path = os.path.join(work, rundir.DEMO_STATE)
   state = json.load(open(state_path))
   for key in ("finetune_runs", "agora"):
     state.pop(key)

@@ -19,6 +19,8 @@ from bort_jax.core import model
 from bort_jax.finetune import casts, population, population_mode, tasks
 from bort_jax.interop import export
 from bort_jax.pipelines import report
+from bort_jax.runtime import rundir
+from bort_jax.search import report as search_report
 
 STUDENT, TEACHER = "D1-A2-H16-I32", "D2-A2-H32-I64"
 
@@ -133,23 +135,16 @@ def test_report_page_tables_and_figures(tmp_path, monkeypatch):
   assert os.path.getmtime(os.path.join(out, "speed.json")) == before
 
 
-def test_pareto_axes_are_plain_and_in_millions(tmp_path):
+def test_pareto_axes_are_plain_and_in_millions(tmp_path, monkeypatch):
   rows = [{"name": f"c{k}", "p": 1e6 * (k + 1), "i": 1e9 * (k + 2), "e": 3.0 - k, "w": 1.0,
            "trained": True} for k in range(3)]
   path = str(tmp_path / "p.png")
-  captured = {}
-  real = report.report_plots._save
-
-  def keep(fig, p):
-    captured["fig"] = fig
-    return real(fig, p)
-
-  report.report_plots._save = keep
-  try:
-    report.report_plots.pareto(rows, "c0", "p (M)", "GFLOPs", 1e-9, path)
-  finally:
-    report.report_plots._save = real
-  size_ax, cost_ax = captured["fig"].axes
+  figs = []
+  real = search_report._save  # the one drawing of the front (search.report.front_plot)
+  monkeypatch.setattr(search_report, "_save", lambda fig, p: figs.append(fig) or real(fig, p))
+  report.report_plots.pareto(rows, "c0", "p (M)", "GFLOPs", 1e-9, path)
+  (fig,) = figs
+  size_ax, cost_ax = fig.axes
   assert size_ax.get_xlim()[1] < 10 and cost_ax.get_xlim()[1] < 10  # M and GFLOPs, not raw
   for ax in (size_ax, cost_ax):
     assert ax.xaxis.get_major_formatter().get_offset() == ""
@@ -167,8 +162,8 @@ def test_pareto_legend_covers_no_candidate(tmp_path, monkeypatch):
   rows = [{"name": f"c{k}", "p": 1e6 * (k + 1), "i": 1e9 * (k + 2), "e": e, "w": 1.0,
            "trained": True} for k, e in enumerate([1.0, 0.6, 0.7, 0.9, 1.1])]
   figs = []
-  real = report.report_plots._save
-  monkeypatch.setattr(report.report_plots, "_save",
+  real = search_report._save
+  monkeypatch.setattr(search_report, "_save",
                       lambda fig, path: figs.append(fig) or real(fig, path))
   report.report_plots.pareto(rows, "c1", "p (M)", "GFLOPs", 1e-9, str(tmp_path / "p.png"))
   (fig,) = figs
@@ -226,16 +221,16 @@ def test_interleaved_timing_runs_round_robin_with_rotating_start():
 
 
 def test_read_split_keeps_records_spread_over_the_split_up_to_the_cap():
-  from bort_jax.finetune import loop  # pylint: disable=import-outside-toplevel
+  from bort_jax.finetune import prepare  # pylint: disable=import-outside-toplevel
   records = [{"sentence": f"w{i}", "label": i % 2, "idx": i} for i in range(10)]
   spec = tasks.register_task(tasks.TaskSpec(
       name="test/capped", builder=None, kind="classification", num_labels=2,
       cast=casts.pair_cast("sentence"), source=lambda split, data_dir: records),
       overwrite=True)
-  capped = loop.read_split(spec, "validation", None, False, limit=4)
+  capped = prepare.read_split(spec, "validation", None, False, limit=4)
   assert [r["idx"] for r in capped.records] == [0, 3, 6, 9] and len(capped.examples) == 4
-  assert len(loop.read_split(spec, "validation", None, False).records) == 10
-  assert len(loop.read_split(spec, "validation", None, False, limit=50).records) == 10
+  assert len(prepare.read_split(spec, "validation", None, False).records) == 10
+  assert len(prepare.read_split(spec, "validation", None, False, limit=50).records) == 10
 
 
 def test_headline_has_no_margin_share_when_the_teacher_is_below_the_majority():
@@ -274,7 +269,7 @@ def test_report_shows_agora_beside_round_0_and_the_tasks_it_skipped(tmp_path, mo
   work = make_workdir(str(tmp_path))
   folder = os.path.join(work, "finetune", "student", "demo_vitaminc")
   _write(folder + "_agora/agora.json", _agora_json([0.6, 0.65, 0.62]))
-  _write(os.path.join(work, report.STATE_FILE),
+  _write(os.path.join(work, rundir.DEMO_STATE),
          {"agora": {"social_iqa": {"run": False, "reason": "not binary (multiple_choice)"},
                     "vitaminc": {"run": True, "reason": ""}}})
   summary = report.run(_config(), work)

@@ -67,10 +67,30 @@ def _file_parent(workdir: str) -> None:
   _file(os.path.dirname(workdir))
 
 
+def _data_files(workdir: str) -> None:
+  """Users' data files with one defect each, in DATA (a folder beside the workdir)."""
+  data = os.path.join(os.path.dirname(workdir), "data")
+  os.makedirs(data)
+  texts = {"train.csv": "sentence,label\ngood,pos\nbad,neg\n",
+           "dev.csv": "sentence,label\nfine,pos\nso-so,meh\n",
+           "empty.csv": "sentence,label\n",
+           "ragged.csv": "sentence,label\ngood,pos\nbad,neg,extra\n",
+           "scores.csv": "sentence,score\ngood,0.5\nbad,high\n",
+           "mc.jsonl": '{"text": "q", "c": ["a", "b", "c"], "label": 0}\n'
+                       '{"text": "r", "c": ["a", "b"], "label": 1}\n'}
+  for name, text in texts.items():
+    with open(os.path.join(data, name), "w") as f:
+      f.write(text)
+  with open(os.path.join(data, "latin1.csv"), "wb") as f:
+    f.write(b"sentence,label\ngood,pos\ncaf\xe9,neg\n")
+
+
+FILE_TASK = "--config=configs/finetune.py:task=file:DATA/"
+
 TINY_EXTRACT = ["--config=configs/extract_demo.py:tiny"]
 
 # (row id, argv after the mode, what the workdir is before the run, message fragment). Each
-# row is one row of docs/ERRORS.md; "WORKDIR" and "TEACHER" are replaced by paths.
+# row is one row of docs/ERRORS.md; "WORKDIR", "TEACHER" and "DATA" are replaced by paths.
 ROWS = [
     ("distill", "unknown-field", ["--config.optim.lrr=1e-3"], None,
      "--config.optim.lrr: unknown config field; did you mean config.optim.lr?"),
@@ -109,6 +129,9 @@ ROWS = [
     ("distill", "no-corpus", ["--config.teacher.path=TEACHER",
                               "--config.data.corpus_files=/nonexistent/*.txt"], None,
      "config.data.corpus_files=('/nonexistent/*.txt',): no file matches"),
+    ("distill", "unknown-corpus-tfds", ["--config.teacher.path=TEACHER",
+                                        "--config.data.corpus_tfds=no_such_corpus_xyz"], None,
+     "config.data.corpus_tfds='no_such_corpus_xyz': no such TFDS dataset here"),
     ("teacher-adapt", "bad-trainable", ["--config.adapt.trainable=encoder"], None,
      "config.adapt.trainable must be one of ('all', 'mlm_head'), got 'encoder'"),
     ("extract", "misspelt-config-arg", ["--config=configs/extract_demo.py:tinyy"], None,
@@ -147,9 +170,34 @@ ROWS = [
     ("demo", "unknown-agora-task", ["--config.agora_tasks=movie"], None,
      "config.agora_tasks='movie': movie not among the demo's tasks"),
     ("extract", "bad-lrs", ["--config=configs/extract_demo.py:lrs=5e-4/fast"], None,
-     "arg lrs='5e-4/fast' must be positive learning rates separated by '/'"),
+     "arg lrs='5e-4/fast' must be positive numbers separated by '/'"),
     ("finetune", "misspelt-config-arg", ["--config=configs/finetune.py:tsk=glue/rte"], None,
      "unknown arg 'tsk=glue/rte'; did you mean task?"),
+    ("finetune", "config-arg-not-an-integer", ["--config=configs/finetune.py:seeds=three"],
+     None, "config finetune.py: arg seeds='three' must be an integer"),
+    ("finetune", "config-arg-not-a-number", ["--config=configs/finetune.py:lr=fast"], None,
+     "config finetune.py: arg lr='fast' must be a number"),
+    ("finetune", "config-arg-negative-lrs", ["--config=configs/finetune.py:seeds=2,lrs=1e-4/-1"],
+     None, "arg lrs='1e-4/-1' must be positive numbers separated by '/'"),
+    ("finetune", "file-missing-column", [FILE_TASK + "train.csv", "--config.files.text=review"],
+     _data_files, "train.csv: no column 'review' for the text (config.files); the file has "
+     "sentence, label"),
+    ("finetune", "file-empty", [FILE_TASK + "empty.csv"], _data_files,
+     "empty.csv: the file holds no rows"),
+    ("finetune", "file-unseen-label", [FILE_TASK + "train.csv",
+                                       "--config.files.validation=DATA/dev.csv"], _data_files,
+     "dev.csv line 3: the label 'meh' never occurs in the training file (its labels: neg, pos)"),
+    ("finetune", "file-not-utf8", [FILE_TASK + "latin1.csv"], _data_files,
+     "latin1.csv line 3: byte 27 is not UTF-8 (save the file as UTF-8)"),
+    ("finetune", "file-ragged-row", [FILE_TASK + "ragged.csv"], _data_files,
+     "ragged.csv line 3: 3 fields, the header has 2 (sentence, label)"),
+    ("finetune", "file-regression-label", [FILE_TASK + "scores.csv", "--config.files.label=score",
+                                           "--config.files.kind=regression"], _data_files,
+     "scores.csv line 3: the label 'high' is not a number (a regression task)"),
+    ("finetune", "file-choices-count", [FILE_TASK + "mc.jsonl", "--config.files.choices=c"],
+     _data_files, "mc.jsonl line 2: 2 choices, the training file's rows have 3"),
+    ("finetune", "tfds-unknown-dataset", ["--config=configs/finetune.py:task=tfds:no_such_set"],
+     None, "tfds:no_such_set: no such TFDS dataset here"),
     ("cost", "bad-arch", ["--arch", "D4-X8"], None, "bad --arch 'D4-X8'"),
     ("cost", "bad-seq-len", ["--seq-len", "0"], None, "--seq-len=0"),
     ("convert", "missing-input", ["--from-hf", "/nonexistent/hf", "--out", "WORKDIR"], None,
@@ -176,7 +224,9 @@ ROWS = [
 
 
 def _argv(mode: str, args: list[str], workdir: str, teacher: str) -> list[str]:
-  argv = [mode] + [a.replace("WORKDIR", workdir).replace("TEACHER", teacher) for a in args]
+  data = os.path.join(os.path.dirname(workdir), "data")
+  argv = [mode] + [a.replace("WORKDIR", workdir).replace("TEACHER", teacher).replace("DATA", data)
+                   for a in args]
   has_workdir = any(a.startswith("--workdir") or a == "WORKDIR" for a in args)
   if mode in ("distill", "teacher-adapt", "extract", "demo", "finetune") and not has_workdir:
     argv.append(f"--workdir={workdir}")

@@ -18,7 +18,8 @@ from bort_jax import main as cli_main
 from bort_jax.core import arch as arch_lib
 from bort_jax.core import model
 from bort_jax.data import tokenization
-from bort_jax.finetune import evaluate, loop, steps, tasks
+from bort_jax.finetune import compiled as compiled_lib
+from bort_jax.finetune import evaluate, setup, steps, tasks
 from bort_jax.interop import export
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -40,7 +41,7 @@ def checkpoint(tmp_path_factory):
   head = steps.task_head("classification", 2).resolve(cfg.family)
   params = model.init(jax.random.key(5), cfg, head)
   path = os.path.join(root, "best")
-  loop.save_finetuned(path, params, cfg, loop.head_meta(tasks.get_task("glue/rte"), SEQ_LEN,
+  setup.save_finetuned(path, params, cfg, setup.head_meta(tasks.get_task("glue/rte"), SEQ_LEN,
                                                         head), tok_dir)
   return {"path": path, "params": params, "config": cfg, "head": head}
 
@@ -97,7 +98,7 @@ def test_predict_texts_and_files_match_the_model(checkpoint, tmp_path, capsys):
     (["--input", "/nonexistent.jsonl"], "is not a file"),
 ])
 def test_predict_and_evaluate_bad_input_exit_2(checkpoint, capsys, monkeypatch, args, want):
-  monkeypatch.setattr(loop, "compile_steps", lambda *a, **k: pytest.fail("compiled"))
+  monkeypatch.setattr(compiled_lib, "compile_steps", lambda *a, **k: pytest.fail("compiled"))
   assert cli_main.main(["predict", "--checkpoint", checkpoint["path"]] + args) == 2
   err = capsys.readouterr().err.strip()
   assert want in err and "\n" not in err and err.startswith("bort-jax predict: ")
@@ -197,7 +198,7 @@ CONFIG_FIELDS = ("config.init", "config.task", "config.tokenizer")
 @pytest.mark.parametrize("case, which, flags, want", FLAG_CASES, ids=[c[0] for c in FLAG_CASES])
 def test_checkpoint_errors_name_the_flags(checkpoint, bad_checkpoints, capsys, monkeypatch,
                                           tmp_path, mode, case, which, flags, want):
-  monkeypatch.setattr(loop, "compile_steps", lambda *a, **k: pytest.fail("compiled"))
+  monkeypatch.setattr(compiled_lib, "compile_steps", lambda *a, **k: pytest.fail("compiled"))
   path = checkpoint["path"] if which is None else bad_checkpoints.get(which, which)
   if flags is None:  # the value is a --tokenizer folder
     path, flags = checkpoint["path"], ["--tokenizer", which]

@@ -250,7 +250,7 @@ def test_budget_rule_end_to_end_and_w_choice_unchanged(tmp_path, monkeypatch):
   assert min(min(r["errors"]) for r in trained) == pytest.approx(sel["e"])
   assert sel["e"] == min(r["errors"][0] for r in rows if r["name"] == sel["choice"])
   md = open(os.path.join(workdir, "results.md")).read()
-  assert f"**{sel['choice']}**" in md and f"W's choice (rule `w`, the paper's): **" in md
+  assert f"**{sel['choice']}**" in md and "W's choice (rule `w`, the paper's): **" in md
   assert "feasible" in open(os.path.join(workdir, "results.csv")).readline()
 
   # Rule "w" in the same workdir: nothing to train (W's plan is a part of what ran), and the

@@ -19,7 +19,8 @@ import tensorflow_datasets as tfds
 from bort_jax import main as cli_main
 from bort_jax.core import arch as arch_lib
 from bort_jax.core import model, optim
-from bort_jax.finetune import casts, loop, steps, submission, tasks
+from bort_jax.finetune import casts, loop, setup, steps, submission, tasks
+from bort_jax.finetune import compiled as compiled_lib
 from bort_jax.interop import export
 from bort_jax.runtime import train
 
@@ -212,7 +213,7 @@ def test_every_task_finetunes_evaluates_and_writes_its_submission(tiny, tmp_path
   # Every test split (and the diagnostic sets this task's model scores) is predicted, one line
   # per scored unit, and written in the leaderboard's format where it has one.
   expected = [(task, s) for s in spec.test_splits]
-  expected += [(d.name, s) for d in loop.diagnostics_of(spec) for s in d.test_splits]
+  expected += [(d.name, s) for d in compiled_lib.diagnostics_of(spec) for s in d.test_splits]
   for name, split in expected:
     path = os.path.join(workdir, "predictions", name.replace("/", "_"), f"{split}.jsonl")
     rows = [json.loads(line) for line in open(path)]
@@ -292,7 +293,7 @@ def _finetuned_3_labels(tiny, root):
   head = steps.task_head("classification", 3)
   params = model.init(jax.random.key(0), cfg, head)
   path = os.path.join(root, "mnli_model")
-  loop.save_finetuned(path, params, cfg, loop.head_meta(tasks.get_task("glue/mnli"), 16,
+  setup.save_finetuned(path, params, cfg, setup.head_meta(tasks.get_task("glue/mnli"), 16,
                                                         head.resolve(cfg.family)),
                       tiny["tokenizer"])
   return path

@@ -21,7 +21,7 @@ from bort_jax import main as cli_main
 from bort_jax.core import arch as arch_lib
 from bort_jax.core import cost, model
 from bort_jax.data import tokenization
-from bort_jax.finetune import loop, steps, tasks
+from bort_jax.finetune import setup, steps, tasks
 from bort_jax.interop import convert, export, hf_export, hf_files
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -51,9 +51,9 @@ def finetuned(tmp_path_factory):
   head = steps.task_head("classification", 2).resolve(cfg.family)
   params = model.init(jax.random.key(3), cfg, head)
   path = os.path.join(root, "best")
-  meta = dict(loop.head_meta(tasks.get_task("glue/sst2"), SEQ_LEN, head), metric="accuracy",
+  meta = dict(setup.head_meta(tasks.get_task("glue/sst2"), SEQ_LEN, head), metric="accuracy",
               value=0.75, step=40)
-  loop.save_finetuned(path, params, cfg, meta, tok_dir)
+  setup.save_finetuned(path, params, cfg, meta, tok_dir)
   return {"root": root, "path": path, "config": cfg, "head": head, "params": params,
           "tokenizer": tok_dir}
 
@@ -333,7 +333,7 @@ def bort_classifier(tmp_path_factory):
   params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(7), x.shape),
                         params)  # biases away from zero
   path = os.path.join(root, "best")
-  loop.save_finetuned(path, params, cfg, loop.head_meta(tasks.get_task("glue/sst2"), SEQ_LEN,
+  setup.save_finetuned(path, params, cfg, setup.head_meta(tasks.get_task("glue/sst2"), SEQ_LEN,
                                                         head), tok_dir)
   return {"path": path, "config": cfg, "head": head, "params": params}
 

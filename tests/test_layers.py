@@ -3,12 +3,16 @@
 The folders of ``bort_jax`` are its architecture (README, "Layout"): ``core`` sits on nothing
 else of the package; ``runtime``, ``interop``, ``data`` and ``search`` never reach up into the
 modes (``pipelines``, the fine-tuning loops, the CLI); ``finetune`` sits beside ``pipelines``,
-not on it; the pure algorithms import no array library. Every check collects all offenders before failing, so one run lists everything a
+not on it; every folder imports only those ranked below it (docs/ARCHITECTURE.md's map); no
+import circle exists anywhere, deferred imports counted; the pure algorithms import no array
+library. Every check collects all offenders before failing, so one run lists everything a
 change has to fix.
 """
 
 import ast
+import importlib
 import pathlib
+import re
 import warnings
 
 import pytest
@@ -105,6 +109,77 @@ def test_lower_layers_never_import_a_mode():
                      for target in _internal(name) if _is_mode(target))
   assert not offenders, ("core/, runtime/, interop/, data/ and search/ must not import "
                          "pipelines/, fine-tuning loops or the CLI:\n" + "\n".join(offenders))
+
+
+# The folders in layer order: a module imports only from its own folder and the folders ranked
+# below it. data/ and interop/ are peers (the Hugging Face export writes tokenizer files with
+# data/'s tokenizers; the tiny suite converts its teacher with interop/). The one exception is
+# the demo data registering its tasks in the fine-tuning task registry (FINETUNE_REGISTRY).
+RANK = {"": 0, "core": 0, "runtime": 1, "data": 2, "interop": 2, "search": 3, "finetune": 4,
+        "pipelines": 5, "cli": 6, "main": 7}
+
+
+def test_each_folder_imports_only_the_folders_below_it():
+  offenders = sorted(
+      f"{name} imports {target}" for name in MODULES for target in _internal(name)
+      if RANK[_layer(target)] > RANK[_layer(name)]
+      and not (_layer(name) == "data" and target in FINETUNE_REGISTRY))
+  assert not offenders, ("a folder imports one ranked above it (docs/ARCHITECTURE.md):\n"
+                         + "\n".join(offenders))
+
+
+def _cycles(graph: dict) -> list[list[str]]:
+  """The import circles of ``graph`` ({module: imported modules}): its strongly connected
+  components of two or more modules, and modules that import themselves (Tarjan's algorithm,
+  iterative)."""
+  index, low, stack, on_stack, found = {}, {}, [], set(), []
+  for root in sorted(graph):
+    if root in index:
+      continue
+    work = [(root, iter(sorted(graph[root])))]
+    index[root] = low[root] = len(index)
+    stack.append(root)
+    on_stack.add(root)
+    while work:
+      node, children = work[-1]
+      child = next(children, None)
+      if child is not None:
+        if child not in index:
+          index[child] = low[child] = len(index)
+          stack.append(child)
+          on_stack.add(child)
+          work.append((child, iter(sorted(graph[child]))))
+        elif child in on_stack:
+          low[node] = min(low[node], index[child])
+        continue
+      work.pop()
+      if work:
+        low[work[-1][0]] = min(low[work[-1][0]], low[node])
+      if low[node] == index[node]:
+        component = []
+        while True:
+          member = stack.pop()
+          on_stack.discard(member)
+          component.append(member)
+          if member == node:
+            break
+        if len(component) > 1 or node in graph[node]:
+          found.append(sorted(component))
+  return found
+
+
+def test_no_import_circle_anywhere_in_the_package():
+  # Deferred imports (inside a function) count: one may keep start-up light, never hide a
+  # circle. A circle means two modules cannot be understood, tested or moved apart.
+  graph = {name: _internal(name) for name in MODULES}
+  circles = _cycles(graph)
+  assert not circles, "import circles:\n" + "\n".join(" <-> ".join(c) for c in circles)
+
+
+def test_the_circle_finder_finds_circles():
+  graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e"}, "f": set()}
+  assert sorted(_cycles(graph)) == [["a", "b", "c"], ["e"]]
+  assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
 def test_finetune_never_imports_the_pretraining_pipelines():
@@ -210,3 +285,14 @@ def test_no_file_cites_a_document_outside_the_repository():
     offenders += [f"{rel}: {name}" for name in outside if name in text]
   assert not offenders, "\n".join(offenders)
 
+
+
+def test_every_named_entry_point_exists():
+  # "module:function" strings (the CLI's mode table and the examples in docstrings) must name
+  # a function that is there: an example naming a module that does not exist misleads.
+  named = {m.group(1, 2) for path in MODULES.values()
+           for m in re.finditer(r"\b(bort_jax(?:\.\w+)*):(\w+)", path.read_text())}
+  assert ("bort_jax.finetune.modes", "run") in named  # the walk sees the mode table
+  missing = sorted(f"{module}:{name}" for module, name in named
+                   if module not in MODULES or not hasattr(importlib.import_module(module), name))
+  assert not missing, f"entry points that do not exist: {missing}"

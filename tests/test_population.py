@@ -8,7 +8,7 @@ import pytest
 
 from bort_jax.core import model, optim
 from bort_jax.core.arch import get_model_config
-from bort_jax.finetune import casts, loop, setup, steps, tasks
+from bort_jax.finetune import casts, prepare, setup, steps, tasks
 from bort_jax.finetune import population as pop_lib
 
 VOCAB, T, N = 40, 8, 44  # 44 rows: the last batch of an epoch is padded
@@ -67,7 +67,7 @@ def _separate_run(config, member, settings, train_ex, dev, init_params):
   hp = steps.hparams(member.lr, member.weight_decay, member.warmup)
   losses = []
   for t in range(settings.total_steps):
-    batch = loop.train_batch(SPEC, train_ex, _Tokenizer(), T, settings.batch_size, member.seed,
+    batch = prepare.train_batch(SPEC, train_ex, _Tokenizer(), T, settings.batch_size, member.seed,
                              t)
     state, metrics = step(state, batch, jax.random.key(member.seed), hp)
     losses.append(float(metrics["loss"]))

@@ -14,6 +14,7 @@ import test_distill as helpers  # noqa: E402  (the tiny teacher, corpus and conf
 from bort_jax import cli  # noqa: E402
 from bort_jax.finetune import casts, tasks  # noqa: E402
 from bort_jax.pipelines import extract, study  # noqa: E402
+from bort_jax.search import report as search_report  # noqa: E402
 
 
 def _row(name, p, i):
@@ -37,7 +38,10 @@ def test_pick_rivals_hand_case():
   results["best"] = "a"
   audit["rows"][0] = {**_row("a", 1, 10), "long": 1.0}
   assert study.pick_rivals(results, audit, 0.25)[0] == ("a", ["chosen", "smallest"])
-  assert study.front([(1.0, 0.5), (2.0, 0.7), (3.0, 0.6), (2.0, 0.7)]) == [0, 1, 3]
+  # The study's front (latency down, metric up) is the search's Pareto front on (latency,
+  # -metric): (3.0, 0.6) is beaten by (2.0, 0.7); equal points stay on it.
+  points = [(1.0, 0.5), (2.0, 0.7), (3.0, 0.6), (2.0, 0.7)]
+  assert search_report.pareto_front([(lat, -m) for lat, m in points]) == [0, 1, 3]
 
 
 def _register_tasks(rng):

@@ -194,6 +194,17 @@ def test_metrics_after_resume_read_as_one_run(tmp_path):
   assert got == expected  # bitwise: the same floats, the 9-12 window included
 
 
+def test_a_resume_that_drops_nothing_leaves_the_metrics_file_alone(tmp_path, monkeypatch):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 4, "loss": 1.0}\n{"step": 8, "loss": 0.5}\n')
+  writes = []
+  monkeypatch.setattr(train, "atomic_write_text", lambda *a: writes.append(a))
+  train.MetricsWriter(str(tmp_path), resume_step=8)
+  assert writes == []  # nothing after step 8, nothing torn: not rewritten
+  train.MetricsWriter(str(tmp_path), resume_step=4)
+  assert writes == [(str(path), '{"step": 4, "loss": 1.0}\n')]
+
+
 _KILL_CHILD = textwrap.dedent("""
     import sys, time
     import jax, jax.numpy as jnp, numpy as np, optax

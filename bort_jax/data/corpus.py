@@ -1,4 +1,4 @@
-"""A TFDS dataset of documents built from local text files (array_record, no TensorFlow).
+"""A TFDS dataset of documents built from text files, local or on a bucket (array_record).
 
 Input format: UTF-8 text files, one sentence or paragraph per line, documents separated by
 blank lines. Each document becomes one record ``{"text": lines joined by "\\n", "doc_id": int}``
@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from bort_jax.runtime import quiet
 
@@ -30,6 +31,15 @@ log = logging.getLogger(__name__)
 
 _VERSION = "1.0.0"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def _on_bucket(path: str) -> bool:
+  """A path with a scheme (``gs://``, ``s3://``): read through the file layer (etils.epath)."""
+  return "://" in path
+
+
+def _absolute(path: str) -> str:
+  return path if _on_bucket(path) else os.path.abspath(path)
 
 
 def split_of(text: str, validation_fraction: float) -> str:
@@ -61,7 +71,7 @@ def read_documents(path: str, warn: bool = True) -> Iterator[list[str]]:
   """
   bad = 0
   doc: list[str] = []
-  with open(path, "rb") as f:
+  with (epath.Path(path).open("rb") if _on_bucket(path) else open(path, "rb")) as f:
     for raw in f:
       try:
         line = raw.decode("utf-8").strip()
@@ -83,8 +93,13 @@ def fingerprint(files: Sequence[str], validation_fraction: float) -> str:
   """A fingerprint of the inputs (paths, sizes, modification times, split fraction)."""
   h = hashlib.sha256(repr(validation_fraction).encode())
   for f in files:
-    st = os.stat(f)
-    h.update(f"{os.path.abspath(f)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    if _on_bucket(f):
+      st = epath.Path(f).stat()
+      size, mtime = st.length, st.mtime
+    else:
+      st = os.stat(f)
+      size, mtime = st.st_size, st.st_mtime_ns
+    h.update(f"{_absolute(f)}\0{size}\0{mtime}\0".encode())
   return h.hexdigest()[:16]
 
 
@@ -116,7 +131,7 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder):
             "doc_id": np.int64,
         }),
         metadata=tfds.core.MetadataDict(
-            files=[os.path.abspath(f) for f in self._files],
+            files=[_absolute(f) for f in self._files],
             fingerprint=fingerprint(self._files, self._validation_fraction)
             if self._files else "",
             validation_fraction=self._validation_fraction),
@@ -159,7 +174,7 @@ def build_corpus(files: Sequence[str | os.PathLike], data_dir: str | os.PathLike
   if not files:
     raise ValueError("build_corpus needs at least one text file")
   for f in files:
-    if not os.path.isfile(f):
+    if not (epath.Path(f).is_file() if _on_bucket(f) else os.path.isfile(f)):
       raise FileNotFoundError(f"corpus file not found: {f}")
   # One scan before building: it reports bad lines and empty files once, finds which splits
   # have documents (TFDS cannot write an empty split), and no empty dataset is ever written.

@@ -29,8 +29,8 @@ files (WordNet's coarse groups: noun.animal, noun.artifact, verb.motion, ...), o
 (the example, the word and this synset's gloss) and one negative pair (the example, the word and
 the gloss of a sense of the word from another lexicographer file, drawn by a hash of the
 example) are made, so the classes are balanced by construction. Negatives from any other sense
-(WordNet's fine grain, as in WiC's WordNet part) were not learnt by the demo's teacher in 800
-steps (53.6 % against 50); WordNet's fine distinctions are hard for people too.
+(WordNet's fine grain, as in WiC's WordNet part) were not learnt by the demo's teacher
+(docs/DATA.md has the measurement).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from bort_jax.data import archives, fetch
-from bort_jax.runtime import quiet
+from bort_jax.runtime import fileio, quiet
 from bort_jax.runtime.fileio import to_jsonable
 
 CONFIGS = ("movie_sentiment", "word_sense", "bbc_news")
@@ -323,7 +323,7 @@ def source_digest(config: str, cache_dir: str | None = None) -> str:
       raise DemoDataError(f"demo source {p} not found; run `bort-jax data fetch --cache-dir "
                           f"{fetch.paths_for(cache_dir)['cache_dir']}` first")
   return hashlib.sha256(
-      (_VERSION + "".join(fetch.sha256_file(p) for p in paths)).encode()).hexdigest()
+      (_VERSION + "".join(fileio.sha256_file(p) for p in paths)).encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------- TFDS

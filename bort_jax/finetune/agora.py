@@ -67,9 +67,10 @@ import numpy as np
 from bort_jax.core import model
 from bort_jax.core.arch import ModelConfig
 from bort_jax.finetune import population as pop_lib
-from bort_jax.finetune import population_mode
 from bort_jax.finetune.augment import ROW_KEYS, Transform, fixed_batches
-from bort_jax.runtime import fileio
+from bort_jax.finetune.members import best_index, members_from_config, settings_from_config
+from bort_jax.finetune.prepare import prepare
+from bort_jax.runtime import fileio, rundir
 
 MIN_LABELLER_ACCURACY = 2.0 / 3.0
 JOURNAL = "agora.jsonl"
@@ -326,7 +327,7 @@ def run_agora(config: ModelConfig, thetas: Sequence[pop_lib.Member],
   for entry in rounds:  # replay the finished rounds
     left = [pop_lib.Member(**m) for m in entry["left"]]
     added.append(dict(np.load(_points_path(workdir, entry["round"]))))
-    if best is None or entry["best"]["accuracy"] > best["accuracy"]:
+    if best is None or best_index([best["accuracy"], entry["best"]["accuracy"]]) == 1:
       best = dict(entry["best"], round=entry["round"])
   if rounds:
     say(f"agora: resuming after round {rounds[-1]['round']} ({len(left)} sets left)")
@@ -338,15 +339,15 @@ def run_agora(config: ModelConfig, thetas: Sequence[pop_lib.Member],
     result, read_from = _train_theta(config, left, settings, train, dev_data, init_params,
                                      layout, first_round if round_index == 0 else "", say)
     accs = [m["accuracy"] for m in result.metrics]
-    b = int(np.argmax(accs))
+    b = best_index(accs) or 0  # no finite accuracy: the first set (the round is still kept)
     mistakes, points = _new_points(result.dev_logits[b], dev_data, transform, labeller, round_index)
     removed = prune(accs, n_dev)
     _save_points(_points_path(workdir, round_index), points)
     round_best = {"member": dataclasses.asdict(left[b]), "accuracy": accs[b]}
-    if best is None or accs[b] > best["accuracy"]:
+    if best is None or best_index([best["accuracy"], accs[b]]) == 1:
       best = dict(round_best, round=round_index)
       best_params = result.params(b)
-      export.save(os.path.join(workdir, "best"), jax.device_get(best_params), config)
+      export.save(rundir.best_dir(workdir), jax.device_get(best_params), config)
     entry = {"round": round_index, "train_rows": len(train["label"]),
              "members": [dataclasses.asdict(m) for m in left], "dev_accuracy": accs,
              "best": round_best, "mistakes": len(mistakes), "points_added": len(points["label"]),
@@ -362,7 +363,7 @@ def run_agora(config: ModelConfig, thetas: Sequence[pop_lib.Member],
         f"{len(mistakes)} mistakes -> {len(points['label'])} points, removed {len(removed)}, "
         f"{len(left)} left")
   if best_params is None:  # every round ran before a resume: the best is on disk
-    _, best_params = export.load(os.path.join(workdir, "best"))
+    _, best_params = export.load(rundir.best_dir(workdir))
   return AgoraResult(rounds, best, best_params, labeller_accuracy,
                      sum(len(p["label"]) for p in [train_data] + added))
 
@@ -409,15 +410,14 @@ def _transform_from_config(config, tokenizer) -> Transform:
 def run(config: Any, workdir: str) -> dict:
   """``bort-jax finetune ...,agora``: Agora on one task with ``config.population``'s grid.
 
-  Inputs are checked by ``loop.prepare`` (exit status 2 before compiling); the task is cast
+  Inputs are checked by ``prepare.prepare`` (exit status 2 before compiling); the task is cast
   to binary (module docstring). Writes the journal, points and ``best/`` (see above) and
   ``agora.json``.
 
   Returns:
     ``{"task", "rounds", "best", "labeller_accuracy", "train_rows"}``.
   """
-  from bort_jax.finetune import loop  # pylint: disable=import-outside-toplevel  (loop calls us)
-  prep = loop.prepare(config)
+  prep = prepare(config)
   min_accuracy = labeller_bar(config.agora.get("min_labeller_accuracy", MIN_LABELLER_ACCURACY),
                               "config.agora.min_labeller_accuracy")
   spec, seq_len = prep.spec, int(config.seq_len)
@@ -428,10 +428,9 @@ def run(config: Any, workdir: str) -> dict:
     positive = majority_class(train["label"], train["weight"])
   train = to_binary(train, spec.kind, spec.num_labels, positive)
   dev = to_binary(dev, spec.kind, spec.num_labels, positive)
-  settings = population_mode.settings_from_config(config, prep.total_steps,
-                                                  config.population.mode)
+  settings = settings_from_config(config, prep.total_steps, config.population.mode)
   labeller = _labeller_from_config(config, train, dev, settings, int(config.seed))
-  thetas = population_mode.members_from_config(config)
+  thetas = members_from_config(config)
   result = run_agora(prep.loaded.config, thetas, settings, train,
                      dev, _transform_from_config(config, prep.tokenizer), labeller, workdir,
                      init_params=prep.params, layout=prep.layout, report=print,
@@ -440,7 +439,7 @@ def run(config: Any, workdir: str) -> dict:
   out = {"task": spec.name, "binary_positive_class": positive, "rounds": result.rounds,
          "best": result.best, "labeller_accuracy": result.labeller_accuracy,
          "train_rows": result.train_rows}
-  fileio.atomic_write_text(os.path.join(workdir, "agora.json"),
+  fileio.atomic_write_text(os.path.join(workdir, rundir.AGORA),
                            json.dumps(fileio.to_jsonable(out), indent=2) + "\n")
   return {k: out[k] for k in ("task", "best", "labeller_accuracy", "train_rows")} | {
       "rounds": len(result.rounds)}

@@ -24,7 +24,8 @@ from typing import Any, Callable
 
 import jax
 
-from bort_jax.finetune import loop
+from bort_jax.finetune import compiled as compiled_lib
+from bort_jax.finetune.prepare import read_split
 from bort_jax.finetune import setup as setup_lib
 from bort_jax.finetune import steps
 from bort_jax.finetune import submission
@@ -38,7 +39,7 @@ class Inference:
 
   spec: tasks_lib.TaskSpec
   loaded: setup_lib.Loaded
-  compiled: loop.Compiled
+  compiled: compiled_lib.Compiled
   params: Any
   tokenizer: Any
   mesh: Any
@@ -59,13 +60,21 @@ def _recorded_task(loaded: setup_lib.Loaded, checkpoint: str) -> str:
   return task
 
 
-def _resolve_task(loaded: setup_lib.Loaded, checkpoint: str,
-                  task: str | None) -> tasks_lib.TaskSpec:
+def _resolve_task(loaded: setup_lib.Loaded, checkpoint: str, task: str | None,
+                  data_dir: str | None = None) -> tasks_lib.TaskSpec:
   """``--task``, else the task the checkpoint was fine-tuned on."""
   if task:
-    return setup_lib.resolve_task(task, field="--task")
+    return setup_lib.resolve_task(task, field="--task", settings=_settings(loaded),
+                                  recorded=loaded.meta, data_dir=data_dir)
   return setup_lib.resolve_task(_recorded_task(loaded, checkpoint), note="pass --task",
-                                field=f"the task recorded in --checkpoint {checkpoint!r},")
+                                field=f"the task recorded in --checkpoint {checkpoint!r},",
+                                settings=_settings(loaded), recorded=loaded.meta,
+                                data_dir=data_dir)
+
+
+def _settings(loaded: setup_lib.Loaded) -> dict | None:
+  """What a model fine-tuned on a file or TFDS task recorded of the task's settings."""
+  return loaded.meta.get("files") or loaded.meta.get("tfds")
 
 
 def _load_tokenizer(loaded: setup_lib.Loaded, checkpoint: str, tokenizer: str):
@@ -77,8 +86,8 @@ def _load_tokenizer(loaded: setup_lib.Loaded, checkpoint: str, tokenizer: str):
 
 def load_for_inference(checkpoint: str, task: str | None = None, tokenizer: str = "",
                        seq_len: int | None = None, batch_size: int = 32,
-                       check: Callable[[tasks_lib.TaskSpec], None] | None = None
-                       ) -> Inference:
+                       check: Callable[[tasks_lib.TaskSpec], None] | None = None,
+                       data_dir: str | None = None) -> Inference:
   """Reads a fine-tuned checkpoint and checks it against the task (nothing compiled yet).
 
   Args:
@@ -88,6 +97,7 @@ def load_for_inference(checkpoint: str, task: str | None = None, tokenizer: str 
     seq_len: padded length (default: the fine-tuning run's, else 128).
     batch_size: rows per batch (rounded up to a multiple of the device count).
     check: further input checks against the task, run before anything is compiled.
+    data_dir: the TFDS data folder (where a TFDS task's dataset is described).
 
   Raises:
     setup.InputError: no task head, no task, or a head that does not fit the task.
@@ -96,7 +106,7 @@ def load_for_inference(checkpoint: str, task: str | None = None, tokenizer: str 
   if loaded.head is None:
     raise setup_lib.InputError(f"--checkpoint {checkpoint!r} has no task head: fine-tune it "
                                "first (`bort-jax finetune`) or pass a fine-tuned checkpoint.")
-  spec = _resolve_task(loaded, checkpoint, task)
+  spec = _resolve_task(loaded, checkpoint, task, data_dir)
   params, layout = setup_lib.fit_head(loaded, spec, training=False, field="--checkpoint")
   if check is not None:
     check(spec)
@@ -109,11 +119,11 @@ def load_for_inference(checkpoint: str, task: str | None = None, tokenizer: str 
   batch_size = -(-max(int(batch_size), 1) // devices) * devices
   kind = "classification" if spec.kind == "candidates" else spec.kind
   cfg = steps.StepConfig(loaded.config, kind, spec.num_labels, 1, layout)
-  compiled = loop.compile_steps(cfg, loop.direction_key({}), mesh,
-                                tuple(sharding.rules_from_config(None)))
+  compiled = compiled_lib.compile_steps(cfg, compiled_lib.direction_key({}), mesh,
+                                        tuple(sharding.rules_from_config(None)))
   full = setup_lib.init_params(loaded.config, cfg.head, 0, params,
                                field=f"--checkpoint {checkpoint!r}")
-  placed = loop.place(full, compiled.param_shardings)
+  placed = compiled_lib.place(full, compiled.param_shardings)
   return Inference(spec, loaded, compiled, placed, tok, mesh, seq_len, batch_size)
 
 
@@ -147,21 +157,22 @@ def run(checkpoint: str, task: str | None = None, split: str | None = None, *,
                                  f"splits: {', '.join(spec.splits)}.")
     chosen["split"] = name
 
-  inf = load_for_inference(checkpoint, task, tokenizer, seq_len, batch_size, check_split)
+  inf = load_for_inference(checkpoint, task, tokenizer, seq_len, batch_size, check_split,
+                           data_dir)
   spec, split = inf.spec, chosen["split"]
   test = split in spec.test_splits
-  data = loop.read_split(spec, split, data_dir, download, labelled=not test)
-  preds, _ = loop.predict_split(inf.params, inf.compiled, data, inf.tokenizer, inf.seq_len,
+  data = read_split(spec, split, data_dir, download, labelled=not test)
+  preds, _ = compiled_lib.predict_split(inf.params, inf.compiled, data, inf.tokenizer, inf.seq_len,
                                 inf.batch_size, inf.mesh)
   labelled = bool(preds.labels) and all(not isinstance(x, (int, float)) or x != -1
                                         for x in preds.labels)
   result = {"task": spec.name, "split": split, "checkpoint": checkpoint,
             "units": len(preds.predictions),
-            "metrics": loop.score(spec, preds) if labelled else {}}
+            "metrics": compiled_lib.score(spec, preds) if labelled else {}}
   if submission_dir and jax.process_index() == 0:
     os.makedirs(submission_dir, exist_ok=True)
     path = os.path.join(submission_dir, f"{spec.name.replace('/', '_')}_{split}.jsonl")
-    loop.write_predictions(path, data, preds)
+    compiled_lib.write_predictions(path, data, preds)
     result["files"] = [path]
     try:
       submission.submission_file_name(spec.name, split)

@@ -1,4 +1,4 @@
-"""``bort-jax finetune``: one loop for every task kind, from any checkpoint, resumable.
+"""``bort-jax finetune`` on one model: one loop for every task kind, from any checkpoint, resumable.
 
     bort-jax finetune --config=configs/finetune.py:task=demo/movie_sentiment --workdir=runs/ft
 
@@ -26,184 +26,27 @@ leaderboard file (``submission/``: GLUE ``.tsv``, SuperGLUE ``.jsonl``) where on
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import logging
-import math
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import ml_collections
-import numpy as np
 
-from bort_jax.core import model, optim
-from bort_jax.core.arch import ModelConfig
-from bort_jax.finetune import casts
-from bort_jax.finetune import metrics as metrics_lib
+from bort_jax.core import model
 from bort_jax.finetune import setup as setup_lib
 from bort_jax.finetune import steps
 from bort_jax.finetune import submission
 from bort_jax.finetune import tasks as tasks_lib
+from bort_jax.finetune.compiled import (Compiled, compile_steps, diagnostics_of, direction_key,
+                                        place, predict_split, score, write_predictions)
+from bort_jax.finetune.members import best_index
+from bort_jax.finetune.prepare import Prepared, prepare, read_split, train_batch
 from bort_jax.interop import export as export_lib
-from bort_jax.runtime import checkpoint, fileio, preemption, sharding, train
+from bort_jax.runtime import checkpoint, fileio, preemption, rundir, sharding, train
 
 log = logging.getLogger(__name__)
-
-BEST_DIR = "best"
-RESULTS_FILE = "results.json"
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def train_batch(spec: tasks_lib.TaskSpec, examples: Sequence[casts.Example], tokenizer: Any,
-                seq_len: int, batch_size: int, seed: int, step: int,
-                process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
-  """This process's rows of the global train batch of ``step`` (random access by step).
-
-  Epoch ``e = step // ceil(n / batch_size)`` visits the examples in the order
-  ``default_rng([seed, e]).permutation(n)``; a final partial batch is padded with weight-0
-  rows, so every example is seen once per epoch.
-  """
-  n = len(examples)
-  per_epoch = max(1, math.ceil(n / batch_size))
-  epoch, index = divmod(int(step), per_epoch)
-  order = np.random.default_rng([int(seed), epoch]).permutation(n)
-  chunk = [examples[k] for k in order[index * batch_size:(index + 1) * batch_size]]
-  return next(tasks_lib.batch_examples(spec, chunk, tokenizer, seq_len, batch_size,
-                                       process_index=process_index,
-                                       process_count=process_count))
-
-
-@dataclasses.dataclass
-class Split:
-  """One split, read and cast: ``records`` (for decoding and submissions) and ``examples``."""
-
-  task: tasks_lib.TaskSpec
-  name: str
-  records: Sequence[Any]
-  examples: list
-
-
-def read_split(spec: tasks_lib.TaskSpec, split: str, data_dir: str | None, download: bool,
-               labelled: bool = True, limit: int = 0) -> Split:
-  """Loads and casts one split, checking its labels (``labelled=False``: -1 allowed).
-
-  ``limit`` > 0 keeps ``limit`` records spread evenly over the split (positions
-  ``round(linspace(0, n - 1, limit))``): a cheaper dev score on a small machine, the same
-  records every time, and not the first ones, since a split kept in file order can be sorted
-  (the demo's movie_sentiment dev split starts with 88% positive reviews in its first 500).
-  """
-  try:
-    records = tasks_lib.load_split(spec, split, data_dir or None, download=download)
-  except ValueError as error:
-    raise setup_lib.InputError(str(error)) from None
-  if limit and limit < len(records):
-    records = [records[int(i)] for i in np.linspace(0, len(records) - 1, int(limit)).round()]
-  examples = tasks_lib.cast_split(spec, records)
-  setup_lib.check_labels(spec, examples, split, allow_unlabeled=not labelled)
-  return Split(spec, split, records, examples)
-
-
-# ----------------------------------------------------------------------------- compiled steps
-
-
-@dataclasses.dataclass(frozen=True)
-class Compiled:
-  """The jitted steps of one (model, task head, run length, mesh)."""
-
-  train_step: Callable
-  eval_step: Callable
-  init_state: Callable
-  tx: Any
-  state_shardings: Any
-  param_shardings: Any
-
-
-def direction_key(optim_cfg: Any) -> tuple:
-  """The optimizer fields a compiled step depends on, hashable (for :func:`compile_steps`)."""
-  return tuple((k, optim_cfg.get(k, d)) for k, d in (
-      ("name", "adam_nobc"), ("b1", 0.9), ("b2", 0.999), ("eps", 1e-6), ("clip_norm", 1.0)))
-
-
-@functools.lru_cache(maxsize=16)
-def compile_steps(cfg: steps.StepConfig, direction: tuple, mesh: Any, rules: tuple) -> Compiled:
-  """Jits :func:`steps.train_step` and :func:`steps.eval_step` with shardings (cached).
-
-  Runs sharing (model config, task kind, labels, run length, optimizer, mesh) share one
-  compilation; the hyperparameters are inputs, not constants.
-  """
-  tx = optim.make_direction(dict(direction))
-  specs = model.logical_axes(cfg.model, cfg.head)
-  param_sh = sharding.logical_to_shardings(specs, mesh, rules)
-  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), cfg.model, cfg.head))
-  sharding.check_divisible(abstract, param_sh, what=f"model ({cfg.model.arch}) parameter")
-  abstract_state = jax.eval_shape(lambda p: steps.init_state(p, tx), abstract)
-  treedef = jax.tree_util.tree_structure(abstract)
-  rep = sharding.replicated(mesh)
-  state_sh = train.TrainState(step=rep, params=param_sh, opt_state=sharding.tree_shardings_like(
-      abstract_state.opt_state, treedef, param_sh, mesh))
-  train_fn = jax.jit(functools.partial(steps.train_step, cfg=cfg, tx=tx),
-                     in_shardings=(state_sh, None, rep, rep), out_shardings=(state_sh, rep),
-                     donate_argnums=(0,))
-  eval_fn = jax.jit(functools.partial(steps.eval_step, cfg=cfg),
-                    in_shardings=(param_sh, None))
-  init_fn = jax.jit(lambda p: steps.init_state(p, tx), out_shardings=state_sh)
-  return Compiled(train_fn, eval_fn, init_fn, tx, state_sh, param_sh)
-
-
-def predict_split(params: Any, compiled: Compiled, split: Split, tokenizer: Any, seq_len: int,
-                  batch_size: int, mesh: Any) -> tuple[tasks_lib.Predictions, np.ndarray]:
-  """Dropout-free model outputs on a split, grouped back into scored units.
-
-  Returns:
-    ``(tasks.Predictions, logits of every real row in example order)``.
-  """
-  rows = {"example_id": [], "candidate": [], "weight": [], "logits": []}
-  for local in tasks_lib.batch_examples(split.task, split.examples, tokenizer, seq_len,
-                                        batch_size, process_index=jax.process_index(),
-                                        process_count=jax.process_count()):
-    batch = sharding.global_batch(local, mesh)
-    out = compiled.eval_step(params, batch)
-    got = sharding.host_get({"logits": out["logits"],
-                             **{k: batch[k] for k in rows if k != "logits"}})
-    for key in rows:
-      rows[key].append(np.asarray(got[key]))
-  cat = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in rows.items()}
-  preds = tasks_lib.gather_predictions(split.task, split.records, cat["example_id"],
-                                       cat["candidate"], cat["logits"], cat["weight"])
-  return preds, cat["logits"][cat["weight"] > 0]
-
-
-def score(spec: tasks_lib.TaskSpec, preds: tasks_lib.Predictions) -> dict[str, float]:
-  """The task's official metrics of labelled predictions."""
-  return metrics_lib.compute_metrics(spec.name, preds.predictions, preds.labels, preds.groups)
-
-
-# ----------------------------------------------------------------------------- best model
-
-
-def save_finetuned(path: str, params: Any, config: ModelConfig, meta: dict,
-                   tokenizer_path: str) -> None:
-  """Writes a fine-tuned model: our export, ``finetune.json`` and the tokenizer, atomically."""
-  if jax.process_index() != 0:
-    return
-  with fileio.atomic_dir(path) as tmp:
-    export_lib.save_with_head(tmp, params, config, meta)
-    setup_lib.copy_tokenizer(tokenizer_path, os.path.join(tmp, setup_lib.TOKENIZER_DIR))
-
-
-def read_best(workdir: str) -> dict | None:
-  """``finetune.json`` of ``WORKDIR/best`` (``step``, ``metric``, ``value``, ...) or None."""
-  return export_lib.read_head(os.path.join(workdir, BEST_DIR))
-
-
-def head_meta(spec: tasks_lib.TaskSpec, seq_len: int, head: model.HeadSpec) -> dict:
-  """What ``evaluate`` / ``predict`` need to know about a fine-tuned head."""
-  return {"task": spec.name, "kind": spec.kind, "num_labels": spec.num_labels,
-          "label_names": list(spec.label_names), "seq_len": seq_len, "layout": head.layout}
 
 
 class Tracker:
@@ -216,7 +59,7 @@ class Tracker:
     self.workdir, self.spec = workdir, spec
     self.metric = spec.metrics[0]
     self.patience, self.eval_every = int(patience), int(eval_every)
-    self.best = read_best(workdir)
+    self.best = setup_lib.read_best(workdir)
     self.stopped = False
 
   def stale(self, step: int) -> bool:
@@ -232,77 +75,13 @@ class Tracker:
       Whether it was the best so far.
     """
     value = float(scores[self.metric])
-    better = self.best is None or (math.isfinite(value) and
-                                   not value <= float(self.best["value"]))
+    better = self.best is None or best_index([self.best["value"], value]) == 1
     if better:
       self.best = {"step": int(step), "metric": self.metric, "value": value,
                    "dev": dict(scores)}
       save(self.best)
     self.stopped = self.stale(step)
     return better
-
-
-def place(tree: Any, shardings: Any) -> Any:
-  """Puts a host pytree onto global shardings, each process writing only its own shards."""
-  host = jax.tree.map(np.asarray, tree)
-  return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i]),
-                      host, shardings)
-
-
-@dataclasses.dataclass
-class Prepared:
-  """Everything checked and read before compiling (returned for tests and notebooks)."""
-
-  spec: tasks_lib.TaskSpec
-  loaded: setup_lib.Loaded
-  params: Any
-  layout: str | None
-  tokenizer: Any
-  tokenizer_path: str
-  train: Split
-  dev: list
-  mesh: Any
-  rules: tuple
-  total_steps: int
-
-
-def prepare(config: ml_collections.ConfigDict) -> Prepared:
-  """Every input check of a fine-tuning run (task, splits, labels, checkpoint, head,
-  tokenizer, batch over the mesh); nothing is compiled.
-
-  Raises:
-    setup.InputError: bad input, with a one-paragraph message.
-  """
-  spec = setup_lib.resolve_task(config.task)
-  setup_lib.check_trainable(spec)
-  loaded = setup_lib.load_model(config.init.path, config.init.get("kind", "auto"),
-                                int(config.seed))
-  params, layout = setup_lib.fit_head(loaded, spec, bool(config.init.get("reset_head", False)))
-  tok_path = setup_lib.tokenizer_dir(loaded.path, config.get("tokenizer", ""))
-  tokenizer = setup_lib.load_tokenizer(tok_path, loaded.config)
-  if not 2 <= int(config.seq_len) <= loaded.config.max_length:
-    raise setup_lib.InputError(f"config.seq_len={config.seq_len} must be in 2.."
-                               f"{loaded.config.max_length} (the model's positions).")
-  data_dir = os.path.expanduser(config.get("data_dir", "") or "") or None
-  download = bool(config.get("download", False))
-  train_split = read_split(spec, spec.train_split, data_dir, download)
-  if not train_split.examples:
-    raise setup_lib.InputError(f"task {spec.name!r}: the train split is empty.")
-  limit = int(config.get("max_dev_examples", 0) or 0)
-  if limit < 0:
-    raise setup_lib.InputError(f"config.max_dev_examples={limit} must be >= 0 (0 = all).")
-  dev = [read_split(spec, s, data_dir, download, limit=limit) for s in spec.validation_splits]
-  mesh = sharding.make_mesh(dict(config.mesh))
-  for field in ("batch_size", "eval_batch_size"):
-    try:
-      sharding.check_batch_size(int(config[field]), mesh)
-    except ValueError as error:
-      raise setup_lib.InputError(f"config.{field}: {error}") from None
-  rules = tuple(sharding.rules_from_config(config.get("rules")))
-  total = int(config.train.total_steps) or int(config.train.epochs) * max(
-      1, math.ceil(len(train_split.examples) / int(config.batch_size)))
-  return Prepared(spec, loaded, params, layout, tokenizer, tok_path, train_split, dev, mesh,
-                  rules, total)
 
 
 def _abstract_state(cfg: steps.StepConfig, compiled: Compiled) -> Any:
@@ -326,12 +105,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Raises:
     setup.InputError: bad input, before anything is compiled.
   """
-  if "agora" in config and config.agora.enabled:  # Agora: rounds of populations
-    from bort_jax.finetune import agora  # pylint: disable=import-outside-toplevel
-    return agora.run(config, workdir)
-  if "population" in config and config.population.seeds:  # seeds x settings at once
-    from bort_jax.finetune import population_mode  # pylint: disable=import-outside-toplevel
-    return population_mode.run(config, workdir)
   prep = prepare(config)
   spec, seed = prep.spec, int(config.seed)
   # Candidates train a binary classifier: one compiled step with binary classification.
@@ -354,7 +127,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         manager, config.get("init_from") or None, _abstract_state(cfg, compiled), fresh)
     eval_every = int(config.train.eval_every)
     tracker = Tracker(workdir, spec, int(config.train.get("patience", 0)), eval_every)
-    meta = dict(head_meta(spec, int(config.seq_len), cfg.head), init=prep.loaded.path,
+    meta = dict(setup_lib.head_meta(spec, int(config.seq_len), cfg.head), init=prep.loaded.path,
                 init_kind=prep.loaded.kind, seed=seed)
     eval_fn = _make_eval_fn(prep, compiled, tracker, config, workdir, meta)
     hp = jax.device_put(steps.hparams(config.optim.lr, config.optim.weight_decay,
@@ -386,7 +159,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     results.update(step=step, preempted=False, early_stopped=bool(step < prep.total_steps),
                    started_from=initial.source)
     if jax.process_index() == 0:
-      fileio.atomic_write_text(os.path.join(workdir, RESULTS_FILE),
+      fileio.atomic_write_text(os.path.join(workdir, rundir.RESULTS),
                                json.dumps(fileio.to_jsonable(results), indent=2))
     return results
   finally:
@@ -403,32 +176,14 @@ def _make_eval_fn(prep: Prepared, compiled: Compiled, tracker: Tracker, config: 
                              int(config.seq_len), int(config.eval_batch_size), prep.mesh)
     scores = score(prep.spec, preds)
     step = int(sharding.host_get(state.step))
-    save = lambda best: save_finetuned(
-        os.path.join(workdir, BEST_DIR), sharding.host_get(state.params), prep.loaded.config,
+    save = lambda best: setup_lib.save_finetuned(
+        rundir.best_dir(workdir), sharding.host_get(state.params), prep.loaded.config,
         dict(meta, **best), prep.tokenizer_path)
     tracker.update(step, scores, save)
     sharding.barrier("bort_jax.finetune.best")
     return scores
 
   return eval_fn
-
-
-def diagnostics_of(spec: tasks_lib.TaskSpec) -> list[tasks_lib.TaskSpec]:
-  """The diagnostic / evaluation-only tasks scored by a model fine-tuned on ``spec``."""
-  return [tasks_lib.get_task(n) for n in tasks_lib.task_names()
-          if tasks_lib.get_task(n).train_task == spec.name]
-
-
-def write_predictions(path: str, split: Split, preds: tasks_lib.Predictions) -> None:
-  """One JSON line per scored unit: record index, prediction, label name where there is one."""
-  names = split.task.label_names
-  lines = []
-  for i, pred in zip(preds.record_index, preds.predictions):
-    row = {"record": int(i), "prediction": pred}
-    if split.task.kind in ("classification", "multiple_choice") and names:
-      row["label"] = names[int(pred)]
-    lines.append(json.dumps(fileio.to_jsonable(row)))
-  fileio.atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
 
 
 def finish(prep: Prepared, compiled: Compiled, config: Any, workdir: str, best: dict) -> dict:
@@ -438,7 +193,7 @@ def finish(prep: Prepared, compiled: Compiled, config: Any, workdir: str, best: 
     ``{"task", "best_step", "metric", "dev": {split: scores}, "test": {task:split: scores or
     {}}, "files": [...], "skipped": {task:split: why}}``.
   """
-  _, params = export_lib.load(os.path.join(workdir, BEST_DIR))
+  _, params = export_lib.load(rundir.best_dir(workdir))
   params = place(params, compiled.param_shardings)
   seq_len, batch = int(config.seq_len), int(config.eval_batch_size)
   run = lambda split: predict_split(params, compiled, split, prep.tokenizer, seq_len, batch,

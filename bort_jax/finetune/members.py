@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -137,7 +137,7 @@ def dropout_key(seed) -> jax.Array:
 def batch_indices(seed: int, step: int, num_examples: int, batch_size: int) -> np.ndarray:
   """Rows of the training split that step ``step`` of a member seeded ``seed`` trains on.
 
-  ``loop.train_batch``'s order: epoch ``e = step // ceil(N / B)`` visits the rows in the order
+  ``prepare.train_batch``'s order: epoch ``e = step // ceil(N / B)`` visits the rows in the order
   ``default_rng([seed, e]).permutation(N)``; a final partial batch is padded with -1 (rows of
   weight 0), so every row is seen once per epoch.
 
@@ -202,3 +202,41 @@ def format_table(rows: Sequence[Mapping], metric: str) -> str:
     lines.append(f"| {r['lr']:g} | {r['weight_decay']:g} | {r['warmup']:g} | "
                  f"{s['mean']:.4f} +- {s['std']:.4f} | {s['best']:.4f} | {len(r['seeds'])} |")
   return "\n".join(lines)
+
+
+def members_from_config(config: Any) -> list[Member]:
+  """``config.population``'s grid; an empty field takes the single value of ``config.optim``."""
+  pop = config.population
+  seeds = pop.seeds
+  seeds = list(range(int(seeds))) if isinstance(seeds, int) else [int(s) for s in seeds]
+  return grid(list(pop.lrs) or [config.optim.lr], seeds or [int(config.seed)],
+              list(pop.weight_decays) or [config.optim.weight_decay],
+              list(pop.warmups) or [config.optim.warmup])
+
+
+def settings_from_config(config: Any, total_steps: int, mode: str = "auto") -> Settings:
+  """The shared :class:`Settings` of a ``configs/finetune.py`` config."""
+  return Settings(total_steps=int(total_steps), batch_size=int(config.batch_size),
+                  optimizer=config.optim.name, b1=float(config.optim.b1),
+                  b2=float(config.optim.b2), eps=float(config.optim.eps),
+                  clip_norm=float(config.optim.clip_norm or 0.0),
+                  eval_every=int(config.train.eval_every),
+                  eval_batch_size=int(config.eval_batch_size), mode=mode)
+
+
+def best_index(values: Sequence[float]) -> int | None:
+  """The one "best" rule of fine-tuning: the index of the highest finite value, the first of
+  equal ones; None when no value is finite.
+
+  "First" is the earliest evaluation (a run's best step), the first member in member order
+  (a population's best seed, the model ``save_best`` writes), the first setting (the
+  report's best setting by mean over seeds) and the earliest round (Agora's best): a later
+  one has to be strictly better to replace it, so a tie never moves the choice and a
+  resumed run picks what an uninterrupted one did.
+  """
+  best = None
+  for k, value in enumerate(values):
+    value = float(value)
+    if math.isfinite(value) and (best is None or value > float(values[best])):
+      best = k
+  return best

@@ -12,13 +12,13 @@ after another inside the same program: vmap adds no throughput on a small CPU, s
 What a member is, exactly: what ``loop.py`` does for one model with that seed and those
 hyperparameters, through the same functions, so K separate ``bort-jax finetune`` runs and one
 population of K members reach the same parameters (``tests/test_population.py`` checks it to
-1e-5 against ``steps.train_step`` run alone on ``loop.train_batch``'s batches):
+1e-5 against ``steps.train_step`` run alone on ``prepare.train_batch``'s batches):
 
 * initial weights: ``setup.init_params`` (the checkpoint's body, a task head from
   ``fold_in(key(seed), 2)``), traced inside the program;
 * updates: ``steps.train_step`` with the member's ``steps.hparams`` as arrays; dropout from
   ``fold_in(key(seed), step)``;
-* data order: ``loop.train_batch``'s (:func:`members.batch_indices`).
+* data order: ``prepare.train_batch``'s (:func:`members.batch_indices`).
 
 Every random choice is therefore a function of (seed, step); the population runs the whole
 grid on each process, so the process index does not enter. The training split is tokenised

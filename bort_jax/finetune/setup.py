@@ -9,7 +9,8 @@ A model comes from any of these directories (``config.init.kind = "auto"`` tells
 * ``params``: our export format (``interop/export.py``; distillation, teacher adaptation and
   extraction write it), ``model_config.json`` + ``params.safetensors``;
 * ``finetuned``: the same format plus ``finetune.json`` (task, head, label names, sequence
-  length), written by ``bort-jax finetune`` as ``WORKDIR/best``, with the tokenizer beside it;
+  length), written by ``bort-jax finetune`` as ``WORKDIR/best`` (:func:`save_finetuned`, the
+  one writer of it, used by every fine-tuning mode), with the tokenizer beside it;
 * ``hf``: a Hugging Face checkpoint (``config.json`` + weights), with or without a head;
 * ``random``: the architecture and vocabulary of any of the above with fresh weights (the
   "same shape from random initialisation" baseline).
@@ -36,10 +37,11 @@ from bort_jax.finetune import casts
 from bort_jax.finetune import steps
 from bort_jax.finetune import tasks as tasks_lib
 from bort_jax.interop import export as export_lib
+from bort_jax.interop import hf_tokenizer
+from bort_jax.runtime import fileio, rundir
 
 TOKENIZER_DIR = "tokenizer"
 INIT_KINDS = ("auto", "params", "finetuned", "hf", "random")
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt")
 
 
 class InputError(ValueError):
@@ -66,18 +68,35 @@ def _named(field: str, value: str) -> str:
 # ----------------------------------------------------------------------------- tasks
 
 
-def resolve_task(name: str, *, field: str = "config.task",
-                 note: str = "") -> tasks_lib.TaskSpec:
-  """The registered task ``name``; the demo tasks are registered on first use.
+def resolve_task(name: str, *, field: str = "config.task", note: str = "",
+                 settings: Any = None, recorded: dict | None = None,
+                 data_dir: str | None = None) -> tasks_lib.TaskSpec:
+  """The registered task ``name``; the demo tasks are registered on first use, a file task
+  (``file:PATH``, ``data/files.py``) and a TFDS task (``tfds:NAME``, ``data/tfds_tasks.py``)
+  from ``settings``.
 
   Args:
     name: the task name.
     field: how the message names it (a config field, a flag or a phrase).
     note: a remedy, put in parentheses after "is not a known task".
+    settings: a file task's ``config.files`` or a TFDS task's ``config.tfds`` (or what a
+      fine-tuned model recorded of them).
+    recorded: a fine-tuned model's ``finetune.json``: a file task's kind and label names.
+    data_dir: the TFDS data folder (a TFDS task).
 
   Raises:
-    InputError: unknown name; the message suggests the closest known names.
+    InputError: unknown name (the message suggests the closest known names), or a file or
+      TFDS task that cannot be read as asked.
   """
+  if name.startswith(("file:", "tfds:")):
+    # pylint: disable-next=import-outside-toplevel
+    from bort_jax.data import files as files_lib, tfds_tasks
+    try:
+      if name.startswith("file:"):
+        return files_lib.register(name, settings, recorded)
+      return tfds_tasks.register(name, settings, data_dir)
+    except (files_lib.FileTaskError, tfds_tasks.TfdsTaskError) as error:
+      raise InputError(str(error)) from None
   if name.startswith("demo/") and name not in tasks_lib.task_names():
     from bort_jax.data import demo  # pylint: disable=import-outside-toplevel
     demo.register_demo_tasks()
@@ -180,17 +199,19 @@ def detect_kind(path: str, *, field: str = "config.init.path") -> str:
 
 
 def load_model(path: str, kind: str = "auto", seed: int = 0, *,
-               field: str = "config.init.path") -> Loaded:
-  """Reads a model to fine-tune or evaluate (see the module docstring for the kinds).
+               field: str = "config.init.path", keep_mlm_head: bool = False) -> Loaded:
+  """Reads a model from a checkpoint folder (see the module docstring for the kinds): the one
+  loader of the package's models, fine-tuning's and the pipelines' teachers alike.
 
   Args:
     path: the checkpoint directory.
     kind: one of :data:`INIT_KINDS`.
     seed: for ``random``: the weights are ``model.init(fold_in(key(seed), 2))``.
     field: how messages name ``path`` (a config field or a flag).
+    keep_mlm_head: keep the MLM head (a distillation teacher) instead of dropping it.
 
   Returns:
-    :class:`Loaded` with host parameters and no MLM head.
+    :class:`Loaded` with host parameters (no MLM head unless ``keep_mlm_head``).
   """
   if kind not in INIT_KINDS:
     raise InputError(f"config.init.kind={kind!r} is not one of {', '.join(INIT_KINDS)}.")
@@ -220,7 +241,8 @@ def load_model(path: str, kind: str = "auto", seed: int = 0, *,
   if kind == "random":
     params, meta, head = None, {}, None
   else:
-    params = jax.tree.map(np.asarray, {k: v for k, v in params.items() if k != "mlm_head"})
+    params = jax.tree.map(np.asarray, {k: v for k, v in params.items()
+                                       if keep_mlm_head or k != "mlm_head"})
   head = head.resolve(config.family) if head is not None else None
   return Loaded(config, params, kind, path, meta, head)
 
@@ -285,23 +307,26 @@ def init_params(config: ModelConfig, head: model.HeadSpec, seed: int,
 
 def tokenizer_dir(init_path: str, configured: str = "", *,
                   field: str = "config.tokenizer (--tokenizer)") -> str:
-  """Where the tokenizer files are: ``configured``, else next to the checkpoint.
+  """Where the tokenizer files are: ``configured``, else the one that goes with the checkpoint
+  (``hf_tokenizer.find_tokenizer``, the one rule: its ``tokenizer/`` folder, its own files, or
+  the tokenizer its run's ``config.json`` names, as distillation's export has).
 
   ``field`` is what the message tells the user to set when there are none.
 
   Raises:
     InputError: no tokenizer files there.
   """
-  candidates = [configured] if configured else [os.path.join(init_path, TOKENIZER_DIR),
-                                                init_path]
-  for path in candidates:
-    path = os.path.expanduser(path)
-    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f))
-                                   for f in _TOKENIZER_FILES):
+  if configured:
+    path = os.path.expanduser(configured)
+    if hf_tokenizer.has_tokenizer_files(path):
       return path
+  else:
+    found = hf_tokenizer.find_tokenizer(init_path)
+    if found:
+      return found
   where = configured or init_path
-  raise InputError(f"no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in {where!r}: set "
-                   f"{field} to the directory holding them.")
+  raise InputError(f"no tokenizer files ({', '.join(hf_tokenizer.TOKENIZER_FILES)}) in "
+                   f"{where!r}: set {field} to the directory holding them.")
 
 
 def load_tokenizer(path: str, config: ModelConfig, *, field: str = "config.tokenizer"):
@@ -323,6 +348,38 @@ def load_tokenizer(path: str, config: ModelConfig, *, field: str = "config.token
 def copy_tokenizer(src: str, dst: str) -> None:
   """Copies the tokenizer files of ``src`` into ``dst`` (so a fine-tuned export stands alone)."""
   os.makedirs(dst, exist_ok=True)
-  for name in _TOKENIZER_FILES:
+  for name in hf_tokenizer.TOKENIZER_FILES:
     if os.path.exists(os.path.join(src, name)):
       shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+
+
+# ----------------------------------------------------------------------------- a fine-tuned model
+
+
+def save_finetuned(path: str, params: Any, config: ModelConfig, meta: dict,
+                   tokenizer_path: str) -> None:
+  """Writes a fine-tuned model: our export, ``finetune.json`` and the tokenizer, atomically."""
+  if jax.process_index() != 0:
+    return
+  with fileio.atomic_dir(path) as tmp:
+    export_lib.save_with_head(tmp, params, config, meta)
+    copy_tokenizer(tokenizer_path, os.path.join(tmp, TOKENIZER_DIR))
+
+
+def read_best(workdir: str) -> dict | None:
+  """``finetune.json`` of ``WORKDIR/best`` (``step``, ``metric``, ``value``, ...) or None."""
+  return export_lib.read_head(rundir.best_dir(workdir))
+
+
+def head_meta(spec: tasks_lib.TaskSpec, seq_len: int, head: model.HeadSpec) -> dict:
+  """What ``evaluate`` / ``predict`` need to know about a fine-tuned head (for a file task,
+  also the ``config.files`` it was read with)."""
+  meta = {"task": spec.name, "kind": spec.kind, "num_labels": spec.num_labels,
+          "label_names": list(spec.label_names), "seq_len": seq_len, "layout": head.layout}
+  if spec.name.startswith("file:"):
+    from bort_jax.data import files as files_lib  # pylint: disable=import-outside-toplevel
+    meta["files"] = files_lib.settings(spec.name)
+  if spec.name.startswith("tfds:"):
+    from bort_jax.data import tfds_tasks  # pylint: disable=import-outside-toplevel
+    meta["tfds"] = tfds_tasks.settings(spec.name)
+  return meta

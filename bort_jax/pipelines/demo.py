@@ -41,7 +41,6 @@ writes the synthetic suite of ``data/tiny_suite.py`` in place of the fetch (in
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import time
@@ -53,7 +52,7 @@ from bort_jax.core import arch as arch_lib
 from bort_jax.data import fetch
 from bort_jax.interop import export
 from bort_jax.pipelines import demo_agora, demo_cache, report
-from bort_jax.runtime import fileio
+from bort_jax.runtime import fileio, rundir
 from bort_jax.runtime.fileio import atomic_write_text, to_jsonable
 
 STAGES = ("fetch", "teacher-adapt", "extract", "distill", "finetune", "agora", "report")
@@ -65,7 +64,7 @@ class State:
   """``demo_state.json``: per stage ``{"done", "seconds"}``, plus facts the report reads."""
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, report.STATE_FILE)
+    self.path = os.path.join(workdir, rundir.DEMO_STATE)
     self.data = fileio.read_json(self.path) or {}
     stages = self.data.setdefault("stages", {})
     for name in STAGES:
@@ -81,7 +80,7 @@ class State:
 def config_hash(cfg: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> str:
   """A short hash of a stage's config (what its finished output was made with)."""
   text = demo_cache.config_text(cfg, cache_dir, workdir)
-  return hashlib.sha256(text.encode()).hexdigest()[:12]
+  return rundir.Digest(text).hex(12)
 
 
 def check_workdir(state: State, hashes: dict[str, str]) -> None:
@@ -159,7 +158,7 @@ def step_configs(config: ml_collections.ConfigDict, workdir: str, cache_dir: str
   """The pretraining stages' configs, pointed at this workdir and cache (shortened if quick)."""
   adapt, extract_cfg, distill_cfg = (copy.deepcopy(config[k])
                                      for k in ("adapt", "extract", "distill"))
-  teacher_export = os.path.join(workdir, "teacher", "export")
+  teacher_export = rundir.export_dir(os.path.join(workdir, "teacher"))
   corpus = (os.path.join(cache_dir, "corpus", "*.txt"),)
   for cfg in (adapt, extract_cfg, distill_cfg):
     cfg.data.corpus_files = corpus
@@ -252,8 +251,8 @@ def finetune_jobs(config: ml_collections.ConfigDict, workdir: str, cache_dir: st
   jobs = []
   # The teacher first: its jobs are most of the stage's work, so the ETA after its first job
   # is measured on the model that dominates (the students' jobs are mostly compile time).
-  for model_name, init in (("teacher", os.path.join(workdir, "teacher", "export")),
-                           ("student", os.path.join(workdir, "distill", "export"))):
+  for model_name, init in (("teacher", rundir.export_dir(os.path.join(workdir, "teacher"))),
+                           ("student", rundir.export_dir(os.path.join(workdir, "distill")))):
     for task in config.finetune_tasks:
       cfg = finetune_config(config, model_name, task, init, cache_dir)
       jobs.append(demo_cache.Job(model_name, task, cfg,
@@ -261,8 +260,7 @@ def finetune_jobs(config: ml_collections.ConfigDict, workdir: str, cache_dir: st
   return jobs
 
 
-def run_finetune(config: ml_collections.ConfigDict, workdir: str, cache_dir: str,
-                 state: State) -> None:
+def run_finetune(jobs: list[demo_cache.Job], state: State) -> None:
   """Every fine-tuning job in turn (finished ones skipped), with the stage's ETA after each.
 
   The stage's work is counted in forward FLOPs (member-steps x the model's FLOPs per batch),
@@ -271,7 +269,6 @@ def run_finetune(config: ml_collections.ConfigDict, workdir: str, cache_dir: str
   """
   from bort_jax.core import cost  # pylint: disable=import-outside-toplevel
   from bort_jax.finetune import population_mode  # pylint: disable=import-outside-toplevel
-  jobs = finetune_jobs(config, workdir, cache_dir)
 
   def size(cfg):
     model_cfg = export.load_config(cfg.init.path)
@@ -301,10 +298,10 @@ def run_finetune(config: ml_collections.ConfigDict, workdir: str, cache_dir: str
           f"stage's work, elapsed {fileio.clock(elapsed)}, {eta}", flush=True)
 
 
-def run_agora(config: ml_collections.ConfigDict, workdir: str, cache_dir: str,
+def run_agora(config: ml_collections.ConfigDict, jobs: list[demo_cache.Job],
               state: State) -> None:
   """The Agora stage (``pipelines/demo_agora.py``); its plan is kept in the state."""
-  state.data["agora"] = demo_agora.run_agora(config, finetune_jobs(config, workdir, cache_dir))
+  state.data["agora"] = demo_agora.run_agora(config, jobs)
   state.save()
 
 
@@ -314,10 +311,10 @@ def run_agora(config: ml_collections.ConfigDict, workdir: str, cache_dir: str,
 def teacher_done(workdir: str) -> bool:
   """Whether teacher-adapt finished: its export is complete (it is written atomically)."""
   try:
-    export.load_config(os.path.join(workdir, "teacher", "export"))
+    export.load_config(rundir.export_dir(os.path.join(workdir, "teacher")))
   except ValueError:
     return False
-  return os.path.exists(os.path.join(workdir, "teacher", "export", export.PARAMS_FILE))
+  return rundir.has_export(os.path.join(workdir, "teacher"))
 
 
 def check_configs(config: ml_collections.ConfigDict, cfg: dict) -> None:
@@ -391,12 +388,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             steps=int(cfg["adapt"].train.total_steps), digest=hashes["teacher-adapt"])
   extract_dir = os.path.join(workdir, "extract")
   run_stage(state, "extract", "extract: the W-coefficient FPTAS",
-            os.path.exists(os.path.join(extract_dir, "results.json")),
+            os.path.exists(os.path.join(extract_dir, rundir.RESULTS)),
             lambda: demo_cache.run_extract_cached(cfg["extract"], workdir, cache_dir),
             digest=hashes["extract"])
   distill_dir = os.path.join(workdir, "distill")
   run_stage(state, "distill", "distill the chosen architecture",
-            os.path.exists(os.path.join(distill_dir, "export", export.PARAMS_FILE)),
+            rundir.has_export(distill_dir),
             lambda: demo_cache.run_distill_cached(cfg["distill"], workdir, cache_dir),
             steps=int(cfg["distill"].train.total_steps), digest=hashes["distill"])
   jobs = finetune_jobs(config, workdir, cache_dir)
@@ -405,11 +402,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state.save()
   run_stage(state, "finetune", "fine-tune the student and the teacher on the demo tasks",
             all(job.done() for job in jobs),
-            lambda: run_finetune(config, workdir, cache_dir, state),
+            lambda: run_finetune(jobs, state),
             steps=sum(int(job.config.train.total_steps) * int(job.config.population.seeds)
                       for job in jobs))
   run_stage(state, "agora", "Agora on the student (config.agora_tasks)", False,
-            lambda: run_agora(config, workdir, cache_dir, state), always=True)
+            lambda: run_agora(config, jobs, state), always=True)
   summary, report_cfg = {}, copy.deepcopy(config.report)
   if config.quick:
     report_cfg.rounds, report_cfg.warmup = min(report_cfg.rounds, 3), min(report_cfg.warmup, 1)

@@ -14,7 +14,7 @@ import os
 
 import ml_collections
 
-from bort_jax.runtime import fileio
+from bort_jax.runtime import fileio, rundir
 from bort_jax.runtime.fileio import atomic_write_text
 
 AGORA_SUFFIX = "_agora"  # the report finds a population's Agora run beside it by this suffix
@@ -40,7 +40,7 @@ def agora_plan(config: ml_collections.ConfigDict, jobs: list) -> dict[str, dict]
   for task in config.finetune_tasks:
     teacher = folders[("teacher", task)]
     entry = {"folder": folders[("student", task)] + AGORA_SUFFIX,
-             "labeller": os.path.join(teacher, "best")}
+             "labeller": rundir.best_dir(teacher)}
     spec = tasks_lib.get_task(f"demo/{task}")
     accuracy = _teacher_accuracy(teacher)
     if wanted != "auto":
@@ -61,8 +61,8 @@ def agora_plan(config: ml_collections.ConfigDict, jobs: list) -> dict[str, dict]
 
 def _teacher_accuracy(folder: str) -> float | None:
   """The fine-tuned teacher's best member's dev accuracy (``best/finetune.json``)."""
-  from bort_jax.finetune import loop  # pylint: disable=import-outside-toplevel
-  meta = loop.read_best(folder) or {}
+  from bort_jax.finetune import setup  # pylint: disable=import-outside-toplevel
+  meta = setup.read_best(folder) or {}
   return float(meta["value"]) if meta.get("metric") == "accuracy" else None
 
 
@@ -83,7 +83,7 @@ def run_agora(config: ml_collections.ConfigDict, jobs: list) -> dict[str, dict]:
     if not entry["run"]:
       print(f"[agora] {task}: skipped: {entry['reason']}", flush=True)
       continue
-    if fileio.read_json(os.path.join(entry["folder"], "agora.json")) is not None:
+    if fileio.read_json(os.path.join(entry["folder"], rundir.AGORA)) is not None:
       print(f"[agora] {task}: done, skipped ({entry['folder']})", flush=True)
       continue
     refused = fileio.read_json(os.path.join(entry["folder"], REFUSED_FILE))

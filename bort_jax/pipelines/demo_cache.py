@@ -22,17 +22,15 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import json
 import os
 import shutil
-from typing import Any, Callable
+from typing import Callable
 
 import ml_collections
 
-from bort_jax.data import fetch
 from bort_jax.interop import export
-from bort_jax.runtime import fileio
+from bort_jax.runtime import fileio, rundir
 from bort_jax.runtime.fileio import to_jsonable
 
 
@@ -57,12 +55,12 @@ def adapted_cache(cache_dir: str, adapt_cfg: ml_collections.ConfigDict) -> str:
   in another workdir with the same teacher and adapt config copies the export instead of
   training it again.
   """
-  sha = hashlib.sha256(config_text(adapt_cfg, cache_dir).encode())
+  digest = rundir.Digest(config_text(adapt_cfg, cache_dir))
   source = os.path.join(cache_dir, "teacher")
   for name in sorted(os.listdir(source)) if os.path.isdir(source) else []:
     if os.path.isfile(os.path.join(source, name)):
-      sha.update(f"{name}:{fetch.sha256_file(os.path.join(source, name))}".encode())
-  return os.path.join(cache_dir, "adapted", sha.hexdigest()[:12])
+      digest.file(os.path.join(source, name))
+  return os.path.join(cache_dir, "adapted", digest.hex(12))
 
 
 def run_adapt_cached(adapt_cfg: ml_collections.ConfigDict, workdir: str, cache_dir: str
@@ -90,20 +88,20 @@ def _run_cached(cached: str, run_dir: str, train: Callable[[str], dict], what: s
   The export is copied last (atomically): it marks the run done. A preempted run (SIGTERM,
   no export) caches nothing and returns its metrics, so the stage resumes on a rerun.
   """
-  if os.path.exists(os.path.join(cached, "export", export.PARAMS_FILE)):
+  if rundir.has_export(cached):
     print(f"{what} is in the cache ({cached}); copying it", flush=True)
     os.makedirs(run_dir, exist_ok=True)
     for name in RUN_RECORD:
       if os.path.exists(os.path.join(cached, name)):
         shutil.copyfile(os.path.join(cached, name), os.path.join(run_dir, name))
-    with fileio.atomic_dir(os.path.join(run_dir, "export")) as tmp:  # last: it marks done
-      shutil.copytree(os.path.join(cached, "export"), tmp, dirs_exist_ok=True)
+    with fileio.atomic_dir(rundir.export_dir(run_dir)) as tmp:  # last: it marks done
+      shutil.copytree(rundir.export_dir(cached), tmp, dirs_exist_ok=True)
     return {"copied": cached}
   metrics = train(run_dir)
   if metrics.get("preempted"):
     return metrics
   with fileio.atomic_dir(cached) as tmp:
-    shutil.copytree(os.path.join(run_dir, "export"), os.path.join(tmp, "export"))
+    shutil.copytree(rundir.export_dir(run_dir), rundir.export_dir(tmp))
     for name in RUN_RECORD:
       if os.path.exists(os.path.join(run_dir, name)):
         shutil.copyfile(os.path.join(run_dir, name), os.path.join(tmp, name))
@@ -121,13 +119,13 @@ def distilled_cache(cache_dir: str, distill_cfg: ml_collections.ConfigDict, work
   of seed and step), so a demo in another workdir with the same inputs copies the student.
   """
   from bort_jax.pipelines import setup  # pylint: disable=import-outside-toplevel
-  sha = hashlib.sha256(config_text(distill_cfg, cache_dir, workdir).encode())
-  _update_with_export(sha, distill_cfg.teacher.path)
-  sha.update(setup.resolve_student_arch(str(distill_cfg.student.arch)).encode())
+  digest = _with_export(rundir.Digest(config_text(distill_cfg, cache_dir, workdir)),
+                        distill_cfg.teacher.path)
+  digest.text(setup.resolve_student_arch(str(distill_cfg.student.arch)))
   for pattern in distill_cfg.data.corpus_files:
     for path in sorted(glob.glob(os.path.expanduser(pattern))):
-      sha.update(f"{os.path.basename(path)}:{fetch.sha256_file(path)}".encode())
-  return os.path.join(cache_dir, "distilled", sha.hexdigest()[:12])
+      digest.file(path)
+  return os.path.join(cache_dir, "distilled", digest.hex(12))
 
 
 def run_distill_cached(distill_cfg: ml_collections.ConfigDict, workdir: str, cache_dir: str
@@ -141,10 +139,10 @@ def run_distill_cached(distill_cfg: ml_collections.ConfigDict, workdir: str, cac
                      "distill: the distilled student")
 
 
-def _update_with_export(sha: Any, path: str) -> None:
-  """Adds an export's parameters (sha256 of the file) and model config to a hash."""
-  sha.update(fetch.sha256_file(os.path.join(path, export.PARAMS_FILE)).encode())
-  sha.update(json.dumps(to_jsonable(export.load_config(path).to_dict()), sort_keys=True).encode())
+def _with_export(digest: rundir.Digest, path: str) -> rundir.Digest:
+  """Adds an export's parameters (SHA-256 of the file) and model config to a digest."""
+  digest.text(fileio.sha256_file(os.path.join(path, export.PARAMS_FILE)))
+  return digest.json(export.load_config(path).to_dict())
 
 
 def extracted_cache(cache_dir: str, extract_cfg: ml_collections.ConfigDict, workdir: str) -> str:
@@ -154,9 +152,9 @@ def extracted_cache(cache_dir: str, extract_cfg: ml_collections.ConfigDict, work
   teacher export's parameters and model config: the search and its audit are deterministic
   functions of these, so a demo in another workdir with the same teacher copies the result.
   """
-  sha = hashlib.sha256(config_text(extract_cfg, cache_dir, workdir).encode())
-  _update_with_export(sha, extract_cfg.teacher.path)
-  return os.path.join(cache_dir, "extracted", sha.hexdigest()[:12])
+  digest = _with_export(rundir.Digest(config_text(extract_cfg, cache_dir, workdir)),
+                        extract_cfg.teacher.path)
+  return os.path.join(cache_dir, "extracted", digest.hex(12))
 
 
 def run_extract_cached(extract_cfg: ml_collections.ConfigDict, workdir: str,
@@ -170,7 +168,7 @@ def run_extract_cached(extract_cfg: ml_collections.ConfigDict, workdir: str,
   from bort_jax.pipelines import extract  # pylint: disable=import-outside-toplevel
   cached = extracted_cache(cache_dir, extract_cfg, workdir)
   out = os.path.join(workdir, "extract")
-  if os.path.exists(os.path.join(cached, "results.json")):
+  if os.path.exists(os.path.join(cached, rundir.RESULTS)):
     print(f"extract: this teacher's extraction with this config is in the cache ({cached}); "
           "copying it", flush=True)
     with fileio.atomic_dir(out) as tmp:
@@ -194,7 +192,7 @@ class Job:
 
   def done(self) -> bool:
     """Whether it finished (its ``population.json``; the folder fixes the job)."""
-    return fileio.read_json(os.path.join(self.folder, "population.json")) is not None
+    return fileio.read_json(os.path.join(self.folder, rundir.POPULATION)) is not None
 
 
 def finetuned_cache(cache_dir: str, init_export: str, cfg: ml_collections.ConfigDict) -> str:
@@ -211,7 +209,7 @@ def finetuned_cache(cache_dir: str, init_export: str, cfg: ml_collections.Config
   keyed["data"] = demo_data.source_digest(cfg.task, os.path.dirname(cfg.data_dir))
   keyed.pop("tokenizer", None)
   keyed["init"] = {"kind": cfg.init.kind,
-                   "params": fetch.sha256_file(os.path.join(init_export, export.PARAMS_FILE)),
+                   "params": fileio.sha256_file(os.path.join(init_export, export.PARAMS_FILE)),
                    "config": export.load_config(init_export).to_dict()}
-  digest = hashlib.sha256(json.dumps(to_jsonable(keyed), sort_keys=True).encode()).hexdigest()
-  return os.path.join(cache_dir, "finetuned", f"{cfg.task.replace('/', '_')}-{digest[:12]}")
+  digest = rundir.Digest().json(keyed).hex(12)
+  return os.path.join(cache_dir, "finetuned", f"{cfg.task.replace('/', '_')}-{digest}")

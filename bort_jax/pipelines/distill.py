@@ -37,7 +37,7 @@ from bort_jax.core import losses, masks, model, optim
 from bort_jax.core.model import MLM
 from bort_jax.interop import export as export_lib
 from bort_jax.pipelines import setup as run_setup
-from bort_jax.runtime import checkpoint, preemption, sharding, train
+from bort_jax.runtime import checkpoint, preemption, rundir, sharding, train
 
 TRAINABLE = ("all", "mlm_head")
 # Trainable parameters that belong to the distillation, not to the student (the hidden-state
@@ -494,7 +494,7 @@ def export(params: Any, built: Setup, workdir: str) -> str:
   host = {k: v for k, v in sharding.host_get(params).items() if k != AUX}  # the distillation's own
   if built.models.trainable == "mlm_head":
     host = {**sharding.host_get(built.frozen["body"]), **host}
-  out = os.path.join(workdir, "export")
+  out = rundir.export_dir(workdir)
   if jax.process_index() == 0:
     export_lib.save(out, host, built.student)
   sharding.barrier("bort_jax.pipelines.distill.export")

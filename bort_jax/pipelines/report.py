@@ -36,10 +36,10 @@ from bort_jax.pipelines import report_choice, report_plots, report_products
 from bort_jax.pipelines.report_finetune import (NOT_RUN, finetune_rows, finetune_runs,
                                                 finetune_section, fmt as _fmt, margin_share,
                                                 standard_error)
+from bort_jax.runtime import rundir
 from bort_jax.runtime.fileio import atomic_write_text, read_json, read_jsonl, to_jsonable
 from bort_jax.search.select import speed_words
 
-STATE_FILE = "demo_state.json"
 REPORT_DIR = "report"
 
 
@@ -50,7 +50,7 @@ def stages_section(state: dict) -> list[str]:
   """The demo's stages with their status and time (from ``demo_state.json``)."""
   stages = state.get("stages") or {}
   if not stages:
-    return ["## Stages", "", f"No `{STATE_FILE}`: this workdir was not made by `bort-jax "
+    return ["## Stages", "", f"No `{rundir.DEMO_STATE}`: this workdir was not made by `bort-jax "
             "demo` (the sections below read its files directly).", ""]
   lines = ["## Stages", "", "| stage | status | time (s) |", "|---|---|---|"]
   # The report stage is writing this page: its own row would always read "not run".
@@ -83,7 +83,7 @@ def _size_label(rows: list[dict], size: str | None) -> str:
 def extraction_section(workdir: str, out_dir: str, state: dict) -> tuple[list[str], dict]:
   """The top candidates by W, the Pareto plot and the extraction audit (when present)."""
   extract_dir = os.path.join(workdir, "extract")
-  result = read_json(os.path.join(extract_dir, "results.json"))
+  result = read_json(os.path.join(extract_dir, rundir.RESULTS))
   lines = ["## Extraction", ""]
   if not result or not result.get("rows"):
     return lines + [f"Extraction: {NOT_RUN}.", ""], {}
@@ -108,8 +108,10 @@ def extraction_section(workdir: str, out_dir: str, state: dict) -> tuple[list[st
                  f"{float(r['w']):.4f} |")
   lines.append("")
   try:
+    budget = result.get("chosen")
+    budget = budget if budget not in (None, result["best"]) else None
     report_plots.pareto(rows, result["best"], _size_label(rows, cost_cfg.get("size")),
-                        cost_label, scale, os.path.join(out_dir, "pareto.png"))
+                        cost_label, scale, os.path.join(out_dir, "pareto.png"), budget)
     lines += ["![Pareto plot](pareto.png)", ""]
   except ValueError as error:
     lines += [f"No Pareto plot: {error}.", ""]
@@ -176,7 +178,7 @@ def speed_models(workdir: str, config: ml_collections.ConfigDict) -> dict:
   models = {}
   for name, sub in (("student", "distill"), ("teacher", "teacher")):
     try:
-      models[name] = export.load_config(os.path.join(workdir, sub, "export"))
+      models[name] = export.load_config(rundir.export_dir(os.path.join(workdir, sub)))
     except (ValueError, OSError):
       continue
   for preset in config.speed_models:
@@ -191,7 +193,7 @@ def measure_speed(workdir: str, config: ml_collections.ConfigDict, out_dir: str)
   if "student" not in models:
     return {}
   # W's and the budget's choice: a model of each shape the student does not have is timed too.
-  choices = report_choice.picks(read_json(os.path.join(workdir, "extract", "results.json")))
+  choices = report_choice.picks(read_json(os.path.join(workdir, "extract", rundir.RESULTS)))
   models.update(report_choice.choice_models(choices, models))
   key = {"models": {k: str(v.arch) for k, v in models.items()}, "batch": int(config.batch),
          "seq_len": int(config.seq_len), "rounds": int(config.rounds)}
@@ -324,7 +326,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       raise ValueError(f"config.{field}={config[field]} must be >= 1")
   out_dir = os.path.join(workdir, REPORT_DIR)
   os.makedirs(out_dir, exist_ok=True)
-  state = read_json(os.path.join(workdir, STATE_FILE)) or {}
+  state = read_json(os.path.join(workdir, rundir.DEMO_STATE)) or {}
   extract_lines, extracted = extraction_section(workdir, out_dir, state)
   distill_lines, distilled = distill_section(workdir, out_dir)
   rows = finetune_rows(finetune_runs(workdir, state))

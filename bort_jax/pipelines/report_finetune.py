@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from bort_jax.pipelines import report_plots
+from bort_jax.runtime import rundir
 from bort_jax.runtime.fileio import read_json
 
 MODELS = ("student", "teacher")
@@ -53,7 +54,7 @@ def finetune_rows(runs: dict[str, list[str]]) -> list[dict]:
   rows: dict[str, dict] = {}
   for model_name, folders in runs.items():
     for folder in folders:
-      path = os.path.join(folder, "population.json")
+      path = os.path.join(folder, rundir.POPULATION)
       population = read_json(path)
       if not population or "metric" not in population:
         continue

@@ -25,18 +25,8 @@ def _figure(width: float, height: float):
 
 
 def _plain(ax, log_x: bool = False, axis: str = "both") -> None:
-  """Plain tick labels (no offset, no 1e6 factor); a log x axis keeps plain numbers too.
-
-  ``axis="y"`` for a plot whose x ticks are names.
-  """
-  from matplotlib.ticker import FuncFormatter, NullFormatter  # pylint: disable=import-outside-toplevel
-  if log_x:
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
-  else:
-    ax.ticklabel_format(axis=axis, useOffset=False, style="plain")
+  """Plain tick labels (``search.report.plain_ticks``) and a light grid."""
+  search_report.plain_ticks(ax, log_x, axis)
   ax.grid(alpha=0.3)
 
 
@@ -46,44 +36,25 @@ def _save(fig, path: str) -> str:
 
 
 def pareto(rows: Sequence[Mapping], chosen: str, size_label: str, cost_label: str,
-           cost_scale: float, path: str) -> str:
-  """Size (as W counts it) and inference cost against the proxy error, Pareto fronts drawn.
+           cost_scale: float, path: str, budget_choice: str | None = None) -> str:
+  """The extraction's Pareto plot (``search.report.front_plot``) from ``results.json`` rows.
 
   Args:
     rows: ``results.json`` rows (``name``, ``p``, ``i``, ``e``, ``w``, ``trained``).
-    chosen: the chosen candidate's name.
+    chosen: W's choice.
     size_label: the x label of the size panel (which count W used).
     cost_label: the x label of the cost panel, in the units after ``cost_scale``.
     cost_scale: factor taking ``i`` to those units (1e-9: FLOPs to GFLOPs).
     path: the PNG.
+    budget_choice: the budget rule's choice (a green diamond), or None.
   """
-  rows = [r for r in rows if r.get("trained") and r.get("e") is not None
-          and np.isfinite(float(r["e"]))]
-  if not rows:
-    raise ValueError("no trained candidate with a finite error to plot")
-  size = np.array([float(r["p"]) / 1e6 for r in rows])
-  cost = np.array([float(r["i"]) * cost_scale for r in rows])
-  err = np.array([float(r["e"]) for r in rows])
-  best = next((k for k, r in enumerate(rows) if r["name"] == chosen), int(np.argmin(err)))
-  fig = _figure(12, 5)
-  for col, (x, label) in enumerate(((size, size_label), (cost, cost_label))):
-    ax = fig.add_subplot(1, 2, col + 1)
-    front = search_report.pareto_front(np.stack([x, err], axis=1))
-    ax.scatter(x, err, s=18, c="0.6", label=f"trained candidates ({len(rows)})", zorder=2)
-    ax.plot(x[front], err[front], "-o", c="tab:blue", ms=6, lw=1.5,
-            label=f"Pareto front ({len(front)})", zorder=3)
-    ax.scatter([x[best]], [err[best]], marker="*", s=260, c="tab:red", edgecolors="k",
-               label="chosen (max W)", zorder=4)
-    ax.annotate(f"{rows[best]['name']}\nW={float(rows[best].get('w') or 0):.3g}",
-                (x[best], err[best]), xytext=(12, 12), textcoords="offset points",
-                fontsize=9, arrowprops={"arrowstyle": "->", "lw": 0.8},
-                bbox={"boxstyle": "round", "fc": "white", "alpha": 0.85})
-    ax.set_xlabel(label)
-    ax.set_ylabel("proxy error e (held-out loss)")
-    _plain(ax, log_x=x.max() / max(x.min(), 1e-12) > 50)
-    search_report.legend_outside(ax)  # above the axes: "upper right" hid a candidate
-  fig.suptitle(f"Extraction: {len(rows)} trained candidates; chosen {rows[best]['name']}")
-  return _save(fig, path)
+  points = [{"name": r["name"], "size": float(r["p"]) / 1e6, "cost": float(r["i"]) * cost_scale,
+             "e": r.get("e"), "w": r.get("w")} for r in rows if r.get("trained")]
+  trained = sum(1 for p in points if p["e"] is not None and np.isfinite(float(p["e"])))
+  return search_report.front_plot(
+      points, chosen, budget_choice, path, size_label, cost_label,
+      f"Extraction: {trained} trained candidates; chosen {budget_choice or chosen}",
+      error_label="proxy error e (held-out loss)")
 
 
 def distill_curves(train: Sequence[tuple[int, float]], heldout: Sequence[tuple[int, float]],

@@ -17,6 +17,7 @@ import os
 import shutil
 from typing import Any
 
+from bort_jax.runtime import fileio, rundir
 from bort_jax.runtime.fileio import atomic_write_text, read_json
 
 PRODUCTS_DIR = "products"
@@ -37,13 +38,11 @@ def _stamp(best: str) -> str:
 
 def copy_student(best: str, out: str) -> str:
   """``best`` copied to ``out`` (atomically) unless ``out`` holds the same model already."""
-  from bort_jax.data import fetch  # pylint: disable=import-outside-toplevel
   from bort_jax.interop import export  # pylint: disable=import-outside-toplevel
-  from bort_jax.runtime import fileio  # pylint: disable=import-outside-toplevel
   params = lambda folder: os.path.join(folder, export.PARAMS_FILE)
   same = (read_json(os.path.join(out, "finetune.json")) == read_json(
       os.path.join(best, "finetune.json")) and os.path.exists(params(out))
-          and fetch.sha256_file(params(out)) == fetch.sha256_file(params(best)))
+          and fileio.sha256_file(params(out)) == fileio.sha256_file(params(best)))
   if not same:
     with fileio.atomic_dir(out) as tmp:
       shutil.copytree(best, tmp, dirs_exist_ok=True)
@@ -75,12 +74,12 @@ def products(workdir: str, state: dict) -> tuple[list[str], list[dict]]:
   lines = ["## Use the student", ""]
   rows = []
   for folder in (state.get("finetune_runs") or {}).get("student", []):
-    meta = read_json(os.path.join(folder, "best", "finetune.json"))
+    meta = read_json(os.path.join(rundir.best_dir(folder), "finetune.json"))
     if not isinstance(meta, dict):
       continue
     task = meta.get("task", "")
     name = task.split("/")[-1] or os.path.basename(folder)
-    best = copy_student(os.path.join(folder, "best"),
+    best = copy_student(rundir.best_dir(folder),
                         os.path.join(workdir, PRODUCTS_DIR, name, "model"))
     hf = export_student(best, os.path.join(workdir, PRODUCTS_DIR, name, "hf"))
     example = EXAMPLES.get(task, '--text "..."')

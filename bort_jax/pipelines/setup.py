@@ -18,7 +18,7 @@ import ml_collections
 
 from bort_jax.core import arch as arch_lib
 from bort_jax.core import inherit as inherit_lib
-from bort_jax.interop import export as export_lib
+from bort_jax.finetune import setup as finetune_setup
 from bort_jax.runtime import sharding
 
 
@@ -35,18 +35,16 @@ def load_teacher(teacher_cfg: ml_collections.ConfigDict) -> tuple[arch_lib.Model
   Returns:
     ``(model config, params)`` with the MLM head, or ``(None, None)`` for kind "none".
   """
-  from bort_jax.interop import convert  # Lazy: only the modes with a teacher need the converter.
   kind = teacher_cfg.get("kind", "none")
   if kind == "none":
     return None, None
   if not teacher_cfg.get("path"):
     raise ValueError(f"config.teacher.kind={kind!r} needs config.teacher.path")
-  if kind == "hf":
-    config, params = convert.load_hf(teacher_cfg.path, with_mlm_head=None)
-  elif kind == "params":
-    config, params = export_lib.load(teacher_cfg.path)
-  else:
+  if kind not in ("hf", "params"):
     raise ValueError(f"unknown config.teacher.kind {kind!r}; use 'hf', 'params' or 'none'")
+  loaded = finetune_setup.load_model(teacher_cfg.path, kind, field="config.teacher.path",
+                                     keep_mlm_head=True)
+  config, params = loaded.config, loaded.params
   if "mlm_head" not in params:
     raise ValueError(f"teacher {teacher_cfg.path} has no MLM head; give it one first with "
                      "`bort-jax teacher-adapt` (the demo does this for all-MiniLM-L6-v2)")
@@ -168,13 +166,19 @@ def make_input(data_cfg: ml_collections.ConfigDict, tokenizer_family: str, seed:
                split: str = "train"):
   """The pretraining input pipeline of ``config.data`` for this process.
 
-  Process 0 builds the corpus dataset (TFDS, array_record) first and the others open it after
-  a barrier, so processes sharing a file system never build it concurrently.
+  Text files (``corpus_files``): process 0 builds the corpus dataset (TFDS, array_record) first
+  and the others open it after a barrier, so processes sharing a file system never build it
+  concurrently; every process packs all documents and reads its rows of the global batch.
+  A TFDS dataset (``corpus_tfds``): each process reads and packs only its share of the records
+  and draws its rows from them, with an order and masking of its own (seeded by seed and
+  process), so no host reads the whole corpus.
 
   Args:
-    data_cfg: ``corpus_files`` (glob patterns), ``data_dir``, optional ``corpus_name``,
-      ``validation_fraction`` (share of documents held out, by a hash of their text) and
-      ``cache_dir``, ``tokenizer``, ``seq_len``, ``global_batch_size``, ``max_predictions``.
+    data_cfg: ``corpus_files`` (glob patterns, local or on a bucket) or ``corpus_tfds`` (with
+      ``corpus_field``, ``corpus_split``, ``download``), ``data_dir``, optional
+      ``corpus_name``, ``validation_fraction`` (share of documents held out, by a hash of
+      their text) and ``cache_dir``, ``tokenizer``, ``seq_len``, ``global_batch_size``,
+      ``max_predictions``.
     tokenizer_family: "bert", "roberta" or "bort".
     seed: the data seed (order and masking).
     split: "train" or "validation".
@@ -182,15 +186,41 @@ def make_input(data_cfg: ml_collections.ConfigDict, tokenizer_family: str, seed:
   Returns:
     ``(pretrain.PretrainInput, tokenizer)``.
   """
-  from bort_jax.data import corpus, pretrain, tokenization  # Lazy: TFDS import is slow.
-  patterns = [p for p in data_cfg.corpus_files if p]
-  files = sorted({f for pattern in patterns for f in glob.glob(os.path.expanduser(pattern))})
-  if not files:
-    raise FileNotFoundError(f"no corpus files match config.data.corpus_files={patterns}")
+  from bort_jax.data import pretrain, tokenization  # pylint: disable=import-outside-toplevel
   if not data_cfg.get("tokenizer"):
     raise ValueError("config.data.tokenizer must name the tokenizer files (a directory)")
   tokenizer = tokenization.load_tokenizer(os.path.expanduser(data_cfg.tokenizer),
                                           tokenizer_family)
+  index, count = jax.process_index(), jax.process_count()
+  if data_cfg.get("corpus_tfds"):
+    source = _tfds_documents(data_cfg, split)
+    # Each process packs its own share: its rows are the whole local batch, ordered and masked
+    # by a seed of its own (one process keeps the run's seed).
+    if data_cfg.global_batch_size % count:
+      raise ValueError(f"config.data.global_batch_size={data_cfg.global_batch_size} is not "
+                       f"divisible by the {count} processes")
+    batch = data_cfg.global_batch_size // count
+    seed = seed if count == 1 else seed * 65536 + index
+    index, count = 0, 1
+  else:
+    source = _file_documents(data_cfg, split)
+    batch = data_cfg.global_batch_size
+  cache_dir = data_cfg.get("cache_dir") or None
+  inputs = pretrain.PretrainInput(
+      source, tokenizer, seq_len=data_cfg.seq_len, global_batch_size=batch, seed=seed,
+      process_index=index, process_count=count,
+      max_predictions=data_cfg.get("max_predictions") or None,
+      cache_dir=os.path.expanduser(cache_dir) if cache_dir else None)
+  return inputs, tokenizer
+
+
+def _file_documents(data_cfg: ml_collections.ConfigDict, split: str):
+  """One split of the corpus built from ``corpus_files`` (built by process 0 first)."""
+  from bort_jax.data import corpus, corpus_sources  # pylint: disable=import-outside-toplevel
+  patterns = [p for p in data_cfg.corpus_files if p]
+  files = corpus_sources.expand(patterns)
+  if not files:
+    raise FileNotFoundError(f"no corpus files match config.data.corpus_files={patterns}")
   name = data_cfg.get("corpus_name", "corpus")
   data_dir = os.path.expanduser(data_cfg.data_dir)
   build = lambda: corpus.build_corpus(
@@ -204,14 +234,24 @@ def make_input(data_cfg: ml_collections.ConfigDict, tokenizer_family: str, seed:
   if split not in sources:
     raise ValueError(f"corpus {name!r} has no {split!r} split (it has {sorted(sources)}); "
                      "add documents or turn evaluation off (config.train.eval_batches=0)")
-  cache_dir = data_cfg.get("cache_dir") or None
-  inputs = pretrain.PretrainInput(
-      sources[split], tokenizer, seq_len=data_cfg.seq_len,
-      global_batch_size=data_cfg.global_batch_size, seed=seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      max_predictions=data_cfg.get("max_predictions") or None,
-      cache_dir=os.path.expanduser(cache_dir) if cache_dir else None)
-  return inputs, tokenizer
+  return sources[split]
+
+
+def _tfds_documents(data_cfg: ml_collections.ConfigDict, split: str) -> list[str]:
+  """This process's documents of one split of the TFDS corpus ``corpus_tfds``."""
+  from bort_jax.data import corpus_sources  # pylint: disable=import-outside-toplevel
+  docs = corpus_sources.tfds_documents(
+      data_cfg.corpus_tfds, field=data_cfg.get("corpus_field", "text"),
+      split=data_cfg.get("corpus_split", "train"),
+      data_dir=os.path.expanduser(data_cfg.data_dir) if data_cfg.get("data_dir") else None,
+      download=bool(data_cfg.get("download", False)), which=split,
+      validation_fraction=float(data_cfg.get("validation_fraction", 0.01)),
+      process_index=jax.process_index(), process_count=jax.process_count())
+  if not docs:
+    raise ValueError(f"config.data.corpus_tfds={data_cfg.corpus_tfds!r}: no {split!r} "
+                     f"documents for process {jax.process_index()}; add documents or turn "
+                     "evaluation off (config.train.eval_batches=0)")
+  return docs
 
 
 # ----------------------------------------------------------------------------- checks
@@ -331,8 +371,15 @@ def _check_paths(config: ml_collections.ConfigDict) -> None:
   data_cfg = config.get("data")
   if data_cfg is None or data_cfg.get("kind", "corpus") != "corpus":
     return
-  patterns = [p for p in data_cfg.corpus_files if p]
-  if not any(glob.glob(os.path.expanduser(p)) for p in patterns):
+  if data_cfg.get("corpus_tfds"):
+    from bort_jax.data import corpus_sources  # pylint: disable=import-outside-toplevel
+    corpus_sources.check_tfds(
+        data_cfg.corpus_tfds, data_cfg.get("corpus_field", "text"),
+        data_cfg.get("corpus_split", "train"),
+        os.path.expanduser(data_cfg.data_dir) if data_cfg.get("data_dir") else None,
+        bool(data_cfg.get("download", False)))
+  elif not any(glob.glob(os.path.expanduser(p)) if "://" not in p else True
+               for p in data_cfg.corpus_files if p):
     raise FileNotFoundError(f"config.data.corpus_files={tuple(data_cfg.corpus_files)!r}: no "
                             "file matches; give glob patterns of text files (the demo's "
                             "come from `bort-jax data fetch`)")

@@ -31,8 +31,9 @@ from typing import Any, Mapping, Sequence
 
 import ml_collections
 
-from bort_jax.runtime import fileio
+from bort_jax.runtime import fileio, rundir
 from bort_jax.runtime.fileio import atomic_write_text, to_jsonable
+from bort_jax.search.report import pareto_front
 from bort_jax.search.select import speed_words
 
 ROLES = ("chosen", "smallest", "near_latency", "lowest_error", "teacher_shaped")
@@ -132,7 +133,7 @@ def _train_one(config, arch: str, workdir: str) -> dict | None:
   from bort_jax.interop import export  # pylint: disable=import-outside-toplevel
   from bort_jax.pipelines import distill  # pylint: disable=import-outside-toplevel
   base = os.path.join(workdir, arch)
-  export_dir = os.path.join(base, "distill", "export")
+  export_dir = rundir.export_dir(os.path.join(base, "distill"))
   if not os.path.exists(os.path.join(export_dir, export.PARAMS_FILE)):
     cfg = copy.deepcopy(config.distill)
     cfg.student.arch, cfg.export_params = arch, True
@@ -142,7 +143,7 @@ def _train_one(config, arch: str, workdir: str) -> dict | None:
   for key, ft in config.finetune.items():
     task = ft.task
     out_dir = os.path.join(base, "finetune", key)
-    path = os.path.join(out_dir, "population.json")
+    path = os.path.join(out_dir, rundir.POPULATION)
     if not os.path.exists(path):
       population_mode.run(_finetune_config(config, key, export_dir), out_dir)
     with open(path) as f:
@@ -186,7 +187,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "message"}`` when a SIGTERM stopped a distillation (a rerun resumes it).
   """
   check_config(config)
-  results = _read_json(os.path.join(config.extract_dir, "results.json"), "extraction result")
+  results = _read_json(os.path.join(config.extract_dir, rundir.RESULTS), "extraction result")
   audit = _read_json(os.path.join(config.extract_dir, "audit.json"), "proxy audit")
   picks = pick_rivals(results, audit, float(config.near_band))
   from bort_jax.pipelines import setup  # pylint: disable=import-outside-toplevel
@@ -217,17 +218,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       row["speedup_vs_teacher"] = reference["latency_ms"] / row["latency_ms"]
   files = write_study(rows, tasks_of(config), workdir, config.latency, reference)
   return {"archs": rows, "files": files}
-
-
-def front(points: Sequence[tuple[float, float]]) -> list[int]:
-  """Indices on the accuracy/latency front: no other point is as fast and at least as good,
-  with one of the two strictly (latency minimised, metric maximised)."""
-  out = []
-  for k, (lat, metric) in enumerate(points):
-    if not any(l2 <= lat and m2 >= metric and (l2 < lat or m2 > metric)
-               for j, (l2, m2) in enumerate(points) if j != k):
-      out.append(k)
-  return out
 
 
 def write_study(rows: Sequence[Mapping], tasks: Sequence[str], workdir: str, latency,
@@ -263,7 +253,7 @@ def write_study(rows: Sequence[Mapping], tasks: Sequence[str], workdir: str, lat
                 for t in tasks if first[t].get("majority") is not None) + ".", ""]
   chosen = next(k for k, r in enumerate(rows) if "chosen" in r["roles"])
   for t in tasks:
-    on = chosen in front([(r["latency_ms"], r["metrics"][t]["mean"]) for r in rows])
+    on = chosen in pareto_front([(r["latency_ms"], -r["metrics"][t]["mean"]) for r in rows])
     lines.append(f"- {t}: the chosen {rows[chosen]['arch']} is "
                  f"{'on' if on else 'NOT on'} the accuracy/latency front")
   atomic_write_text(paths["md"], "\n".join(lines) + "\n")

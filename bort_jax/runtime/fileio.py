@@ -1,4 +1,4 @@
-"""File writing: atomic files and folders, and the one JSON-plain converter.
+"""File I/O: atomic files and folders, the one JSON-plain converter, readers and file hashes.
 
 A reader sees the old file (or folder) or the whole new one, never half of it.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
@@ -243,6 +244,15 @@ def clock(seconds: float, hours: bool = False) -> str:
   if hours:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
   return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+  """Hex SHA-256 of a file, read in 1 MiB chunks."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
 
 
 def read_json(path: str) -> Any:

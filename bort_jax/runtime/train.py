@@ -137,7 +137,11 @@ class MetricsWriter:
     """Keeps the records up to the resumed step (and none torn by the kill), rewritten whole."""
     kept = [r for r in read_jsonl(self.path)
             if isinstance(r, dict) and int(r.get("step", 0)) <= step]
-    atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+    text = "".join(json.dumps(r) + "\n" for r in kept)
+    with open(self.path) as f:
+      if f.read() == text:  # nothing dropped, nothing torn: leave the file as it is
+        return
+    atomic_write_text(self.path, text)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     """Appends ``{"step": step, **metrics}``."""

@@ -19,13 +19,11 @@ logits already computed. It imports nothing from ``pipelines/``; the extraction 
     trainer = PopulationTrainer(base, master_arch, loss_cfg, optim_cfg, error=..., mode=...)
     errors = trainer.train_and_eval(pairs, ProxyData(batches, heldout, teacher, held_teacher))
 
-Measured on the 2-core CPU (``benchmarks/extract.py``, results in
-``benchmarks/results/extract_s3.json`` and ``extract_s30.json``: 72 candidates D1-4/A2,4/H64-256/
-I128-512, vocab 8000, B=8, T=64): with ``max_overhead`` 1.5 the plan has 9 buckets at 1.48x
-padded FLOPs, and the proxy phase at s=3 is 3.9x (map) / 3.7x (vmap) faster end to end than 72
-programs compiled one after another, because compiling dominates (about 4-7 s a program against
-about 0.3 s of running). At s=30 the padded FLOPs start to show and the gain falls to 2.7x (2.0x
-on a loaded machine); past roughly 150 steps a tighter ``max_overhead`` is the better choice.
+Why buckets: compiling a program costs far more than a short proxy run of it on a CPU, so
+a few shared programs beat one per candidate, until a longer proxy makes the padded FLOPs show
+(``max_overhead`` bounds them). ``benchmarks/extract.py`` measures the trade (its results and
+their reading are in ``benchmarks/results/extract_s3.json``, ``extract_s30.json`` and
+docs/EXTRACTION.md).
 
 Inside a bucket the members run under ``jax.vmap`` (accelerators) or ``jax.lax.map`` (one at a
 time inside the same program: on a small CPU vmap adds no throughput, see

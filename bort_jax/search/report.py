@@ -253,11 +253,7 @@ def pareto_front(points: Sequence[Sequence[float]] | np.ndarray) -> list[int]:
 
 def pareto_plot(result, path: str | os.PathLike, size_key: str = "params_effective",
                 size_label: str | None = None, i_label: str = "inference cost") -> str:
-  """Two panels: size vs proxy error and inference cost vs proxy error.
-
-  Only trained candidates with a finite error are plotted. Each panel's Pareto front (both
-  axes minimised) is drawn as a line through highlighted points; W's choice is a red star
-  with its name, the budget rule's choice (when there is a budget) a green diamond.
+  """The extraction's Pareto plot (:func:`front_plot`) of a search result.
 
   Args:
     result: a :class:`bort_jax.search.fptas.Result`.
@@ -269,54 +265,97 @@ def pareto_plot(result, path: str | os.PathLike, size_key: str = "params_effecti
   Returns:
     The path written.
   """
+  rows = [r for r in result.rows if r.trained]
+  has_size = bool(rows) and all(size_key in r.extra for r in rows)
+  points = [{"name": r.name, "size": float(r.extra[size_key]) if has_size else r.p,
+             "cost": r.i, "e": r.e, "w": r.w} for r in rows]
+  untrained = len(result.rows) - len(
+      [r for r in rows if r.e is not None and math.isfinite(r.e)])
+  return front_plot(
+      points, result.best.name, result.chosen.name if result.budget is not None else None,
+      path, size_label or (size_key if has_size else "p (parameters)"), i_label,
+      f"Extraction: {len(result.rows)} candidates, eps={result.eps}, rule {result.rule}, "
+      f"{untrained} not trained or diverged; chosen {result.chosen.name}")
+
+
+def front_plot(points: Sequence[Mapping[str, Any]], w_choice: str, budget_choice: str | None,
+               path: str | os.PathLike, size_label: str, cost_label: str, title: str,
+               error_label: str = "proxy error e") -> str:
+  """Two panels, size and inference cost against the proxy error, each with its Pareto front.
+
+  The one drawing of the extraction's trade-off (the search's ``pareto.png`` and the demo
+  report's). Points with no finite error are left out. Each panel's front (both axes
+  minimised) is a line through highlighted points; W's choice is a red star with its name and
+  W, the budget rule's choice (when given and different) a green diamond. The legend sits
+  above the axes, so it hides no candidate; tick labels are plain numbers.
+
+  Args:
+    points: ``{"name", "size", "cost", "e", "w"}`` per trained candidate.
+    w_choice: the name of W's choice.
+    budget_choice: the budget rule's choice, or None.
+    path: the PNG to write.
+    size_label, cost_label: the x labels.
+    title: the figure's title.
+    error_label: the y label.
+
+  Returns:
+    The path written.
+  """
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
 
-  path = os.fspath(path)
-  rows = [r for r in result.rows if r.trained and r.e is not None and math.isfinite(r.e)]
+  rows = [r for r in points if r.get("e") is not None and math.isfinite(float(r["e"]))]
   if not rows:
     raise ValueError("no trained candidate with a finite error to plot")
-  has_size = all(size_key in r.extra for r in rows)
-  size = np.array([float(r.extra[size_key]) if has_size else r.p for r in rows])
-  cost = np.array([r.i for r in rows])
-  err = np.array([r.e for r in rows])
-  chosen = next(k for k, r in enumerate(rows) if r.name == result.best.name)
-  budget = next((k for k, r in enumerate(rows) if result.budget is not None
-                 and r.name == result.chosen.name), None)
-
+  size = np.array([float(r["size"]) for r in rows])
+  cost = np.array([float(r["cost"]) for r in rows])
+  err = np.array([float(r["e"]) for r in rows])
+  names = [r["name"] for r in rows]
+  chosen = names.index(w_choice) if w_choice in names else int(np.argmin(err))
+  budget = (names.index(budget_choice) if budget_choice in names and budget_choice != w_choice
+            else None)
   fig = Figure(figsize=(12, 5), dpi=110)
   FigureCanvasAgg(fig)
-  panels = [(size, size_label or (size_key if has_size else "p (parameters)")),
-            (cost, i_label)]
-  for col, (x, label) in enumerate(panels):
+  for col, (x, label) in enumerate(((size, size_label), (cost, cost_label))):
     ax = fig.add_subplot(1, 2, col + 1)
     front = pareto_front(np.stack([x, err], axis=1))
-    ax.scatter(x, err, s=18, c="0.6", label=f"trained ({len(rows)})", zorder=2)
+    ax.scatter(x, err, s=18, c="0.6", label=f"trained candidates ({len(rows)})", zorder=2)
     ax.plot(x[front], err[front], "-o", c="tab:blue", ms=6, lw=1.5,
             label=f"Pareto front ({len(front)})", zorder=3)
-    ax.scatter([x[chosen]], [err[chosen]], marker="*", s=260, c="tab:red",
-               edgecolors="k", zorder=4,
-               label="chosen (max W)" if budget is None else "W's choice (max W)")
-    ax.annotate(f"{rows[chosen].name}\nW={rows[chosen].w:.3g}", (x[chosen], err[chosen]),
-                xytext=(12, 12), textcoords="offset points", fontsize=9,
-                arrowprops={"arrowstyle": "->", "lw": 0.8},
+    ax.scatter([x[chosen]], [err[chosen]], marker="*", s=260, c="tab:red", edgecolors="k",
+               zorder=4, label="chosen (max W)" if budget is None else "W's choice (max W)")
+    ax.annotate(f"{names[chosen]}\nW={float(rows[chosen].get('w') or 0):.3g}",
+                (x[chosen], err[chosen]), xytext=(12, 12), textcoords="offset points",
+                fontsize=9, arrowprops={"arrowstyle": "->", "lw": 0.8},
                 bbox={"boxstyle": "round", "fc": "white", "alpha": 0.85})
     if budget is not None:
       ax.scatter([x[budget]], [err[budget]], marker="D", s=110, c="tab:green", edgecolors="k",
                  label="chosen (lowest e under the budget)", zorder=5)
-      ax.annotate(rows[budget].name, (x[budget], err[budget]), xytext=(12, -18),
+      ax.annotate(names[budget], (x[budget], err[budget]), xytext=(12, -18),
                   textcoords="offset points", fontsize=9, color="tab:green")
     ax.set_xlabel(label)
-    ax.set_ylabel("proxy error e")
+    ax.set_ylabel(error_label)
     ax.grid(alpha=0.3)
+    plain_ticks(ax, log_x=x.max() / max(x.min(), 1e-300) > 50)
     legend_outside(ax)
-    if x.max() / max(x.min(), 1e-300) > 50:
-      ax.set_xscale("log")
-  untrained = len(result.rows) - len(rows)
-  fig.suptitle(f"Extraction: {len(result.rows)} candidates, eps={result.eps}, rule "
-               f"{result.rule}, {untrained} not trained or diverged; chosen {result.chosen.name}")
+  fig.suptitle(title)
   fig.tight_layout()
-  return _save(fig, path)
+  return _save(fig, os.fspath(path))
+
+
+def plain_ticks(ax, log_x: bool = False, axis: str = "both") -> None:
+  """Plain tick labels (no offset, no 1e6 factor); a log x axis keeps plain numbers too.
+
+  ``axis="y"`` for a plot whose x ticks are names.
+  """
+  from matplotlib.ticker import FuncFormatter, NullFormatter
+  if log_x:
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+  else:
+    ax.ticklabel_format(axis=axis, useOffset=False, style="plain")
 
 
 def legend_outside(ax, ncol: int = 3) -> None:

@@ -21,7 +21,6 @@ nothing.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 import shutil
@@ -118,13 +117,13 @@ def distilled_cache(cache_dir: str, distill_cfg: ml_collections.ConfigDict, work
   corpus file: distillation is a deterministic function of these (every random choice is one
   of seed and step), so a demo in another workdir with the same inputs copies the student.
   """
+  from bort_jax.data import corpus_sources  # pylint: disable=import-outside-toplevel
   from bort_jax.pipelines import setup  # pylint: disable=import-outside-toplevel
   digest = _with_export(rundir.Digest(config_text(distill_cfg, cache_dir, workdir)),
                         distill_cfg.teacher.path)
   digest.text(setup.resolve_student_arch(str(distill_cfg.student.arch)))
-  for pattern in distill_cfg.data.corpus_files:
-    for path in sorted(glob.glob(os.path.expanduser(pattern))):
-      digest.file(path)
+  for path in corpus_sources.expand(distill_cfg.data.corpus_files):
+    digest.file(path)
   return os.path.join(cache_dir, "distilled", digest.hex(12))
 
 

@@ -8,7 +8,6 @@ of those three steps, so no pipeline borrows its setup from another.
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 from typing import Any, Callable
@@ -243,7 +242,7 @@ def _tfds_documents(data_cfg: ml_collections.ConfigDict, split: str) -> list[str
   docs = corpus_sources.tfds_documents(
       data_cfg.corpus_tfds, field=data_cfg.get("corpus_field", "text"),
       split=data_cfg.get("corpus_split", "train"),
-      data_dir=os.path.expanduser(data_cfg.data_dir) if data_cfg.get("data_dir") else None,
+      data_dir=_tfds_data_dir(data_cfg),
       download=bool(data_cfg.get("download", False)), which=split,
       validation_fraction=float(data_cfg.get("validation_fraction", 0.01)),
       process_index=jax.process_index(), process_count=jax.process_count())
@@ -252,6 +251,11 @@ def _tfds_documents(data_cfg: ml_collections.ConfigDict, split: str) -> list[str
                      f"documents for process {jax.process_index()}; add documents or turn "
                      "evaluation off (config.train.eval_batches=0)")
   return docs
+
+
+def _tfds_data_dir(data_cfg: ml_collections.ConfigDict) -> str | None:
+  """``config.data.data_dir`` for TFDS (None: TFDS's default)."""
+  return os.path.expanduser(data_cfg.data_dir) if data_cfg.get("data_dir") else None
 
 
 # ----------------------------------------------------------------------------- checks
@@ -371,15 +375,13 @@ def _check_paths(config: ml_collections.ConfigDict) -> None:
   data_cfg = config.get("data")
   if data_cfg is None or data_cfg.get("kind", "corpus") != "corpus":
     return
+  from bort_jax.data import corpus_sources  # pylint: disable=import-outside-toplevel
   if data_cfg.get("corpus_tfds"):
-    from bort_jax.data import corpus_sources  # pylint: disable=import-outside-toplevel
     corpus_sources.check_tfds(
         data_cfg.corpus_tfds, data_cfg.get("corpus_field", "text"),
-        data_cfg.get("corpus_split", "train"),
-        os.path.expanduser(data_cfg.data_dir) if data_cfg.get("data_dir") else None,
+        data_cfg.get("corpus_split", "train"), _tfds_data_dir(data_cfg),
         bool(data_cfg.get("download", False)))
-  elif not any(glob.glob(os.path.expanduser(p)) if "://" not in p else True
-               for p in data_cfg.corpus_files if p):
+  elif not corpus_sources.expand(data_cfg.corpus_files):
     raise FileNotFoundError(f"config.data.corpus_files={tuple(data_cfg.corpus_files)!r}: no "
                             "file matches; give glob patterns of text files (the demo's "
                             "come from `bort-jax data fetch`)")

@@ -12,11 +12,21 @@ the workdir's, so any of their fields can be overridden here
 Each task's fine-tuning length and sequence length are ``finetune_tasks.<name>.steps`` /
 ``.seq_len``; ``.student_steps`` (0: ``steps``) gives the student its own length where its
 learning curve levels off later than the teacher's; a non-zero ``finetune.train.total_steps``
-(or ``finetune_teacher``'s) overrides the steps of every task for that model. Args: ``quick`` (the same as ``--quick``: every stage
-shortened, a smoke run of the same path); ``tiny`` (every stage's tiny config on the
-synthetic suite of ``data/tiny_suite.py``, written in place of the fetch: a few minutes on a
-CPU, no network; the notebook's test mode; tests with their own tiny assets set
-``config.fetch=False``).
+(or ``finetune_teacher``'s) overrides the steps of every task for that model.
+
+Your own task in place of the suite: ``task=file:PATH`` (a CSV, TSV or JSON Lines training
+file) or ``task=tfds:NAME[/CONFIG]``, with ``steps=N`` and ``seq_len=N`` (defaults 400 and
+128); it is ``finetune_tasks.own``, so its file settings are ``--config.finetune_tasks.own.files.
+validation=dev.csv`` and so on (the fields of ``finetune.py``'s ``config.files`` /
+``config.tfds``). A config of your own can list several with :func:`own_task`. The pretraining
+stages still use the demo's teacher and corpus; every stage after them (fine-tuning, Agora,
+the report, the products) takes your tasks as it takes the suite's.
+
+Args: ``quick`` (the same as ``--quick``: every stage shortened, a smoke run of the same
+path); ``tiny`` (every stage's tiny config on the synthetic suite of ``data/tiny_suite.py``,
+written in place of the fetch: a few minutes on a CPU, no network; the notebook's test mode;
+tests with their own tiny assets set ``config.fetch=False``); ``task``, ``steps``,
+``seq_len`` (your own task, above).
 """
 
 import ml_collections
@@ -40,6 +50,32 @@ TASKS = {"movie_sentiment": {"steps": 800},
          "bbc_news": {"steps": 200}}
 
 
+OWN_TASK = "own"  # finetune_tasks' key of the task given as ``task=``
+
+
+def own_task(task: str, steps: int = 400, seq_len: int = 128, student_steps: int = 0,
+             max_dev_examples: int = 0, data_dir: str = "") -> ml_collections.ConfigDict:
+  """A ``finetune_tasks`` entry for a task that is not in the demo suite.
+
+  Args:
+    task: ``file:PATH``, ``tfds:NAME[/CONFIG]`` or a registered task name (``glue/sst2``).
+    steps: fine-tuning steps (the teacher's; the student's too unless ``student_steps``).
+    seq_len: tokens per example.
+    student_steps: the student's own length (0: ``steps``).
+    max_dev_examples: dev records scored (0: all).
+    data_dir: the TFDS data folder of a ``tfds:`` or registered task ("" = the demo cache's).
+
+  Returns:
+    The entry, with ``files`` and ``tfds`` blocks holding ``finetune.py``'s defaults (how a
+    file or a TFDS dataset is read; used for a task of that kind).
+  """
+  defaults = finetune.get_config("task=glue/sst2")
+  return ml_collections.ConfigDict({
+      "task": task, "steps": steps, "student_steps": student_steps, "seq_len": seq_len,
+      "max_dev_examples": max_dev_examples, "data_dir": data_dir,
+      "files": defaults.files.to_dict(), "tfds": defaults.tfds.to_dict()})
+
+
 def _finetune_block(tiny: bool, seeds: int) -> ml_collections.ConfigDict:
   """One model's fine-tuning: a population of seeds, dev scores on records spread evenly."""
   config = finetune.get_config(f"task=demo/movie_sentiment,seeds={seeds}"
@@ -55,7 +91,12 @@ def _finetune_block(tiny: bool, seeds: int) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, {"quick": common.FLAG, "tiny": common.FLAG}, "demo.py")
+  args = common.parse_arg(arg, {"quick": common.FLAG, "tiny": common.FLAG,
+                                "task": common.VALUE, "steps": common.INT,
+                                "seq_len": common.INT}, "demo.py")
+  if ("steps" in args or "seq_len" in args) and "task" not in args:
+    raise ValueError("config demo.py: steps= and seq_len= go with task= (your own task); the "
+                     "suite's tasks take --config.finetune_tasks.<name>.steps=N")
   tiny = bool(args.get("tiny"))
   config = ml_collections.ConfigDict()
   config.cache_dir = ""                # "" = $BORT_JAX_CACHE or ~/.cache/bort_jax
@@ -84,11 +125,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # as the labeller; or a comma-separated list of task names; "" = none.
   config.agora_tasks = "auto"
   config.finetune_tasks = ml_collections.ConfigDict(
-      {name: {"steps": 4 if tiny else task["steps"],
+      {name: {"task": "",               # "" = demo/<name>
+              "steps": 4 if tiny else task["steps"],
               "student_steps": 0 if tiny else task.get("student_steps", 0),
               "seq_len": 32 if tiny else finetune.DEMO_SEQ_LEN[f"demo/{name}"],
               "max_dev_examples": 0 if tiny else task.get("max_dev_examples", 0)}
        for name, task in TASKS.items()})
+  if "task" in args:  # your own task in place of the suite
+    config.finetune_tasks = ml_collections.ConfigDict({OWN_TASK: own_task(
+        args["task"], steps=args.get("steps", 4 if tiny else 400),
+        seq_len=args.get("seq_len", 32 if tiny else 128))})
   if tiny:  # one compiled proxy bucket: the extraction's code path, not a search worth reading
     config.extract.space.hidden = (32,)
     config.extract.space.heads = (2,)

@@ -178,6 +178,44 @@ def test_new_workdir_copies_the_adapted_teacher_from_the_cache(finished, cache, 
   assert _numbers(summary) == _numbers(finished["summary"])
 
 
+def test_a_task_of_your_own_runs_through_the_demo(finished, cache, tmp_path,  # pylint: disable=redefined-outer-name
+                                                  capsys):
+  """``configs/demo.py:task=file:PATH``: the user's CSV file in place of the suite, fine-tuned,
+  scored against its majority class, reported and shipped like a suite task."""
+  del finished  # its run filled the cache: the pretraining stages are copied, not run
+  rows = ["text,label"] + [f"{'good fine' if k % 3 else 'bad poor'} {k},"
+                           f"{'pos' if k % 3 else 'neg'}" for k in range(48)]
+  train = tmp_path / "mine" / "train.csv"
+  train.parent.mkdir()
+  train.write_text("\n".join(rows) + "\n")
+  config = cli.load_config(f"configs/demo.py:tiny,task=file:{train}")
+  cli.apply_overrides(config, [(f"config.{k}", str(v)) for k, v in overrides(cache).items()])
+  work = str(tmp_path / "own")
+  capsys.readouterr()
+  summary = demo.run(config, work)
+  out = capsys.readouterr().out
+  assert "distill: the distilled student is in the cache" in out
+  (row,) = summary["finetune"]
+  assert row["task"] == f"file:{train}"
+  assert len(row["student"]["values"]) == 2 and len(row["teacher"]["values"]) == 2
+  # 10% of the rows held out by a hash of their text; the floor is the training majority.
+  assert row["majority"] is not None and 0 < row["dev_records"] < 48
+  state = json.load(open(os.path.join(work, rundir.DEMO_STATE)))
+  assert state["agora"]["own"]["task"] == f"file:{train}" and state["agora"]["own"]["run"]
+  folders = state["finetune_runs"]["student"] + state["finetune_runs"]["teacher"]
+  assert all(os.path.basename(f).startswith("file_train.csv-") for f in folders)
+  model = os.path.join(work, "products", "own", "model")
+  assert json.load(open(os.path.join(model, "finetune.json")))["label_names"] == ["neg", "pos"]
+  id2label = json.load(open(os.path.join(work, "products", "own", "hf", "config.json")))["id2label"]
+  assert sorted(id2label.values()) == ["neg", "pos"]
+  assert f"bort-jax predict --checkpoint {model}" in open(summary["report"]).read()
+  # The cache key follows the file's bytes: an edited file is fine-tuned again.
+  before = [job.folder for job in demo.finetune_jobs(config, work, cache["dir"])]
+  train.write_text("\n".join(rows[:-1]) + "\n")
+  after = [job.folder for job in demo.finetune_jobs(config, work, cache["dir"])]
+  assert not set(before) & set(after)
+
+
 @pytest.mark.slow
 def test_a_workdir_of_another_config_is_refused(finished, cache, capsys):  # pylint: disable=redefined-outer-name
   """A --quick run in the full run's workdir would reuse its stages: refused, nothing run."""

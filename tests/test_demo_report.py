@@ -199,12 +199,14 @@ def test_report_mode_through_the_cli(tmp_path, capsys):
   assert cli_main.main(["report", f"--workdir={work}", "--config.rounds=0"]) == 2
 
 
-def test_majority_scores_use_the_train_majority_on_the_dev_examples():
+def test_the_floor_is_the_train_majority_on_the_dev_examples():
   spec = tasks.get_task("glue/sst2")
   ex = lambda label: casts.Example("text", None, label=label)
   train = [ex(1), ex(1), ex(0)]
   dev = [ex(1), ex(0), ex(0), ex(0)]
-  assert population_mode.majority_scores(spec, train, dev) == {"accuracy": 0.25}
+  assert population_mode.baseline_of(spec, train, dev) == {
+      "answer": "majority class", "value": 1, "scores": {"accuracy": 0.25}}
+  assert population_mode.baseline_of(spec, train, []) == {}
   assert population.progress_line(50, 200, 0.5, 10.0, 50).endswith("elapsed 0:10, eta 0:30")
   assert "(25%)" in population.progress_line(50, 200, 0.5, 10.0, 50)
 
@@ -321,12 +323,12 @@ def test_agora_plan_takes_binary_tasks_whose_teacher_beats_the_bar(tmp_path):
     ("agora_tasks", "movie,bbc_news", "config.agora_tasks='movie,bbc_news': movie not among"),
     ("finetune.agora.min_labeller_accuracy", 1.0, "must be a number in [0, 1)"),
     ("finetune_tasks.word_sense.student_steps", -1, "student_steps=-1 >= 0 (0: steps)")])
-def test_demo_refuses_bad_agora_settings(field, value, message):
+def test_demo_refuses_bad_agora_settings(field, value, message, tmp_path):
   from bort_jax.pipelines import demo
   config = cli_main.cli.load_config("configs/demo.py")
   cli_main.cli.apply_overrides(config, [(f"config.{field}", str(value))])
   with pytest.raises(ValueError, match=re.escape(message)):
-    demo.check_finetune(config)
+    demo.check_finetune(config, str(tmp_path))
 
 
 def test_the_student_gets_its_own_length_where_the_task_gives_one(tmp_path):
@@ -374,7 +376,7 @@ def test_every_demo_variant_passes_its_own_validation(arg, quick, tmp_path):
   config = cli_main.cli.load_config("configs/demo.py" + (f":{arg}" if arg else ""))
   config.quick = quick
   cfg = demo.step_configs(config, str(tmp_path / "work"), str(tmp_path / "cache"))
-  demo.check_configs(config, cfg)
+  demo.check_configs(config, cfg, str(tmp_path / "cache"))
   extract = cfg["extract"]
   assert extract.audit.steps > extract.proxy.steps
   if quick:

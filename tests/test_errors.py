@@ -167,6 +167,12 @@ ROWS = [
     ("demo", "bad-step-field", ["--config.distill.train.log_every=0"], None,
      "config.distill: config.train.log_every=0: must be an integer >= 1"),
     ("demo", "unknown-flag", ["--quik"], None, "unrecognized arguments: --quik"),
+    ("demo", "own-task-missing-column", ["--config=configs/demo.py:task=file:DATA/train.csv",
+                                         "--config.finetune_tasks.own.files.label=stars"],
+     _data_files, "train.csv: no column 'stars' for the label "
+     "(config.finetune_tasks.own.files); the file has sentence, label"),
+    ("demo", "own-task-steps-without-task", ["--config=configs/demo.py:steps=3"], None,
+     "steps= and seq_len= go with task= (your own task)"),
     ("demo", "unknown-agora-task", ["--config.agora_tasks=movie"], None,
      "config.agora_tasks='movie': movie not among the demo's tasks"),
     ("extract", "bad-lrs", ["--config=configs/extract_demo.py:lrs=5e-4/fast"], None,

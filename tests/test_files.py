@@ -55,7 +55,8 @@ def test_integer_labels_keep_numeric_order_and_pairs_take_sentence2(tmp_path):
 def test_regression_and_multiple_choice(tmp_path):
   reg_train = _csv(tmp_path, "r.csv", ["a,0.5", "b,1.25", "c,3"], header="text,score")
   reg = files.register(f"file:{reg_train}", {"label": "score", "held_out": 0.5})
-  assert (reg.kind, reg.num_labels, reg.metrics) == ("regression", 1, ("pearson", "spearman"))
+  assert (reg.kind, reg.num_labels) == ("regression", 1)
+  assert reg.metrics == ("pearson", "spearman", "mse")
   labels = [r["label"] for s in ("train", "validation") for r in tasks.load_split(reg, s)]
   assert sorted(labels) == [0.5, 1.25, 3.0]
   mc_train = _jsonl(tmp_path, "mc.jsonl",
@@ -153,6 +154,12 @@ def test_a_csv_task_and_a_jsonl_pair_task_through_the_cli(tiny, tmp_path, capsys
     best = os.path.join(work, "best")
     meta = json.load(open(os.path.join(best, "finetune.json")))
     assert meta["task"] == f"file:{train}" and meta["files"]["train"] == train
+    if name == "csv":  # the majority class of the training file, scored on the dev file
+      labels = [r.rsplit(",", 1)[1] for r in rows]
+      top = max(sorted(set(labels[:32])), key=labels[:32].count)
+      floor = json.load(open(os.path.join(work, "results.json")))["baseline"]["validation"]
+      assert floor["answer"] == "majority class"
+      assert floor["scores"]["accuracy"] == pytest.approx(labels[32:].count(top) / 8)
     status, out, err = _cli(["evaluate", "--checkpoint", best], capsys)
     assert status == 0, err
     scores = json.loads(out)

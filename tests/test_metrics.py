@@ -117,3 +117,37 @@ def test_bad_inputs_get_clear_errors():
     metrics.record_scores(["x"], [[]])
   with pytest.raises(ValueError, match="unknown task"):
     metrics.compute_metrics("glue/sts", [0.1, 0.2], [0.1, 0.2])
+
+
+def test_mse_matches_sklearn():
+  preds, labels = [0.5, 2.0, 4.0, 1.0], [1.0, 2.5, 3.0, 1.0]
+  assert metrics.mse(preds, labels) == pytest.approx(skm.mean_squared_error(labels, preds))
+
+
+def _regression_task(name):
+  tasks.register_task(tasks.TaskSpec(name=name, builder=None, kind="regression", num_labels=1,
+                                     cast=None, metrics=("pearson", "spearman", "mse"),
+                                     source=lambda split, data_dir=None: []),
+                      overwrite=True)
+
+
+def test_baseline_is_the_train_majority_or_mean_scored_like_the_model():
+  # Classification: the train split's most frequent class, on every metric of the task.
+  floor = metrics.baseline("glue/sst2", [1, 1, 0, -1], [1, 0, 0, 0])
+  assert floor == {"answer": "majority class", "value": 1, "scores": {"accuracy": 0.25}}
+  floor = metrics.baseline("glue/mrpc", [0, 0, 1], [1, 0, 0, 0])
+  assert floor["value"] == 0 and floor["scores"] == pytest.approx(
+      {"accuracy": 0.75, "f1": skm.f1_score([1, 0, 0, 0], [0, 0, 0, 0], zero_division=0)})
+  # Multiple choice: the most frequent correct choice.
+  assert metrics.baseline("race/middle", [2, 2, 1], [2, 0, 3, 2])["scores"] == {"accuracy": 0.5}
+  # Regression: the train mean; a constant has no correlation, so only its mean squared error.
+  _regression_task("test/regression_floor")
+  train, dev = [1.0, 2.0, 6.0], [2.0, 4.0, 3.0]
+  floor = metrics.baseline("test/regression_floor", train, dev)
+  assert floor["answer"] == "training mean" and floor["value"] == pytest.approx(3.0)
+  assert floor["scores"] == {"mse": pytest.approx(skm.mean_squared_error(dev, [3.0] * 3))}
+  # STS-B scores correlations only: no floor is defined for a constant answer.
+  assert metrics.baseline("glue/stsb", train, dev)["scores"] == {}
+  # Nothing to score, or no labelled training row: no floor.
+  assert metrics.baseline("glue/sst2", [-1, -1], [0, 1]) == {}
+  assert metrics.baseline("glue/sst2", [0, 1], []) == {}

@@ -24,8 +24,9 @@ the label ``label``. Kinds:
 
 ``kind = "auto"`` takes multiple choice when ``choices`` is set, regression when a label is a
 number that is not an integer, classification otherwise (integer scores meant as regression
-need ``kind = "regression"``). Metrics: accuracy and macro-F1 (classification), Pearson and
-Spearman (regression), accuracy (multiple choice).
+need ``kind = "regression"``). Metrics: accuracy and macro-F1 (classification), Pearson,
+Spearman and mean squared error (regression), accuracy (multiple choice); the results give the
+score of a constant answer beside them (the majority class, or the training mean).
 
 Bad input (a missing file or column, an empty file, bytes that are not UTF-8, a CSV row with
 more or fewer fields than its header, a label the training file never shows, a regression
@@ -52,8 +53,8 @@ PREFIX = "file:"
 KINDS = ("auto", "classification", "regression", "multiple_choice")
 TEXT_COLUMNS = ("text", "sentence", "sentence1", "question")
 PAIR_COLUMNS = ("text_pair", "sentence2", "hypothesis")
-METRICS = {"classification": ("accuracy", "macro_f1"), "regression": ("pearson", "spearman"),
-           "multiple_choice": ("accuracy",)}
+METRICS = {"classification": ("accuracy", "macro_f1"),
+           "regression": ("pearson", "spearman", "mse"), "multiple_choice": ("accuracy",)}
 
 
 class FileTaskError(ValueError):
@@ -421,6 +422,17 @@ def _as_recorded(layout: Layout, recorded: Mapping[str, Any] | None) -> Layout:
 
 
 _SETTINGS: dict[str, dict] = {}
+
+
+def source_digest(task: FileTask) -> str:
+  """sha256 over the task's files (train, validation, test: each path and its bytes' sha256):
+  what a result on the task was made from, so a cached result goes stale with its data."""
+  sha = hashlib.sha256()
+  for path in (task.train, task.validation, task.test):
+    if path:
+      content = hashlib.sha256(epath.Path(path).read_bytes()).hexdigest()
+      sha.update(f"{path}:{content}\n".encode())
+  return sha.hexdigest()
 
 
 def settings(name: str) -> dict | None:

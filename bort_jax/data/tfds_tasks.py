@@ -20,10 +20,12 @@ dataset's own description:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 from typing import Any, Mapping
 
 import numpy as np
+from etils import epath
 
 from bort_jax.data import files
 from bort_jax.finetune import casts
@@ -32,7 +34,8 @@ from bort_jax.finetune import tasks as tasks_lib
 PREFIX = "tfds:"
 TEXT_FEATURES = ("text", "sentence", "sentence1", "review", "content", "question")
 PAIR_FEATURES = ("sentence2", "hypothesis", "text_pair")
-METRICS = {"classification": ("accuracy", "macro_f1"), "regression": ("pearson", "spearman")}
+METRICS = {"classification": ("accuracy", "macro_f1"),
+           "regression": ("pearson", "spearman", "mse")}
 
 
 class TfdsTaskError(ValueError):
@@ -150,3 +153,24 @@ _SETTINGS: dict[str, dict] = {}
 def settings(name: str) -> dict | None:
   """The ``config.tfds`` a registered TFDS task was read with (kept in ``finetune.json``)."""
   return _SETTINGS.get(name)
+
+
+def source_digest(builder: str, data_dir: str | None) -> str:
+  """sha256 over a prepared TFDS dataset: its ``dataset_info.json`` and every file's name and
+  size (its record files are not read: a catalog dataset can be large). What a result on the
+  dataset was made from, so that a cached result goes stale when it is prepared again.
+
+  Args:
+    builder: the TFDS name (``imdb_reviews``, ``glue/sst2``, ``NAME/CONFIG``).
+    data_dir: the TFDS data folder.
+  """
+  folder = epath.Path(_builder(builder, data_dir).data_dir)
+  sha = hashlib.sha256(builder.encode())
+  if not folder.exists():
+    return sha.hexdigest()  # not prepared: the fine-tuning says so when it reads it
+  for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    sha.update(f"{path.relative_to(folder)}:{path.stat().length}\n".encode())
+  info = folder / "dataset_info.json"
+  if info.exists():
+    sha.update(info.read_bytes())
+  return sha.hexdigest()

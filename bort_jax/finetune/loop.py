@@ -35,6 +35,7 @@ import jax
 import ml_collections
 
 from bort_jax.core import model
+from bort_jax.finetune import metrics as metrics_lib
 from bort_jax.finetune import setup as setup_lib
 from bort_jax.finetune import steps
 from bort_jax.finetune import submission
@@ -190,17 +191,28 @@ def finish(prep: Prepared, compiled: Compiled, config: Any, workdir: str, best: 
   """Scores the best model on every dev split and predicts every test split.
 
   Returns:
-    ``{"task", "best_step", "metric", "dev": {split: scores}, "test": {task:split: scores or
-    {}}, "files": [...], "skipped": {task:split: why}}``.
+    ``{"task", "best_step", "metric", "dev": {split: scores}, "baseline": {split:
+    metrics.baseline (the majority class or the training mean on the same records)}, "test":
+    {task:split: scores or {}}, "files": [...], "skipped": {task:split: why}}``.
   """
   _, params = export_lib.load(rundir.best_dir(workdir))
   params = place(params, compiled.param_shardings)
   seq_len, batch = int(config.seq_len), int(config.eval_batch_size)
   run = lambda split: predict_split(params, compiled, split, prep.tokenizer, seq_len, batch,
                                     prep.mesh)[0]
+  dev = {s.name: run(s) for s in prep.dev}
+  train_labels = [e.label for e in prep.train.examples]
   out = {"task": prep.spec.name, "best_step": best["step"], "metric": best["metric"],
-         "dev": {s.name: score(prep.spec, run(s)) for s in prep.dev}, "test": {},
-         "files": [], "skipped": {}}
+         "dev": {name: score(prep.spec, preds) for name, preds in dev.items()},
+         "baseline": {name: metrics_lib.baseline(prep.spec.name, train_labels, preds.labels,
+                                                 preds.groups)
+                      for name, preds in dev.items()},
+         "test": {}, "files": [], "skipped": {}}
+  for name, floor in out["baseline"].items():
+    if floor and jax.process_index() == 0:
+      shown = ", ".join(f"{k} {out['dev'][name][k]:.4f} ({floor['answer']} {v:.4f})"
+                        for k, v in floor["scores"].items())
+      print(f"dev {name}: {shown}", flush=True)
   if not config.get("predict_test", True):
     return out
   data_dir = os.path.expanduser(config.get("data_dir", "") or "") or None

@@ -93,6 +93,12 @@ def spearman(predictions, labels) -> float:
   return float(stats.spearmanr(p, y)[0])
 
 
+def mse(predictions, labels) -> float:
+  """Mean squared error of a regression (``sklearn.metrics.mean_squared_error``)."""
+  p, y = _floats(predictions, labels)
+  return float(skm.mean_squared_error(y, p))
+
+
 def _group_ids(groups, n: int, metric: str) -> np.ndarray:
   if groups is None:
     raise ValueError(f"{metric} needs groups (one group id per prediction)")
@@ -219,6 +225,8 @@ def compute_metrics(task_name: str, predictions: Sequence, labels: Sequence,
       out[name] = pearson(predictions, labels)
     elif name == "spearman":
       out[name] = spearman(predictions, labels)
+    elif name == "mse":
+      out[name] = mse(predictions, labels)
     elif name == "f1a":  # MultiRC: binary F1 over every answer option
       out[name] = f1(predictions, labels)
     elif name == "em":  # MultiRC: every answer of a question right
@@ -228,3 +236,48 @@ def compute_metrics(task_name: str, predictions: Sequence, labels: Sequence,
     else:
       raise ValueError(f"task {spec.name!r}: unknown metric {name!r}")
   return out
+
+
+# --------------------------------------------------------------------- baselines
+
+# A constant answer has no correlation with anything: of a regression's metrics only these
+# are defined for it.
+_CONSTANT_REGRESSION_METRICS = ("mse",)
+
+
+def baseline(task_name: str, train_labels: Sequence, labels: Sequence,
+             groups: Sequence[int] | None = None) -> dict[str, Any]:
+  """The floor a fine-tuned model must clear: one constant answer, scored like the model.
+
+  The answer is the training split's majority class (classification; the most frequent
+  correct choice of multiple choice) or the training split's mean (regression), scored on
+  ``labels`` with every metric of the task that a constant answer has (a correlation has none,
+  so a regression's floor is its ``mse``).
+
+  Args:
+    task_name: a registered task.
+    train_labels: the training split's labels (unlabelled entries, -1, are skipped).
+    labels: the scored split's gold labels, aligned with ``groups``.
+    groups: as in :func:`compute_metrics`.
+
+  Returns:
+    ``{"answer": "majority class" | "training mean", "value": the answer, "scores": {metric:
+    value}}``, or ``{}`` when the task has no such floor (candidates, ReCoRD) or no labels.
+  """
+  spec = tasks_lib.get_task(task_name)
+  if spec.kind in ("classification", "multiple_choice"):
+    known = [int(y) for y in train_labels if int(y) >= 0]
+    if not known or not len(labels):
+      return {}
+    answer = int(np.bincount(known).argmax())
+    scores = compute_metrics(task_name, [answer] * len(labels), labels, groups)
+    return {"answer": "majority class", "value": answer, "scores": scores}
+  if spec.kind == "regression":
+    known = np.asarray([float(y) for y in train_labels], np.float64)
+    if not known.size or len(labels) < 2:
+      return {}
+    answer = float(known.mean())
+    scores = {name: mse([answer] * len(labels), labels) for name in spec.metrics
+              if name in _CONSTANT_REGRESSION_METRICS}
+    return {"answer": "training mean", "value": answer, "scores": scores}
+  return {}

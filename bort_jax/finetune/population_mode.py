@@ -16,7 +16,6 @@ import os
 from typing import Any, Mapping, Sequence
 
 import jax
-import numpy as np
 
 from bort_jax.finetune import casts
 from bort_jax.finetune import metrics as metrics_lib
@@ -30,23 +29,14 @@ from bort_jax.finetune.prepare import prepare
 from bort_jax.runtime import fileio, rundir
 
 
-def majority_scores(spec: tasks_lib.TaskSpec, train_examples: Sequence[casts.Example],
-                    dev_examples: Sequence[casts.Example]) -> dict:
-  """The dev metrics of always answering the train split's most frequent label.
-
-  The floor a fine-tuned model must clear: the majority class of a classification task, the
-  most frequent correct choice of a multiple-choice one, scored on the same dev examples as
-  the model. Regression and candidate tasks have no such floor (``{}``).
-  """
-  if spec.kind not in ("classification", "multiple_choice") or not dev_examples:
+def baseline_of(spec: tasks_lib.TaskSpec, train_examples: Sequence[casts.Example],
+                dev_examples: Sequence[casts.Example]) -> dict:
+  """``metrics.baseline`` of the train split's labels on the dev examples the members are
+  scored on (``{}`` for a task without such a floor)."""
+  if not dev_examples:
     return {}
-  labels = [int(e.label) for e in train_examples if int(e.label) >= 0]
-  if not labels:
-    return {}
-  majority = int(np.bincount(labels).argmax())
-  gold = [int(e.label) for e in dev_examples]
-  return {k: float(v) for k, v in metrics_lib.compute_metrics(
-      spec.name, [majority] * len(gold), gold).items()}
+  return metrics_lib.baseline(spec.name, [e.label for e in train_examples],
+                              [e.label for e in dev_examples])
 
 
 def best_setting(population: Mapping[str, Any]) -> dict | None:
@@ -89,9 +79,11 @@ def run(config: Any, workdir: str) -> dict:
   history) and checkpoints the population in ``workdir/population`` (resumable).
 
   Returns:
-    ``{"task", "dev_split", "metric", "dev_records", "majority", "settings":
-    summarize(...), "seconds"}``; ``population.json`` adds ``max_dev_examples``,
-    ``total_steps`` and the dev history.
+    ``{"task", "dev_split", "metric", "dev_records", "majority", "baseline", "settings":
+    summarize(...), "seconds"}``: ``baseline`` is ``metrics.baseline`` on the dev records
+    (the majority class or the training mean), ``majority`` its scores when it is the
+    majority class; ``population.json`` adds ``max_dev_examples``, ``total_steps`` and the dev
+    history.
   """
   prep = prepare(config)
   spec, seq_len, dev_split = prep.spec, int(config.seq_len), prep.dev[0]
@@ -107,14 +99,16 @@ def run(config: Any, workdir: str) -> dict:
   if config.population.get("save_best"):
     save_best(prep, config, result, rundir.best_dir(workdir))
   rows = summarize(members, result.metrics)
+  floor = baseline_of(spec, prep.train.examples, dev_split.examples)
   out = {"task": spec.name, "dev_split": dev_split.name, "metric": spec.metrics[0],
          "dev_records": len(dev_split.records),
          "max_dev_examples": int(config.get("max_dev_examples", 0) or 0),
-         "majority": majority_scores(spec, prep.train.examples, dev_split.examples),
+         "majority": floor.get("scores", {}) if floor.get("answer") == "majority class" else {},
+         "baseline": floor,
          "total_steps": prep.total_steps, "settings": rows, "history": result.history,
          "seconds": result.seconds}
   fileio.atomic_write_text(os.path.join(workdir, rundir.POPULATION),
                            json.dumps(fileio.to_jsonable(out), indent=2) + "\n")
   print(format_table(rows, spec.metrics[0]))
   return {k: out[k] for k in ("task", "dev_split", "metric", "dev_records", "majority",
-                              "settings", "seconds")}
+                              "baseline", "settings", "seconds")}

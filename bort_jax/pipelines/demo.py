@@ -190,13 +190,34 @@ def step_configs(config: ml_collections.ConfigDict, workdir: str, cache_dir: str
 # ----------------------------------------------------------------------------- fine-tuning
 
 
+def task_name(config: ml_collections.ConfigDict, key: str) -> str:
+  """The task ``finetune_tasks.<key>`` names: its ``task`` field, or the suite's
+  ``demo/<key>``."""
+  return str(config.finetune_tasks[key].get("task", "") or "") or f"demo/{key}"
+
+
+def _task_data(spec: ml_collections.ConfigDict, name: str, cache_dir: str
+               ) -> tuple[str, dict | None]:
+  """A task's TFDS data folder and how its data is read (``files`` / ``tfds``; None for the
+  suite's and registered tasks)."""
+  data_dir = (os.path.abspath(os.path.expanduser(spec.get("data_dir", "") or ""))
+              if spec.get("data_dir", "") else os.path.join(cache_dir, "tfds"))
+  block = ("files" if name.startswith("file:") else
+           "tfds" if name.startswith("tfds:") else None)
+  settings = spec.get(block) if block else None
+  return data_dir, (settings.to_dict() if settings is not None else None)
+
+
 def finetune_config(config: ml_collections.ConfigDict, model_name: str, task: str,
                     init: str, cache_dir: str) -> ml_collections.ConfigDict:
   """One fine-tuning job's config: the model's block with the task's length and paths."""
   block = config.finetune if model_name == "student" else config.finetune_teacher
   cfg = copy.deepcopy(block)
   spec = config.finetune_tasks[task]
-  cfg.task = f"demo/{task}"
+  cfg.task = task_name(config, task)
+  data_dir, settings = _task_data(spec, cfg.task, cache_dir)
+  if settings is not None:
+    cfg["files" if cfg.task.startswith("file:") else "tfds"].update(settings)
   cfg.seq_len = int(spec.seq_len)
   steps = int(spec.get("student_steps", 0) or 0) if model_name == "student" else 0
   cfg.train.total_steps = int(block.train.total_steps) or steps or int(spec.steps)
@@ -204,7 +225,7 @@ def finetune_config(config: ml_collections.ConfigDict, model_name: str, task: st
     cfg.max_dev_examples = int(spec.max_dev_examples)
   cfg.init.path, cfg.init.kind = init, "params"
   cfg.tokenizer = os.path.join(cache_dir, "teacher")
-  cfg.data_dir = os.path.join(cache_dir, "tfds")
+  cfg.data_dir = data_dir
   if config.quick:
     cfg.train.total_steps = min(cfg.train.total_steps, QUICK_FINETUNE["steps"])
     cfg.population.seeds = min(int(cfg.population.seeds), QUICK_FINETUNE["seeds"])
@@ -214,10 +235,26 @@ def finetune_config(config: ml_collections.ConfigDict, model_name: str, task: st
   return cfg
 
 
-def check_finetune(config: ml_collections.ConfigDict) -> None:
-  """The fine-tuning fields the demo relies on (before anything runs)."""
+def check_finetune(config: ml_collections.ConfigDict, cache_dir: str) -> None:
+  """The fine-tuning fields the demo relies on (before anything runs); a task of your own is
+  read and checked here (its files, columns and labels), and registered."""
+  from bort_jax.finetune import setup as setup_lib  # pylint: disable=import-outside-toplevel
   if not config.finetune_tasks:
     raise ValueError("config.finetune_tasks is empty: the demo fine-tunes on at least one task")
+  names = [task_name(config, key) for key in config.finetune_tasks]
+  if len(set(names)) < len(names):
+    raise ValueError(f"config.finetune_tasks: two entries name the same task "
+                     f"({', '.join(names)}); give each task once")
+  for key, name in zip(config.finetune_tasks, names):
+    if name.startswith("demo/"):
+      continue  # the suite's tasks: registered from the fetched data
+    data_dir, settings = _task_data(config.finetune_tasks[key], name, cache_dir)
+    field = f"config.finetune_tasks.{key}"
+    try:
+      setup_lib.resolve_task(name, field=f"{field}.task", settings=settings, data_dir=data_dir)
+    except setup_lib.InputError as error:  # the file and TFDS readers name config.files/.tfds
+      text = str(error).replace("config.files", f"{field}.files")
+      raise setup_lib.InputError(text.replace("config.tfds", f"{field}.tfds")) from None
   for name in ("finetune", "finetune_teacher"):
     block = config[name]
     if isinstance(block.population.seeds, int) and block.population.seeds < 1:
@@ -317,7 +354,7 @@ def teacher_done(workdir: str) -> bool:
   return rundir.has_export(os.path.join(workdir, "teacher"))
 
 
-def check_configs(config: ml_collections.ConfigDict, cfg: dict) -> None:
+def check_configs(config: ml_collections.ConfigDict, cfg: dict, cache_dir: str) -> None:
   """Every stage's config (all but the paths the earlier stages produce)."""
   from bort_jax.pipelines import distill, extract, setup  # pylint: disable=import-outside-toplevel
   checks = {"adapt": lambda c: (setup.check_config(c, paths=False), distill.adapt_trainable(c)),
@@ -329,7 +366,7 @@ def check_configs(config: ml_collections.ConfigDict, cfg: dict) -> None:
       check(cfg[name])
     except ValueError as error:
       raise ValueError(f"config.{name}: {error}") from error
-  check_finetune(config)
+  check_finetune(config, cache_dir)
   for field in ("batch", "seq_len", "rounds"):
     if int(config.report[field]) < 1:
       raise ValueError(f"config.report.{field}={config.report[field]} must be >= 1")
@@ -360,7 +397,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       config.cache_dir or (os.path.join(workdir, "tiny_suite") if tiny
                            else fetch.default_cache_dir())))
   cfg = step_configs(config, workdir, cache_dir)
-  check_configs(config, cfg)
+  check_configs(config, cfg, cache_dir)
   os.makedirs(workdir, exist_ok=True)
   state = State(workdir)
   hashes = {name: config_hash(cfg[key], workdir, cache_dir)
@@ -399,6 +436,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   jobs = finetune_jobs(config, workdir, cache_dir)
   state.data["finetune_runs"] = {m: [job.folder for job in jobs if job.model == m]
                                  for m in ("student", "teacher")}
+  state.data["task_keys"] = {job.config.task: job.task for job in jobs}
   state.save()
   run_stage(state, "finetune", "fine-tune the student and the teacher on the demo tasks",
             all(job.done() for job in jobs),

@@ -22,7 +22,8 @@ REFUSED_FILE = "refused.json"  # in an Agora folder: why Agora refused the task 
 
 
 def agora_plan(config: ml_collections.ConfigDict, jobs: list) -> dict[str, dict]:
-  """``{task: {"run": bool, "reason": str, "folder", "labeller"}}`` for every demo task.
+  """``{key: {"task", "run": bool, "reason": str, "folder", "labeller"}}`` for every task of
+  ``config.finetune_tasks`` (``task`` its full name, :func:`demo.task_name`).
 
   ``config.agora_tasks``: ``"auto"`` takes the binary classification tasks whose fine-tuned
   teacher scores a dev accuracy above ``config.finetune.agora.min_labeller_accuracy`` (Agora's
@@ -33,15 +34,16 @@ def agora_plan(config: ml_collections.ConfigDict, jobs: list) -> dict[str, dict]
   """
   from bort_jax.finetune import tasks as tasks_lib  # pylint: disable=import-outside-toplevel
   folders = {(job.model, job.task): job.folder for job in jobs}
+  names = {job.task: job.config.task for job in jobs}
   wanted = str(config.agora_tasks).strip()
   named = {t.strip() for t in wanted.split(",") if t.strip()} if wanted != "auto" else set()
   threshold = float(config.finetune.agora.min_labeller_accuracy)
   plan = {}
   for task in config.finetune_tasks:
     teacher = folders[("teacher", task)]
-    entry = {"folder": folders[("student", task)] + AGORA_SUFFIX,
+    entry = {"task": names[task], "folder": folders[("student", task)] + AGORA_SUFFIX,
              "labeller": rundir.best_dir(teacher)}
-    spec = tasks_lib.get_task(f"demo/{task}")
+    spec = tasks_lib.get_task(names[task])
     accuracy = _teacher_accuracy(teacher)
     if wanted != "auto":
       entry.update(run=task in named, reason="" if task in named else

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 from typing import Callable
 
@@ -194,21 +195,47 @@ class Job:
     return fileio.read_json(os.path.join(self.folder, rundir.POPULATION)) is not None
 
 
+def task_digest(cfg: ml_collections.ConfigDict) -> str:
+  """What a fine-tuning job's data was made from: a suite task's source files, a file task's
+  files (``config.files``), a TFDS dataset's prepared folder (``tfds:`` and registered
+  tasks, under ``config.data_dir``)."""
+  # pylint: disable-next=import-outside-toplevel
+  from bort_jax.data import demo as demo_data, files, tfds_tasks
+  from bort_jax.finetune import tasks as tasks_lib  # pylint: disable=import-outside-toplevel
+  name = str(cfg.task)
+  if name.startswith("demo/"):
+    return demo_data.source_digest(name, os.path.dirname(cfg.data_dir))
+  if name.startswith(files.PREFIX):
+    return files.source_digest(files.FileTask.from_config(name[len(files.PREFIX):],
+                                                          cfg.files.to_dict()))
+  builder = (name[len(tfds_tasks.PREFIX):] if name.startswith(tfds_tasks.PREFIX)
+             else tasks_lib.get_task(name).builder)
+  return tfds_tasks.source_digest(builder, cfg.data_dir)
+
+
+def _folder_name(task: str) -> str:
+  """A task name as a folder name: ``demo_movie_sentiment``; a file task by its file
+  (``file_train.csv``), a TFDS task by its name."""
+  if task.startswith("file:"):
+    task = "file_" + os.path.basename(task[len("file:"):].rstrip("/"))
+  return re.sub(r"[^A-Za-z0-9_.-]+", "_", task).strip("_")[:60] or "task"
+
+
 def finetuned_cache(cache_dir: str, init_export: str, cfg: ml_collections.ConfigDict) -> str:
   """``CACHE/finetuned/<task>-<hash>``: where a fine-tuning job of the demo runs and is kept.
 
-  The hash covers the job's config (its data and tokenizer paths left out; the task's source
-  digest in their place) and the export it starts from (its parameters and model config), so a
-  later demo with the same model finds its runs again, and a run with another length or seed
-  count (``--quick`` and a full run) gets its own folder.
+  The hash covers the job's config (its data and tokenizer paths left out; the task's data
+  digest, :func:`task_digest`, in their place) and the export it starts from (its parameters
+  and model config), so a later demo with the same model finds its runs again, a run with
+  another length or seed count (``--quick`` and a full run) gets its own folder, and a task
+  whose data changed is fine-tuned again.
   """
-  from bort_jax.data import demo as demo_data  # pylint: disable=import-outside-toplevel
   keyed = cfg.to_dict()
   keyed.pop("data_dir", None)
-  keyed["data"] = demo_data.source_digest(cfg.task, os.path.dirname(cfg.data_dir))
+  keyed["data"] = task_digest(cfg)
   keyed.pop("tokenizer", None)
   keyed["init"] = {"kind": cfg.init.kind,
                    "params": fileio.sha256_file(os.path.join(init_export, export.PARAMS_FILE)),
                    "config": export.load_config(init_export).to_dict()}
   digest = rundir.Digest().json(keyed).hex(12)
-  return os.path.join(cache_dir, "finetuned", f"{cfg.task.replace('/', '_')}-{digest}")
+  return os.path.join(cache_dir, "finetuned", f"{_folder_name(str(cfg.task))}-{digest}")

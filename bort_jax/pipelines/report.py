@@ -334,8 +334,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   head = headline(rows, speed)
   lines = ["# bort_jax demo report", "", headline_text(head), ""]
   lines += stages_section(state) + extract_lines + distill_lines
-  skipped = {f"demo/{task}": entry["reason"] for task, entry in (state.get("agora") or {}).items()
-             if not entry.get("run")}
+  skipped = {entry.get("task") or f"demo/{key}": entry["reason"]
+             for key, entry in (state.get("agora") or {}).items() if not entry.get("run")}
   lines += finetune_section(rows, out_dir, skipped) + speed_section(speed, config)
   product_lines, made = report_products.products(workdir, state)
   lines += product_lines

@@ -78,7 +78,8 @@ def products(workdir: str, state: dict) -> tuple[list[str], list[dict]]:
     if not isinstance(meta, dict):
       continue
     task = meta.get("task", "")
-    name = task.split("/")[-1] or os.path.basename(folder)
+    # The demo's name for the task (finetune_tasks' key: "own" for a task of your own).
+    name = (state.get("task_keys") or {}).get(task) or task.split("/")[-1] or "task"
     best = copy_student(rundir.best_dir(folder),
                         os.path.join(workdir, PRODUCTS_DIR, name, "model"))
     hf = export_student(best, os.path.join(workdir, PRODUCTS_DIR, name, "hf"))

@@ -110,7 +110,8 @@ def student_init(config: ml_collections.ConfigDict) -> None:
 
 
 def corpus_tfds(data: ml_collections.ConfigDict) -> None:
-  """Adds the fields of a TFDS corpus read by name to ``config.data`` (off: empty name).
+  """Adds the fields of a TFDS corpus read by name, and of streaming, to ``config.data`` (off:
+  an empty name; 0).
 
   Set, it is read instead of ``corpus_files``: e.g. ``--config.data.corpus_tfds=wikipedia/
   20230601.en`` with the dataset prepared under ``config.data.data_dir``.
@@ -119,6 +120,8 @@ def corpus_tfds(data: ml_collections.ConfigDict) -> None:
   data.corpus_field = "text"   # the feature that holds a document's text
   data.corpus_split = "train"  # the TFDS split read; validation is held out by a text hash
   data.download = False        # let TFDS download and prepare a dataset that is not there
+  data.stream_window = 0       # > 0: stream the corpus (files or TFDS), this many documents a
+                               # window per process (data/stream.py); 0: pack all at the start
 
 
 def optim(lr: float, warmup: float) -> ml_collections.ConfigDict:

@@ -8,8 +8,9 @@ files with documents separated by blank lines; the tokenizer is RoBERTa's vocab.
         --config.teacher.path=/data/roberta-large --config.data.tokenizer=/data/roberta-large \\
         --config.data.corpus_files='("gs://BUCKET/corpus/*.txt",)'
 
-or, with a TFDS text dataset prepared under ``config.data.data_dir`` (each host then reads
-only its share of the records):
+or, with a TFDS text dataset prepared under ``config.data.data_dir``. Either corpus is streamed
+(``config.data.stream_window``): each host reads only its share of the records, a window of
+4,096 documents at a time, so no host holds the corpus or its token ids:
 
     bort-jax distill --config=configs/pretrain_bort.py --workdir=gs://BUCKET/bort \
         --config.teacher.path=/data/roberta-large --config.data.tokenizer=/data/roberta-large \
@@ -46,6 +47,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   config.data.corpus_files = ("",)     # glob patterns of text files
   common.corpus_tfds(config.data)     # or a TFDS dataset by name
+  config.data.stream_window = 4096     # a corpus of this size is streamed, 4,096 documents a
+                                       # window per host, never packed whole in any host
   config.data.data_dir = "/tmp/bort_jax_tfds"  # where the corpus builder writes array_record
   config.data.tokenizer = ""           # directory with vocab.json + merges.txt
   config.data.seq_len = 512

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from etils import epath
 
@@ -120,13 +120,21 @@ def tfds_documents(name: str, *, field: str = "text", split: str = "train",
     CorpusSourceError: an unknown dataset, one not prepared, or a field that is not there.
   """
   source = check_tfds(name, field, split, data_dir, download)
-  docs = []
-  for i in process_share(len(source), process_index, process_count):
-    value = source[i][field]
+  text_of = document_reader(field, which, validation_fraction)
+  texts = (text_of(source[i]) for i in process_share(len(source), process_index, process_count))
+  return [t for t in texts if t]
+
+
+def document_reader(field: str, which: str, validation_fraction: float
+                    ) -> Callable[[Any], str | None]:
+  """``record -> text``: a TFDS record's document as a text file's document holds it (lines
+  stripped, blank ones dropped, so the same text from a file or from TFDS lands in the same
+  split and packs the same way), or None when it is empty or in the other hash split."""
+
+  def text_of(record: Any) -> str | None:
+    value = record[field]
     value = value.decode("utf-8") if isinstance(value, bytes) else str(value)
-    # Lines as a text file's document holds them (stripped, no blank ones), so the same text
-    # from a file or from TFDS lands in the same split and packs the same way.
     text = "\n".join(line.strip() for line in value.splitlines() if line.strip())
-    if text and corpus_lib.split_of(text, validation_fraction) == which:
-      docs.append(text)
-  return docs
+    return text if text and corpus_lib.split_of(text, validation_fraction) == which else None
+
+  return text_of

@@ -83,15 +83,16 @@ def _chunks(lines: list[list[int]], max_content: int) -> Iterator[list[list[int]
     yield chunk
 
 
-def pack_documents(docs: Sequence[str], tokenizer: Tokenizer, seq_len: int, seed: int = 0
-                   ) -> PackedExamples:
+def pack_documents(docs: Sequence[str], tokenizer: Tokenizer, seq_len: int,
+                   seed: int | Sequence[int] = 0) -> PackedExamples:
   """Tokenises documents and cuts them into segment pairs of at most ``seq_len`` tokens.
 
   Args:
     docs: document texts, lines separated by "\\n".
     tokenizer: the family's tokenizer (fixes the specials and the pair template).
     seq_len: sequence length T, specials included.
-    seed: seeds where each chunk is cut into A and B.
+    seed: seeds where each chunk is cut into A and B (an int, or a sequence of ints: a
+      streamed window's (seed, epoch, window)).
 
   Returns:
     :class:`PackedExamples`.
@@ -103,7 +104,7 @@ def pack_documents(docs: Sequence[str], tokenizer: Tokenizer, seq_len: int, seed
   doc_lines = [[ln for ln in d.split("\n") if ln.strip()] for d in docs]
   flat = [ln for lines in doc_lines for ln in lines]
   flat_ids = tokenizer.encode_many(flat) if flat else []
-  rng = np.random.default_rng([seed, _PACK])
+  rng = np.random.default_rng([*np.atleast_1d(np.asarray(seed, np.int64)).tolist(), _PACK])
 
   rows, types, lengths, doc_index = [], [], [], []
   offset = 0
@@ -198,7 +199,58 @@ def mask_row(rng: np.random.Generator, ids: np.ndarray, candidates: np.ndarray,
   return out, positions, labels
 
 
-class PretrainInput:
+def masked_batch(ids: np.ndarray, token_type_ids: np.ndarray, lengths: np.ndarray, *,
+                 tokenizer: Tokenizer, replacement_ids: np.ndarray, seed: int, step: int,
+                 first_row: int, max_predictions: int, mask_rate: float
+                 ) -> dict[str, np.ndarray]:
+  """Packed rows made a masked-LM batch: row ``r`` masked by a generator seeded by (seed,
+  step, ``first_row + r``), BERT's recipe (:func:`mask_row`).
+
+  Args:
+    ids, token_type_ids: int32 [B, T] packed rows; lengths: int32 [B] real tokens per row.
+    first_row: the global index of the first row (this process's offset in the global batch).
+
+  Returns:
+    ``input_ids, attention_mask, token_type_ids`` [B, T], ``masked_positions,
+    masked_labels`` [B, P] (int32) and ``masked_weights`` [B, P] (float32).
+  """
+  seq_len = ids.shape[1]
+  attention = (np.arange(seq_len)[None, :] < lengths[:, None]).astype(np.int32)
+  maskable = (attention == 1) & ~np.isin(ids, tokenizer.special_ids)
+  b, p = len(ids), max_predictions
+  positions = np.zeros((b, p), np.int32)
+  labels = np.full((b, p), tokenizer.pad_id, np.int32)
+  weights = np.zeros((b, p), np.float32)
+  out = np.empty_like(ids)
+  for r in range(b):
+    rng = np.random.default_rng([seed, _MASK, step, first_row + r])
+    out[r], pos, lab = mask_row(rng, ids[r], np.flatnonzero(maskable[r]), replacement_ids,
+                                tokenizer.mask_id, p, mask_rate)
+    positions[r, :len(pos)] = pos
+    labels[r, :len(pos)] = lab
+    weights[r, :len(pos)] = 1.0
+  return dict(input_ids=out, attention_mask=attention, token_type_ids=token_type_ids,
+              masked_positions=positions, masked_labels=labels, masked_weights=weights)
+
+
+class BatchStream:
+  """Batches by step: a subclass gives ``batch(step)``; iteration runs from a step on."""
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    raise NotImplementedError
+
+  def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Batches from ``start_step`` on, endlessly (resume = start at the restored step)."""
+    step = start_step
+    while True:
+      yield self.batch(step)
+      step += 1
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self.iterate(0)
+
+
+class PretrainInput(BatchStream):
   """Masked-LM batches for one process, random access by step.
 
   Args:
@@ -289,34 +341,8 @@ class PretrainInput:
     if step < 0:
       raise ValueError(f"step must be >= 0, got {step}")
     rows = self.example_indices(step)
-    ids = self.examples.input_ids[rows]
-    lengths = self.examples.lengths[rows]
-    attention = (np.arange(self.seq_len)[None, :] < lengths[:, None]).astype(np.int32)
-    maskable = (attention == 1) & ~np.isin(ids, self.tokenizer.special_ids)
-    b, p = len(rows), self.max_predictions
-    positions = np.zeros((b, p), np.int32)
-    labels = np.full((b, p), self.tokenizer.pad_id, np.int32)
-    weights = np.zeros((b, p), np.float32)
-    out = np.empty_like(ids)
-    first_row = self.process_index * self.local_batch_size
-    for r in range(b):
-      rng = np.random.default_rng([self.seed, _MASK, step, first_row + r])
-      out[r], pos, lab = mask_row(rng, ids[r], np.flatnonzero(maskable[r]),
-                                  self.replacement_ids, self.tokenizer.mask_id, p,
-                                  self.mask_rate)
-      positions[r, :len(pos)] = pos
-      labels[r, :len(pos)] = lab
-      weights[r, :len(pos)] = 1.0
-    return dict(input_ids=out, attention_mask=attention,
-                token_type_ids=self.examples.token_type_ids[rows],
-                masked_positions=positions, masked_labels=labels, masked_weights=weights)
-
-  def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Batches from ``start_step`` on, endlessly (resume = start at the restored step)."""
-    step = start_step
-    while True:
-      yield self.batch(step)
-      step += 1
-
-  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    return self.iterate(0)
+    return masked_batch(self.examples.input_ids[rows], self.examples.token_type_ids[rows],
+                        self.examples.lengths[rows], tokenizer=self.tokenizer,
+                        replacement_ids=self.replacement_ids, seed=self.seed, step=step,
+                        first_row=self.process_index * self.local_batch_size,
+                        max_predictions=self.max_predictions, mask_rate=self.mask_rate)

@@ -38,10 +38,21 @@ from bort_jax.runtime.fileio import to_jsonable
 RUN_RECORD = ("config.json", "metrics.jsonl")
 
 
+# Fields added after caches were keyed, at the value that leaves a run as it was: left out of
+# the keys, so that caches and workdirs made before them stay valid.
+_NEUTRAL = {"data": {"stream_window": 0}}
+
+
 def config_text(cfg: ml_collections.ConfigDict, cache_dir: str, workdir: str = "") -> str:
   """A config as sorted JSON with the workdir's and the cache's own paths left out, so a
-  moved or copied workdir (or cache) keys the same (the text the hashes below are of)."""
-  text = json.dumps(to_jsonable(cfg.to_dict()), sort_keys=True)
+  moved or copied workdir (or cache) keys the same (the text the hashes below are of), and
+  the fields of ``_NEUTRAL`` left out at their neutral values."""
+  keyed = cfg.to_dict()
+  for block, fields in _NEUTRAL.items():
+    for name, value in fields.items():
+      if isinstance(keyed.get(block), dict) and keyed[block].get(name, value) == value:
+        keyed[block].pop(name, None)
+  text = json.dumps(to_jsonable(keyed), sort_keys=True)
   if workdir:
     text = text.replace(workdir, "<workdir>")
   return text.replace(cache_dir, "<cache>")

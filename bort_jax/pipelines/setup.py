@@ -8,6 +8,7 @@ of those three steps, so no pipeline borrows its setup from another.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any, Callable
@@ -170,7 +171,9 @@ def make_input(data_cfg: ml_collections.ConfigDict, tokenizer_family: str, seed:
   concurrently; every process packs all documents and reads its rows of the global batch.
   A TFDS dataset (``corpus_tfds``): each process reads and packs only its share of the records
   and draws its rows from them, with an order and masking of its own (seeded by seed and
-  process), so no host reads the whole corpus.
+  process), so no host reads the whole corpus. ``stream_window`` > 0 streams either kind
+  instead (``data/stream.py``): each process reads its share a window of that many records at
+  a time and never holds the share's text or token ids.
 
   Args:
     data_cfg: ``corpus_files`` (glob patterns, local or on a bucket) or ``corpus_tfds`` (with
@@ -183,7 +186,7 @@ def make_input(data_cfg: ml_collections.ConfigDict, tokenizer_family: str, seed:
     split: "train" or "validation".
 
   Returns:
-    ``(pretrain.PretrainInput, tokenizer)``.
+    ``(pretrain.PretrainInput or stream.StreamedInput, tokenizer)``.
   """
   from bort_jax.data import pretrain, tokenization  # pylint: disable=import-outside-toplevel
   if not data_cfg.get("tokenizer"):
@@ -191,6 +194,8 @@ def make_input(data_cfg: ml_collections.ConfigDict, tokenizer_family: str, seed:
   tokenizer = tokenization.load_tokenizer(os.path.expanduser(data_cfg.tokenizer),
                                           tokenizer_family)
   index, count = jax.process_index(), jax.process_count()
+  if int(data_cfg.get("stream_window", 0) or 0) > 0:
+    return _streamed_input(data_cfg, tokenizer, seed, split), tokenizer
   if data_cfg.get("corpus_tfds"):
     source = _tfds_documents(data_cfg, split)
     # Each process packs its own share: its rows are the whole local batch, ordered and masked
@@ -211,6 +216,42 @@ def make_input(data_cfg: ml_collections.ConfigDict, tokenizer_family: str, seed:
       max_predictions=data_cfg.get("max_predictions") or None,
       cache_dir=os.path.expanduser(cache_dir) if cache_dir else None)
   return inputs, tokenizer
+
+
+def _streamed_input(data_cfg: ml_collections.ConfigDict, tokenizer, seed: int, split: str):
+  """``stream.StreamedInput`` over this process's share of the corpus (``stream_window``)."""
+  # pylint: disable-next=import-outside-toplevel
+  from bort_jax.data import corpus, corpus_sources, stream
+  index, count = jax.process_index(), jax.process_count()
+  if data_cfg.global_batch_size % count:
+    raise ValueError(f"config.data.global_batch_size={data_cfg.global_batch_size} is not "
+                     f"divisible by the {count} processes")
+  fraction = float(data_cfg.get("validation_fraction", 0.01))
+  if data_cfg.get("corpus_tfds"):
+    field = data_cfg.get("corpus_field", "text")
+    source = corpus_sources.check_tfds(
+        data_cfg.corpus_tfds, field, data_cfg.get("corpus_split", "train"),
+        _tfds_data_dir(data_cfg), bool(data_cfg.get("download", False)))
+    text_of = corpus_sources.document_reader(field, split, fraction)
+    key = ["tfds", data_cfg.corpus_tfds, field, data_cfg.get("corpus_split", "train")]
+  else:  # the corpus built from the files, already split in two
+    source = _file_documents(data_cfg, split)
+    text_of = lambda record: corpus.documents([record])[0] if record else None
+    key = ["files", corpus.fingerprint(corpus_sources.expand(
+        [p for p in data_cfg.corpus_files if p]), fraction)]
+  share = stream.DocumentShare(source, corpus_sources.process_share(len(source), index, count),
+                               text_of)
+  if not len(share):
+    raise ValueError(f"config.data: the {split!r} corpus has no record for process {index} of "
+                     f"{count}; add documents or turn evaluation off "
+                     "(config.train.eval_batches=0)")
+  cache_dir = data_cfg.get("cache_dir") or None
+  return stream.StreamedInput(
+      share, tokenizer, data_cfg.seq_len, data_cfg.global_batch_size // count,
+      seed=seed if count == 1 else seed * 65536 + index, window=int(data_cfg.stream_window),
+      max_predictions=data_cfg.get("max_predictions") or None,
+      cache_dir=os.path.expanduser(cache_dir) if cache_dir else None,
+      key=json.dumps(key + [split, fraction, index, count, len(source)]))
 
 
 def _file_documents(data_cfg: ml_collections.ConfigDict, split: str):

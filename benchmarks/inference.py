@@ -9,23 +9,35 @@ padding, batch 1 and 8):
   / ``RobertaModel`` in eager PyTorch (``torch.set_num_threads``), and when onnxruntime is too,
   those models exported with ``torch.onnx.export`` (opset 17) and run by ONNX Runtime.
 
-All contenders are timed interleaved (round-robin, several rounds, median), so the ratios
-compare like with like on a shared machine. Next to the latencies: the BERT-large / Bort
-speed-up beside the FLOP ratio, achieved GFLOP/s and the share of a measured float32 matmul
-ceiling, and the JAX / PyTorch and JAX / ONNX Runtime latency ratios.
+How the runtimes are kept apart: each runtime runs alone in a process of its own (``--worker
+RUNTIME``), so that no runtime's thread pool takes the cores from another's next call (ONNX
+Runtime's intra-op threads keep spinning after a call, on by default, and OpenMP's do too:
+interleaving runtimes in one process once made JAX look 50-60% slower than it is). In a
+worker, each (model, batch) runs one warm-up call and then ``--calls`` calls back to back, the
+steady state of a server of that one model. The parent runs ``--process-rounds`` rounds of one
+worker per runtime, in an order that rotates from round to round (``--reverse`` reverses it:
+the ranking must not depend on the order), and pools each contender's calls over the rounds:
+median and IQR. The output records the isolation (method, each round's worker order).
+
+Next to the latencies: the BERT-large / Bort speed-up beside the FLOP ratio, achieved GFLOP/s
+and the share of a float32 matmul ceiling measured in the JAX worker, and the JAX / PyTorch
+and JAX / ONNX Runtime latency ratios.
 
 Run it in an environment with the ``parity`` extra (torch, transformers, onnxruntime; without
 them only the JAX rows are measured):
 
     python3 -m venv .venv && .venv/bin/pip install -e '.[parity]'
     .venv/bin/python benchmarks/inference.py --out benchmarks/results/inference.json
-    .venv/bin/python benchmarks/inference.py --quick    # smoke run, ~1 minute
+    .venv/bin/python benchmarks/inference.py --quick    # smoke run, a few minutes
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -117,12 +129,14 @@ def _onnx_contenders(models, batches, seq_len, threads, workdir, log) -> tuple[d
     path = os.path.join(workdir, f"{name}.onnx")
     ids, mask = _torch_inputs(name, 1, seq_len)
     start = time.perf_counter()
-    # The TorchScript exporter (dynamo=False): the dynamo one needs onnxscript.
-    torch.onnx.export(LastHidden(model).eval(), (ids, mask), path, opset_version=17,
-                      dynamo=False,
-                      input_names=["input_ids", "attention_mask"],
-                      output_names=["last_hidden_state"],
-                      dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}})
+    if not os.path.exists(path):  # exported in the first process round, kept for the others
+      # The TorchScript exporter (dynamo=False): the dynamo one needs onnxscript.
+      torch.onnx.export(LastHidden(model).eval(), (ids, mask), path, opset_version=17,
+                        dynamo=False,
+                        input_names=["input_ids", "attention_mask"],
+                        output_names=["last_hidden_state"],
+                        dynamic_axes={"input_ids": {0: "batch"},
+                                      "attention_mask": {0: "batch"}})
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -158,49 +172,108 @@ def _parse(argv):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", help="also write the JSON here")
   parser.add_argument("--quick", action="store_true",
-                      help="smoke run: bort and bert-base, batch 1, 3 rounds")
+                      help="smoke run: bort and bert-base, batch 1, 2 rounds of 3 calls")
   parser.add_argument("--models", nargs="+", default=None, help=f"default: {MODELS}")
   parser.add_argument("--batches", nargs="+", type=int, default=None, help="default: 1 8")
   parser.add_argument("--seq-len", type=int, default=128)
-  parser.add_argument("--rounds", type=int, default=None, help="default 5 (quick: 3)")
+  parser.add_argument("--process-rounds", type=int, default=None,
+                      help="rounds of one process per runtime (default 3; quick: 2)")
+  parser.add_argument("--calls", type=int, default=None,
+                      help="timed calls per model and batch in each process (default 7; "
+                           "quick: 3)")
+  parser.add_argument("--reverse", action="store_true",
+                      help="start each round with the runtimes in reverse order")
   parser.add_argument("--threads", type=int, default=2,
                       help="PyTorch and ONNX Runtime intra-op threads")
   parser.add_argument("--no-torch", action="store_true", help="skip PyTorch and ONNX Runtime")
   parser.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
+  parser.add_argument("--worker", choices=("jax", "torch", "onnx"),
+                      help=argparse.SUPPRESS)  # internal: one runtime's process
+  parser.add_argument("--workdir", help=argparse.SUPPRESS)  # internal: the ONNX files
   args = parser.parse_args(argv)
   args.models = args.models or (QUICK_MODELS if args.quick else MODELS)
   args.batches = args.batches or ([1] if args.quick else [1, 8])
-  args.rounds = args.rounds or (3 if args.quick else 5)
+  args.process_rounds = args.process_rounds or (2 if args.quick else 3)
+  args.calls = args.calls or (3 if args.quick else 7)
   return args
 
 
-def _time_contenders(args, result, log) -> tuple[dict, dict, float]:
-  """Times every contender interleaved; returns (fns, timings, matmul ceiling in GFLOP/s)."""
-  names, batches = args.models, args.batches
-  fns, result["jax_compile_s"] = _jax_contenders(names, batches, args.seq_len, log)
-  # The ceiling is also timed among the contenders, so it sees the same machine load as they.
-  matmul, matmul_flops = common.jax_matmul(2048)
-  fns[("jax", "matmul-2048", 0)] = matmul
-  have_torch = (not args.no_torch and common.optional_import("torch") is not None
-                and common.optional_import("transformers") is not None)
-  have_onnx = have_torch and not args.no_onnx and common.optional_import("onnxruntime")
-  result["runtimes"] = ["jax"] + (["torch"] if have_torch else []) + (
-      ["onnx"] if have_onnx else [])
+def _back_to_back(fns: dict, calls: int) -> dict[str, list[float]]:
+  """Each callable in turn: one warm-up call, then ``calls`` timed calls back to back."""
+  out = {}
+  for key, fn in fns.items():
+    fn()
+    times = []
+    for _ in range(calls):
+      start = time.perf_counter()
+      fn()
+      times.append(time.perf_counter() - start)
+    out[key] = times
+  return out
+
+
+def _worker(args) -> int:
+  """One runtime alone in this process: its contenders timed, the seconds as JSON on stdout."""
+  names, batches, log = args.models, args.batches, common.log
+  out = {"runtime": args.worker}
+  if args.worker == "jax":
+    fns, out["compile_s"] = _jax_contenders(names, batches, args.seq_len, log)
+    matmul, out["matmul_flops"] = common.jax_matmul(2048)
+    fns[("jax", "matmul-2048", 0)] = matmul
+  else:
+    models = _torch_models(names, args.threads, log)
+    if args.worker == "torch":
+      fns = _torch_contenders(models, batches, args.seq_len)
+    else:
+      fns, out["onnx"] = _onnx_contenders(models, batches, args.seq_len, args.threads,
+                                          args.workdir, log)
+  times = _back_to_back(fns, args.calls)
+  out["seconds"] = {"/".join(map(str, key)): t for key, t in times.items()}
+  print(json.dumps(out))
+  return 0
+
+
+def _runtimes(args) -> list[str]:
+  """The runtimes this environment can time (looked up without importing them)."""
+  found = lambda name: importlib.util.find_spec(name) is not None
+  have_torch = not args.no_torch and found("torch") and found("transformers")
+  have_onnx = have_torch and not args.no_onnx and found("onnxruntime")
+  return ["jax"] + (["torch"] if have_torch else []) + (["onnx"] if have_onnx else [])
+
+
+def _time_runtimes(args, result, log) -> tuple[dict, dict, float]:
+  """Process rounds of one worker per runtime; returns (contender keys, timings, ceiling)."""
+  runtimes = result["runtimes"] = _runtimes(args)
+  samples, orders = {}, []
+  flags = ["--models", *args.models, "--batches", *map(str, args.batches), "--seq-len",
+           str(args.seq_len), "--calls", str(args.calls), "--threads", str(args.threads)]
   with tempfile.TemporaryDirectory(prefix="bort_onnx_") as workdir:
-    if have_torch:
-      models = _torch_models(names, args.threads, log)
-      fns.update(_torch_contenders(models, batches, args.seq_len))
-      if have_onnx:
-        onnx_fns, result["onnx"] = _onnx_contenders(
-            models, batches, args.seq_len, args.threads, workdir, log)
-        fns.update(onnx_fns)
-    log(f"timing {len(fns)} contenders x {args.rounds} rounds, interleaved")
-    keyed = {"/".join(map(str, key)): fn for key, fn in fns.items()}
-    timings = common.interleaved_timing(keyed, rounds=args.rounds, warmup=1, log=log)
+    for r in range(args.process_rounds):
+      order = runtimes[r % len(runtimes):] + runtimes[:r % len(runtimes)]
+      order = order[::-1] if args.reverse else order
+      orders.append(order)
+      for runtime in order:
+        log(f"round {r + 1}/{args.process_rounds}: {runtime} alone in its own process")
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", runtime,
+                               "--workdir", workdir, *flags], check=True,
+                              stdout=subprocess.PIPE, text=True)
+        out = json.loads(done.stdout.strip().splitlines()[-1])
+        for key, seconds in out["seconds"].items():
+          samples.setdefault(key, []).extend(seconds)
+        if runtime == "jax":
+          result["jax_compile_s"], matmul_flops = out["compile_s"], out["matmul_flops"]
+        if runtime == "onnx":
+          result["onnx"] = out["onnx"]
+  result["isolation"] = {
+      "method": "each runtime alone in its own process; in it each model and batch runs one "
+                "warm-up call and then its timed calls back to back",
+      "process_rounds": args.process_rounds, "calls_per_process": args.calls,
+      "worker_order_per_round": orders, "reverse": bool(args.reverse)}
   result["load_average_1m_after"] = os.getloadavg()[0]
+  timings = {key: common.summarize(seconds) for key, seconds in samples.items()}
   ceiling_ms = timings.pop("jax/matmul-2048/0")["median_ms"]
-  del fns[("jax", "matmul-2048", 0)]
-  return fns, timings, matmul_flops / ceiling_ms / 1e6
+  keys = [tuple(key.split("/")[:2]) + (int(key.split("/")[2]),) for key in timings]
+  return keys, timings, matmul_flops / ceiling_ms / 1e6
 
 
 def _latency_rows(fns, timings, seq_len: int, ceiling: float) -> list[dict]:
@@ -267,14 +340,14 @@ def _targets(rows, ratios, runtimes) -> dict:
 
 def main(argv=None) -> int:
   args = _parse(argv)
+  if args.worker:
+    return _worker(args)
   log = common.log
   result = {"benchmark": "inference", "seq_len": args.seq_len, "batches": args.batches,
-            "models": list(args.models), "rounds": args.rounds,
-            "threads_torch_onnx": args.threads, "machine": common.machine_info()}
-  log("measuring the matmul ceiling")
-  result["matmul_ceiling"] = common.matmul_ceiling(n=2048)
-  fns, timings, ceiling = _time_contenders(args, result, log)
-  result["matmul_ceiling"]["jax_gflops_interleaved"] = ceiling
+            "models": list(args.models), "threads_torch_onnx": args.threads,
+            "machine": common.machine_info()}
+  fns, timings, ceiling = _time_runtimes(args, result, log)
+  result["matmul_ceiling"] = {"jax_gflops": ceiling, "n": 2048}
   rows = _latency_rows(fns, timings, args.seq_len, ceiling)
   result["latency"] = rows
   result["ratios"] = _ratios(rows, args.models, args.batches, result["runtimes"], args.seq_len)

@@ -37,6 +37,7 @@ import numpy as np
 
 from bort_jax.data import pretrain
 from bort_jax.data.tokenization import Tokenizer
+from bort_jax.runtime import fileio
 
 _ORDER, _WINDOW = 4, 5  # stream tags, apart from pretrain's
 _KEEP = 2  # packed windows held: a batch straddles at most two
@@ -106,9 +107,9 @@ class StreamedInput(pretrain.BatchStream):
       digest = hashlib.sha256(json.dumps(
           [key, tokenizer.backend.to_str(), seq_len, seed, window, len(share)]).encode())
       self._counts_path = os.path.join(cache_dir, f"stream-counts-{digest.hexdigest()[:20]}.json")
-      if os.path.exists(self._counts_path):
-        with open(self._counts_path) as f:
-          self._counts = [int(c) for c in json.load(f)]
+      kept = fileio.read_json(self._counts_path)  # None: missing or cut short
+      if isinstance(kept, list):
+        self._counts = [int(c) for c in kept]
     self._starts = list(np.cumsum([0] + self._counts))  # first stream row of each window
 
   # ------------------------------------------------------------------------ windows
@@ -151,10 +152,7 @@ class StreamedInput(pretrain.BatchStream):
     self._starts.append(self._starts[-1] + self._counts[-1])
     if self._counts_path:
       os.makedirs(os.path.dirname(self._counts_path), exist_ok=True)
-      tmp = f"{self._counts_path}.tmp-{os.getpid()}"
-      with open(tmp, "w") as f:
-        json.dump(self._counts, f)
-      os.replace(tmp, self._counts_path)
+      fileio.atomic_write_text(self._counts_path, json.dumps(self._counts))
 
   def rows(self, first: int, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stream rows ``[first, first + count)``: (input_ids, token_type_ids, lengths)."""

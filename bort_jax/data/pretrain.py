@@ -234,10 +234,57 @@ def masked_batch(ids: np.ndarray, token_type_ids: np.ndarray, lengths: np.ndarra
 
 
 class BatchStream:
-  """Batches by step: a subclass gives ``batch(step)``; iteration runs from a step on."""
+  """Masked-LM batches by step, random access: what every pretraining input shares (the
+  masking settings, the orders of the epochs, the masking of a step's rows); a subclass gives
+  :meth:`step_rows`, the packed rows of a step."""
+
+  def __init__(self, tokenizer: Tokenizer, seq_len: int, seed: int,
+               max_predictions: int | None, mask_rate: float):
+    if not 0.0 < mask_rate < 1.0:
+      raise ValueError(f"mask_rate must be in (0, 1), got {mask_rate}")
+    self.tokenizer = tokenizer
+    self.seq_len = seq_len
+    self.seed = seed
+    self.max_predictions = max_predictions or default_max_predictions(seq_len)
+    self.mask_rate = mask_rate
+    self.replacement_ids = np.setdiff1d(np.arange(tokenizer.vocab_size, dtype=np.int32),
+                                        tokenizer.special_ids)
+    self._orders: dict[int, np.ndarray] = {}
+
+  def epoch_order(self, epoch: int, count: int, tag: int) -> np.ndarray:
+    """A permutation of ``count`` items for ``epoch``, seeded by (seed, tag, epoch); the last
+    two epochs' are kept (a step's rows straddle at most two epochs)."""
+    order = self._orders.get(epoch)
+    if order is None:
+      order = np.random.default_rng([self.seed, tag, epoch]).permutation(count)
+      if len(self._orders) >= 2:
+        self._orders.pop(min(self._orders))
+      self._orders[epoch] = order
+    return order
+
+  def step_rows(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(input_ids, token_type_ids, lengths) of this process's rows at ``step``, and the
+    global index of its first row (what seeds its masking)."""
+    raise NotImplementedError
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    raise NotImplementedError
+    """This process's share of the global batch at ``step``.
+
+    Args:
+      step: training step (>= 0).
+
+    Returns:
+      dict with int32 ``input_ids, attention_mask, token_type_ids`` [B_local, T],
+      int32 ``masked_positions, masked_labels`` [B_local, P], float32 ``masked_weights``
+      [B_local, P].
+    """
+    if step < 0:
+      raise ValueError(f"step must be >= 0, got {step}")
+    ids, types, lengths, first_row = self.step_rows(step)
+    return masked_batch(ids, types, lengths, tokenizer=self.tokenizer,
+                        replacement_ids=self.replacement_ids, seed=self.seed, step=step,
+                        first_row=first_row, max_predictions=self.max_predictions,
+                        mask_rate=self.mask_rate)
 
   def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Batches from ``start_step`` on, endlessly (resume = start at the restored step)."""
@@ -275,20 +322,14 @@ class PretrainInput(BatchStream):
                        f"process_count={process_count}")
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index={process_index} not in [0, {process_count})")
-    if not 0.0 < mask_rate < 1.0:
-      raise ValueError(f"mask_rate must be in (0, 1), got {mask_rate}")
     if isinstance(source, dict):
       raise ValueError(f"PretrainInput takes one split, not the dict of splits {sorted(source)};"
                        " pass e.g. sources['train']")
-    self.tokenizer = tokenizer
-    self.seq_len = seq_len
+    super().__init__(tokenizer, seq_len, seed, max_predictions, mask_rate)
     self.global_batch_size = global_batch_size
     self.local_batch_size = global_batch_size // process_count
-    self.seed = seed
     self.process_index = process_index
     self.process_count = process_count
-    self.max_predictions = max_predictions or default_max_predictions(seq_len)
-    self.mask_rate = mask_rate
     if isinstance(source, PackedExamples):
       self.examples = source
     else:
@@ -299,9 +340,6 @@ class PretrainInput(BatchStream):
                        f"expected ({seq_len},)")
     if len(self.examples) == 0:
       raise ValueError("the corpus produced no pretraining examples")
-    self.replacement_ids = np.setdiff1d(np.arange(tokenizer.vocab_size, dtype=np.int32),
-                                        tokenizer.special_ids)
-    self._perms: dict[int, np.ndarray] = {}
 
   @property
   def num_examples(self) -> int:
@@ -311,38 +349,15 @@ class PretrainInput(BatchStream):
   def steps_per_epoch(self) -> float:
     return self.num_examples / self.global_batch_size
 
-  def _permutation(self, epoch: int) -> np.ndarray:
-    perm = self._perms.get(epoch)
-    if perm is None:
-      perm = np.random.default_rng([self.seed, _ORDER, epoch]).permutation(self.num_examples)
-      if len(self._perms) >= 2:  # Batches only ever straddle two epochs.
-        self._perms.pop(min(self._perms))
-      self._perms[epoch] = perm
-    return perm
-
   def example_indices(self, step: int) -> np.ndarray:
     """Indices into the packed examples of this process's rows at ``step``."""
     first = step * self.global_batch_size + self.process_index * self.local_batch_size
     stream = np.arange(first, first + self.local_batch_size, dtype=np.int64)
     epochs, within = np.divmod(stream, self.num_examples)
-    return np.array([self._permutation(int(e))[i] for e, i in zip(epochs, within)], np.int64)
+    return np.array([self.epoch_order(int(e), self.num_examples, _ORDER)[i]
+                     for e, i in zip(epochs, within)], np.int64)
 
-  def batch(self, step: int) -> dict[str, np.ndarray]:
-    """This process's share of the global batch at ``step``.
-
-    Args:
-      step: training step (>= 0).
-
-    Returns:
-      dict with int32 ``input_ids, attention_mask, token_type_ids`` [B_local, T],
-      int32 ``masked_positions, masked_labels`` [B_local, P], float32 ``masked_weights``
-      [B_local, P].
-    """
-    if step < 0:
-      raise ValueError(f"step must be >= 0, got {step}")
+  def step_rows(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     rows = self.example_indices(step)
-    return masked_batch(self.examples.input_ids[rows], self.examples.token_type_ids[rows],
-                        self.examples.lengths[rows], tokenizer=self.tokenizer,
-                        replacement_ids=self.replacement_ids, seed=self.seed, step=step,
-                        first_row=self.process_index * self.local_batch_size,
-                        max_predictions=self.max_predictions, mask_rate=self.mask_rate)
+    return (self.examples.input_ids[rows], self.examples.token_type_ids[rows],
+            self.examples.lengths[rows], self.process_index * self.local_batch_size)

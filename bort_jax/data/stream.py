@@ -90,38 +90,23 @@ class StreamedInput(pretrain.BatchStream):
       raise ValueError("the corpus share of this process holds no records")
     if window < 1 or batch_size < 1:
       raise ValueError(f"window={window} and batch_size={batch_size} must be >= 1")
-    if not 0.0 < mask_rate < 1.0:
-      raise ValueError(f"mask_rate must be in (0, 1), got {mask_rate}")
-    self.share, self.tokenizer, self.seq_len = share, tokenizer, seq_len
-    self.batch_size, self.seed, self.window = batch_size, seed, window
-    self.max_predictions = max_predictions or pretrain.default_max_predictions(seq_len)
-    self.mask_rate = mask_rate
+    super().__init__(tokenizer, seq_len, seed, max_predictions, mask_rate)
+    self.share, self.batch_size, self.window = share, batch_size, window
     self.windows_per_epoch = math.ceil(len(share) / window)
-    self.replacement_ids = np.setdiff1d(np.arange(tokenizer.vocab_size, dtype=np.int32),
-                                        tokenizer.special_ids)
-    self._orders: dict[int, np.ndarray] = {}
     self._packed: collections.OrderedDict = collections.OrderedDict()
     self._counts_path = None
-    self._counts: list[int] = []  # examples per window, in stream order, as far as known
+    # The first stream row of each window whose examples are counted (one more entry than
+    # counted windows: the last is where the next window starts).
+    self._starts = [0]
     if cache_dir:
       digest = hashlib.sha256(json.dumps(
           [key, tokenizer.backend.to_str(), seq_len, seed, window, len(share)]).encode())
       self._counts_path = os.path.join(cache_dir, f"stream-counts-{digest.hexdigest()[:20]}.json")
       kept = fileio.read_json(self._counts_path)  # None: missing or cut short
       if isinstance(kept, list):
-        self._counts = [int(c) for c in kept]
-    self._starts = list(np.cumsum([0] + self._counts))  # first stream row of each window
+        self._starts = [0] + np.cumsum([int(c) for c in kept]).tolist()
 
   # ------------------------------------------------------------------------ windows
-
-  def _order(self, epoch: int) -> np.ndarray:
-    order = self._orders.get(epoch)
-    if order is None:
-      order = np.random.default_rng([self.seed, _ORDER, epoch]).permutation(len(self.share))
-      if len(self._orders) >= 2:
-        self._orders.pop(min(self._orders))
-      self._orders[epoch] = order
-    return order
 
   def window_examples(self, index: int) -> pretrain.PackedExamples:
     """The packed, shuffled examples of the ``index``-th window of the stream."""
@@ -129,13 +114,14 @@ class StreamedInput(pretrain.BatchStream):
       self._packed.move_to_end(index)
       return self._packed[index]
     epoch, w = divmod(index, self.windows_per_epoch)
-    positions = self._order(epoch)[w * self.window:(w + 1) * self.window]
+    order = self.epoch_order(epoch, len(self.share), _ORDER)
+    positions = order[w * self.window:(w + 1) * self.window]
     docs = self.share.documents(positions)
     tag = (self.seed, _WINDOW, epoch, w)
     packed = pretrain.pack_documents(docs, self.tokenizer, self.seq_len, tag)
-    order = np.random.default_rng([*tag, _ORDER]).permutation(len(packed))
-    packed = pretrain.PackedExamples(packed.input_ids[order], packed.token_type_ids[order],
-                                     packed.lengths[order], packed.doc_index[order])
+    mix = np.random.default_rng([*tag, _ORDER]).permutation(len(packed))
+    packed = pretrain.PackedExamples(packed.input_ids[mix], packed.token_type_ids[mix],
+                                     packed.lengths[mix], packed.doc_index[mix])
     self._packed[index] = packed
     while len(self._packed) > _KEEP:
       self._packed.popitem(last=False)
@@ -143,16 +129,15 @@ class StreamedInput(pretrain.BatchStream):
 
   def _count_next(self) -> None:
     """Counts the first window whose count is not known yet."""
-    index = len(self._counts)
-    if index and index % self.windows_per_epoch == 0 and not sum(
-        self._counts[index - self.windows_per_epoch:]):
+    starts, index = self._starts, len(self._starts) - 1
+    if index and index % self.windows_per_epoch == 0 and (
+        starts[index] == starts[index - self.windows_per_epoch]):
       raise ValueError("the corpus produced no pretraining examples (a whole epoch of this "
                        "process's share holds no document of the split)")
-    self._counts.append(len(self.window_examples(index)))
-    self._starts.append(self._starts[-1] + self._counts[-1])
+    starts.append(starts[-1] + len(self.window_examples(index)))
     if self._counts_path:
       os.makedirs(os.path.dirname(self._counts_path), exist_ok=True)
-      fileio.atomic_write_text(self._counts_path, json.dumps(self._counts))
+      fileio.atomic_write_text(self._counts_path, json.dumps(np.diff(starts).tolist()))
 
   def rows(self, first: int, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stream rows ``[first, first + count)``: (input_ids, token_type_ids, lengths)."""
@@ -174,12 +159,5 @@ class StreamedInput(pretrain.BatchStream):
 
   # ------------------------------------------------------------------------ batches
 
-  def batch(self, step: int) -> dict[str, np.ndarray]:
-    """This process's batch at ``step`` (the keys of :meth:`pretrain.PretrainInput.batch`)."""
-    if step < 0:
-      raise ValueError(f"step must be >= 0, got {step}")
-    ids, types, lengths = self.rows(step * self.batch_size, self.batch_size)
-    return pretrain.masked_batch(ids, types, lengths, tokenizer=self.tokenizer,
-                                 replacement_ids=self.replacement_ids, seed=self.seed,
-                                 step=step, first_row=0, max_predictions=self.max_predictions,
-                                 mask_rate=self.mask_rate)
+  def step_rows(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    return self.rows(step * self.batch_size, self.batch_size) + (0,)

@@ -198,20 +198,6 @@ def _parse(argv):
   return args
 
 
-def _back_to_back(fns: dict, calls: int) -> dict[str, list[float]]:
-  """Each callable in turn: one warm-up call, then ``calls`` timed calls back to back."""
-  out = {}
-  for key, fn in fns.items():
-    fn()
-    times = []
-    for _ in range(calls):
-      start = time.perf_counter()
-      fn()
-      times.append(time.perf_counter() - start)
-    out[key] = times
-  return out
-
-
 def _worker(args) -> int:
   """One runtime alone in this process: its contenders timed, the seconds as JSON on stdout."""
   names, batches, log = args.models, args.batches, common.log
@@ -227,8 +213,9 @@ def _worker(args) -> int:
     else:
       fns, out["onnx"] = _onnx_contenders(models, batches, args.seq_len, args.threads,
                                           args.workdir, log)
-  times = _back_to_back(fns, args.calls)
-  out["seconds"] = {"/".join(map(str, key)): t for key, t in times.items()}
+  # Each contender in turn: one warm-up call, then its calls back to back.
+  out["seconds"] = {"/".join(map(str, key)): cost.time_back_to_back(fn, args.calls)
+                    for key, fn in fns.items()}
   print(json.dumps(out))
   return 0
 

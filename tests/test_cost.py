@@ -331,3 +331,9 @@ def test_cli_bad_arch_exits_2(capsys):
   assert "D4-X8" in err
   assert cli_main.main(["cost", "--arch", "bort", "--seq-len", "4096"]) == 2
   assert "4096" in capsys.readouterr().err
+
+
+def test_back_to_back_timing_warms_up_then_times_each_call():
+  calls = []
+  times = cost.time_back_to_back(lambda: calls.append(len(calls)), repeats=3, warmup=2)
+  assert calls == [0, 1, 2, 3, 4] and len(times) == 3 and all(t >= 0 for t in times)

@@ -379,13 +379,7 @@ def measure_latency(config: ModelConfig | str, batch: int, seq_len: int, repeats
     raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
   config = _config(config)
   run, compile_seconds = compile_forward(config, batch, seq_len, head, seed)
-  for _ in range(warmup):
-    run()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - start)
+  times = time_back_to_back(run, repeats, warmup)
   return {
       "arch": str(config.arch),
       "batch": batch,
@@ -394,6 +388,19 @@ def measure_latency(config: ModelConfig | str, batch: int, seq_len: int, repeats
       "compile_s": compile_seconds,
       **summarize_times(times),
   }
+
+
+def time_back_to_back(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
+  """Seconds of ``repeats`` calls of ``fn`` one after another, after ``warmup`` untimed ones:
+  the steady state of one model served alone (``fn`` must block on its own work)."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return times
 
 
 def time_interleaved(fns: Mapping[str, Callable[[], Any]], rounds: int, warmup: int = 1,

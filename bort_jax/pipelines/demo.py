@@ -197,15 +197,16 @@ def task_name(config: ml_collections.ConfigDict, key: str) -> str:
 
 
 def _task_data(spec: ml_collections.ConfigDict, name: str, cache_dir: str
-               ) -> tuple[str, dict | None]:
-  """A task's TFDS data folder and how its data is read (``files`` / ``tfds``; None for the
-  suite's and registered tasks)."""
+               ) -> tuple[str, str | None, dict | None]:
+  """A task's TFDS data folder, and the block that says how its data is read with the
+  entry's settings for it (``files`` / ``tfds``; None, None for the suite's and registered
+  tasks)."""
   data_dir = (os.path.abspath(os.path.expanduser(spec.get("data_dir", "") or ""))
               if spec.get("data_dir", "") else os.path.join(cache_dir, "tfds"))
   block = ("files" if name.startswith("file:") else
            "tfds" if name.startswith("tfds:") else None)
   settings = spec.get(block) if block else None
-  return data_dir, (settings.to_dict() if settings is not None else None)
+  return data_dir, block, (settings.to_dict() if settings is not None else None)
 
 
 def finetune_config(config: ml_collections.ConfigDict, model_name: str, task: str,
@@ -215,9 +216,9 @@ def finetune_config(config: ml_collections.ConfigDict, model_name: str, task: st
   cfg = copy.deepcopy(block)
   spec = config.finetune_tasks[task]
   cfg.task = task_name(config, task)
-  data_dir, settings = _task_data(spec, cfg.task, cache_dir)
+  data_dir, reader, settings = _task_data(spec, cfg.task, cache_dir)
   if settings is not None:
-    cfg["files" if cfg.task.startswith("file:") else "tfds"].update(settings)
+    cfg[reader].update(settings)
   cfg.seq_len = int(spec.seq_len)
   steps = int(spec.get("student_steps", 0) or 0) if model_name == "student" else 0
   cfg.train.total_steps = int(block.train.total_steps) or steps or int(spec.steps)
@@ -248,7 +249,7 @@ def check_finetune(config: ml_collections.ConfigDict, cache_dir: str) -> None:
   for key, name in zip(config.finetune_tasks, names):
     if name.startswith("demo/"):
       continue  # the suite's tasks: registered from the fetched data
-    data_dir, settings = _task_data(config.finetune_tasks[key], name, cache_dir)
+    data_dir, _, settings = _task_data(config.finetune_tasks[key], name, cache_dir)
     field = f"config.finetune_tasks.{key}"
     try:
       setup_lib.resolve_task(name, field=f"{field}.task", settings=settings, data_dir=data_dir)

@@ -200,11 +200,7 @@ def make_input(data_cfg: ml_collections.ConfigDict, tokenizer_family: str, seed:
     source = _tfds_documents(data_cfg, split)
     # Each process packs its own share: its rows are the whole local batch, ordered and masked
     # by a seed of its own (one process keeps the run's seed).
-    if data_cfg.global_batch_size % count:
-      raise ValueError(f"config.data.global_batch_size={data_cfg.global_batch_size} is not "
-                       f"divisible by the {count} processes")
-    batch = data_cfg.global_batch_size // count
-    seed = seed if count == 1 else seed * 65536 + index
+    batch, seed = _own_share(data_cfg, seed)
     index, count = 0, 1
   else:
     source = _file_documents(data_cfg, split)
@@ -218,14 +214,22 @@ def make_input(data_cfg: ml_collections.ConfigDict, tokenizer_family: str, seed:
   return inputs, tokenizer
 
 
+def _own_share(data_cfg: ml_collections.ConfigDict, seed: int) -> tuple[int, int]:
+  """(rows per step, data seed) of a process that reads a share of the corpus of its own: its
+  part of the global batch, and a seed of its own (one process keeps the run's seed)."""
+  index, count = jax.process_index(), jax.process_count()
+  if data_cfg.global_batch_size % count:
+    raise ValueError(f"config.data.global_batch_size={data_cfg.global_batch_size} is not "
+                     f"divisible by the {count} processes")
+  return data_cfg.global_batch_size // count, seed if count == 1 else seed * 65536 + index
+
+
 def _streamed_input(data_cfg: ml_collections.ConfigDict, tokenizer, seed: int, split: str):
   """``stream.StreamedInput`` over this process's share of the corpus (``stream_window``)."""
   # pylint: disable-next=import-outside-toplevel
   from bort_jax.data import corpus, corpus_sources, stream
   index, count = jax.process_index(), jax.process_count()
-  if data_cfg.global_batch_size % count:
-    raise ValueError(f"config.data.global_batch_size={data_cfg.global_batch_size} is not "
-                     f"divisible by the {count} processes")
+  batch, seed = _own_share(data_cfg, seed)
   fraction = float(data_cfg.get("validation_fraction", 0.01))
   if data_cfg.get("corpus_tfds"):
     field = data_cfg.get("corpus_field", "text")
@@ -237,8 +241,7 @@ def _streamed_input(data_cfg: ml_collections.ConfigDict, tokenizer, seed: int, s
   else:  # the corpus built from the files, already split in two
     source = _file_documents(data_cfg, split)
     text_of = lambda record: corpus.documents([record])[0] if record else None
-    key = ["files", corpus.fingerprint(corpus_sources.expand(
-        [p for p in data_cfg.corpus_files if p]), fraction)]
+    key = ["files", source.dataset_info.metadata["fingerprint"]]  # set when it was built
   share = stream.DocumentShare(source, corpus_sources.process_share(len(source), index, count),
                                text_of)
   if not len(share):
@@ -247,8 +250,7 @@ def _streamed_input(data_cfg: ml_collections.ConfigDict, tokenizer, seed: int, s
                      "(config.train.eval_batches=0)")
   cache_dir = data_cfg.get("cache_dir") or None
   return stream.StreamedInput(
-      share, tokenizer, data_cfg.seq_len, data_cfg.global_batch_size // count,
-      seed=seed if count == 1 else seed * 65536 + index, window=int(data_cfg.stream_window),
+      share, tokenizer, data_cfg.seq_len, batch, seed=seed, window=int(data_cfg.stream_window),
       max_predictions=data_cfg.get("max_predictions") or None,
       cache_dir=os.path.expanduser(cache_dir) if cache_dir else None,
       key=json.dumps(key + [split, fraction, index, count, len(source)]))

@@ -7,7 +7,12 @@ padding, batch 1 and 8):
   ``model.apply``) of ``bort``, ``bort-paper``, ``bert-base`` and ``bert-large``;
 * when torch and transformers are importable, the same shapes as transformers' ``BertModel``
   / ``RobertaModel`` in eager PyTorch (``torch.set_num_threads``), and when onnxruntime is too,
-  those models exported with ``torch.onnx.export`` (opset 17) and run by ONNX Runtime.
+  those models exported with ``torch.onnx.export`` (opset 17) and run by ONNX Runtime;
+* when onnx and onnxruntime are importable (the ``serve`` extra), this project's own ONNX
+  export (``bort_jax.serve.onnx_graph``) in ONNX Runtime, float32 (``ours``) and with dynamic
+  int8 quantisation (``ours-int8``), against the aims of the serving work (int8 at least 2.5x
+  the JAX forward at batch 1 and 2x at batch 8 for Bort; our float32 graph within 5% of the
+  faster of JAX and ONNX Runtime on the Hugging Face export), under ``targets.serving``.
 
 How the runtimes are kept apart: each runtime runs alone in a process of its own (``--worker
 RUNTIME``), so that no runtime's thread pool takes the cores from another's next call (ONNX
@@ -164,6 +169,27 @@ def _onnx_contenders(models, batches, seq_len, threads, workdir, log) -> tuple[d
   return fns, {"export_s": export_s, "max_abs_diff_vs_torch": max_diff}
 
 
+def _ours_contenders(names, batches, seq_len, threads, runtime, log) -> dict:
+  """ONNX Runtime sessions of this project's own ONNX export (``bort_jax.serve``), float32 or
+  dynamic int8, random weights, no head; default session options (spinning on, as served)."""
+  from bort_jax.serve import runtime as serve_runtime
+
+  fns = {}
+  form = "onnxruntime-int8" if runtime == "ours-int8" else "onnxruntime"
+  with tempfile.TemporaryDirectory(prefix="bort_ours_") as folder:
+    for name in names:
+      start = time.perf_counter()
+      path = serve_runtime.timing_model(get_model_config(name), form, seq_len,
+                                        tempfile.mkdtemp(dir=folder))
+      session = serve_runtime.session(path, threads=threads)
+      log(f"{runtime} {name}: exported and loaded in {time.perf_counter() - start:.1f} s")
+      run_batch = serve_runtime.forward(session)
+      for batch in batches:
+        inputs = cost.random_batch(get_model_config(name), batch, seq_len)
+        fns[(runtime, name, batch)] = lambda run_batch=run_batch, inputs=inputs: run_batch(inputs)
+  return fns
+
+
 def _ratio(a, b):
   return None if a is None or b is None else a / b
 
@@ -187,7 +213,9 @@ def _parse(argv):
                       help="PyTorch and ONNX Runtime intra-op threads")
   parser.add_argument("--no-torch", action="store_true", help="skip PyTorch and ONNX Runtime")
   parser.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
-  parser.add_argument("--worker", choices=("jax", "torch", "onnx"),
+  parser.add_argument("--no-ours", action="store_true",
+                      help="skip this project's ONNX export (float32 and int8)")
+  parser.add_argument("--worker", choices=("jax", "torch", "onnx", "ours", "ours-int8"),
                       help=argparse.SUPPRESS)  # internal: one runtime's process
   parser.add_argument("--workdir", help=argparse.SUPPRESS)  # internal: the ONNX files
   args = parser.parse_args(argv)
@@ -206,6 +234,8 @@ def _worker(args) -> int:
     fns, out["compile_s"] = _jax_contenders(names, batches, args.seq_len, log)
     matmul, out["matmul_flops"] = common.jax_matmul(2048)
     fns[("jax", "matmul-2048", 0)] = matmul
+  elif args.worker in ("ours", "ours-int8"):
+    fns = _ours_contenders(names, batches, args.seq_len, args.threads, args.worker, log)
   else:
     models = _torch_models(names, args.threads, log)
     if args.worker == "torch":
@@ -225,7 +255,9 @@ def _runtimes(args) -> list[str]:
   found = lambda name: importlib.util.find_spec(name) is not None
   have_torch = not args.no_torch and found("torch") and found("transformers")
   have_onnx = have_torch and not args.no_onnx and found("onnxruntime")
-  return ["jax"] + (["torch"] if have_torch else []) + (["onnx"] if have_onnx else [])
+  have_ours = not args.no_ours and found("onnx") and found("onnxruntime")
+  return (["jax"] + (["torch"] if have_torch else []) + (["onnx"] if have_onnx else [])
+          + (["ours", "ours-int8"] if have_ours else []))
 
 
 def _time_runtimes(args, result, log) -> tuple[dict, dict, float]:
@@ -288,7 +320,7 @@ def _ratios(rows, names, batches, runtimes, seq_len: int) -> list[dict]:
   for batch in batches:
     for name in names:
       entry = {"model": name, "batch": batch}
-      for other in ("torch", "onnx"):
+      for other in ("torch", "onnx", "ours", "ours-int8"):
         if other in runtimes:
           entry[f"jax_over_{other}"] = _ratio(median.get(("jax", name, batch)),
                                               median.get((other, name, batch)))
@@ -313,7 +345,24 @@ def _ratios(rows, names, batches, runtimes, seq_len: int) -> list[dict]:
 def _targets(rows, ratios, runtimes) -> dict:
   jax_rows = [r for r in rows if r["runtime"] == "jax"]
   big_rows = [r for r in ratios if r.get("pair") == "bert-large/bort" and r["runtime"] == "jax"]
+  median = {(r["runtime"], r["model"], r["batch"]): r["median_ms"] for r in rows}
+  serve = {}
+  if "ours-int8" in runtimes and "bort" in {r["model"] for r in rows}:
+    # The serving issue's aims: int8 at least 2.5x (batch 1) and 2x (batch 8) the JAX forward.
+    for batch, aim in ((1, 2.5), (8, 2.0)):
+      gain = _ratio(median.get(("jax", "bort", batch)), median.get(("ours-int8", "bort", batch)))
+      if gain is not None:
+        serve[f"bort_int8_over_jax_b{batch}"] = {"speedup": gain, "aim": aim, "met": gain >= aim}
+  if "ours" in runtimes and "onnx" in runtimes:
+    # Our float32 graph within 5% of the faster of JAX and ONNX Runtime on the HF export.
+    for (runtime, name, batch), ours in median.items():
+      if runtime != "ours" or ("onnx", name, batch) not in median:
+        continue
+      best = min(median[("jax", name, batch)], median[("onnx", name, batch)])
+      serve[f"{name}_ours_over_best_b{batch}"] = {"ratio": ours / best, "aim": 1.05,
+                                                  "met": ours / best <= 1.05}
   return {
+      "serving": serve,
       "speedup_within_10pct_of_flop_ratio": (
           all(abs(r["speedup_over_flop_ratio"] - 1) <= 0.10 for r in big_rows)
           if big_rows else None),

@@ -23,8 +23,9 @@ user will see). For example::
 overrides, checks ``--workdir``, starts multi-process JAX when launched that way, calls
 ``run`` and prints its result as JSON. Mode-specific flags go in ``flags`` (they add
 arguments to the mode's parser) and ``apply_flags`` (it copies them into the config). Modes
-without a config (``cost``, ``convert``, ``data``, ``evaluate``, ``predict``) name a function
-of the parsed flags that returns the exit status and raises ``ValueError`` for bad input.
+without a config (``cost``, ``convert``, ``data``, ``evaluate``, ``predict``, ``export``) name
+a function of the parsed flags that returns the exit status and raises ``ValueError`` for
+bad input.
 Modules are imported only when their mode runs, so ``bort-jax cost`` does not pay for TFDS.
 """
 
@@ -41,6 +42,8 @@ import traceback
 from typing import Any, Callable, Sequence
 
 from bort_jax import cli
+from bort_jax.core import cost_cli
+from bort_jax.serve import cli as serve_cli
 from bort_jax.runtime import quiet
 
 UsageError = cli.UsageError
@@ -52,7 +55,8 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryEr
 # Failures whose message already says what to do (nothing restorable in the workdir, a loss
 # that went NaN): one paragraph and status 1, named here so main imports none of them.
 REPORTED_FAILURES = ("bort_jax.runtime.checkpoint.CheckpointRestoreError",
-                     "bort_jax.runtime.train.NonFiniteLossError")
+                     "bort_jax.runtime.train.NonFiniteLossError",
+                     "bort_jax.serve.export.ParityError")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,19 +84,6 @@ class Mode:
 
 
 # ----------------------------------------------------------------------------- mode flags
-
-
-def _cost_flags(parser: argparse.ArgumentParser) -> None:
-  from bort_jax.core import arch  # pylint: disable=import-outside-toplevel
-  parser.add_argument("--arch", action="append", default=None,
-                      help=f"preset ({', '.join(sorted(arch.PRESETS))}) or arch string like "
-                           "D4-A8-H1024-I768; repeatable (default: the paper's table)")
-  parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
-  parser.add_argument("--batch", type=int, default=1, help="sequences per forward pass")
-  parser.add_argument("--measure", action="store_true",
-                      help="also time the compiled forward pass (random weights, no MLM head)")
-  parser.add_argument("--repeats", type=int, default=10, help="timed runs with --measure")
-  parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def _convert_flags(parser: argparse.ArgumentParser) -> None:
@@ -165,6 +156,9 @@ def _predict_flags(parser: argparse.ArgumentParser) -> None:
                       help="a JSON lines (.jsonl) or TSV file of inputs")
   parser.add_argument("--output", default=None,
                       help="write the JSON lines here (default: stdout)")
+  parser.add_argument("--runtime", default="jax", choices=serve_cli.RUNTIMES,
+                      help="jax on a checkpoint; onnxruntime[-int8] on a `bort-jax export` "
+                           "folder (needs the serve extra)")
 
 
 def _demo_flags(parser: argparse.ArgumentParser) -> None:
@@ -184,7 +178,7 @@ def _demo_apply(args: argparse.Namespace, config: Any) -> None:
 
 MODES = {
     "cost": Mode("parameter counts, FLOPs and latency of architectures",
-                 run="bort_jax.main:cost_main", flags=_cost_flags),
+                 run="bort_jax.core.cost_cli:run", flags=cost_cli.flags),
     "convert": Mode("convert Hugging Face checkpoints both ways",
                     run="bort_jax.main:convert_main", flags=_convert_flags),
     "data": Mode("data fetch: fetch the offline demo suite",
@@ -210,46 +204,12 @@ MODES = {
                      run="bort_jax.finetune.evaluate:cli_run", flags=_evaluate_flags),
     "predict": Mode("labels and probabilities for your text",
                     run="bort_jax.finetune.predict:cli_run", flags=_predict_flags),
+    "export": Mode("a model as an ONNX graph (float32 and int8) for ONNX Runtime",
+                   run="bort_jax.serve.cli:run", flags=serve_cli.flags),
 }
 
 
 # ----------------------------------------------------------------------------- config-less modes
-
-
-def cost_main(args: argparse.Namespace) -> int:
-  """``bort-jax cost``: a table (or JSON) of counts, FLOPs and optionally latency.
-
-  Args:
-    args: the parsed flags of the mode.
-
-  Returns:
-    The exit status.
-  """
-  from bort_jax.core import arch, cost  # pylint: disable=import-outside-toplevel
-  if args.batch < 1 or args.seq_len < 1 or args.repeats < 1:
-    raise UsageError(f"--batch={args.batch}, --seq-len={args.seq_len}, "
-                     f"--repeats={args.repeats}: each must be >= 1")
-  rows = []
-  for name in args.arch or list(cost.DEFAULT_ARCHS):
-    try:
-      config = arch.get_model_config(name)
-      if args.seq_len > config.max_length:
-        raise ValueError(f"--seq-len {args.seq_len} exceeds the {config.max_length} positions "
-                         f"of {name}")
-      rows.append(cost.cost_row(name, args.batch, args.seq_len))
-    except (ValueError, TypeError) as error:
-      raise UsageError(f"bad --arch {name!r}: {error}") from error
-  if args.measure:
-    for row in rows:
-      latency = cost.measure_latency(row["name"], args.batch, args.seq_len,
-                                     repeats=args.repeats)
-      row.update(latency_ms=latency["median_ms"], latency_iqr_ms=latency["iqr_ms"],
-                 compile_s=latency["compile_s"], device=latency["device"])
-  if args.json:
-    print(json.dumps(rows, indent=2))
-  else:
-    print(cost.format_table(rows, cost.REFERENCE_ARCH))
-  return 0
 
 
 def convert_main(args: argparse.Namespace) -> int:

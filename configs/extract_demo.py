@@ -57,7 +57,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.cost.batch = 1                 # shape at which i is computed
   config.cost.seq_len = 128
   config.cost.repeats = 5               # latency: timed repeats per candidate
-  config.cost.latency_table = ""        # "" = ~/.cache/bort_jax/latency_<device>.json
+  config.cost.latency_table = ""        # "" = ~/.cache/bort_jax/latency_<device>[_<runtime>].json
+  config.cost.runtime = "jax"           # latency timed in: jax, onnxruntime, onnxruntime-int8
 
   config.fptas = ml_collections.ConfigDict()
   config.fptas.eps = 9                  # interval size (1 = train every candidate: exact)

@@ -7,7 +7,9 @@ Writes ``WORKDIR/report/report.md`` and the PNGs it embeds from whatever the wor
 (a stage that has not run is listed as "not run"). The speed table times the student, the
 teacher and ``speed_models`` side by side (``rounds`` interleaved calls of each, median and
 interquartile range); the timings are kept in ``WORKDIR/report/speed.json`` and reused while
-the models and these fields stay the same (``remeasure=True`` times them again). Args:
+the models and these fields stay the same (``remeasure=True`` times them again). With the
+serve extra installed, the teacher and the student are also timed in each of ``runtimes``
+(this project's ONNX export in ONNX Runtime), each runtime in a process of its own. Args:
 ``tiny`` (two rounds, no BERT shapes: for tests).
 """
 
@@ -25,6 +27,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.rounds = 10                   # interleaved timed calls of each model (A B C A B C ...)
   config.warmup = 2                    # untimed calls of each model after compiling
   config.remeasure = False             # time again even if speed.json holds these models
+  # Teacher and student also in these runtimes (with the serve extra), each in its own process.
+  config.runtimes = ("onnxruntime", "onnxruntime-int8")
   if args.get("tiny"):
     config.speed_models = ()
     config.seq_len = 16

@@ -25,8 +25,8 @@ def test_every_mode_has_help_with_its_flags(mode, capsys):
   # predict's included.
   assert out.startswith(f"usage: bort-jax {mode}") and "--debug" in out and "--verbose" in out
   flags = {"cost": "--measure", "convert": "--from-hf", "data": "--cache-dir",
-           "demo": "--quick", "evaluate": "--checkpoint", "predict": "--text"}.get(mode,
-                                                                                "--workdir")
+           "demo": "--quick", "evaluate": "--checkpoint", "predict": "--text",
+           "export": "--quantize"}.get(mode, "--workdir")
   assert flags in out
   if mode in CONFIG_MODES:  # the config's fields with their current defaults
     assert "--config" in out and CONFIG_MODES[mode] in out

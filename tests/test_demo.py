@@ -132,7 +132,15 @@ def test_demo_runs_every_stage_to_the_report(finished):
   assert all(os.path.dirname(f) == os.path.join(finished["cache_dir"], "finetuned") for f in runs)
   for task in ("movie_sentiment", "word_sense", "bbc_news"):
     assert os.path.exists(os.path.join(work, "products", task, "model", "finetune.json"))
+    # Its ONNX export: float32 and int8, the int8 graph scored on the task's dev records.
+    record = json.load(open(os.path.join(work, "products", task, "onnx", "serve.json")))
+    assert record["task"] == f"demo/{task}" and record["int8"]["dev"]["examples"] > 0
+    assert record["int8"]["matmuls_quantized"] == record["int8"]["weight_matmuls"] > 0
   assert f"bort-jax predict --checkpoint {os.path.join(work, 'products')}" in text
+  assert "--runtime onnxruntime-int8" in text and "points of accuracy on validation" in text
+  # The speed table's teacher and student in each runtime, each timed in its own process.
+  for runtime in ("jax", "onnxruntime", "onnxruntime-int8"):
+    assert f"| {runtime} | " in text
 
 
 @pytest.mark.slow

@@ -74,14 +74,29 @@ def predict_split(params: Any, compiled: Compiled, split: Split, tokenizer: Any,
   Returns:
     ``(tasks.Predictions, logits of every real row in example order)``.
   """
+
+  def run_batch(local):
+    batch = sharding.global_batch(local, mesh)
+    out = compiled.eval_step(params, batch)
+    return sharding.host_get({"logits": out["logits"],
+                              **{k: batch[k] for k in ("example_id", "candidate", "weight")}})
+
+  return split_outputs(split, run_batch, tokenizer, seq_len, batch_size)
+
+
+def split_outputs(split: Split, run_batch: Callable[[dict], dict], tokenizer: Any, seq_len: int,
+                  batch_size: int) -> tuple[tasks_lib.Predictions, np.ndarray]:
+  """A split scored by any forward: ``run_batch(this process's batch)`` returns host arrays
+  ``logits``, ``example_id``, ``candidate`` and ``weight`` of the whole (global) batch.
+
+  Returns:
+    ``(tasks.Predictions, logits of every real row in example order)``.
+  """
   rows = {"example_id": [], "candidate": [], "weight": [], "logits": []}
   for local in tasks_lib.batch_examples(split.task, split.examples, tokenizer, seq_len,
                                         batch_size, process_index=jax.process_index(),
                                         process_count=jax.process_count()):
-    batch = sharding.global_batch(local, mesh)
-    out = compiled.eval_step(params, batch)
-    got = sharding.host_get({"logits": out["logits"],
-                             **{k: batch[k] for k in rows if k != "logits"}})
+    got = run_batch(local)
     for key in rows:
       rows[key].append(np.asarray(got[key]))
   cat = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in rows.items()}

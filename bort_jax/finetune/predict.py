@@ -3,6 +3,7 @@
     bort-jax predict --checkpoint runs/ft/best --text "a gripping, funny film"
     bort-jax predict --checkpoint runs/ft/best --text "The claim." --text-b "The evidence."
     bort-jax predict --checkpoint runs/ft/best --input mine.jsonl --output predictions.jsonl
+    bort-jax predict --checkpoint runs/ft/onnx --runtime onnxruntime-int8 --text "a dull film"
 
 Inputs: ``--text`` (repeatable) with an optional ``--text-b`` per text (sentence pairs) and,
 for multiple-choice tasks, ``--choice`` (repeatable, one set shared by every text); or
@@ -18,7 +19,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -83,17 +84,28 @@ def to_examples(spec: tasks_lib.TaskSpec, rows: Sequence[dict]) -> list[casts.Ex
 
 
 def predict(inf: evaluate.Inference, rows: Sequence[dict]) -> list[dict]:
-  """Labels and probabilities for each input row (in order)."""
-  spec = inf.spec
+  """Labels and probabilities for each input row (in order), from the compiled JAX model."""
+
+  def run_batch(local):
+    batch = sharding.global_batch(local, inf.mesh)
+    return sharding.host_get({"logits": inf.compiled.eval_step(inf.params, batch)["logits"],
+                              "example_id": batch["example_id"], "weight": batch["weight"]})
+
+  return predict_with(inf.spec, rows, inf.tokenizer, inf.seq_len, inf.batch_size, run_batch)
+
+
+def predict_with(spec: tasks_lib.TaskSpec, rows: Sequence[dict], tokenizer: Any, seq_len: int,
+                 batch_size: int, run_batch: Callable[[dict], dict]) -> list[dict]:
+  """Labels and probabilities for each input row (in order) from any runtime:
+  ``run_batch(this process's batch)`` returns host ``logits``, ``example_id`` and ``weight``
+  of the whole (global) batch."""
   examples = to_examples(spec, rows)
   logits = np.zeros((len(examples), 1 if spec.kind == "regression" else
                      (2 if spec.kind == "candidates" else spec.num_labels)), np.float64)
-  for local in tasks_lib.batch_examples(spec, examples, inf.tokenizer, inf.seq_len,
-                                        inf.batch_size, process_index=jax.process_index(),
+  for local in tasks_lib.batch_examples(spec, examples, tokenizer, seq_len, batch_size,
+                                        process_index=jax.process_index(),
                                         process_count=jax.process_count()):
-    batch = sharding.global_batch(local, inf.mesh)
-    out = sharding.host_get({"logits": inf.compiled.eval_step(inf.params, batch)["logits"],
-                       "example_id": batch["example_id"], "weight": batch["weight"]})
+    out = run_batch(local)
     real = np.asarray(out["weight"]) > 0
     ids = np.asarray(out["example_id"])[real]
     logits[ids] = np.asarray(out["logits"], np.float64).reshape(len(real), -1)[real]
@@ -136,9 +148,21 @@ def cli_run(args: argparse.Namespace) -> int:
   or written: ``bort_jax.main`` prints it as one paragraph and exits with status 2.
   """
   rows = _rows(args)
-  inf = evaluate.load_for_inference(args.checkpoint, args.task, args.tokenizer, args.seq_len,
-                                    args.batch_size, lambda spec: to_examples(spec, rows))
-  results = predict(inf, rows)
+  runtime = getattr(args, "runtime", "jax")
+  if runtime == "jax":
+    from bort_jax.serve import served  # pylint: disable=import-outside-toplevel
+    if served.is_export(args.checkpoint):
+      raise setup_lib.InputError(f"--checkpoint {args.checkpoint!r} is an ONNX export: serve it "
+                                 "with --runtime onnxruntime (or onnxruntime-int8).")
+    inf = evaluate.load_for_inference(args.checkpoint, args.task, args.tokenizer, args.seq_len,
+                                      args.batch_size, lambda spec: to_examples(spec, rows))
+    results = predict(inf, rows)
+  else:
+    from bort_jax.serve import served  # pylint: disable=import-outside-toplevel
+    model = served.load(args.checkpoint, runtime, args.task, args.tokenizer, args.seq_len,
+                        args.batch_size, lambda spec: to_examples(spec, rows))
+    results = predict_with(model.spec, rows, model.tokenizer, model.seq_len, model.batch_size,
+                           lambda b: dict(b, logits=model.forward(b)))
   if jax.process_index() == 0:
     text = "".join(json.dumps(fileio.to_jsonable(r)) + "\n" for r in results)
     if args.output:

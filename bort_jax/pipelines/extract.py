@@ -43,8 +43,8 @@ from bort_jax.core import cost, model
 from bort_jax.core import members as members_lib
 from bort_jax.core.model import MLM
 from bort_jax.pipelines import extract_audit, setup
-from bort_jax.pipelines.extract_costs import (budget_of, inference_costs, reference_point,
-                                              report_columns, selection)
+from bort_jax.pipelines.extract_costs import (budget_of, check_runtime, inference_costs,
+                                              reference_point, report_columns, selection)
 from bort_jax.runtime import sharding
 from bort_jax.search import buckets, fptas, proxy, proxy_init, report
 from bort_jax.search import journal as journal_lib
@@ -94,6 +94,7 @@ def validate(config: ml_collections.ConfigDict, n: int, paths: bool = True) -> f
       config.proxy.steps < 1):
     raise ValueError(f"config.proxy.steps={config.proxy.steps!r}: must be an integer >= 1")
   _check_init(config)
+  check_runtime(config.cost)
   selection(config)
   extract_audit.check_config(config)
   setup.check_config(config, paths)

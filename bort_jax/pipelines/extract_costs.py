@@ -40,23 +40,39 @@ def selection(config: ml_collections.ConfigDict) -> select.Selection:
 
 
 def latency_table_path(cost_cfg: ml_collections.ConfigDict) -> str:
-  """Per-device latency table, shared across runs (keyed by device kind)."""
+  """Latency table, shared across runs: one per device kind and runtime (a JAX table keeps
+  its old name, ``latency_<device>.json``; ``..._onnxruntime-int8.json`` beside it)."""
   if cost_cfg.get("latency_table"):
     return cost_cfg.latency_table
   from bort_jax.data import fetch  # the one place that knows the cache folder
   cache = fetch.default_cache_dir()
   device = jax.devices()[0]
   kind = f"{device.platform}_{device.device_kind}".replace(" ", "_").replace("/", "_")
-  return os.path.join(cache, f"latency_{kind}.json")
+  runtime = cost_cfg.get("runtime", "jax")
+  return os.path.join(cache, f"latency_{kind}" + ("" if runtime == "jax" else f"_{runtime}")
+                      + ".json")
+
+
+def check_runtime(cost_cfg: ml_collections.ConfigDict) -> str:
+  """``config.cost.runtime`` (default jax), known and installed.
+
+  Raises:
+    ValueError: unknown, or an ONNX Runtime form without the serve extra.
+  """
+  from bort_jax.serve import runtime  # pylint: disable=import-outside-toplevel
+  return runtime.check_runtime(cost_cfg.get("runtime", "jax"), "config.cost.runtime")
 
 
 def inference_costs(configs: Sequence[arch_lib.ModelConfig], cost_cfg) -> tuple[list, str]:
-  """i for every candidate: analytic FLOPs or measured latency (ms), and its unit label."""
+  """i for every candidate: analytic FLOPs or measured latency (ms) in ``cost.runtime``, and
+  its unit label."""
+  from bort_jax.serve import runtime  # pylint: disable=import-outside-toplevel
   b, t = cost_cfg.batch, cost_cfg.seq_len
   if cost_cfg.inference == "flops":
     return [float(cost.forward_flops(c, b, t)["total"]) for c in configs], "forward FLOPs"
   if cost_cfg.inference != "latency":
     raise ValueError(f"cost.inference must be 'flops' or 'latency', got {cost_cfg.inference!r}")
+  name = check_runtime(cost_cfg)
   path = latency_table_path(cost_cfg)
   table = {}
   if os.path.exists(path):
@@ -66,14 +82,16 @@ def inference_costs(configs: Sequence[arch_lib.ModelConfig], cost_cfg) -> tuple[
   for index, c in enumerate(configs):
     key = f"{c.arch}|V{c.vocab_size}|B{b}|T{t}"
     if key not in table:
-      measured = cost.measure_latency(c, b, t, repeats=cost_cfg.repeats)
+      measured = runtime.measure_latency(c, b, t, name, repeats=cost_cfg.repeats)
       table[key] = measured["median_ms"]
-      logging.info("latency %d/%d %s: %.2f ms", index + 1, len(configs), c.arch, table[key])
+      logging.info("latency %d/%d %s (%s): %.2f ms", index + 1, len(configs), c.arch, name,
+                   table[key])
       if jax.process_index() == 0:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         atomic_write_text(path, json.dumps(table, indent=1, sort_keys=True))
     out.append(float(table[key]))
-  return out, "latency (ms)"
+  unit = "latency (ms)" if name == "jax" else f"latency in {name} (ms)"
+  return out, unit
 
 
 def shape_cost(config, base: arch_lib.ModelConfig, teacher_cfg, name: str,

@@ -195,8 +195,11 @@ def measure_speed(workdir: str, config: ml_collections.ConfigDict, out_dir: str)
   # W's and the budget's choice: a model of each shape the student does not have is timed too.
   choices = report_choice.picks(read_json(os.path.join(workdir, "extract", rundir.RESULTS)))
   models.update(report_choice.choice_models(choices, models))
+  runtimes = other_runtimes(config)
   key = {"models": {k: str(v.arch) for k, v in models.items()}, "batch": int(config.batch),
          "seq_len": int(config.seq_len), "rounds": int(config.rounds)}
+  if runtimes:
+    key["runtimes"] = list(runtimes)
   path = os.path.join(out_dir, "speed.json")
   cached = read_json(path)
   if cached and cached.get("key") == key and not config.remeasure:
@@ -208,8 +211,53 @@ def measure_speed(workdir: str, config: ml_collections.ConfigDict, out_dir: str)
                                      int(config.rounds), int(config.warmup))
   report_choice.annotate(timings, models, int(config.batch), int(config.seq_len))
   out = {"key": key, "timings": timings, "busy_share": busy, "choices": choices}
+  if runtimes:
+    out["runtimes"] = time_runtimes(models, runtimes, config)
   atomic_write_text(path, json.dumps(to_jsonable(out), indent=2))
   return out
+
+
+def other_runtimes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The ONNX Runtime forms the speed table adds (none without the serve extra)."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  wanted = tuple(config.get("runtimes") or ())
+  if not wanted or importlib.util.find_spec("onnxruntime") is None:
+    return ()
+  return wanted
+
+
+def time_runtimes(models: dict, runtimes: tuple[str, ...], config: ml_collections.ConfigDict
+                  ) -> dict:
+  """Teacher and student in each ONNX Runtime form, each form timed in a process of its own
+  (``serve.timing.in_own_process``): runtime -> name -> timing."""
+  from bort_jax.serve import timing  # pylint: disable=import-outside-toplevel
+  pair = {k: models[k] for k in ("teacher", "student") if k in models}
+  out = {}
+  for runtime in runtimes:
+    print(f"report: timing {', '.join(pair)} in {runtime} (a process of its own)", flush=True)
+    out[runtime] = timing.in_own_process(pair, int(config.batch), int(config.seq_len), runtime,
+                                         int(config.rounds), int(config.warmup))
+  return out
+
+
+def runtime_lines(speed: dict) -> list[str]:
+  """The speed section's table of the teacher and the student in each runtime."""
+  runtimes = {"jax": speed["timings"], **(speed.get("runtimes") or {})}
+  if len(runtimes) < 2:
+    return []
+  lines = ["The teacher and the student in each runtime (ONNX Runtime: this project's ONNX "
+           "export, float32 and dynamic int8, CPU; each runtime timed in a process of its "
+           "own, so no runtime's threads slow another's):", "",
+           "| runtime | student median (ms) | IQR | teacher median (ms) | IQR | speed-up |",
+           "|---|---|---|---|---|---|"]
+  for runtime, t in runtimes.items():
+    if "student" not in t or "teacher" not in t:
+      continue
+    s, te = t["student"], t["teacher"]
+    lines.append(f"| {runtime} | {s['median_ms']:.2f} | {s['iqr_ms']:.2f} | "
+                 f"{te['median_ms']:.2f} | {te['iqr_ms']:.2f} | "
+                 f"{te['median_ms'] / s['median_ms']:.2f}x |")
+  return lines + [""]
 
 
 BUSY = 0.2  # above this share of the CPUs taken by other processes, the timings are flagged
@@ -243,7 +291,7 @@ def speed_section(speed: dict, config: ml_collections.ConfigDict) -> list[str]:
     lines.append(f"| {name} | {t['arch']} | {t['params_total'] / 1e6:.4g} | "
                  f"{t['gflops']:.4g} | {t['median_ms']:.2f} | {t['iqr_ms']:.2f} | "
                  f"{t['median_ms'] / student:.1f} |")
-  lines += [""] + report_choice.choice_table(speed)
+  lines += [""] + runtime_lines(speed) + report_choice.choice_table(speed)
   note = busy_note(speed)
   if note:
     lines += [f"**Busy machine**: {note}.", ""]

@@ -6,8 +6,10 @@ The student's fine-tuning population writes its best member as a fine-tuned mode
 stage copies it into the workdir, ``WORKDIR/products/<task>/model`` (``bort-jax predict`` and
 ``bort-jax evaluate`` take it as it is), exports it to a Hugging Face folder beside it,
 ``WORKDIR/products/<task>/hf`` (``interop/hf_export.py``: weights, config with the label names,
-tokenizer files and a model card), each redone only when the fine-tuned model changed, and
-lists the predict command with an example input of the task's kind.
+tokenizer files and a model card) and, with the serve extra, an ONNX folder
+``WORKDIR/products/<task>/onnx`` (``serve/export.py``: float32 and int8 graphs, the int8 one
+scored on the task's dev split and timed), each redone only when the fine-tuned model changed,
+and lists the predict commands with an example input of the task's kind.
 """
 
 from __future__ import annotations
@@ -61,6 +63,37 @@ def export_student(best: str, out: str) -> dict[str, Any]:
   return {"out": out, "made": True, "parameters": done["parameters"]}
 
 
+def export_onnx_student(best: str, out: str) -> dict[str, Any]:
+  """The ONNX folder (float32 and int8, the int8 graph scored on the task's dev split) of one
+  fine-tuned student, made unless it is up to date; ``{"out": None, "why"}`` without the
+  serve extra."""
+  from bort_jax.serve import export, runtime  # pylint: disable=import-outside-toplevel
+  try:
+    runtime.require()
+  except runtime.MissingExtraError as error:
+    return {"out": None, "why": str(error)}
+  stamp_path = os.path.join(out, ".made_from.json")
+  stamp = _stamp(best)
+  record = read_json(os.path.join(out, export.SERVE_FILE))
+  if read_json(stamp_path) == json.loads(stamp) and record:
+    return {"out": out, "made": False, "record": record}
+  record = export.export(best, out, quantize="int8",
+                         log=lambda line: print(f"report: onnx {line}", flush=True))
+  atomic_write_text(stamp_path, stamp)
+  return {"out": out, "made": True, "record": record}
+
+
+def _onnx_line(onnx: dict) -> str:
+  if onnx.get("out") is None:
+    return f"  No ONNX export ({onnx.get('why')})."
+  q = onnx["record"].get("int8") or {}
+  dev = q.get("dev") or {}
+  gain = f"int8 {q['speedup']:.2f}x the float32 graph" if q.get("speedup") else ""
+  cost = (f", {dev['change_points']:+.2f} points of {dev['metric']} on {dev['split']} "
+          f"({dev['examples']} examples)") if dev else ""
+  return f"  ONNX export `{onnx['out']}` ({gain}{cost})."
+
+
 def products(workdir: str, state: dict) -> tuple[list[str], list[dict]]:
   """The products section: per task, the fine-tuned student, its HF export, predict's command.
 
@@ -83,9 +116,17 @@ def products(workdir: str, state: dict) -> tuple[list[str], list[dict]]:
     best = copy_student(rundir.best_dir(folder),
                         os.path.join(workdir, PRODUCTS_DIR, name, "model"))
     hf = export_student(best, os.path.join(workdir, PRODUCTS_DIR, name, "hf"))
+    onnx = export_onnx_student(best, os.path.join(workdir, PRODUCTS_DIR, name, "onnx"))
     example = EXAMPLES.get(task, '--text "..."')
     command = f"bort-jax predict --checkpoint {best} {example}"
-    rows.append({"task": task, "checkpoint": best, "hf": hf["out"], "predict": command})
+    row = {"task": task, "checkpoint": best, "hf": hf["out"], "predict": command,
+           "onnx": onnx["out"], "onnx_line": _onnx_line(onnx)}
+    if onnx["out"]:
+      row["predict_onnx"] = (f"bort-jax predict --checkpoint {onnx['out']} --runtime "
+                             f"onnxruntime-int8 {example}")
+      row["int8"] = {k: v for k, v in onnx["record"].get("int8", {}).items()
+                     if k in ("speedup", "dev")}
+    rows.append(row)
   if not rows:
     return lines + ["No fine-tuned student yet (the finetune stage writes one per task).", ""], []
   lines += ["The best seed of the student's fine-tuning on each task is a fine-tuned model "
@@ -94,5 +135,8 @@ def products(workdir: str, state: dict) -> tuple[list[str], list[dict]]:
             "`AutoModelForSequenceClassification.from_pretrained(DIR)`.", ""]
   for row in rows:
     lines += [f"- **{row['task']}**: `{row['checkpoint']}`, Hugging Face export "
-              f"`{row['hf']}`", "", "  ```bash", f"  {row['predict']}", "  ```", ""]
+              f"`{row['hf']}`", "", "  ```bash", f"  {row['predict']}"]
+    if row.get("predict_onnx"):
+      lines.append(f"  {row['predict_onnx']}")
+    lines += ["  ```", "", row["onnx_line"], ""]
   return lines, rows

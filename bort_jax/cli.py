@@ -25,11 +25,15 @@ from typing import Any, Iterable, Sequence
 
 import ml_collections
 
+from bort_jax.runtime import rundir
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class UsageError(ValueError):
-  """Bad user input (a flag, a config field, a path): exit status 2, no traceback."""
+# UsageError and check_workdir live with the run folder's layout (runtime/rundir.py), so
+# that a mode outside this module can check its output folder the same way.
+UsageError = rundir.UsageError
+check_workdir = rundir.check_workdir
 
 
 # ----------------------------------------------------------------------------- config files
@@ -242,28 +246,3 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str
 # ----------------------------------------------------------------------------- paths
 
 
-def check_workdir(path: str | None, flag: str = "--workdir") -> str:
-  """The workdir must be a folder this process can create or write (nothing is created).
-
-  Remote paths (``gs://...``) are left to the file system that serves them.
-
-  Raises:
-    UsageError: no path, a path that is a file (or lies under one), or a folder that is not
-      writable.
-  """
-  if not path:
-    raise UsageError(f"{flag} is required: the folder for checkpoints, metrics and results")
-  if "://" in path:
-    return path
-  absolute = os.path.abspath(os.path.expanduser(path))
-  probe = absolute
-  while not os.path.exists(probe):
-    probe = os.path.dirname(probe)
-  if not os.path.isdir(probe):
-    where = "is a file" if probe == absolute else f"lies under the file {probe}"
-    raise UsageError(f"{flag}={path} {where}; give a folder (existing or to be created)")
-  if not os.access(probe, os.W_OK | os.X_OK):
-    what = "the folder" if probe == absolute else f"its nearest existing parent {probe}"
-    raise UsageError(f"{flag}={path}: {what} is not writable by this user; give a folder you "
-                     "can write to")
-  return path

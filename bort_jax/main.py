@@ -42,7 +42,6 @@ import traceback
 from typing import Any, Callable, Sequence
 
 from bort_jax import cli
-from bort_jax.core import cost_cli
 from bort_jax.serve import cli as serve_cli
 from bort_jax.runtime import quiet
 
@@ -178,7 +177,7 @@ def _demo_apply(args: argparse.Namespace, config: Any) -> None:
 
 MODES = {
     "cost": Mode("parameter counts, FLOPs and latency of architectures",
-                 run="bort_jax.core.cost_cli:run", flags=cost_cli.flags),
+                 run="bort_jax.serve.cli:cost", flags=serve_cli.cost_flags),
     "convert": Mode("convert Hugging Face checkpoints both ways",
                     run="bort_jax.main:convert_main", flags=_convert_flags),
     "data": Mode("data fetch: fetch the offline demo suite",
@@ -203,9 +202,9 @@ MODES = {
     "evaluate": Mode("score a fine-tuned checkpoint on a split",
                      run="bort_jax.finetune.evaluate:cli_run", flags=_evaluate_flags),
     "predict": Mode("labels and probabilities for your text",
-                    run="bort_jax.finetune.predict:cli_run", flags=_predict_flags),
+                    run="bort_jax.serve.cli:predict", flags=_predict_flags),
     "export": Mode("a model as an ONNX graph (float32 and int8) for ONNX Runtime",
-                   run="bort_jax.serve.cli:run", flags=serve_cli.flags),
+                   run="bort_jax.serve.cli:export", flags=serve_cli.export_flags),
 }
 
 

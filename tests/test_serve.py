@@ -247,6 +247,11 @@ def test_extraction_latency_runtime_is_checked_and_keyed(tmp_path):
   assert list(json.load(open(cfg.latency_table)).values()) == values
 
 
+def test_the_cli_names_the_runtimes_serve_knows():
+  from bort_jax.serve import cli as serve_cli
+  assert serve_cli.RUNTIMES == runtime.RUNTIMES
+
+
 def test_served_load_checks_the_task_against_the_head(assets):
   with pytest.raises(setup.InputError, match="task 'glue/mnli' needs classification with 3"):
     served.load(assets["onnx"], "onnxruntime", task="glue/mnli")

@@ -60,8 +60,8 @@ def _recorded_task(loaded: setup_lib.Loaded, checkpoint: str) -> str:
   return task
 
 
-def _resolve_task(loaded: setup_lib.Loaded, checkpoint: str, task: str | None,
-                  data_dir: str | None = None) -> tasks_lib.TaskSpec:
+def checkpoint_task(loaded: setup_lib.Loaded, checkpoint: str, task: str | None,
+                    data_dir: str | None = None) -> tasks_lib.TaskSpec:
   """``--task``, else the task the checkpoint was fine-tuned on."""
   if task:
     return setup_lib.resolve_task(task, field="--task", settings=_settings(loaded),
@@ -106,7 +106,7 @@ def load_for_inference(checkpoint: str, task: str | None = None, tokenizer: str 
   if loaded.head is None:
     raise setup_lib.InputError(f"--checkpoint {checkpoint!r} has no task head: fine-tune it "
                                "first (`bort-jax finetune`) or pass a fine-tuned checkpoint.")
-  spec = _resolve_task(loaded, checkpoint, task, data_dir)
+  spec = checkpoint_task(loaded, checkpoint, task, data_dir)
   params, layout = setup_lib.fit_head(loaded, spec, training=False, field="--checkpoint")
   if check is not None:
     check(spec)

@@ -10,7 +10,9 @@ for multiple-choice tasks, ``--choice`` (repeatable, one set shared by every tex
 ``--input``: JSON lines with ``text`` (or ``text_a``), optional ``text_b`` and ``choices``,
 or a TSV file with one ``text_a[<TAB>text_b]`` row per line. Output: one JSON line per input
 with the predicted ``label`` (its name when the task has names), ``label_id`` and the class
-(or choice) ``probabilities``; regression tasks give a ``score``.
+(or choice) ``probabilities``; regression tasks give a ``score``. ``--runtime``: ``jax`` (the
+default, here) on a checkpoint; ``onnxruntime`` or ``onnxruntime-int8`` on the folder of
+``bort-jax export`` (``serve/cli.py``; docs/SERVING.md).
 """
 
 from __future__ import annotations
@@ -127,7 +129,8 @@ def predict_with(spec: tasks_lib.TaskSpec, rows: Sequence[dict], tokenizer: Any,
   return results
 
 
-def _rows(args) -> list[dict]:
+def input_rows(args: argparse.Namespace) -> list[dict]:
+  """The inputs of ``--text`` / ``--text-b`` / ``--choice`` or of ``--input`` (checked)."""
   if bool(args.text) == bool(args.input):
     raise setup_lib.InputError("give the inputs either as --text (repeatable) or as --input "
                                "FILE, not both and not neither.")
@@ -141,33 +144,27 @@ def _rows(args) -> list[dict]:
           for a, b in zip(args.text, texts_b)]
 
 
+def write_results(results: Sequence[dict], output: str | None) -> None:
+  """One JSON line per result, to ``output`` (atomically) or stdout; process 0 only."""
+  if jax.process_index() == 0:
+    text = "".join(json.dumps(fileio.to_jsonable(r)) + "\n" for r in results)
+    if output:
+      fileio.atomic_write_text(output, text)
+    else:
+      sys.stdout.write(text)
+      sys.stdout.flush()
+
+
 def cli_run(args: argparse.Namespace) -> int:
-  """``bort-jax predict`` (flags in ``bort_jax.main``): one JSON line per input.
+  """``bort-jax predict --runtime jax`` (flags in ``bort_jax.main``; the mode's entry is
+  ``serve.cli.predict``, which sends the other runtimes to ONNX Runtime): one JSON line per
+  input.
 
   Bad input raises :class:`setup.InputError` (a ``ValueError``) before anything is compiled
   or written: ``bort_jax.main`` prints it as one paragraph and exits with status 2.
   """
-  rows = _rows(args)
-  runtime = getattr(args, "runtime", "jax")
-  if runtime == "jax":
-    from bort_jax.serve import served  # pylint: disable=import-outside-toplevel
-    if served.is_export(args.checkpoint):
-      raise setup_lib.InputError(f"--checkpoint {args.checkpoint!r} is an ONNX export: serve it "
-                                 "with --runtime onnxruntime (or onnxruntime-int8).")
-    inf = evaluate.load_for_inference(args.checkpoint, args.task, args.tokenizer, args.seq_len,
-                                      args.batch_size, lambda spec: to_examples(spec, rows))
-    results = predict(inf, rows)
-  else:
-    from bort_jax.serve import served  # pylint: disable=import-outside-toplevel
-    model = served.load(args.checkpoint, runtime, args.task, args.tokenizer, args.seq_len,
-                        args.batch_size, lambda spec: to_examples(spec, rows))
-    results = predict_with(model.spec, rows, model.tokenizer, model.seq_len, model.batch_size,
-                           lambda b: dict(b, logits=model.forward(b)))
-  if jax.process_index() == 0:
-    text = "".join(json.dumps(fileio.to_jsonable(r)) + "\n" for r in results)
-    if args.output:
-      fileio.atomic_write_text(args.output, text)
-    else:
-      sys.stdout.write(text)
-      sys.stdout.flush()
+  rows = input_rows(args)
+  inf = evaluate.load_for_inference(args.checkpoint, args.task, args.tokenizer, args.seq_len,
+                                    args.batch_size, lambda spec: to_examples(spec, rows))
+  write_results(predict(inf, rows), args.output)
   return 0

@@ -22,7 +22,8 @@ a reader sees no folder or a complete one, so a folder's presence means the run 
 :class:`Digest` is the one content hash behind the caches' keys (``CACHE/adapted``,
 ``extracted``, ``distilled``, ``finetuned``) and the demo's per-stage config hashes: a
 SHA-256 over what determines a run's output, fed as text, canonical JSON, file contents or
-arrays.
+arrays. :func:`check_workdir` is the one check of a folder a command is told to write (the
+workdir, ``--out``, ``--cache-dir``): it raises :class:`UsageError`, bad input (exit status 2).
 """
 
 from __future__ import annotations
@@ -94,3 +95,34 @@ class Digest:
   def hex(self, length: int | None = None) -> str:
     """The hex digest, cut to ``length`` characters when given."""
     return self._sha.hexdigest()[:length]
+
+
+class UsageError(ValueError):
+  """Bad user input (a flag, a config field, a path): exit status 2, no traceback."""
+
+
+def check_workdir(path: str | None, flag: str = "--workdir") -> str:
+  """The workdir must be a folder this process can create or write (nothing is created).
+
+  Remote paths (``gs://...``) are left to the file system that serves them.
+
+  Raises:
+    UsageError: no path, a path that is a file (or lies under one), or a folder that is not
+      writable.
+  """
+  if not path:
+    raise UsageError(f"{flag} is required: the folder for checkpoints, metrics and results")
+  if "://" in path:
+    return path
+  absolute = os.path.abspath(os.path.expanduser(path))
+  probe = absolute
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    where = "is a file" if probe == absolute else f"lies under the file {probe}"
+    raise UsageError(f"{flag}={path} {where}; give a folder (existing or to be created)")
+  if not os.access(probe, os.W_OK | os.X_OK):
+    what = "the folder" if probe == absolute else f"its nearest existing parent {probe}"
+    raise UsageError(f"{flag}={path}: {what} is not writable by this user; give a folder you "
+                     "can write to")
+  return path

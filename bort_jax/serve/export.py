@@ -21,6 +21,7 @@ nothing):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -41,12 +42,6 @@ QUANTIZE = ("", "int8")
 
 class ParityError(RuntimeError):
   """The exported graph does not compute what the JAX model computes (a bug, not bad input)."""
-
-
-def _task(loaded, task: str | None, data_dir: str | None):
-  """The task of a model with a task head (``--task``, else the one it was fine-tuned on)."""
-  from bort_jax.finetune import evaluate  # pylint: disable=import-outside-toplevel
-  return evaluate._resolve_task(loaded, loaded.path, task, data_dir)  # pylint: disable=W0212
 
 
 def _head_of(loaded) -> model_lib.HeadSpec:
@@ -138,6 +133,85 @@ def dev_scores(spec, paths: dict[str, str], tokenizer, seq_len: int, data_dir: s
   return out
 
 
+@dataclasses.dataclass
+class Source:
+  """A model read for export, with what its export needs (built by :func:`read_source`)."""
+
+  config: Any
+  head: model_lib.HeadSpec
+  params: Any
+  spec: Any  # the task (a model with a task head), else None
+  meta: dict  # what finetune.json of the export holds ({} without a task head)
+  seq_len: int
+  tokenizer: Any  # None when none was found (allowed unless int8 needs a dev score)
+
+
+def read_source(checkpoint: str, *, quantize: str = "", task: str | None = None,
+                split: str | None = None, data_dir: str | None = None, tokenizer: str = "",
+                seq_len: int | None = None) -> Source:
+  """Reads and checks what :func:`export` is given (arguments as its own), writing nothing.
+
+  Raises:
+    InputError: any argument that does not fit the checkpoint.
+  """
+  from bort_jax.finetune import evaluate  # pylint: disable=import-outside-toplevel
+  from bort_jax.finetune import setup as setup_lib  # pylint: disable=import-outside-toplevel
+  from bort_jax.interop import hf_tokenizer  # pylint: disable=import-outside-toplevel
+  if quantize not in QUANTIZE:
+    raise setup_lib.InputError(f"--quantize={quantize!r}: allowed: int8 (or leave it out)")
+  loaded = setup_lib.load_model(checkpoint, field="--checkpoint", keep_mlm_head=True)
+  config, head, spec, meta = loaded.config, _head_of(loaded), None, {}
+  params = loaded.params
+  if loaded.head is not None:
+    spec = evaluate.checkpoint_task(loaded, checkpoint, task, data_dir)
+    params, _ = setup_lib.fit_head(loaded, spec, training=False, field="--checkpoint")
+    meta = dict(loaded.meta, task=spec.name, kind=spec.kind, num_labels=spec.num_labels,
+                layout=head.layout, label_names=list(spec.label_names))
+  elif task:
+    raise setup_lib.InputError(f"--task {task}: --checkpoint {checkpoint!r} has no task head "
+                               f"(a {head.kind} model); leave --task out.")
+  seq_len = int(seq_len or meta.get("seq_len") or min(128, config.max_length))
+  if not 2 <= seq_len <= config.max_length:
+    raise setup_lib.InputError(f"--seq-len {seq_len} must be in 2..{config.max_length}.")
+  meta["seq_len"] = seq_len
+  tok_path = hf_tokenizer.find_tokenizer(loaded.path, tokenizer)
+  if tokenizer and tok_path is None:
+    raise setup_lib.InputError(f"--tokenizer {tokenizer!r}: no tokenizer files there.")
+  if quantize and spec is not None:
+    if tok_path is None:  # the dev score needs one: the message says where to name it
+      setup_lib.tokenizer_dir(loaded.path, tokenizer, field="--tokenizer")
+    dev_name = split or (spec.validation_splits or ("",))[0]
+    if not dev_name or dev_name not in spec.validation_splits:
+      raise setup_lib.InputError(f"--split {dev_name!r} is not a labelled dev split of "
+                                 f"{spec.name!r}; its dev splits: "
+                                 f"{', '.join(spec.validation_splits) or 'none'}.")
+  tok = setup_lib.load_tokenizer(tok_path, config, field="--tokenizer") if tok_path else None
+  return Source(config, head, params, spec, meta, seq_len, tok)
+
+
+def _int8(source: Source, paths: dict, weight_matmuls: int, split: str | None,
+          data_dir: str | None, dev_limit: int, log: Callable[[str], None]) -> dict:
+  """Writes the int8 graph beside the float32 one (``paths`` gains it); its record: MatMuls
+  quantised, latency of both graphs, and (a task model) both graphs' dev scores."""
+  paths["onnxruntime-int8"] = os.path.join(os.path.dirname(paths["onnxruntime"]),
+                                           FILES["onnxruntime-int8"])
+  runtime_lib.quantize_int8(paths["onnxruntime"], paths["onnxruntime-int8"])
+  after = runtime_lib.count_ops(paths["onnxruntime-int8"])
+  out = {"matmuls_quantized": after.get("MatMulInteger", 0), "weight_matmuls": weight_matmuls,
+         "matmuls_left_float": after.get("MatMul", 0)}
+  log(f"int8: {out['matmuls_quantized']} of {weight_matmuls} weight MatMuls quantised")
+  one = {k: v[:1] for k, v in parity_batch(source.config, source.head, source.seq_len).items()}
+  out["latency"] = time_graphs(paths, one)
+  fp, q8 = (out["latency"][k]["median_ms"] for k in paths)
+  out["speedup"] = fp / q8
+  log(f"latency at batch 1 x {source.seq_len}: float32 {fp:.1f} ms, int8 {q8:.1f} ms "
+      f"({fp / q8:.2f}x)")
+  if source.spec is not None:
+    out["dev"] = dev_scores(source.spec, paths, source.tokenizer, source.seq_len, data_dir,
+                            split, dev_limit, log)
+  return out
+
+
 def export(checkpoint: str, out: str, *, quantize: str = "", task: str | None = None,
            split: str | None = None, data_dir: str | None = None, tokenizer: str = "",
            seq_len: int | None = None, dev_limit: int = 0,
@@ -163,84 +237,40 @@ def export(checkpoint: str, out: str, *, quantize: str = "", task: str | None = 
   runtime_lib.require()
   import onnx  # pylint: disable=import-outside-toplevel
 
-  from bort_jax.finetune import setup as setup_lib  # pylint: disable=import-outside-toplevel
   from bort_jax.interop import hf_tokenizer  # pylint: disable=import-outside-toplevel
   from bort_jax.serve import card as card_lib  # pylint: disable=import-outside-toplevel
   from bort_jax.serve import onnx_graph  # pylint: disable=import-outside-toplevel
-  if quantize not in QUANTIZE:
-    raise setup_lib.InputError(f"--quantize={quantize!r}: allowed: int8 (or leave it out)")
-  loaded = setup_lib.load_model(checkpoint, field="--checkpoint", keep_mlm_head=True)
-  config, head, spec, meta = loaded.config, _head_of(loaded), None, {}
-  params = loaded.params
-  if loaded.head is not None:
-    spec = _task(loaded, task, data_dir)
-    params, _ = setup_lib.fit_head(loaded, spec, training=False, field="--checkpoint")
-    meta = dict(loaded.meta, task=spec.name, kind=spec.kind, num_labels=spec.num_labels,
-                layout=head.layout, label_names=list(spec.label_names))
-  elif task:
-    raise setup_lib.InputError(f"--task {task}: --checkpoint {checkpoint!r} has no task head "
-                               f"(a {head.kind} model); leave --task out.")
-  seq_len = int(seq_len or meta.get("seq_len") or min(128, config.max_length))
-  if not 2 <= seq_len <= config.max_length:
-    raise setup_lib.InputError(f"--seq-len {seq_len} must be in 2..{config.max_length}.")
-  meta["seq_len"] = seq_len
-  tok_path = hf_tokenizer.find_tokenizer(loaded.path, tokenizer)
-  if tokenizer and tok_path is None:
-    raise setup_lib.InputError(f"--tokenizer {tokenizer!r}: no tokenizer files there.")
-  if quantize and spec is not None and tok_path is None:  # the dev score needs one
-    setup_lib.tokenizer_dir(loaded.path, tokenizer, field="--tokenizer")  # raises its message
-  tok = setup_lib.load_tokenizer(tok_path, config, field="--tokenizer") if tok_path else None
-  if quantize and spec is not None:
-    dev_name = split or (spec.validation_splits or ("",))[0]
-    if not dev_name or dev_name not in spec.validation_splits:
-      raise setup_lib.InputError(f"--split {dev_name!r} is not a labelled dev split of "
-                                 f"{spec.name!r}; its dev splits: "
-                                 f"{', '.join(spec.validation_splits) or 'none'}.")
-
+  src = read_source(checkpoint, quantize=quantize, task=task, split=split, data_dir=data_dir,
+                    tokenizer=tokenizer, seq_len=seq_len)
+  config, head = src.config, src.head
   record: dict[str, Any] = {
       "format": "onnx", "opset": onnx_graph.OPSET, "producer": "bort_jax",
       "family": config.family, "arch": str(config.arch),
       "head": {"kind": head.kind, "num_labels": head.num_labels, "layout": head.layout},
-      "task": meta.get("task"), "label_names": meta.get("label_names", []),
-      "seq_len": seq_len, "inputs": list(onnx_graph.input_names(config)),
+      "task": src.meta.get("task"), "label_names": src.meta.get("label_names", []),
+      "seq_len": src.seq_len, "inputs": list(onnx_graph.input_names(config)),
       "output": onnx_graph.output_name(head), "source": checkpoint}
   with fileio.atomic_dir(out) as tmp:
     start = time.perf_counter()
-    graph = onnx_graph.build(params, config, head, doc=f"bort_jax {config.family} "
+    graph = onnx_graph.build(src.params, config, head, doc=f"bort_jax {config.family} "
                              f"{config.arch} {head.kind} model")
     paths = {"onnxruntime": os.path.join(tmp, FILES["onnxruntime"])}
     onnx.save(graph, paths["onnxruntime"])
     weight_matmuls = len(weight_matmuls_of(graph))
     del graph
     log(f"graph written ({time.perf_counter() - start:.0f} s); checking it against JAX")
-    diff = check_parity(params, config, head, paths["onnxruntime"], seq_len)
+    diff = check_parity(src.params, config, head, paths["onnxruntime"], src.seq_len)
     record["parity"] = {"max_abs_diff": diff, "tolerance": PARITY_TOLERANCE,
-                        "batch": "2 rows, the second half padded", "seq_len": seq_len}
+                        "batch": "2 rows, the second half padded", "seq_len": src.seq_len}
     log(f"parity: largest |onnxruntime - jax| {diff:.2e}")
     if quantize:
-      paths["onnxruntime-int8"] = os.path.join(tmp, FILES["onnxruntime-int8"])
-      runtime_lib.quantize_int8(paths["onnxruntime"], paths["onnxruntime-int8"])
-      after = runtime_lib.count_ops(paths["onnxruntime-int8"])
-      record["int8"] = {"matmuls_quantized": after.get("MatMulInteger", 0),
-                        "weight_matmuls": weight_matmuls,
-                        "matmuls_left_float": after.get("MatMul", 0)}
-      log(f"int8: {record['int8']['matmuls_quantized']} of "
-          f"{record['int8']['weight_matmuls']} weight MatMuls quantised")
-      timing = parity_batch(config, head, seq_len)
-      timing = {k: v[:1] for k, v in timing.items()}
-      record["int8"]["latency"] = time_graphs(paths, timing)
-      fp, q8 = (record["int8"]["latency"][k]["median_ms"] for k in paths)
-      record["int8"]["speedup"] = fp / q8
-      log(f"latency at batch 1 x {seq_len}: float32 {fp:.1f} ms, int8 {q8:.1f} ms "
-          f"({fp / q8:.2f}x)")
-      if spec is not None:
-        record["int8"]["dev"] = dev_scores(spec, paths, tok, seq_len, data_dir, split,
-                                           dev_limit, log)
+      record["int8"] = _int8(src, paths, weight_matmuls, split, data_dir, dev_limit, log)
     _write_json(os.path.join(tmp, export_lib.MODEL_CONFIG_FILE), config.to_dict())
-    if spec is not None:
-      _write_json(os.path.join(tmp, export_lib.FINETUNE_FILE), meta)
-    record["tokenizer_files"] = (hf_tokenizer.write_hf_tokenizer(tok, tmp, config.max_length)
-                                 if tok is not None else [])
+    if src.spec is not None:
+      _write_json(os.path.join(tmp, export_lib.FINETUNE_FILE), src.meta)
+    record["tokenizer_files"] = (
+        hf_tokenizer.write_hf_tokenizer(src.tokenizer, tmp, config.max_length)
+        if src.tokenizer is not None else [])
     record["files"] = {os.path.basename(p): {"sha256": fileio.sha256_file(p),
                                              "bytes": os.path.getsize(p)}
                        for p in paths.values()}

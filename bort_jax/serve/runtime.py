@@ -90,8 +90,10 @@ def forward(sess) -> Callable[[dict], np.ndarray]:
 def quantize_int8(source: str, target: str) -> None:
   """Writes ``target``: ``source`` with every MatMul by a weight quantised to int8.
 
-  ONNX Runtime's dynamic quantisation: weights per tensor, signed int8; activations quantised
-  at run time. MatMuls of two activations (attention) and the embedding tables stay float32.
+  ONNX Runtime's dynamic quantisation: signed int8 weights with one scale per output channel
+  (per tensor lost 1.3 points of accuracy on the demo's bbc_news student, per channel none, at
+  the same speed); activations quantised at run time. MatMuls of two activations (attention)
+  and the embedding tables stay float32.
   """
   require()
   from onnxruntime.quantization import QuantType, quantize_dynamic  # pylint: disable=C0415
@@ -100,7 +102,7 @@ def quantize_int8(source: str, target: str) -> None:
   quiet.setLevel(logging.ERROR)  # its advice to pre-process the graph, printed every time
   try:
     quantize_dynamic(source, target, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                     extra_options={"MatMulConstBOnly": True})
+                     per_channel=True, extra_options={"MatMulConstBOnly": True})
   finally:
     quiet.setLevel(level)
 

@@ -255,3 +255,23 @@ def test_the_cli_names_the_runtimes_serve_knows():
 def test_served_load_checks_the_task_against_the_head(assets):
   with pytest.raises(setup.InputError, match="task 'glue/mnli' needs classification with 3"):
     served.load(assets["onnx"], "onnxruntime", task="glue/mnli")
+
+
+def test_report_keeps_its_page_when_a_runtime_cannot_be_timed(monkeypatch):
+  import ml_collections
+  from bort_jax.pipelines import report
+
+  def fail(*args, **kwargs):
+    raise RuntimeError("timing onnxruntime in its own process failed: boom")
+
+  monkeypatch.setattr(timing, "in_own_process", fail)
+  cfg = ml_collections.ConfigDict({"batch": 1, "seq_len": 8, "rounds": 1, "warmup": 0})
+  models = {k: arch_lib.get_model_config("D1-A2-H32-I64") for k in ("teacher", "student")}
+  got = report.time_runtimes(models, ("onnxruntime",), cfg)
+  assert got == {"onnxruntime": {"error": "timing onnxruntime in its own process failed: boom"}}
+  row = {"median_ms": 2.0, "iqr_ms": 0.1}
+  lines = report.runtime_lines({"timings": {"student": row, "teacher": dict(row, median_ms=8.0)},
+                                "runtimes": got})
+  assert "| jax | 2.00 | 0.10 | 8.00 | 0.10 | 4.00x |" in lines
+  assert "| onnxruntime | not measured: timing onnxruntime in its own process failed: boom " \
+         "| | | | |" in lines

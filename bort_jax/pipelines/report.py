@@ -14,7 +14,9 @@ Writes ``W/report/report.md`` and the PNGs it embeds (``pareto.png``, ``distill.
   agora.json``), its round 0 (the plain run's best member), its best round and the points it
   added; the tasks the demo's Agora stage did not take, with why;
 * speed: student, teacher and BERT shapes timed side by side (``cost.interleaved_latency``:
-  rounds of A B C ..., median and interquartile range), kept in ``report/speed.json``.
+  rounds of A B C ..., median and interquartile range), and with the serve extra the teacher
+  and the student in ONNX Runtime float32 and int8, each in a process of its own
+  (``serve.timing``), kept in ``report/speed.json``.
 
 Decisions: the report reads files only (it trains nothing); anything missing is listed as
 "not run", so it works on a partial workdir. The headline is the student's mean dev score over
@@ -235,8 +237,12 @@ def time_runtimes(models: dict, runtimes: tuple[str, ...], config: ml_collection
   out = {}
   for runtime in runtimes:
     print(f"report: timing {', '.join(pair)} in {runtime} (a process of its own)", flush=True)
-    out[runtime] = timing.in_own_process(pair, int(config.batch), int(config.seq_len), runtime,
-                                         int(config.rounds), int(config.warmup))
+    try:
+      out[runtime] = timing.in_own_process(pair, int(config.batch), int(config.seq_len),
+                                           runtime, int(config.rounds), int(config.warmup))
+    except RuntimeError as error:  # the page is still written, with the reason in its place
+      print(f"report: {error}", flush=True)
+      out[runtime] = {"error": str(error)}
   return out
 
 
@@ -251,6 +257,8 @@ def runtime_lines(speed: dict) -> list[str]:
            "| runtime | student median (ms) | IQR | teacher median (ms) | IQR | speed-up |",
            "|---|---|---|---|---|---|"]
   for runtime, t in runtimes.items():
+    if "error" in t:
+      lines.append(f"| {runtime} | not measured: {t['error']} | | | | |")
     if "student" not in t or "teacher" not in t:
       continue
     s, te = t["student"], t["teacher"]

@@ -272,7 +272,7 @@ def test_latency_budget_reads_the_latency_table(tmp_path, monkeypatch):
   # into the per-device table and keeps those at most 1.8 ms: the D1-H16 shapes (1.5 ms).
   config = _config(tmp_path, **{"select.min_speedup": 0.0, "select.max_latency_ms": 1.8})
   timed = []
-  monkeypatch.setattr(cost, "measure_latency", lambda c, b, t, repeats: timed.append(
+  monkeypatch.setattr(cost, "measure_latency", lambda c, b, t, repeats, **_: timed.append(
       str(c.arch)) or {"median_ms": c.arch.depth + c.arch.hidden / 32})
   candidates = extract.search_space(config.space)
   teacher = export.load_config(config.teacher.path)

@@ -31,15 +31,17 @@ def _ort_logits(proto, batch):
   return runtime.forward(runtime.session(proto.SerializeToString()))(batch)
 
 
-@pytest.mark.parametrize("family,activation", [("bert", "gelu"), ("roberta", "gelu"),
-                                               ("bort", "gelu_tanh")])
-def test_graph_matches_the_jax_model_for_every_head(family, activation):
-  """Every head of every family, with padding, token types and (RoBERTa) offset positions;
-  one graph run at two lengths (the axes are dynamic)."""
+@pytest.mark.parametrize("family,activation,heads", [
+    ("bert", "gelu", HEADS), ("roberta", "gelu", [HEADS[0], HEADS[2], HEADS[5]]),
+    ("bort", "gelu_tanh", [HEADS[1], HEADS[3], HEADS[4], HEADS[5]])])
+def test_graph_matches_the_jax_model_for_every_head(family, activation, heads):
+  """Every head on BERT, and on RoBERTa (offset positions) and Bort (no token types, tanh
+  GELU) the ones whose graph differs; with padding; one graph run at two lengths (the axes
+  are dynamic)."""
   cfg = arch_lib.get_model_config("D2-A2-H16-I32", family=family, vocab_size=50,
                                   max_positions=40, activation=activation)
   rng = np.random.default_rng(0)
-  for head in HEADS:
+  for head in heads:
     params = model.init(jax.random.key(1), cfg, head)
     params = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape, np.float32), params)
     proto = onnx_graph.build(params, cfg, head)

@@ -161,8 +161,8 @@ def measure_latency(config, batch: int, seq_len: int, runtime: str = "jax", repe
   """``cost.measure_latency`` in ``runtime``; the result names the runtime."""
   from bort_jax.core import cost  # pylint: disable=import-outside-toplevel
   if runtime == "jax":
-    return dict(cost.measure_latency(config, batch, seq_len, repeats, warmup, head, seed),
-                runtime="jax")
+    return dict(cost.measure_latency(config, batch, seq_len, repeats=repeats, warmup=warmup,
+                                     head=head, seed=seed), runtime="jax")
   if repeats < 1 or warmup < 0:
     raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
   config = get_model_config(config)

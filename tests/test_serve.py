@@ -277,3 +277,15 @@ def test_report_keeps_its_page_when_a_runtime_cannot_be_timed(monkeypatch):
   assert "| jax | 2.00 | 0.10 | 8.00 | 0.10 | 4.00x |" in lines
   assert "| onnxruntime | not measured: timing onnxruntime in its own process failed: boom " \
          "| | | | |" in lines
+
+
+def test_demo_product_without_onnx_says_why(tmp_path):
+  """A student the export cannot take leaves the report its reason, not a crash."""
+  from bort_jax.pipelines import report_products
+  best = tmp_path / "best"
+  best.mkdir()
+  (best / "finetune.json").write_text("{}")
+  got = report_products.export_onnx_student(str(best), str(tmp_path / "onnx"))
+  assert got["out"] is None and "--checkpoint" in got["why"]
+  assert "No ONNX export (" in report_products._onnx_line(got)  # pylint: disable=W0212
+  assert not (tmp_path / "onnx").exists()

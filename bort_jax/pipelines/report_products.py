@@ -77,8 +77,12 @@ def export_onnx_student(best: str, out: str) -> dict[str, Any]:
   record = read_json(os.path.join(out, export.SERVE_FILE))
   if read_json(stamp_path) == json.loads(stamp) and record:
     return {"out": out, "made": False, "record": record}
-  record = export.export(best, out, quantize="int8",
-                         log=lambda line: print(f"report: onnx {line}", flush=True))
+  try:
+    record = export.export(best, out, quantize="int8",
+                           log=lambda line: print(f"report: onnx {line}", flush=True))
+  except (ValueError, OSError) as error:  # e.g. a dev split it cannot read: the page still
+    print(f"report: no ONNX export of {best}: {error}", flush=True)  # says why
+    return {"out": None, "why": " ".join(str(error).split())}
   atomic_write_text(stamp_path, stamp)
   return {"out": out, "made": True, "record": record}
 

@@ -42,6 +42,7 @@ import traceback
 from typing import Any, Callable, Sequence
 
 from bort_jax import cli
+from bort_jax.plan import cli as plan_cli
 from bort_jax.serve import cli as serve_cli
 from bort_jax.runtime import quiet
 
@@ -56,6 +57,8 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryEr
 REPORTED_FAILURES = ("bort_jax.runtime.checkpoint.CheckpointRestoreError",
                      "bort_jax.runtime.train.NonFiniteLossError",
                      "bort_jax.serve.export.ParityError")
+# A dry run whose program does not fit the target: plan.dry_run.DoesNotFit is a ValueError
+# (exit 2, the compiler's verdict and what to change).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,11 +187,14 @@ MODES = {
                  run="bort_jax.main:data_main", flags=_data_flags),
     "teacher-adapt": Mode("train an MLM head for a headless teacher",
                           run="bort_jax.pipelines.distill:run_adapt",
-                          config="configs/pretrain_demo.py:adapt"),
+                          config="configs/pretrain_demo.py:adapt",
+                          flags=plan_cli.plan_flags),
     "distill": Mode("pretrain a student by distillation",
-                    run="bort_jax.pipelines.distill:run", config="configs/pretrain_demo.py"),
+                    run="bort_jax.pipelines.distill:run", config="configs/pretrain_demo.py",
+                    flags=plan_cli.plan_flags),
     "extract": Mode("optimal subarchitecture extraction (FPTAS)",
-                    run="bort_jax.pipelines.extract:run", config="configs/extract_demo.py"),
+                    run="bort_jax.pipelines.extract:run", config="configs/extract_demo.py",
+                    flags=plan_cli.plan_flags),
     "study": Mode("distil and fine-tune an extraction's choice against its rivals",
                   run="bort_jax.pipelines.study:run", config="configs/study_demo.py"),
     "demo": Mode("run the whole demo pipeline", run="bort_jax.pipelines.demo:run",
@@ -198,7 +204,8 @@ MODES = {
                    run="bort_jax.pipelines.report:cli_run", config="configs/report.py",
                    workdir_default="runs/demo", print_result=False),
     "finetune": Mode("fine-tune on a GLUE/SuperGLUE/RACE/demo task",
-                     run="bort_jax.finetune.modes:run", config="configs/finetune.py"),
+                     run="bort_jax.finetune.modes:run", config="configs/finetune.py",
+                     flags=plan_cli.plan_flags),
     "evaluate": Mode("score a fine-tuned checkpoint on a split",
                      run="bort_jax.finetune.evaluate:cli_run", flags=_evaluate_flags),
     "predict": Mode("labels and probabilities for your text",
@@ -350,10 +357,15 @@ def run_mode(name: str, argv: Sequence[str]) -> int:
   if mode.config is None:
     configure_logging()
     return int(_function(mode.run)(args) or 0)
+  plan_cli.check_flags(args)
   config = cli.load_config(args.config)
   if mode.apply_flags:
     mode.apply_flags(args, config)
   cli.apply_overrides(config, overrides)
+  if getattr(args, "dry_run", False):  # plans the run: no workdir, nothing written
+    plan_cli.prepare_jax(args)
+    configure_logging()
+    return plan_cli.dry_run(name, config, args)
   workdir = cli.check_workdir(args.workdir)
   run = _function(mode.run)  # imported before anything else starts
   configure_logging()

@@ -33,11 +33,18 @@ USAGE="usage: launch/tpu_pod.sh --name=NAME --zone=ZONE [--type=TYPE] [options] 
   --logs=DIR           where collect puts worker_I.log (default: runs/tpu_logs/NAME)
   --steps=LIST         comma list of create,setup,run,collect,delete (default: all, in
                        that order)
-  --dry-run            print the commands, one per line, and run nothing
+  --dry-run            print the commands, one per line, and run nothing; first, when the
+                       slice is one bort-jax can plan for (PLANNED below) and the mode is
+                       distill, teacher-adapt, extract or finetune, compile the mode for it
+                       (bort-jax MODE ... --dry-run --target=T, the plan extra) and print its
+                       verdict on stderr: a run that does not fit stops here, exit 2
+  --no-plan            a dry run without that plan
   -h, --help           this text
   -- MODE [FLAGS...]   the bort-jax mode and its flags, run on every worker"
 
-DRY_RUN=0
+DRY_RUN=0 plan=1
+# The slices bort-jax's planner knows (bort_jax/plan/targets.py), as --type names them.
+PLANNED="v5litepod-4:v5e-4 v5litepod-8:v5e-8 v5litepod-64:v5e-64 v4-32:v4-32 v5p-128:v5p-128"
 name="" zone="" type="" runtime="" project="" capacity=spot queued=0 ref="" workers="" logs=""
 source_="$(cd "$launch_dir/.." && pwd)"
 steps="create,setup,run,collect,delete"
@@ -56,6 +63,7 @@ while [ "$#" -gt 0 ]; do
     --logs=*) logs="${1#*=}"; need_value --logs "$logs" ;;
     --steps=*) steps="${1#*=}" ;;
     --dry-run) DRY_RUN=1 ;;
+    --no-plan) plan=0 ;;
     -h | --help) printf '%s\n' "$USAGE"; exit 0 ;;
     --) shift; break ;;
     --name | --zone | --type | --runtime | --project | --capacity | --source | --ref | \
@@ -148,6 +156,25 @@ if has run; then
           "$arg" "a ${workers}-host slice needs a shared workdir (gs://...) for its checkpoints" >&2 ;;
     esac
   done
+fi
+
+# --- The plan: the mode compiled for this slice before anything is paid for. ---
+if [ "$DRY_RUN" = 1 ] && [ "$plan" = 1 ] && has run && [ -n "$type" ]; then
+  case "$1" in
+    distill | teacher-adapt | extract | finetune)
+      target=""
+      for pair in $PLANNED; do [ "${pair%%:*}" = "$type" ] && target="${pair#*:}"; done
+      if [ -z "$target" ]; then
+        printf 'tpu_pod.sh: no plan for --type=%s (planned slices: %s); --no-plan hides this\n' \
+          "$type" "$(for p in $PLANNED; do printf '%s ' "${p%%:*}"; done)" >&2
+      else
+        printf '+ bort-jax %s --dry-run --target=%s   (the plan, on stderr)\n' "$*" "$target" >&2
+        if ! bort-jax "$@" --dry-run --target="$target" >&2; then
+          echo "tpu_pod.sh: the plan says $1 does not fit $type (above); nothing created" >&2
+          exit 2
+        fi
+      fi ;;
+  esac
 fi
 
 # --- The steps. ---

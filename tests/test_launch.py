@@ -317,3 +317,32 @@ def test_missing_bort_jax_says_how_to_install_it(env, tmp_path, script, pip_extr
           in result.stderr)
   assert f"  source {checkout}/.venv/bin/activate\n" in result.stderr
   assert "unbound variable" not in result.stderr
+
+
+def test_tpu_pod_dry_run_plans_the_mode_for_its_slice_first(env, tmp_path):
+  """--dry-run on a slice the planner knows: one call, the mode's own dry run for it."""
+  args = ["--name=plan1", "--zone=us-east5-a", "--type=v5litepod-8", "--dry-run", "--", *MODE]
+  result = _run("tpu_pod.sh", args, env, str(tmp_path))
+  assert result.returncode == 0, result.stderr
+  assert _calls(env) == [["bort-jax", "env:||", *MODE, "--dry-run", "--target=v5e-8"]]
+  assert "the plan, on stderr" in result.stderr
+  assert result.stdout.splitlines()[0].startswith("gcloud compute tpus tpu-vm create plan1")
+
+
+def test_tpu_pod_plan_that_does_not_fit_stops_before_create(env, tmp_path):
+  env = dict(env, LAUNCH_TEST_FAIL="--target=v5e-8")
+  args = ["--name=plan2", "--zone=us-east5-a", "--type=v5litepod-8", "--dry-run", "--", *MODE]
+  result = _run("tpu_pod.sh", args, env, str(tmp_path))
+  assert result.returncode == 2
+  assert result.stdout == "" and "does not fit v5litepod-8" in result.stderr
+  no_plan = _run("tpu_pod.sh", args[:-len(MODE) - 1] + ["--no-plan", "--", *MODE], env,
+                 str(tmp_path))
+  assert no_plan.returncode == 0 and "create plan2" in no_plan.stdout
+
+
+def test_tpu_pod_planned_slices_are_planner_targets():
+  from bort_jax.plan import targets  # pylint: disable=import-outside-toplevel
+  text = open(os.path.join(LAUNCH, "tpu_pod.sh")).read()
+  pairs = re.search(r'^PLANNED="([^"]+)"', text, re.M).group(1).split()
+  tpu = {name for name, t in targets.TARGETS.items() if t.platform == "tpu"}
+  assert {p.split(":")[1] for p in pairs} == tpu

@@ -116,7 +116,7 @@ def test_lower_layers_never_import_a_mode():
 # data/'s tokenizers; the tiny suite converts its teacher with interop/). The one exception is
 # the demo data registering its tasks in the fine-tuning task registry (FINETUNE_REGISTRY).
 RANK = {"": 0, "core": 0, "runtime": 1, "data": 2, "interop": 2, "search": 3, "finetune": 4,
-        "serve": 5, "pipelines": 6, "cli": 7, "main": 8}
+        "serve": 5, "pipelines": 6, "plan": 7, "cli": 8, "main": 9}
 
 
 def test_each_folder_imports_only_the_folders_below_it():

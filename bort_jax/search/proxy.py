@@ -33,9 +33,8 @@ their results are dropped).
 
 Determinism and exactness choices:
 * A candidate's initial weights are the leading slices of one *master* set of weights of the
-  largest shape of the search space: a seeded random initialisation, or whatever the caller's
-  ``master_init`` provides (the extraction's ``proxy.init``). They do not depend on the bucket, so bucketing
-  cannot change a candidate's proxy error, and a resumed run re-creates them exactly. The
+  search space's largest shape (seeded random, or the caller's ``master_init``). They do not
+  depend on the bucket, so bucketing cannot change a proxy error; a resume re-creates them. The
   program receives the master cut to the bucket's shape once and multiplies it by each
   member's parameter mask (``masks.param_mask`` of its traced arch mask), so no per-member
   weights cross from the host.
@@ -347,6 +346,30 @@ class PopulationTrainer:
     return {"bucket": bucket, "members": members, "masked": masked, "k": k, "args": args,
             "key": key, "return_params": return_params, "steps": data.steps,
             "host_seconds": time.perf_counter() - t0}
+
+  def abstract_job(self, bucket: Bucket, pairs: Sequence[tuple[Arch, Mapping]],
+                   data: ProxyData) -> tuple[Any, tuple, int]:
+    """A bucket's (program, :meth:`_prepare`'s arguments as shapes, padded members)."""
+    members = [pairs[m][0] for m in bucket.members]
+    masked = any(a != bucket.padded for a in members)
+    pad_to = k = len(members)
+    if self._sharded():
+      pad_to = -(-k // self.mesh.shape["data"]) * self.mesh.shape["data"]
+    shapes = masks.param_shapes(self.base.replace(arch=bucket.padded), MLM)
+    master = traverse_util.unflatten_dict(
+        {key: jax.ShapeDtypeStruct(shape, np.float32) for key, shape in shapes.items()})
+    theta = jax.ShapeDtypeStruct((pad_to,), np.float32)
+    arch_mask = theta
+    if masked:
+      arch_mask = {key: jax.ShapeDtypeStruct((pad_to,) + np.shape(v), np.asarray(v).dtype)
+                   for key, v in masks.make_arch_mask(bucket.padded, members[0]).items()}
+    args = (master, arch_mask, theta, theta, data.tree())
+    if self._sharded():
+      P, named = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
+      put = lambda tree, spec: jax.tree.map(
+          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=named(self.mesh, spec)), tree)
+      args = tuple(put(a, P("data") if n in (1, 2, 3) else P()) for n, a in enumerate(args))
+    return self._jit(bucket.padded, masked, False), args, pad_to
 
   def _compile(self, job: dict) -> tuple[Any, float]:
     """Lowers and compiles a job's program; returns (executable, seconds)."""

@@ -84,3 +84,24 @@ def check(data: ProxyData, batch_shape: tuple[int, int, int], vocab_size: int,
     want = tuple(np.shape(data.heldout["masked_positions"])) + (vocab_size,)
     if shape != want:
       raise ValueError(f"held-out teacher logits have shape {shape}, expected {want}")
+
+
+def abstract(steps: int, batch: int, seq_len: int, predictions: int, vocab_size: int = 0
+             ) -> ProxyData:
+  """A ProxyData of shapes only (``jax.ShapeDtypeStruct``), for planning a program's compile
+  without its data; ``vocab_size`` > 0 adds the teacher's logits."""
+  import jax  # pylint: disable=import-outside-toplevel
+  int32, float32 = np.dtype(np.int32), np.dtype(np.float32)
+
+  def one(lead: tuple) -> dict:
+    out = {k: jax.ShapeDtypeStruct(lead + (seq_len,), int32)
+           for k in ("input_ids", "attention_mask", "token_type_ids")}
+    out.update({k: jax.ShapeDtypeStruct(lead + (predictions,), d) for k, d in (
+        ("masked_positions", int32), ("masked_labels", int32), ("masked_weights", float32))})
+    return out
+
+  data = ProxyData(batches=one((steps, batch)), heldout=one((batch,)))
+  if vocab_size:
+    data.teacher = jax.ShapeDtypeStruct((steps, batch, predictions, vocab_size), float32)
+    data.heldout_teacher = jax.ShapeDtypeStruct((batch, predictions, vocab_size), float32)
+  return data

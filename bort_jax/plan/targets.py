@@ -126,10 +126,10 @@ def measured_cpu_peak(size: int = 1024, repeats: int = 5) -> float:
 
 def _quiet_libtpu() -> None:
   """libtpu looks for a TPU VM's metadata on first use and prints warnings when there is
-  none; a planning machine has none, so the answers it would look up are given. A real TPU
-  VM's own variables are kept."""
-  for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", "v5litepod-4"),
-                     ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_WORKER_ID", "0")):
+  none; a planning machine has none, so the answers it would look up are given (the package
+  does this on import off a TPU VM; a real TPU VM's own variables are kept)."""
+  import bort_jax  # pylint: disable=import-outside-toplevel
+  for key, value in bort_jax.TPU_QUIET_ENV:
     os.environ.setdefault(key, value)
 
 

@@ -171,6 +171,11 @@ def _demo_flags(parser: argparse.ArgumentParser) -> None:
                       help="a short smoke run of every step (config.quick)")
 
 
+def _demo_all_flags(parser: argparse.ArgumentParser) -> None:
+  _demo_flags(parser)
+  plan_cli.plan_flags(parser)
+
+
 def _demo_apply(args: argparse.Namespace, config: Any) -> None:
   if args.cache_dir:
     config.cache_dir = args.cache_dir
@@ -198,7 +203,7 @@ MODES = {
     "study": Mode("distil and fine-tune an extraction's choice against its rivals",
                   run="bort_jax.pipelines.study:run", config="configs/study_demo.py"),
     "demo": Mode("run the whole demo pipeline", run="bort_jax.pipelines.demo:run",
-                 config="configs/demo.py", flags=_demo_flags, apply_flags=_demo_apply,
+                 config="configs/demo.py", flags=_demo_all_flags, apply_flags=_demo_apply,
                  workdir_default="runs/demo", print_result=False),
     "report": Mode("the Markdown report (and its plots) of a demo workdir",
                    run="bort_jax.pipelines.report:cli_run", config="configs/report.py",

@@ -224,6 +224,25 @@ def test_a_task_of_your_own_runs_through_the_demo(finished, cache, tmp_path,  # 
   assert not set(before) & set(after)
 
 
+def test_finetune_workers_compute_what_the_demo_process_computed(finished, tmp_path):  # pylint: disable=redefined-outer-name
+  """config.finetune_workers > 1: the student's jobs, rerun two at a time in worker processes
+  (one core each), give the scores the finished demo got in its own process."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from bort_jax.pipelines import demo_workers  # pylint: disable=import-outside-toplevel
+  cache_dir = finished["cache_dir"]
+  jobs = [j for j in demo.finetune_jobs(make_config({"dir": cache_dir}), finished["workdir"],
+                                        cache_dir) if j.model == "student"][:2]
+  again = [dataclasses.replace(j, folder=str(tmp_path / j.task)) for j in jobs]
+  done = []
+  demo_workers.run_jobs(again, 2, cache_dir, lambda job: 1, done.append)
+  assert sorted(j.task for j in done) == sorted(j.task for j in jobs)
+  for job, rerun in zip(jobs, again):
+    first = json.load(open(os.path.join(job.folder, rundir.POPULATION)))["settings"]
+    second = json.load(open(os.path.join(rerun.folder, rundir.POPULATION)))["settings"]
+    values = lambda rows: [v for r in rows for v in r["accuracy"]["values"]]
+    assert values(second) == pytest.approx(values(first), abs=1e-6)
+
+
 @pytest.mark.slow
 def test_a_workdir_of_another_config_is_refused(finished, cache, capsys):  # pylint: disable=redefined-outer-name
   """A --quick run in the full run's workdir would reuse its stages: refused, nothing run."""

@@ -167,6 +167,8 @@ ROWS = [
     ("demo", "bad-step-field", ["--config.distill.train.log_every=0"], None,
      "config.distill: config.train.log_every=0: must be an integer >= 1"),
     ("demo", "unknown-flag", ["--quik"], None, "unrecognized arguments: --quik"),
+    ("demo", "bad-finetune-workers", ["--config.finetune_workers=0"], None,
+     "config.finetune_workers=0: must be an integer >= 1"),
     ("demo", "own-task-missing-column", ["--config=configs/demo.py:task=file:DATA/train.csv",
                                          "--config.finetune_tasks.own.files.label=stars"],
      _data_files, "train.csv: no column 'stars' for the label "

@@ -59,6 +59,15 @@ def test_target_table_is_complete():
 
 
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu (the plan extra) is not installed")
+def test_every_tpu_target_has_its_devices_one_per_chip():
+  for target in targets.TARGETS.values():
+    if target.platform == "tpu":
+      devices = targets.devices_of(target)
+      assert len(devices) == target.devices == target.chips, target.name
+      assert len({d.id for d in devices}) == target.devices
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu (the plan extra) is not installed")
 def test_tiny_config_fits_v5e_2x2_and_prints_memory(tmp_path, capsys):
   status, out, _ = _dry(TINY_DISTILL + ["--target=v5e-4"], str(tmp_path / "run"), capsys)
   assert status == 0, out
@@ -109,6 +118,7 @@ def test_each_mode_on_the_simulated_cpu_mesh(tmp_path, capsys, argv):
 
 
 def test_gpu_target_is_an_estimate_on_a_cpu_mesh_of_its_size(tmp_path, capsys, tiny_export):
+  cache_before = jax.config.jax_compilation_cache_dir
   status, out, _ = _dry(["finetune", "--config=configs/finetune.py:task=glue/rte,tiny",
                          f"--config.init.path={tiny_export}", "--config.train.total_steps=100",
                          "--target=h100-x8", "--mfu=0.5", "--prices", '{"h100-x8": 3.0}'],
@@ -116,6 +126,8 @@ def test_gpu_target_is_an_estimate_on_a_cpu_mesh_of_its_size(tmp_path, capsys, t
   assert status == 0, out
   assert "ESTIMATE" in out and "mesh {'data': 8" in out
   assert "at MFU 0.50 (given with --mfu)" in out and "at the given price" in out
+  assert jax.config.jax_compilation_cache_dir == cache_before  # the caller's JAX as it was
+  assert os.listdir(tmp_path / "cache" / "xla")  # the plan's compiles went to the cache
 
 
 def test_plan_memory_holds_the_state(tiny_export):
@@ -148,8 +160,11 @@ def test_summary_arithmetic():
 
 
 def test_max_batch_bisects_to_the_largest_fit(monkeypatch):
-  """The bisection over compiles: with a compiler that fits up to 37, it answers 37."""
+  """The search over compiles: with a compiler that fits up to 37, it answers within 1/16 below
+  37 from a batch that fits (doubling up) and from one that does not (halving down), exactly
+  for small batches; nothing fits: 0."""
   limit = 37
+  compiled = []
 
   class Fake:
     def __init__(self, batch):
@@ -158,12 +173,44 @@ def test_max_batch_bisects_to_the_largest_fit(monkeypatch):
     def rebatch(self, batch):
       return Fake(batch)
 
-  def compile_all(plan, target, say):
+  def compile_all(plan, target, say, largest_only=False):
+    compiled.append(plan.batch)
     return [dry_run.CompiledPlan("p", 1, 0.0, verdict="" if plan.batch <= limit else "OOM")]
 
   monkeypatch.setattr(dry_run, "compile_all", compile_all)
-  best, probes = dry_run.max_batch(Fake(8), None, None)
-  assert best == limit
-  assert "64 does not fit" in probes and f"{limit} fits" in probes
+  best, probes = dry_run.max_batch(Fake(8), None, None, start=8, first_fits=True)
+  assert limit - limit // 16 <= best <= limit and 8 not in compiled  # 8's verdict is reused
+  assert "64 does not fit" in probes and f"{best} fits" in probes
+  assert limit - limit // 16 <= dry_run.max_batch(Fake(8), None, None, start=200)[0] <= limit
+  limit = 5
+  assert dry_run.max_batch(Fake(8), None, None, start=1)[0] == 5
   limit = 0
-  assert dry_run.max_batch(Fake(8), None, None)[0] == 0
+  assert dry_run.max_batch(Fake(8), None, None, start=8)[0] == 0
+
+
+def test_demo_is_planned_stage_by_stage(tmp_path, capsys):
+  """Before anything exists, every stage is planned with stand-ins it names; nothing written."""
+  status, out, _ = _dry(["demo", "--config=configs/demo.py:tiny", "--target=cpu", "--shapes",
+                         "teacher=D2-A2-H32-I64"], str(tmp_path / "run"), capsys)
+  assert status == 0, out
+  stages = [line for line in out.splitlines() if line.startswith("== demo stage")]
+  assert [s.split()[3] for s in stages[:3]] == ["teacher-adapt", "extract", "distill"]
+  assert "its largest candidate" in stages[2]
+  assert any("finetune student on" in s and "the distilled student" in s for s in stages)
+  assert len(stages) == 3 + 6  # the tiny suite's three tasks, for the teacher and the student
+  assert "the demo's training stages: ETA" in out
+
+
+def test_largest_only_compiles_the_program_that_holds_the_most():
+  f32 = jax.numpy.float32
+  small = programs.Program("small", jax.jit(lambda x: x + 1),
+                           (jax.ShapeDtypeStruct((4,), f32),), 3, 8.0, 4.0)
+  big = programs.Program("big", jax.jit(lambda x: x @ x),
+                         (jax.ShapeDtypeStruct((64, 64), f32),), 1, 16.0, 4096.0)
+  plan = programs.ModePlan("extract", "proxy", {"data": 1}, 1, 1, [small, big], [])
+  target = targets.cpu_target(1)
+  done = dry_run.compile_all(plan, target, lambda line: None, largest_only=True)
+  assert [d.compiled for d in done] == [False, True]
+  assert done[0].flops == 8.0 and done[0].runs == 3  # analytic, kept for the ETA
+  assert done[1].argument == 64 * 64 * 4
+  assert all(d.compiled for d in dry_run.compile_all(plan, target, lambda line: None))

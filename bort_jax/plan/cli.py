@@ -13,7 +13,7 @@ import argparse
 
 from bort_jax.plan import targets as targets_lib
 
-DRY_RUN_FLAGS = ("target", "mfu", "max_batch", "shapes", "prices", "json")
+DRY_RUN_FLAGS = ("target", "mfu", "max_batch", "shapes", "prices", "json", "largest_only")
 
 
 def plan_flags(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +35,10 @@ def plan_flags(parser: argparse.ArgumentParser) -> None:
   group.add_argument("--prices", default="",
                      help="JSON object (or a file) of price per chip-hour by target or family, "
                           "e.g. '{\"v5e\": 1.2}': adds the bill")
+  group.add_argument("--largest-only", action="store_true",
+                     help="compile only the program that holds the most (an extraction's "
+                          "largest bucket); the others' FLOPs are analytic, their memory "
+                          "unchecked")
   group.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -64,8 +68,29 @@ def prepare_jax(args: argparse.Namespace) -> None:
 
 
 def dry_run(name: str, config, args: argparse.Namespace) -> int:
-  """Runs the dry run of mode ``name``; 0 when everything fits (a misfit raises DoesNotFit)."""
+  """Runs the dry run of mode ``name``; 0 when everything fits (a misfit raises DoesNotFit).
+
+  ``demo`` is planned stage by stage (``plan/stages.py``); every stage is planned and printed
+  before a misfit ends the command.
+  """
   from bort_jax.plan import dry_run as dry_run_lib  # pylint: disable=import-outside-toplevel
-  dry_run_lib.run(name, config, args.target, mfu=args.mfu, shapes=args.shapes,
-                  prices=args.prices, find_max_batch=args.max_batch, as_json=args.json)
+  flags = dict(mfu=args.mfu, prices=args.prices, find_max_batch=args.max_batch,
+               as_json=args.json, largest_only=args.largest_only)
+  if name != "demo":
+    dry_run_lib.run(name, config, args.target, shapes=args.shapes, **flags)
+    return 0
+  from bort_jax.plan import programs, stages  # pylint: disable=import-outside-toplevel
+  given = programs.parse_shapes(args.shapes)
+  misfits, eta = [], 0.0
+  for stage, mode, cfg, shapes, note in stages.stages(config, args.workdir, given):
+    print(f"\n== demo stage {stage}" + (f" (planned with {note})" if note else ""), flush=True)
+    try:
+      eta += dry_run_lib.run(mode, cfg, args.target, shapes=shapes, **flags)["eta_s"]
+    except dry_run_lib.DoesNotFit as error:
+      misfits.append(f"stage {stage}: {error}")
+  print(f"\n== the demo's training stages: ETA {dry_run_lib.clock(eta)} in all (fetch, Agora "
+        "and the report not counted)", flush=True)
+  if misfits:
+    raise dry_run_lib.DoesNotFit(f"{len(misfits)} demo stage(s) do not fit; the first, "
+                                 f"{misfits[0]}")
   return 0

@@ -54,6 +54,7 @@ class CompiledPlan:
   alias: int = 0
   flops: float = 0.0
   verdict: str = ""
+  compiled: bool = True
 
   @property
   def total(self) -> int:
@@ -75,16 +76,20 @@ _CACHE_SETTINGS = {"jax_compilation_cache_dir": None,
 @contextlib.contextmanager
 def compilation_cache():
   """JAX's persistent compilation cache for every compile inside, the settings restored after
-  (a dry run called from Python leaves the caller's JAX as it was)."""
+  (a dry run called from Python leaves the caller's JAX as it was). JAX decides once whether
+  it uses a cache, so the decision is reset on the way in and on the way out."""
   import jax  # pylint: disable=import-outside-toplevel
+  from jax._src import compilation_cache as jax_cache  # pylint: disable=import-outside-toplevel
   before = {name: getattr(jax.config, name) for name in _CACHE_SETTINGS}
   try:
     for name, value in _CACHE_SETTINGS.items():
       jax.config.update(name, cache_dir() if value is None else value)
+    jax_cache.reset_cache()
     yield
   finally:
     for name, value in before.items():
       jax.config.update(name, value)
+    jax_cache.reset_cache()
 
 
 def _first_line(error: Exception) -> str:
@@ -173,13 +178,19 @@ def lines(summary: Mapping[str, Any], target: targets_lib.Target) -> list[str]:
   """The dry run's report, one fact a line."""
   tag = " (ESTIMATE: compiled for a simulated CPU mesh of the same size)" if target.estimate \
       else ""
+  peak = (f"{target.peak_flops_per_device / 1e9:.1f} GFLOP/s (float32 matmul, timed now)"
+          if target.platform == "cpu" else
+          f"{target.peak_flops_per_device / 1e12:.1f} TFLOP/s (bf16 peak)")
   out = [f"dry run of {summary['mode']} on {target.name}: {target.devices} devices, "
-         f"{target.chips} chips, {target.memory_per_device / GIB:.2f} GiB and "
-         f"{target.peak_flops_per_device / 1e12:.1f} TFLOP/s (bf16 peak) per device, "
-         f"{target.interconnect}{tag}",
+         f"chips billed {target.chips}, {target.memory_per_device / GIB:.2f} GiB and {peak} "
+         f"per device, {target.interconnect}{tag}",
          f"mesh {summary['mesh']}, global batch {summary['global_batch']}, per-device batch "
          f"{summary['per_device_batch']}"]
   for p in summary["programs"]:
+    if not p["compiled"]:
+      out.append(f"  {p['name']}: not compiled (--largest-only); {p['flops'] / 1e9:,.1f} GFLOP "
+                 f"per device per run (analytic) x {p['runs']:,} runs")
+      continue
     if p["verdict"] and not p["total"]:
       out.append(f"  {p['name']}: DOES NOT FIT: {p['verdict']}")
       continue
@@ -214,32 +225,59 @@ def check_prices(text: str) -> dict[str, float]:
   return table
 
 
-def compile_all(plan, target, say) -> list[CompiledPlan]:
+def compile_all(plan, target, say, largest_only: bool = False) -> list[CompiledPlan]:
+  """Every program compiled; ``largest_only``: only the one holding the most (the others keep
+  their analytic FLOPs, their memory unchecked)."""
+  chosen = range(len(plan.programs))
+  if largest_only and len(plan.programs) > 1:
+    chosen = [max(chosen, key=lambda k: plan.programs[k].size)]
   results = []
   for n, program in enumerate(plan.programs):
+    if n not in chosen:
+      results.append(CompiledPlan(program.name, program.runs, 0.0,
+                                  flops=(program.flops or 0.0) / target.devices, compiled=False))
+      continue
     if len(plan.programs) > 1:
       say(f"[dry-run] program {n + 1} of {len(plan.programs)}")
     results.append(compile_program(program, target, say))
   return results
 
 
-def max_batch(plan, target, say, limit: int = 1 << 14) -> tuple[int, list]:
-  """The largest per-device batch whose programs all fit: doubling, then bisection."""
-  fits = lambda b: not any(r.verdict for r in compile_all(plan.rebatch(b), target, say))
-  if not fits(1):
-    return 0, ["per-device batch 1 does not fit"]
-  lo, hi, probes = 1, 2, ["1 fits"]
-  while hi <= limit and fits(hi):
-    probes.append(f"{hi} fits")
-    lo, hi = hi, hi * 2
-  if hi > limit:
-    return lo, probes + [f"stopped at {limit}"]
-  probes.append(f"{hi} does not fit")
-  while hi - lo > 1:
+def max_batch(plan, target, say, start: int = 1, first_fits: bool | None = None,
+              limit: int = 1 << 14, largest_only: bool = False) -> tuple[int, list]:
+  """The largest per-device batch whose programs all fit, from the configured one: doubling
+  while it fits (halving while it does not), then bisection to within 1/16 of the answer (a
+  compile per probe; the last few rows of batch are not worth minutes each)."""
+  probes = []
+
+  def fits(b: int, known: bool | None = None) -> bool:
+    ok = known if known is not None else not any(
+        r.verdict for r in compile_all(plan.rebatch(b), target, say, largest_only))
+    probes.append(f"{b} {'fits' if ok else 'does not fit'}")
+    return ok
+
+  b = max(1, int(start))
+  if fits(b, first_fits):
+    lo, hi = b, None
+    while lo * 2 <= limit:
+      if not fits(lo * 2):
+        hi = lo * 2
+        break
+      lo *= 2
+    if hi is None:
+      return lo, probes + [f"stopped at {limit}"]
+  else:
+    hi, lo = b, None
+    while hi > 1:
+      if fits(hi // 2):
+        lo = hi // 2
+        break
+      hi //= 2
+    if lo is None:
+      return 0, probes
+  while hi - lo > max(1, lo // 16):
     mid = (lo + hi) // 2
-    ok = fits(mid)
-    probes.append(f"{mid} {'fits' if ok else 'does not fit'}")
-    lo, hi = (mid, hi) if ok else (lo, mid)
+    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
   return lo, probes
 
 
@@ -248,9 +286,10 @@ ADVICE = ("lower the per-device batch (--max-batch finds the largest that fits),
           "--config.mesh.data=-1); this project's model has no rematerialisation switch")
 
 
-def run(mode: str, config, target_name: str, *, mfu: float | None = None, shapes: str = "",
+def run(mode: str, config, target_name: str, *, mfu: float | None = None,
+        shapes: str | Mapping[str, Any] = "",
         prices: str = "", find_max_batch: bool = False, as_json: bool = False,
-        say: Callable[[str], None] | None = None) -> dict:
+        largest_only: bool = False, say: Callable[[str], None] | None = None) -> dict:
   """Plans ``mode`` with ``config`` on the target; prints the report; returns the summary.
 
   Raises:
@@ -261,14 +300,16 @@ def run(mode: str, config, target_name: str, *, mfu: float | None = None, shapes
   say = say or (lambda line: print(line, file=sys.stderr, flush=True))
   target = targets_lib.resolve(target_name)
   table = check_prices(prices)
-  shape_of = programs.parse_shapes(shapes)
+  shape_of = programs.parse_shapes(shapes) if isinstance(shapes, str) else dict(shapes)
   devices = targets_lib.devices_of(target)
   with compilation_cache():
     plan = programs.build(mode, config, devices, shape_of)
     chosen = mfu_for(target, plan.kind, mfu)
-    summary = summarise(plan, compile_all(plan, target, say), target, chosen, table)
+    summary = summarise(plan, compile_all(plan, target, say, largest_only), target, chosen,
+                        table)
     if find_max_batch and plan.rebatch is not None:
-      best, probes = max_batch(plan, target, say)
+      best, probes = max_batch(plan, target, say, plan.per_device_batch, summary["fits"],
+                               largest_only=largest_only)
       summary["max_per_device_batch"] = best
       summary["notes"].append(f"largest per-device batch that fits: {best} (probes: "
                               f"{', '.join(probes)})")

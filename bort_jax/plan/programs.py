@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -41,13 +42,15 @@ class Program:
   runs (steps for a train step, 1 for a bucket program that runs all its steps).
 
   ``flops`` is the analytic FLOP count of one run over all devices when the compiler's count
-  cannot be used (a loop body counted once), else None."""
+  cannot be used (a loop body counted once), else None; ``size`` ranks a mode's programs by
+  what they hold (parameters x members), for ``--largest-only``."""
 
   name: str
   fn: Callable
   args: tuple
   runs: int
   flops: float | None = None
+  size: float = 0.0
 
 
 @dataclasses.dataclass
@@ -76,9 +79,12 @@ def parse_shapes(text: str) -> dict[str, str]:
   return out
 
 
-def model_shape(path: str, field: str, given: str | None = None,
+def model_shape(path: str, field: str, given: str | arch_lib.ModelConfig | None = None,
                 family: str = "bort") -> arch_lib.ModelConfig:
-  """A checkpoint's ModelConfig read from its config file alone, or the ``--shapes`` one."""
+  """A checkpoint's ModelConfig read from its config file alone, or the ``--shapes`` one (a
+  preset or arch string; a ModelConfig as it is)."""
+  if isinstance(given, arch_lib.ModelConfig):
+    return given
   if given:
     try:
       return arch_lib.get_model_config(given, family=family)
@@ -230,13 +236,14 @@ def finetune_plan(config: ml_collections.ConfigDict, devices: Sequence,
   hp = abstract(ft_steps.hparams(1e-4, 0.0, 0.0), rep)
   args = (abstract(state, built.state_shardings), batch, _key(mesh), hp)
   parts = _batch_parts(mesh)
-  notes = []
+  notes, members = [], 1
   if not steps:
     notes.append("config.train.total_steps=0: the run's length comes from its data (epochs x "
                  "train split); set it for an ETA")
-  if config.get("population") is not None and int(config.population.get("seeds", 0) or 0):
-    notes.append(f"a population of {config.population.seeds} seeds: planned as one member's "
-                 "step (members run one after another or under vmap)")
+  if config.get("population") is not None and int(config.population.get("seeds", 0) or 0) > 1:
+    members = int(config.population.seeds)
+    notes.append(f"a population of {members} seeds: planned as one member's step, run "
+                 f"{members} times a step (the members one after another)")
 
   def rebatch(per_device: int) -> ModePlan:
     changed = copy.deepcopy(config)
@@ -245,7 +252,7 @@ def finetune_plan(config: ml_collections.ConfigDict, devices: Sequence,
 
   return ModePlan("finetune", "finetune", dict(mesh.shape), b, b // parts,
                   [Program(f"fine-tune train step ({cfg_model.arch}, {spec.name})",
-                           built.train_step, args, steps)], notes, rebatch)
+                           built.train_step, args, steps * members)], notes, rebatch)
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -281,8 +288,9 @@ def extract_plan(config: ml_collections.ConfigDict, devices: Sequence,
   for n, bucket in enumerate(plan):
     fn, args, members = trainer.abstract_job(bucket, pairs, data)
     flops = trainer.flops(bucket.padded) * members * s
+    held = sum(math.prod(a.shape) for a in jax.tree.leaves(args[0]))  # the bucket's weights
     programs.append(Program(f"bucket {n + 1}/{len(plan)}: {bucket.padded} x {members} members",
-                            fn, args, 1, flops))
+                            fn, args, 1, flops, float(held * members)))
   useful = sum(trainer.flops(a) * s for a, _ in pairs)
   padded = sum(p.flops for p in programs)
   notes = [f"bucket plan: {len(plan)} programs for {len(pairs)} (candidate, theta) pairs "

@@ -11,15 +11,16 @@ figure of its plan is labelled an estimate.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Sequence
 
 GIB = 1024 ** 3
 CHECKED = "2026-12-07"
 
-# Topology names that libtpu's compile-only client accepts, and what one of its devices is.
-# v4 exposes each TensorCore as a device (2 per chip, half the chip's HBM and FLOP/s each);
-# v5e has one TensorCore per chip; v5p's two TensorCores run as one device (megacore).
+# Topology names that libtpu's compile-only client accepts. A device is a chip, as on the real
+# slice: v5e has one TensorCore per chip; v4's and v5p's two run as one device (megacore, which
+# v4's compile-only topology must be asked for).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Target:
     interconnect: the chip-to-chip link, in words.
     topology: the compile-only topology name (TPU), else "".
     source: where the figures were read, on :data:`CHECKED`.
+    options: keyword options of the compile-only topology.
   """
 
   name: str
@@ -47,6 +49,7 @@ class Target:
   interconnect: str
   topology: str = ""
   source: str = ""
+  options: tuple = ()
 
   @property
   def estimate(self) -> bool:
@@ -64,9 +67,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            "v5e:2x4", _TPU_DOCS),
     Target("v5e-64", "tpu", 64, 64, 16 * GIB, 197e12, "ICI 1,600 Gbps per chip, 2D torus",
            "v5e:8x8", _TPU_DOCS),
-    Target("v4-32", "tpu", 32, 16, 16 * GIB, 137.5e12,
-           "ICI 2,400 Gbps per chip, 3D torus (a device is one of a chip's 2 TensorCores)",
-           "v4:2x2x4", _TPU_DOCS),
+    Target("v4-32", "tpu", 16, 16, 32 * GIB, 275e12, "ICI 2,400 Gbps per chip, 3D torus",
+           "v4:2x2x4", _TPU_DOCS, (("chip_config_name", "megacore"),)),
     Target("v5p-128", "tpu", 64, 64, 95 * GIB, 459e12, "ICI 4,800 Gbps per chip, 3D torus",
            "v5p:4x4x4", _TPU_DOCS),
     Target("a100-80g-x8", "gpu", 8, 8, 80 * GIB, 312e12, "NVLink 600 GB/s per GPU", "",
@@ -106,6 +108,7 @@ def cpu_target(devices: int | None = None) -> Target:
                 "this host: RAM from sysconf, peak from a float32 matmul timed now")
 
 
+@functools.lru_cache(maxsize=None)
 def measured_cpu_peak(size: int = 1024, repeats: int = 5) -> float:
   """FLOP/s of a float32 ``size`` x ``size`` matmul on one CPU device, the best of a few
   calls: the CPU's attainable peak, against which its MFU is stated."""
@@ -150,7 +153,8 @@ def devices_of(target: Target) -> Sequence:
           "dry run again")
     _quiet_libtpu()
     from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-    return list(topologies.get_topology_desc(target.topology, "tpu").devices)
+    return list(topologies.get_topology_desc(target.topology, "tpu",
+                                             **dict(target.options)).devices)
   have = jax.devices("cpu")
   if len(have) < target.devices:
     raise ValueError(

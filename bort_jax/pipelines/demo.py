@@ -51,7 +51,7 @@ import ml_collections
 from bort_jax.core import arch as arch_lib
 from bort_jax.data import fetch
 from bort_jax.interop import export
-from bort_jax.pipelines import demo_agora, demo_cache, report
+from bort_jax.pipelines import demo_agora, demo_cache, demo_workers, report
 from bort_jax.runtime import fileio, rundir
 from bort_jax.runtime.fileio import atomic_write_text, to_jsonable
 
@@ -302,60 +302,6 @@ def finetune_jobs(config: ml_collections.ConfigDict, workdir: str, cache_dir: st
   return jobs
 
 
-def run_finetune(jobs: list[demo_cache.Job], state: State, workers: int = 1,
-                 cache_dir: str = "") -> None:
-  """Every fine-tuning job (finished ones skipped), with the stage's ETA after each.
-
-  ``workers`` > 1 runs the jobs in that many worker processes, one core each
-  (``demo_workers.py``); 1 runs them in turn in this process. The stage's work is counted in
-  forward FLOPs (member-steps x the model's FLOPs per batch), since a teacher step costs many
-  student steps; the ETA is the remaining work at the rate measured so far.
-  """
-  from bort_jax.core import cost  # pylint: disable=import-outside-toplevel
-  from bort_jax.finetune import population_mode  # pylint: disable=import-outside-toplevel
-  from bort_jax.pipelines import demo_workers  # pylint: disable=import-outside-toplevel
-
-  def size(cfg):
-    model_cfg = export.load_config(cfg.init.path)
-    per_step = cost.forward_flops(model_cfg, int(cfg.batch_size), int(cfg.seq_len))["total"]
-    return int(cfg.train.total_steps) * int(cfg.population.seeds) * per_step
-
-  total = sum(size(job.config) for job in jobs)
-  entry, tally = state.stage("finetune"), {"done": 0.0, "run": 0.0, "jobs": 0}
-  start, before = time.perf_counter(), float(entry.get("seconds") or 0.0)
-
-  def finished(job, ran: bool = True) -> None:
-    tally["jobs"] += 1
-    tally["done"] += size(job.config)
-    tally["run"] += size(job.config) if ran else 0.0
-    elapsed = time.perf_counter() - start
-    entry["seconds"] = before + elapsed
-    state.save()
-    rate = tally["run"] / elapsed if tally["run"] and elapsed > 0 else 0.0
-    eta = (f"eta {fileio.clock((total - tally['done']) / rate)}" if rate
-           else "eta after the first job")
-    print(f"[finetune] {tally['jobs']}/{len(jobs)} jobs, {100 * tally['done'] / total:.0f}% of "
-          f"the stage's work, elapsed {fileio.clock(elapsed)}, {eta}", flush=True)
-
-  todo = []
-  for k, job in enumerate(jobs):
-    label = (f"[finetune {k + 1}/{len(jobs)}] {job.model} on {job.config.task}: "
-             f"{job.config.population.seeds} seeds x {job.config.train.total_steps} steps")
-    if job.done():
-      print(f"{label}: done, skipped ({job.folder})", flush=True)
-      finished(job, ran=False)
-    else:
-      print(label + (" (queued)" if workers > 1 else ""), flush=True)
-      todo.append(job)
-  if workers > 1 and len(todo) > 1:
-    demo_workers.run_jobs(todo, workers, cache_dir, lambda job: size(job.config), finished)
-    return
-  for job in todo:
-    print(f"[finetune] {job.model} on {job.config.task} -> {job.folder}", flush=True)
-    population_mode.run(job.config, job.folder)
-    finished(job)
-
-
 def run_agora(config: ml_collections.ConfigDict, jobs: list[demo_cache.Job],
               state: State) -> None:
   """The Agora stage (``pipelines/demo_agora.py``); its plan is kept in the state."""
@@ -461,8 +407,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state.save()
   run_stage(state, "finetune", "fine-tune the student and the teacher on the demo tasks",
             all(job.done() for job in jobs),
-            lambda: run_finetune(jobs, state, int(config.get("finetune_workers", 1) or 1),
-                                 cache_dir),
+            lambda: demo_workers.run_finetune(
+                jobs, state, int(config.get("finetune_workers", 1) or 1), cache_dir),
             steps=sum(int(job.config.train.total_steps) * int(job.config.population.seeds)
                       for job in jobs))
   run_stage(state, "agora", "Agora on the student (config.agora_tasks)", False,

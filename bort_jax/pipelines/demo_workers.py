@@ -1,4 +1,4 @@
-"""The demo's fine-tuning jobs in worker processes, each pinned to a CPU core of its own.
+"""The demo's fine-tuning stage: its jobs in turn, or in worker processes, one CPU core each.
 
 On a small CPU, one training process does not keep two cores busy: XLA splits a step's small
 matrix products over both cores at about 1.7x the speed of one core (measured: a teacher step,
@@ -16,7 +16,10 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.connection
 import os
+import time
 from typing import Callable, Sequence
+
+from bort_jax.runtime import fileio
 
 
 def _work(config, folder: str, cache_dir: str, core: int | None) -> None:
@@ -80,3 +83,58 @@ def run_jobs(jobs: Sequence, workers: int, cache_dir: str, size: Callable,
       if process.is_alive():
         process.terminate()
       process.join(timeout=30)
+
+
+def run_finetune(jobs: Sequence, state, workers: int = 1,
+                 cache_dir: str = "") -> None:
+  """Every fine-tuning job (finished ones skipped), with the stage's ETA after each.
+
+  ``workers`` > 1 runs the jobs in that many worker processes, one core each
+  (:func:`run_jobs`); 1 runs them in turn in this process. ``state`` is the demo's
+  ``pipelines.demo.State``: the stage's seconds are saved after each job. The stage's work is counted in
+  forward FLOPs (member-steps x the model's FLOPs per batch), since a teacher step costs many
+  student steps; the ETA is the remaining work at the rate measured so far.
+  """
+  from bort_jax.core import cost  # pylint: disable=import-outside-toplevel
+  from bort_jax.finetune import population_mode  # pylint: disable=import-outside-toplevel
+  from bort_jax.interop import export  # pylint: disable=import-outside-toplevel
+
+  def size(cfg):
+    model_cfg = export.load_config(cfg.init.path)
+    per_step = cost.forward_flops(model_cfg, int(cfg.batch_size), int(cfg.seq_len))["total"]
+    return int(cfg.train.total_steps) * int(cfg.population.seeds) * per_step
+
+  total = sum(size(job.config) for job in jobs)
+  entry, tally = state.stage("finetune"), {"done": 0.0, "run": 0.0, "jobs": 0}
+  start, before = time.perf_counter(), float(entry.get("seconds") or 0.0)
+
+  def finished(job, ran: bool = True) -> None:
+    tally["jobs"] += 1
+    tally["done"] += size(job.config)
+    tally["run"] += size(job.config) if ran else 0.0
+    elapsed = time.perf_counter() - start
+    entry["seconds"] = before + elapsed
+    state.save()
+    rate = tally["run"] / elapsed if tally["run"] and elapsed > 0 else 0.0
+    eta = (f"eta {fileio.clock((total - tally['done']) / rate)}" if rate
+           else "eta after the first job")
+    print(f"[finetune] {tally['jobs']}/{len(jobs)} jobs, {100 * tally['done'] / total:.0f}% of "
+          f"the stage's work, elapsed {fileio.clock(elapsed)}, {eta}", flush=True)
+
+  todo = []
+  for k, job in enumerate(jobs):
+    label = (f"[finetune {k + 1}/{len(jobs)}] {job.model} on {job.config.task}: "
+             f"{job.config.population.seeds} seeds x {job.config.train.total_steps} steps")
+    if job.done():
+      print(f"{label}: done, skipped ({job.folder})", flush=True)
+      finished(job, ran=False)
+    else:
+      print(label + (" (queued)" if workers > 1 else ""), flush=True)
+      todo.append(job)
+  if workers > 1 and len(todo) > 1:
+    run_jobs(todo, workers, cache_dir, lambda job: size(job.config), finished)
+    return
+  for job in todo:
+    print(f"[finetune] {job.model} on {job.config.task} -> {job.folder}", flush=True)
+    population_mode.run(job.config, job.folder)
+    finished(job)

@@ -104,14 +104,15 @@ def run_finetune(jobs: Sequence, state, workers: int = 1,
     per_step = cost.forward_flops(model_cfg, int(cfg.batch_size), int(cfg.seq_len))["total"]
     return int(cfg.train.total_steps) * int(cfg.population.seeds) * per_step
 
-  total = sum(size(job.config) for job in jobs)
+  sizes = {job.folder: size(job.config) for job in jobs}  # each export's config read once
+  total = sum(sizes.values())
   entry, tally = state.stage("finetune"), {"done": 0.0, "run": 0.0, "jobs": 0}
   start, before = time.perf_counter(), float(entry.get("seconds") or 0.0)
 
   def finished(job, ran: bool = True) -> None:
     tally["jobs"] += 1
-    tally["done"] += size(job.config)
-    tally["run"] += size(job.config) if ran else 0.0
+    tally["done"] += sizes[job.folder]
+    tally["run"] += sizes[job.folder] if ran else 0.0
     elapsed = time.perf_counter() - start
     entry["seconds"] = before + elapsed
     state.save()
@@ -132,7 +133,7 @@ def run_finetune(jobs: Sequence, state, workers: int = 1,
       print(label + (" (queued)" if workers > 1 else ""), flush=True)
       todo.append(job)
   if workers > 1 and len(todo) > 1:
-    run_jobs(todo, workers, cache_dir, lambda job: size(job.config), finished)
+    run_jobs(todo, workers, cache_dir, lambda job: sizes[job.folder], finished)
     return
   for job in todo:
     print(f"[finetune] {job.model} on {job.config.task} -> {job.folder}", flush=True)

@@ -63,9 +63,8 @@ class CompiledPlan:
 
 
 def cache_dir() -> str:
-  root = os.environ.get("BORT_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                          "bort_jax")
-  return os.path.join(root, "xla")
+  from bort_jax.data import fetch  # pylint: disable=import-outside-toplevel
+  return os.path.join(fetch.default_cache_dir(), "xla")
 
 
 _CACHE_SETTINGS = {"jax_compilation_cache_dir": None,

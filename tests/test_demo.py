@@ -243,6 +243,36 @@ def test_finetune_workers_compute_what_the_demo_process_computed(finished, tmp_p
     assert values(second) == pytest.approx(values(first), abs=1e-6)
 
 
+# The six fine-tuning jobs of the fresh demo of 58ebe27 (two one-core workers): model, seeds,
+# steps, tokens, dev records scored, and the seconds each took.
+MEASURED_JOBS = [("D6-A12-H384-I1536", 1, 200, 128, 500, 234),
+                 ("D6-A12-H384-I1536", 1, 800, 64, 500, 396),
+                 ("D6-A12-H384-I1536", 1, 200, 48, 2000, 111),
+                 ("D2-A8-H384-I256", 3, 200, 128, 500, 153),
+                 ("D2-A8-H384-I256", 3, 800, 64, 500, 298),
+                 ("D2-A8-H384-I256", 3, 800, 48, 2000, 267)]
+
+
+def test_job_work_orders_the_jobs_as_they_ran():
+  """The workers' queue order: job_work's shares of the stage within a quarter of the measured
+  ones, and its largest-first order that of the measured times."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from bort_jax.core import arch  # pylint: disable=import-outside-toplevel
+  from bort_jax.pipelines import demo_workers  # pylint: disable=import-outside-toplevel
+  work, seconds = [], []
+  for shape, seeds, steps, seq_len, dev, took in MEASURED_JOBS:
+    cfg = ml_collections.ConfigDict({"population": {"seeds": seeds}, "seq_len": seq_len,
+                                     "batch_size": 8, "max_dev_examples": dev,
+                                     "train": {"total_steps": steps}})
+    work.append(demo_workers.job_work(cfg, arch.get_model_config(shape, family="bert")))
+    seconds.append(took)
+  shares = [w / sum(work) for w in work]
+  measured = [s / sum(seconds) for s in seconds]
+  assert shares == pytest.approx(measured, rel=0.25)
+  by_work = sorted(range(6), key=lambda i: -work[i])
+  assert [seconds[i] for i in by_work] == sorted(seconds, reverse=True)
+
+
 @pytest.mark.slow
 def test_a_workdir_of_another_config_is_refused(finished, cache, capsys):  # pylint: disable=redefined-outer-name
   """A --quick run in the full run's workdir would reuse its stages: refused, nothing run."""

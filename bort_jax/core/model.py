@@ -24,6 +24,7 @@ from flax import traverse_util
 from flax.core import meta
 
 from bort_jax.core.arch import ModelConfig
+from bort_jax.core.dropout import Dropout
 
 HEAD_KINDS = ("none", "mlm", "classification", "regression", "multiple_choice")
 TASK_KINDS = ("classification", "regression", "multiple_choice")
@@ -178,7 +179,7 @@ class Embeddings(nn.Module):
     if cfg.type_vocab_size > 0:
       self.token_type_embeddings = table(cfg.type_vocab_size, "type")
     self.LayerNorm = LayerNorm(cfg.layer_norm_eps)  # pylint: disable=invalid-name
-    self.dropout = nn.Dropout(cfg.dropout)
+    self.dropout = Dropout(cfg.dropout)
 
   def __call__(self, input_ids, token_type_ids, deterministic, hidden_mask=None):
     cfg = self.config
@@ -229,7 +230,7 @@ class Attention(nn.Module):
     logits = jnp.where(keep, logits, jnp.finfo(logits.dtype).min)
     probs = jax.nn.softmax(logits, axis=-1)
     self.sow("intermediates", "probs", probs)  # kept only when apply asks for attentions
-    probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+    probs = Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
     context = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
     if mask is not None:
       # Masking the context (not the probabilities) keeps padded heads and head dims out of
@@ -237,7 +238,7 @@ class Attention(nn.Module):
       context = context * (mask["heads"][:, None] * mask["head_dim"][None, :])
     out = Dense((arch.hidden,), ("heads", "kv", "embed"), n_in=2, std=std, name="output")(
         context)
-    out = nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
+    out = Dropout(cfg.dropout)(out, deterministic=deterministic)
     hidden_mask = None if mask is None else mask["hidden"]
     return LayerNorm(cfg.layer_norm_eps, name="LayerNorm")(out + x, hidden_mask)
 
@@ -257,7 +258,7 @@ class OutputBlock(nn.Module):
                                                            ("embed",)),
                       (cfg.arch.hidden,), jnp.float32)
     out = jnp.dot(inter, kernel) + bias
-    out = nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
+    out = Dropout(cfg.dropout)(out, deterministic=deterministic)
     return LayerNorm(cfg.layer_norm_eps, name="LayerNorm")(out + residual, hidden_mask)
 
 
@@ -310,10 +311,10 @@ class ClassificationHead(nn.Module):
   def __call__(self, x, deterministic, hidden_mask=None):
     cfg = self.config
     std = cfg.initializer_range
-    x = nn.Dropout(cfg.dropout)(x[:, 0], deterministic=deterministic)
+    x = Dropout(cfg.dropout)(x[:, 0], deterministic=deterministic)
     x = jnp.tanh(Dense((cfg.arch.hidden,), ("embed", "mlp"), std=std, name="dense")(x))
     x = _masked(x, hidden_mask)
-    x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+    x = Dropout(cfg.dropout)(x, deterministic=deterministic)
     return Dense((self.outputs,), ("embed", "classes"), std=std, name="out_proj")(x)
 
 
@@ -380,7 +381,7 @@ class Model(nn.Module):
     elif head.kind != "none":
       if head.uses_pooler(cfg.family):
         # BERT layout and every multiple-choice head: dropout on the pooler, one Linear.
-        dropped = nn.Dropout(cfg.dropout)(pooled, deterministic=deterministic)
+        dropped = Dropout(cfg.dropout)(pooled, deterministic=deterministic)
         logits = Dense((head.outputs,), ("embed", "classes"), std=cfg.initializer_range,
                        name="classifier")(dropped)
       else:

@@ -85,24 +85,49 @@ def run_jobs(jobs: Sequence, workers: int, cache_dir: str, size: Callable,
       process.join(timeout=30)
 
 
+# What a job costs besides its matmuls, in FLOPs of the same pace (fitted to the six jobs of a
+# fresh demo, 58ebe27, two one-core workers: 1:51 to 6:36 a job, each predicted within 23 s):
+PARAM_FLOPS = 330      # per parameter and member-step: AdamW and the dense word-table gradient,
+                       # memory-bound work that costs a small model more than its matmuls
+JOB_FLOPS = 4e12       # per job: the worker's start, the data, the compiles (about 40 s)
+
+
+def job_work(cfg, model_cfg) -> float:
+  """A fine-tuning job's work in FLOPs: what orders the workers' queue and paces the ETA.
+
+  Args:
+    cfg: the job's fine-tuning config (steps, seeds, batch, sequence length, dev records).
+    model_cfg: the model it fine-tunes (an export's ``ModelConfig``).
+
+  Returns:
+    Member-steps x (3 x the forward FLOPs of a batch + ``PARAM_FLOPS`` x the parameters), plus
+    a forward pass over the ``max_dev_examples`` dev records per seed (none counted when it is
+    0, all), plus ``JOB_FLOPS``. Matmul FLOPs alone underrated the student's jobs (word_sense:
+    12% of the stage's work, 18% of its time), and the order they gave the queue left one core
+    idle for the stage's last 1.5 minutes.
+  """
+  from bort_jax.core import cost  # pylint: disable=import-outside-toplevel
+  seeds, seq_len = int(cfg.population.seeds), int(cfg.seq_len)
+  step = (3 * cost.forward_flops(model_cfg, int(cfg.batch_size), seq_len)["total"]
+          + PARAM_FLOPS * cost.param_counts(model_cfg, "none")["total"])
+  dev = seeds * int(cfg.max_dev_examples) * cost.forward_flops(model_cfg, 1, seq_len)["total"]
+  return seeds * int(cfg.train.total_steps) * step + dev + JOB_FLOPS
+
+
 def run_finetune(jobs: Sequence, state, workers: int = 1,
                  cache_dir: str = "") -> None:
   """Every fine-tuning job (finished ones skipped), with the stage's ETA after each.
 
   ``workers`` > 1 runs the jobs in that many worker processes, one core each
   (:func:`run_jobs`); 1 runs them in turn in this process. ``state`` is the demo's
-  ``pipelines.demo.State``: the stage's seconds are saved after each job. The stage's work is counted in
-  forward FLOPs (member-steps x the model's FLOPs per batch), since a teacher step costs many
-  student steps; the ETA is the remaining work at the rate measured so far.
+  ``pipelines.demo.State``: the stage's seconds are saved after each job. The stage's work is
+  :func:`job_work`'s; the ETA is the remaining work at the rate measured so far.
   """
-  from bort_jax.core import cost  # pylint: disable=import-outside-toplevel
   from bort_jax.finetune import population_mode  # pylint: disable=import-outside-toplevel
   from bort_jax.interop import export  # pylint: disable=import-outside-toplevel
 
   def size(cfg):
-    model_cfg = export.load_config(cfg.init.path)
-    per_step = cost.forward_flops(model_cfg, int(cfg.batch_size), int(cfg.seq_len))["total"]
-    return int(cfg.train.total_steps) * int(cfg.population.seeds) * per_step
+    return job_work(cfg, export.load_config(cfg.init.path))
 
   sizes = {job.folder: size(job.config) for job in jobs}  # each export's config read once
   total = sum(sizes.values())

@@ -18,7 +18,10 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
+import time
 import zipfile
 
 import numpy as np
@@ -28,6 +31,7 @@ from bort_jax import main as cli_main
 from bort_jax.data import archives
 from bort_jax.data import demo
 from bort_jax.data import fetch
+from bort_jax.runtime import fileio
 
 from test_registry import LocalRegistry, needs_npm  # the local registry (tests/ is on sys.path)
 
@@ -1191,6 +1195,31 @@ def test_builder_rebuilds_when_the_source_changes(table, archive_dir, tmp_path):
   fetch.fetch(cache_dir, ["movie_sentiment"], table=table, from_dir=archive_dir, log=_quiet)
   assert demo.source_digest("movie_sentiment", cache_dir) == digest
   assert total() == len(MOVIE_RATINGS) - MOVIE_NEUTRAL
+
+
+_BUILD = ("import sys; from bort_jax.data import demo; "
+          "demo.build_demo(sys.argv[1], sys.argv[2], sys.argv[3])")
+
+
+def test_concurrent_builds_of_one_dataset_wait_for_each_other(cache, tmp_path):
+  # The demo's two fine-tuning workers may start two jobs of one task together: both build
+  # its dataset in the shared cache. The build holds the dataset's lock; a second waits.
+  data_dir = str(tmp_path / "tfds")
+  argv = [sys.executable, "-c", _BUILD, "bbc_news", data_dir, cache]
+  with fileio.locked(os.path.join(data_dir, ".bort_demo-bbc_news.lock")):
+    waiting = subprocess.Popen(argv, stderr=subprocess.PIPE)
+    time.sleep(8)  # far past the import and the build's start (about 3 s)
+    assert waiting.poll() is None
+    assert not os.path.exists(os.path.join(data_dir, "bort_demo", "bbc_news", demo._VERSION))
+  assert waiting.wait(timeout=120) == 0, waiting.stderr.read().decode()
+  # Two builders started together on an empty folder both succeed, with the same records.
+  data_dir = str(tmp_path / "tfds2")
+  argv = [sys.executable, "-c", _BUILD, "movie_sentiment", data_dir, cache]
+  builders = [subprocess.Popen(argv, stderr=subprocess.PIPE) for _ in range(2)]
+  for builder in builders:
+    assert builder.wait(timeout=120) == 0, builder.stderr.read().decode()
+  assert (list(demo.demo_source("movie_sentiment", "train", data_dir, cache))
+          == list(demo.demo_source("movie_sentiment", "train", str(tmp_path / "tfds"), cache)))
 
 
 def test_missing_source_says_to_fetch(tmp_path):

@@ -406,16 +406,19 @@ def build_demo(config: str, data_dir: str | None = None, cache_dir: str | None =
     return BortDemo(config=config, data_dir=data_dir, cache_dir=cache_dir,
                     file_format="array_record")
 
-  builder = make()
-  if builder.is_prepared():
-    if builder.info.metadata.get("source_sha256") == digest:
-      return builder
-    shutil.rmtree(builder.data_dir)  # stale: rebuild from the current source
+  # One builder at a time per dataset: two processes sharing the cache (the demo's fine-tuning
+  # workers starting two jobs of one task) would both build it, and the second rename fails.
+  with fileio.locked(os.path.join(data_dir, f".bort_demo-{config}.lock")):
     builder = make()
-  # TFDS writes into an `incomplete.*` folder and renames it on success.
-  with quiet.tfds_build():  # without TFDS's printed lines (bort-jax --verbose keeps them)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig())
-  return builder
+    if builder.is_prepared():
+      if builder.info.metadata.get("source_sha256") == digest:
+        return builder
+      shutil.rmtree(builder.data_dir)  # stale: rebuild from the current source
+      builder = make()
+    # TFDS writes into an `incomplete.*` folder and renames it on success.
+    with quiet.tfds_build():  # without TFDS's printed lines (bort-jax --verbose keeps them)
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig())
+    return builder
 
 
 @dataclasses.dataclass

@@ -149,6 +149,30 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
     raise
 
 
+@contextlib.contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+  """Holds an exclusive advisory lock on the file ``path`` (created if missing) for the block.
+
+  For work that two processes must not do at once on a shared cache, such as building one
+  dataset: the second waits for the first and then finds its result. The lock is the
+  operating system's (``fcntl.flock``), so it is released when its holder exits, however it
+  exits. Where ``fcntl`` is missing (Windows), the block runs unlocked.
+  """
+  try:
+    import fcntl  # pylint: disable=import-outside-toplevel
+  except ImportError:  # pragma: no cover - not POSIX
+    yield
+    return
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "a", encoding="utf-8") as handle:
+    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def _host() -> str:
   """This machine's name, reduced to characters safe in a file name."""
   return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"

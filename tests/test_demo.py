@@ -226,21 +226,42 @@ def test_a_task_of_your_own_runs_through_the_demo(finished, cache, tmp_path,  # 
 
 def test_finetune_workers_compute_what_the_demo_process_computed(finished, tmp_path):  # pylint: disable=redefined-outer-name
   """config.finetune_workers > 1: the student's jobs, rerun two at a time in worker processes
-  (one core each), give the scores the finished demo got in its own process."""
+  (one core each), give the scores the finished demo got in its own process; Agora joins the
+  workers' queue when its task's fine-tunings are done and gives the rounds it gave there."""
   import dataclasses  # pylint: disable=import-outside-toplevel
   from bort_jax.pipelines import demo_workers  # pylint: disable=import-outside-toplevel
   cache_dir = finished["cache_dir"]
-  jobs = [j for j in demo.finetune_jobs(make_config({"dir": cache_dir}), finished["workdir"],
-                                        cache_dir) if j.model == "student"][:2]
+  config = make_config({"dir": cache_dir})
+  every = demo.finetune_jobs(config, finished["workdir"], cache_dir)
+  jobs = [j for j in every if j.model == "student"][:2]
+  assert "movie_sentiment" in [j.task for j in jobs]  # a task Agora takes in tiny mode
   again = [dataclasses.replace(j, folder=str(tmp_path / j.task)) for j in jobs]
+  moved = {j.folder: r for j, r in zip(jobs, again)}
+  every = [moved.get(j.folder, j) for j in every]  # the teachers' jobs: the demo's, finished
+  plan = demo_agora.agora_plan(config, every)
+  assert plan["movie_sentiment"]["run"] and not plan["bbc_news"]["run"]
+  student = next(j for j in jobs if j.task == "movie_sentiment")
   done = []
-  demo_workers.run_jobs(again, 2, cache_dir, lambda job: 1, done.append)
-  assert sorted(j.task for j in done) == sorted(j.task for j in jobs)
+  demo_workers.run_jobs(again, 2, cache_dir, lambda job: 1, done.append,
+                        lambda job: demo_agora.ready_jobs(config, every, job))
+  assert sorted(j.task for j in done[:2]) == sorted(j.task for j in jobs)
+  assert [(j.kind, j.task) for j in done[2:]] == [("agora", "movie_sentiment")]
+  assert done[2].folder == plan["movie_sentiment"]["folder"]
+  assert done[2].folder == moved[student.folder].folder + demo_agora.AGORA_SUFFIX
   for job, rerun in zip(jobs, again):
     first = json.load(open(os.path.join(job.folder, rundir.POPULATION)))["settings"]
     second = json.load(open(os.path.join(rerun.folder, rundir.POPULATION)))["settings"]
     values = lambda rows: [v for r in rows for v in r["accuracy"]["values"]]
     assert values(second) == pytest.approx(values(first), abs=1e-6)
+  rounds = [json.load(open(os.path.join(folder, rundir.AGORA)))["rounds"]
+            for folder in (student.folder + demo_agora.AGORA_SUFFIX, done[2].folder)]
+  keys = ("round", "train_rows", "mistakes", "points_added", "removed", "left")
+  assert [{k: r[k] for k in keys} for r in rounds[1]] == [{k: r[k] for k in keys}
+                                                         for r in rounds[0]]
+  assert [a for r in rounds[1] for a in r["dev_accuracy"]] == pytest.approx(
+      [a for r in rounds[0] for a in r["dev_accuracy"]], abs=1e-6)
+  # Finished: the task's Agora is not queued again.
+  assert demo_agora.ready_jobs(config, every, moved[student.folder]) == []
 
 
 # The six fine-tuning jobs of the fresh demo of 58ebe27 (two one-core workers): model, seeds,

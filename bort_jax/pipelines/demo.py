@@ -26,7 +26,9 @@ the cache and their models at the workdir's.
    fine-tuned teacher beats Agora's labeller threshold on dev), with that fine-tuned teacher
    as the labeller, in ``<the student's job folder>_agora`` (so it is cached with the job; its
    round 0 is read from the student's fine-tuning, which is exactly that round). A task Agora
-   does not take is recorded with the reason, and the report says it.
+   does not take is recorded with the reason, and the report says it. With fine-tuning
+   workers (``config.finetune_workers`` > 1), a task's Agora run joins their queue as soon as
+   its two fine-tunings are done, and this stage finds it finished.
 7. ``report``: ``WORKDIR/report/report.md`` (``pipelines/report.py``).
 
 Every stage resumes: a finished one is skipped (its time kept), an interrupted one continues
@@ -408,7 +410,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run_stage(state, "finetune", "fine-tune the student and the teacher on the demo tasks",
             all(job.done() for job in jobs),
             lambda: demo_workers.run_finetune(
-                jobs, state, int(config.get("finetune_workers", 1) or 1), cache_dir),
+                jobs, state, int(config.get("finetune_workers", 1) or 1), cache_dir,
+                lambda done: demo_agora.ready_jobs(config, jobs, done)),
             steps=sum(int(job.config.train.total_steps) * int(job.config.population.seeds)
                       for job in jobs))
   run_stage(state, "agora", "Agora on the student (config.agora_tasks)", False,

@@ -9,6 +9,7 @@ and a task Agora does not take is recorded with the reason (a refusal by Agora i
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 
@@ -68,8 +69,55 @@ def _teacher_accuracy(folder: str) -> float | None:
   return float(meta["value"]) if meta.get("metric") == "accuracy" else None
 
 
+def finished(folder: str) -> bool:
+  """Whether Agora in ``folder`` finished or refused its task (either is kept for reruns)."""
+  return any(fileio.read_json(os.path.join(folder, name)) is not None
+             for name in (rundir.AGORA, REFUSED_FILE))
+
+
+def agora_job(student, entry: dict):
+  """The Agora job (a ``demo_cache.Job`` of kind "agora") for a planned task: the student's
+  fine-tuning config with Agora on, the fine-tuned teacher as labeller, and the student's
+  finished run as round 0."""
+  cfg = copy.deepcopy(student.config)
+  cfg.agora.enabled, cfg.agora.labeller = True, entry["labeller"]
+  cfg.agora.first_round = student.folder  # its round 0 is the student's fine-tuning
+  return dataclasses.replace(student, config=cfg, folder=entry["folder"], kind="agora")
+
+
+def run_job(job) -> str:
+  """Runs an Agora job; returns "" or, when Agora refuses the task, the reason (recorded in
+  the job's folder, so that a rerun does not try again)."""
+  from bort_jax.finetune import agora  # pylint: disable=import-outside-toplevel
+  try:
+    agora.run(job.config, job.folder)
+  except agora.AgoraError as error:
+    reason = f"refused by Agora: {error}"
+    os.makedirs(job.folder, exist_ok=True)
+    atomic_write_text(os.path.join(job.folder, REFUSED_FILE),
+                      json.dumps({"reason": reason}) + "\n")
+    return reason
+  return ""
+
+
+def ready_jobs(config: ml_collections.ConfigDict, jobs: list, done) -> list:
+  """The Agora jobs that fine-tuning job ``done`` just made possible: its task's, when the
+  other model's job of the task has finished too, the plan runs Agora on it, and it has not
+  run. The demo's fine-tuning workers take them as they come (``demo_workers``)."""
+  other = [j for j in jobs if j.task == done.task and j.kind == "finetune" and j.model != done.model]
+  if done.kind != "finetune" or not all(j.done() for j in other):
+    return []
+  entry = agora_plan(config, jobs)[done.task]
+  student = next(j for j in jobs if j.task == done.task and j.model == "student")
+  if not entry["run"] or finished(entry["folder"]):
+    return []
+  return [agora_job(student, entry)]
+
+
 def run_agora(config: ml_collections.ConfigDict, jobs: list) -> dict[str, dict]:
   """Agora on the student for each task of the plan; refusals are recorded, not fatal.
+
+  A task whose Agora ran in a fine-tuning worker (:func:`ready_jobs`) is found finished.
 
   Args:
     config: the demo config.
@@ -78,7 +126,6 @@ def run_agora(config: ml_collections.ConfigDict, jobs: list) -> dict[str, dict]:
   Returns:
     The plan (:func:`agora_plan`), with the refusals met on the way.
   """
-  from bort_jax.finetune import agora  # pylint: disable=import-outside-toplevel
   plan = agora_plan(config, jobs)
   students = {job.task: job for job in jobs if job.model == "student"}
   for task, entry in plan.items():
@@ -93,17 +140,11 @@ def run_agora(config: ml_collections.ConfigDict, jobs: list) -> dict[str, dict]:
       entry.update(run=False, reason=refused["reason"])
       print(f"[agora] {task}: {entry['reason']}", flush=True)
       continue
-    cfg = copy.deepcopy(students[task].config)
-    cfg.agora.enabled, cfg.agora.labeller = True, entry["labeller"]
-    cfg.agora.first_round = students[task].folder  # its round 0 is the student's fine-tuning
-    print(f"[agora] {task}: the student with Theta = its {cfg.population.seeds} seeds, the "
-          f"fine-tuned teacher as labeller -> {entry['folder']}", flush=True)
-    try:
-      agora.run(cfg, entry["folder"])
-    except agora.AgoraError as error:
-      entry.update(run=False, reason=f"refused by Agora: {error}")
-      print(f"[agora] {task}: {entry['reason']}", flush=True)
-      os.makedirs(entry["folder"], exist_ok=True)
-      atomic_write_text(os.path.join(entry["folder"], REFUSED_FILE),
-                        json.dumps({"reason": entry["reason"]}) + "\n")
+    job = agora_job(students[task], entry)
+    print(f"[agora] {task}: the student with Theta = its {job.config.population.seeds} seeds, "
+          f"the fine-tuned teacher as labeller -> {entry['folder']}", flush=True)
+    reason = run_job(job)
+    if reason:
+      entry.update(run=False, reason=reason)
+      print(f"[agora] {task}: {reason}", flush=True)
   return plan

@@ -194,15 +194,27 @@ def run_extract_cached(extract_cfg: ml_collections.ConfigDict, workdir: str,
 class Job:
   """One fine-tuning job of the demo: ``model`` ("student" or "teacher") on demo ``task``
   (its short name), with its ``config`` and the ``folder`` it runs in
-  (:func:`finetuned_cache`)."""
+  (:func:`finetuned_cache`). ``kind`` "agora" is Agora on the student's finished job
+  (``pipelines/demo_agora.py``), in the folder beside it."""
 
   model: str
   task: str
   config: ml_collections.ConfigDict
   folder: str
+  kind: str = "finetune"
+
+  @property
+  def label(self) -> str:
+    """What the job is, for progress lines: "teacher on demo/x", "Agora on the student ..."."""
+    what = f"{self.model} on {self.config.task}"
+    return f"Agora on the {what}" if self.kind == "agora" else what
 
   def done(self) -> bool:
-    """Whether it finished (its ``population.json``; the folder fixes the job)."""
+    """Whether it finished (its ``population.json``; Agora's journal summary or the refusal
+    it recorded; the folder fixes the job)."""
+    if self.kind == "agora":
+      from bort_jax.pipelines import demo_agora  # pylint: disable=import-outside-toplevel
+      return demo_agora.finished(self.folder)
     return fileio.read_json(os.path.join(self.folder, rundir.POPULATION)) is not None
 
 

@@ -22,15 +22,19 @@ from typing import Callable, Sequence
 from bort_jax.runtime import fileio
 
 
-def _work(config, folder: str, cache_dir: str, core: int | None) -> None:
+def _work(job, cache_dir: str, core: int | None) -> None:
   """One job in a worker: pin the core before JAX starts, register the demo's tasks (their
-  sources read ``cache_dir``), fine-tune."""
+  sources read ``cache_dir``), fine-tune (or run Agora, for a job of that kind)."""
   if core is not None:
     os.sched_setaffinity(0, {core})
   from bort_jax.data import demo as demo_data  # pylint: disable=import-outside-toplevel
   from bort_jax.finetune import population_mode  # pylint: disable=import-outside-toplevel
+  from bort_jax.pipelines import demo_agora  # pylint: disable=import-outside-toplevel
   demo_data.register_demo_tasks(cache_dir)
-  population_mode.run(config, folder)
+  if job.kind == "agora":
+    demo_agora.run_job(job)
+  else:
+    population_mode.run(job.config, job.folder)
 
 
 def cores(workers: int) -> list[int | None]:
@@ -40,7 +44,8 @@ def cores(workers: int) -> list[int | None]:
 
 
 def run_jobs(jobs: Sequence, workers: int, cache_dir: str, size: Callable,
-             on_done: Callable[[object], None]) -> None:
+             on_done: Callable[[object], None],
+             follow_ups: Callable[[object], Sequence] | None = None) -> None:
   """Runs ``jobs`` (``demo_cache.Job``, unfinished ones) ``workers`` at a time, largest first.
 
   Args:
@@ -49,6 +54,9 @@ def run_jobs(jobs: Sequence, workers: int, cache_dir: str, size: Callable,
     cache_dir: the demo's cache (the demo tasks' data).
     size: a job's work (orders the queue: the largest first balances the workers).
     on_done: called in this process with each job as it finishes.
+    follow_ups: called after ``on_done`` with each finished job; the jobs it returns (Agora's,
+      once a task's two fine-tunings are done) join the queue, so they fill a worker that
+      would otherwise wait for the stage's last job.
 
   Raises:
     RuntimeError: a worker failed; its own error is above, on stderr. The other running jobs
@@ -62,10 +70,10 @@ def run_jobs(jobs: Sequence, workers: int, cache_dir: str, size: Callable,
     while queue or running:
       while queue and free:
         job, core = queue.pop(0), free.pop(0)
-        print(f"[finetune] {job.model} on {job.config.task} -> {job.folder} (worker on "
+        print(f"[finetune] {job.label} -> {job.folder} (worker on "
               f"{'core ' + str(core) if core is not None else 'any core'})", flush=True)
-        process = context.Process(target=_work, args=(job.config, job.folder, cache_dir, core),
-                                  name=f"finetune {job.model} {job.task}")
+        process = context.Process(target=_work, args=(job, cache_dir, core),
+                                  name=f"{job.kind} {job.model} {job.task}")
         process.start()
         running[process.sentinel] = (process, job, core)
       ready = multiprocessing.connection.wait(list(running))
@@ -73,11 +81,13 @@ def run_jobs(jobs: Sequence, workers: int, cache_dir: str, size: Callable,
         process, job, core = running.pop(sentinel)
         process.join()
         if process.exitcode != 0:
-          raise RuntimeError(f"fine-tuning the {job.model} on {job.config.task} failed in its "
-                             f"worker (exit status {process.exitcode}; its error is above). "
-                             "Rerun the demo: finished jobs are kept, the others resume.")
+          raise RuntimeError(f"{job.label} failed in its worker (exit status "
+                             f"{process.exitcode}; its error is above). Rerun the demo: "
+                             "finished jobs are kept, the others resume.")
         free.append(core)
         on_done(job)
+        if follow_ups is not None:
+          queue = sorted(queue + list(follow_ups(job)), key=size, reverse=True)
   finally:
     for process, _, _ in running.values():
       if process.is_alive():
@@ -92,12 +102,14 @@ PARAM_FLOPS = 330      # per parameter and member-step: AdamW and the dense word
 JOB_FLOPS = 4e12       # per job: the worker's start, the data, the compiles (about 40 s)
 
 
-def job_work(cfg, model_cfg) -> float:
+def job_work(cfg, model_cfg, members: int | None = None) -> float:
   """A fine-tuning job's work in FLOPs: what orders the workers' queue and paces the ETA.
 
   Args:
     cfg: the job's fine-tuning config (steps, seeds, batch, sequence length, dev records).
     model_cfg: the model it fine-tunes (an export's ``ModelConfig``).
+    members: how many members it trains (default: the config's seeds). An Agora job counts
+      as one round after its round 0 (read from the student's run): seeds - 1 members.
 
   Returns:
     Member-steps x (3 x the forward FLOPs of a batch + ``PARAM_FLOPS`` x the parameters), plus
@@ -107,32 +119,44 @@ def job_work(cfg, model_cfg) -> float:
     idle for the stage's last 1.5 minutes.
   """
   from bort_jax.core import cost  # pylint: disable=import-outside-toplevel
-  seeds, seq_len = int(cfg.population.seeds), int(cfg.seq_len)
+  seeds, seq_len = int(members or cfg.population.seeds), int(cfg.seq_len)
   step = (3 * cost.forward_flops(model_cfg, int(cfg.batch_size), seq_len)["total"]
           + PARAM_FLOPS * cost.param_counts(model_cfg, "none")["total"])
   dev = seeds * int(cfg.max_dev_examples) * cost.forward_flops(model_cfg, 1, seq_len)["total"]
   return seeds * int(cfg.train.total_steps) * step + dev + JOB_FLOPS
 
 
-def run_finetune(jobs: Sequence, state, workers: int = 1,
-                 cache_dir: str = "") -> None:
+def run_finetune(jobs: Sequence, state, workers: int = 1, cache_dir: str = "",
+                 follow_ups: Callable[[object], Sequence] | None = None) -> None:
   """Every fine-tuning job (finished ones skipped), with the stage's ETA after each.
 
   ``workers`` > 1 runs the jobs in that many worker processes, one core each
-  (:func:`run_jobs`); 1 runs them in turn in this process. ``state`` is the demo's
-  ``pipelines.demo.State``: the stage's seconds are saved after each job. The stage's work is
-  :func:`job_work`'s; the ETA is the remaining work at the rate measured so far.
+  (:func:`run_jobs`), with the ``follow_ups`` of each finished job (the demo's Agora jobs);
+  1 runs them in turn in this process, and the follow-ups are left to their own stage.
+  ``state`` is the demo's ``pipelines.demo.State``: the stage's seconds are saved after each
+  job. The stage's work is :func:`job_work`'s; the ETA is the remaining work at the rate
+  measured so far.
   """
   from bort_jax.finetune import population_mode  # pylint: disable=import-outside-toplevel
   from bort_jax.interop import export  # pylint: disable=import-outside-toplevel
 
-  def size(cfg):
-    return job_work(cfg, export.load_config(cfg.init.path))
+  def size(job):
+    seeds = int(job.config.population.seeds)
+    members = max(seeds - 1, 1) if job.kind == "agora" else seeds
+    return job_work(job.config, export.load_config(job.config.init.path), members)
 
-  sizes = {job.folder: size(job.config) for job in jobs}  # each export's config read once
-  total = sum(sizes.values())
+  sizes = {job.folder: size(job) for job in jobs}  # each export's config read once
   entry, tally = state.stage("finetune"), {"done": 0.0, "run": 0.0, "jobs": 0}
+  count, total = [len(jobs)], [sum(sizes.values())]
   start, before = time.perf_counter(), float(entry.get("seconds") or 0.0)
+
+  def added(job) -> list:
+    new = list(follow_ups(job)) if follow_ups is not None else []
+    for extra in new:
+      sizes[extra.folder] = size(extra)
+      count[0], total[0] = count[0] + 1, total[0] + sizes[extra.folder]
+      print(f"[finetune] queued: {extra.label}", flush=True)
+    return new
 
   def finished(job, ran: bool = True) -> None:
     tally["jobs"] += 1
@@ -142,10 +166,10 @@ def run_finetune(jobs: Sequence, state, workers: int = 1,
     entry["seconds"] = before + elapsed
     state.save()
     rate = tally["run"] / elapsed if tally["run"] and elapsed > 0 else 0.0
-    eta = (f"eta {fileio.clock((total - tally['done']) / rate)}" if rate
+    eta = (f"eta {fileio.clock((total[0] - tally['done']) / rate)}" if rate
            else "eta after the first job")
-    print(f"[finetune] {tally['jobs']}/{len(jobs)} jobs, {100 * tally['done'] / total:.0f}% of "
-          f"the stage's work, elapsed {fileio.clock(elapsed)}, {eta}", flush=True)
+    print(f"[finetune] {tally['jobs']}/{count[0]} jobs, {100 * tally['done'] / total[0]:.0f}% "
+          f"of the stage's work, elapsed {fileio.clock(elapsed)}, {eta}", flush=True)
 
   todo = []
   for k, job in enumerate(jobs):
@@ -158,7 +182,7 @@ def run_finetune(jobs: Sequence, state, workers: int = 1,
       print(label + (" (queued)" if workers > 1 else ""), flush=True)
       todo.append(job)
   if workers > 1 and len(todo) > 1:
-    run_jobs(todo, workers, cache_dir, lambda job: sizes[job.folder], finished)
+    run_jobs(todo, workers, cache_dir, lambda job: sizes[job.folder], finished, added)
     return
   for job in todo:
     print(f"[finetune] {job.model} on {job.config.task} -> {job.folder}", flush=True)

@@ -205,9 +205,9 @@ class Job:
 
   @property
   def label(self) -> str:
-    """What the job is, for progress lines: "teacher on demo/x", "Agora on the student ..."."""
+    """What the job is, for progress lines: "teacher on demo/x", "Agora, student on demo/x"."""
     what = f"{self.model} on {self.config.task}"
-    return f"Agora on the {what}" if self.kind == "agora" else what
+    return f"Agora, {what}" if self.kind == "agora" else what
 
   def done(self) -> bool:
     """Whether it finished (its ``population.json``; Agora's journal summary or the refusal

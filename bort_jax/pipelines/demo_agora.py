@@ -104,7 +104,8 @@ def ready_jobs(config: ml_collections.ConfigDict, jobs: list, done) -> list:
   """The Agora jobs that fine-tuning job ``done`` just made possible: its task's, when the
   other model's job of the task has finished too, the plan runs Agora on it, and it has not
   run. The demo's fine-tuning workers take them as they come (``demo_workers``)."""
-  other = [j for j in jobs if j.task == done.task and j.kind == "finetune" and j.model != done.model]
+  other = [j for j in jobs
+           if j.task == done.task and j.kind == "finetune" and j.model != done.model]
   if done.kind != "finetune" or not all(j.done() for j in other):
     return []
   entry = agora_plan(config, jobs)[done.task]

@@ -146,15 +146,16 @@ def run_finetune(jobs: Sequence, state, workers: int = 1, cache_dir: str = "",
     return job_work(job.config, export.load_config(job.config.init.path), members)
 
   sizes = {job.folder: size(job) for job in jobs}  # each export's config read once
-  entry, tally = state.stage("finetune"), {"done": 0.0, "run": 0.0, "jobs": 0}
-  count, total = [len(jobs)], [sum(sizes.values())]
+  entry = state.stage("finetune")
+  tally = {"done": 0.0, "run": 0.0, "jobs": 0, "count": len(jobs), "total": sum(sizes.values())}
   start, before = time.perf_counter(), float(entry.get("seconds") or 0.0)
 
   def added(job) -> list:
     new = list(follow_ups(job)) if follow_ups is not None else []
     for extra in new:
       sizes[extra.folder] = size(extra)
-      count[0], total[0] = count[0] + 1, total[0] + sizes[extra.folder]
+      tally["count"] += 1
+      tally["total"] += sizes[extra.folder]
       print(f"[finetune] queued: {extra.label}", flush=True)
     return new
 
@@ -166,9 +167,10 @@ def run_finetune(jobs: Sequence, state, workers: int = 1, cache_dir: str = "",
     entry["seconds"] = before + elapsed
     state.save()
     rate = tally["run"] / elapsed if tally["run"] and elapsed > 0 else 0.0
-    eta = (f"eta {fileio.clock((total[0] - tally['done']) / rate)}" if rate
+    eta = (f"eta {fileio.clock((tally['total'] - tally['done']) / rate)}" if rate
            else "eta after the first job")
-    print(f"[finetune] {tally['jobs']}/{count[0]} jobs, {100 * tally['done'] / total[0]:.0f}% "
+    share = 100 * tally["done"] / tally["total"]
+    print(f"[finetune] {tally['jobs']}/{tally['count']} jobs, {share:.0f}% "
           f"of the stage's work, elapsed {fileio.clock(elapsed)}, {eta}", flush=True)
 
   todo = []

@@ -124,6 +124,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # the demo's process). On a 2-core CPU two one-core processes train ~1.2x more steps per
   # second than one process on both cores (pipelines/demo_workers.py).
   config.finetune_workers = 1 if tiny else 2
+  # The teacher's fine-tuning needs only teacher-adapt: with two workers or more and a core for
+  # each, its jobs start then, in a worker on one core, while extraction and distillation run
+  # on the others (pipelines/demo.py:start_teacher_early; False: they wait for the stage).
+  config.finetune_teacher_early = True
   # Agora on the student (stage 6): "auto" = the binary classification tasks whose fine-tuned
   # teacher beats config.finetune.agora.min_labeller_accuracy (2/3) on dev, with that teacher
   # as the labeller; or a comma-separated list of task names; "" = none.

@@ -289,15 +289,15 @@ def check_finetune(config: ml_collections.ConfigDict, cache_dir: str) -> None:
                      "config.finetune.agora.min_labeller_accuracy")
 
 
-def finetune_jobs(config: ml_collections.ConfigDict, workdir: str, cache_dir: str
-                  ) -> list[demo_cache.Job]:
-  """The fine-tuning jobs of the student and the teacher on every task, in the cache."""
+def finetune_jobs(config: ml_collections.ConfigDict, workdir: str, cache_dir: str,
+                  models: tuple[str, ...] = ("teacher", "student")) -> list[demo_cache.Job]:
+  """The fine-tuning jobs of the ``models`` on every task, in the cache."""
   jobs = []
   # The teacher first: its jobs are most of the stage's work, so the ETA after its first job
   # is measured on the model that dominates (the students' jobs are mostly compile time).
   for model_name, init in (("teacher", rundir.export_dir(os.path.join(workdir, "teacher"))),
                            ("student", rundir.export_dir(os.path.join(workdir, "distill")))):
-    for task in config.finetune_tasks:
+    for task in (config.finetune_tasks if model_name in models else ()):
       cfg = finetune_config(config, model_name, task, init, cache_dir)
       jobs.append(demo_cache.Job(model_name, task, cfg,
                                  demo_cache.finetuned_cache(cache_dir, init, cfg)))
@@ -392,28 +392,40 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             teacher_done(workdir),
             lambda: demo_cache.run_adapt_cached(cfg["adapt"], workdir, cache_dir),
             steps=int(cfg["adapt"].train.total_steps), digest=hashes["teacher-adapt"])
-  extract_dir = os.path.join(workdir, "extract")
-  run_stage(state, "extract", "extract: the W-coefficient FPTAS",
-            os.path.exists(os.path.join(extract_dir, rundir.RESULTS)),
-            lambda: demo_cache.run_extract_cached(cfg["extract"], workdir, cache_dir),
-            digest=hashes["extract"])
-  distill_dir = os.path.join(workdir, "distill")
-  run_stage(state, "distill", "distill the chosen architecture",
-            rundir.has_export(distill_dir),
-            lambda: demo_cache.run_distill_cached(cfg["distill"], workdir, cache_dir),
-            steps=int(cfg["distill"].train.total_steps), digest=hashes["distill"])
-  jobs = finetune_jobs(config, workdir, cache_dir)
-  state.data["finetune_runs"] = {m: [job.folder for job in jobs if job.model == m]
-                                 for m in ("student", "teacher")}
-  state.data["task_keys"] = {job.config.task: job.task for job in jobs}
-  state.save()
-  run_stage(state, "finetune", "fine-tune the student and the teacher on the demo tasks",
-            all(job.done() for job in jobs),
-            lambda: demo_workers.run_finetune(
-                jobs, state, int(config.get("finetune_workers", 1) or 1), cache_dir,
-                lambda done: demo_agora.ready_jobs(config, jobs, done)),
-            steps=sum(int(job.config.train.total_steps) * int(job.config.population.seeds)
-                      for job in jobs))
+  extracted = os.path.exists(os.path.join(workdir, "extract", rundir.RESULTS))
+  distilled = rundir.has_export(os.path.join(workdir, "distill"))
+  workers = int(config.get("finetune_workers", 1) or 1)
+  pool = None if (extracted and distilled) or not config.get("finetune_teacher_early") else (
+      demo_workers.start_early(finetune_jobs(config, workdir, cache_dir, ("teacher",)),
+                               workers, cache_dir))
+  try:
+    with demo_workers.Pinned(set(os.sched_getaffinity(0)) - set(pool.cores) if pool
+                             else set()) as pin:
+      if pool is not None:  # its jobs done first: this process takes their core back
+        pool.on_idle = pin.release
+      run_stage(state, "extract", "extract: the W-coefficient FPTAS", extracted,
+                lambda: demo_cache.run_extract_cached(cfg["extract"], workdir, cache_dir),
+                digest=hashes["extract"])
+      run_stage(state, "distill", "distill the chosen architecture", distilled,
+                lambda: demo_cache.run_distill_cached(cfg["distill"], workdir, cache_dir),
+                steps=int(cfg["distill"].train.total_steps), digest=hashes["distill"])
+    if pool is not None:
+      pool.on_idle = None
+    jobs = finetune_jobs(config, workdir, cache_dir)
+    state.data["finetune_runs"] = {m: [job.folder for job in jobs if job.model == m]
+                                   for m in ("student", "teacher")}
+    state.data["task_keys"] = {job.config.task: job.task for job in jobs}
+    state.save()
+    run_stage(state, "finetune", "fine-tune the student and the teacher on the demo tasks",
+              all(job.done() for job in jobs) and pool is None,
+              lambda: demo_workers.run_finetune(
+                  jobs, state, workers, cache_dir,
+                  lambda done: demo_agora.ready_jobs(config, jobs, done), pool),
+              steps=sum(int(job.config.train.total_steps) * int(job.config.population.seeds)
+                        for job in jobs))
+  finally:
+    if pool is not None:
+      pool.close()
   run_stage(state, "agora", "Agora on the student (config.agora_tasks)", False,
             lambda: run_agora(config, jobs, state), always=True)
   summary, report_cfg = {}, copy.deepcopy(config.report)

@@ -13,9 +13,11 @@ process. A job's result depends only on its config and seeds, not on the process
 
 from __future__ import annotations
 
+import collections
 import multiprocessing
 import multiprocessing.connection
 import os
+import threading
 import time
 from typing import Callable, Sequence
 
@@ -39,14 +41,176 @@ def _work(job, cache_dir: str, core: int | None) -> None:
 
 def cores(workers: int) -> list[int | None]:
   """A core for each worker when there are enough to give each its own; else no pinning."""
+  if not hasattr(os, "sched_getaffinity"):
+    return [None] * workers
   have = sorted(os.sched_getaffinity(0))
   return list(have[:workers]) if len(have) >= workers else [None] * workers
+
+
+def _pin_threads(allowed: set[int]) -> None:
+  """Every thread of this process on ``allowed`` (``os.sched_setaffinity(0)`` moves only the
+  calling thread; XLA's compute threads were started before and keep their cores)."""
+  for tid in os.listdir("/proc/self/task"):
+    try:
+      os.sched_setaffinity(int(tid), allowed)
+    except OSError:  # a thread that ended since the listing
+      pass
+
+
+class Pinned:
+  """``with Pinned(cores):`` this process's threads on ``cores`` for the block, or until
+  :meth:`release` (from any thread: the pool's, when it has nothing left to run). Nothing is
+  pinned where the system has no per-thread affinity or ``cores`` is empty."""
+
+  def __init__(self, allowed: set[int]):
+    self._allowed = set(allowed)
+    self._before: set[int] = set()
+    self._lock = threading.Lock()
+    self.active = False
+
+  def __enter__(self) -> "Pinned":
+    if self._allowed and os.path.isdir("/proc/self/task"):
+      self._before = os.sched_getaffinity(0)
+      _pin_threads(self._allowed)
+      self.active = True
+    return self
+
+  def release(self) -> None:
+    """Every thread back on the cores it had before (once; later calls do nothing)."""
+    with self._lock:
+      if self.active:
+        _pin_threads(self._before)
+        self.active = False
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+class Pool:
+  """Jobs in worker processes, one core each, the largest first.
+
+  A thread of this process starts and reaps the workers, so they run while this process does
+  other work (the demo's extraction while the teacher's jobs run). What to do with a finished
+  job runs in the caller's thread, in :meth:`wait`. Jobs and cores can be added at any time.
+  After a job fails, no new job starts.
+  """
+
+  def __init__(self, cache_dir: str, size: Callable, start_cores: Sequence[int | None],
+               target: Callable = _work):
+    """``size``: a job's work (orders the queue). ``target(job, cache_dir, core)`` runs a job
+    in its worker (:func:`_work`; tests give their own)."""
+    self._cache_dir, self._size, self._target = cache_dir, size, target
+    self._cond = threading.Condition()
+    self._queue: list = []
+    self._free: list = list(start_cores)
+    self.cores: list = list(start_cores)  # every core given to the pool
+    self._running: dict = {}
+    self._finished: collections.deque = collections.deque()
+    self._failed = self._closed = False
+    self.submitted: set[str] = set()   # folders of the jobs given to the pool
+    self.times: dict[str, tuple[float, float]] = {}  # folder: (start, end), perf_counter
+    # Called from the pool's thread whenever its last job ends with none queued (the demo
+    # gives its own process the worker's core back: Pinned.release).
+    self.on_idle: Callable[[], None] | None = None
+    self._thread = threading.Thread(target=self._loop, name="demo workers", daemon=True)
+    self._thread.start()
+
+  def add(self, jobs: Sequence = (), more_cores: Sequence[int | None] = ()) -> None:
+    """Queues ``jobs`` and gives the workers ``more_cores``."""
+    with self._cond:
+      self._queue = sorted(self._queue + list(jobs), key=self._size, reverse=True)
+      self.submitted.update(job.folder for job in jobs)
+      self._free.extend(more_cores)
+      self.cores.extend(more_cores)
+      self._cond.notify_all()
+
+  def _start(self, context) -> None:
+    """Starts queued jobs on free cores (the lock held)."""
+    while self._queue and self._free and not self._failed:
+      job, core = self._queue.pop(0), self._free.pop(0)
+      print(f"[finetune] {job.label} -> {job.folder} (worker on "
+            f"{'core ' + str(core) if core is not None else 'any core'})", flush=True)
+      process = context.Process(target=self._target, args=(job, self._cache_dir, core),
+                                name=f"{job.kind} {job.model} {job.task}")
+      process.start()
+      self._running[process.sentinel] = (process, job, core, time.perf_counter())
+
+  def _loop(self) -> None:
+    context = multiprocessing.get_context("spawn")
+    while True:
+      with self._cond:
+        if self._closed:
+          return
+        self._start(context)
+        sentinels = list(self._running)
+        if not sentinels:
+          self._cond.wait(0.5)
+          continue
+      ready = multiprocessing.connection.wait(sentinels, timeout=0.5)
+      with self._cond:
+        for sentinel in ready:
+          if sentinel not in self._running:  # closed meanwhile
+            continue
+          process, job, core, began = self._running.pop(sentinel)
+          process.join()
+          self.times[job.folder] = (began, time.perf_counter())
+          self._free.append(core)
+          if process.exitcode != 0 and not self._failed:
+            self._failed = True
+            print(f"[finetune] {job.label} failed in its worker (exit status "
+                  f"{process.exitcode}); no further job starts", flush=True)
+          self._finished.append((job, process.exitcode))
+        idle = ready and not self._running and (not self._queue or self._failed)
+        self._cond.notify_all()
+      callback = self.on_idle
+      if idle and callback is not None:
+        callback()
+
+  def wait(self, on_done: Callable[[object], None],
+           follow_ups: Callable[[object], Sequence] | None = None) -> None:
+    """Until every job given to the pool finished: ``on_done(job)`` for each as it finishes,
+    then the jobs ``follow_ups(job)`` returns join the queue.
+
+    Raises:
+      RuntimeError: a worker failed; its own error is above, on stderr. :meth:`close` stops
+        the others (a rerun resumes them).
+    """
+    while True:
+      with self._cond:
+        while not self._finished and (self._running or (self._queue and not self._failed)):
+          if self._queue and not self._free and not self._running:
+            raise RuntimeError("demo workers: jobs are queued but the pool has no core")
+          self._cond.wait(1.0)
+        if not self._finished:
+          return
+        job, status = self._finished.popleft()
+      if status != 0:
+        raise RuntimeError(f"{job.label} failed in its worker (exit status {status}; its "
+                           "error is above). Rerun the demo: finished jobs are kept, the "
+                           "others resume.")
+      on_done(job)
+      if follow_ups is not None:
+        self.add(follow_ups(job))
+
+  def close(self) -> None:
+    """Stops the running workers (a rerun resumes their jobs) and the pool's thread."""
+    with self._cond:
+      self._closed = True
+      running = [entry[0] for entry in self._running.values()]
+      self._running.clear()
+      self._cond.notify_all()
+    for process in running:
+      if process.is_alive():
+        process.terminate()
+      process.join(timeout=30)
+    self._thread.join(timeout=30)
 
 
 def run_jobs(jobs: Sequence, workers: int, cache_dir: str, size: Callable,
              on_done: Callable[[object], None],
              follow_ups: Callable[[object], Sequence] | None = None) -> None:
-  """Runs ``jobs`` (``demo_cache.Job``, unfinished ones) ``workers`` at a time, largest first.
+  """Runs ``jobs`` (``demo_cache.Job``, unfinished ones) ``workers`` at a time, largest first
+  (a :class:`Pool` on :func:`cores`).
 
   Args:
     jobs: the jobs to run.
@@ -62,37 +226,36 @@ def run_jobs(jobs: Sequence, workers: int, cache_dir: str, size: Callable,
     RuntimeError: a worker failed; its own error is above, on stderr. The other running jobs
       are stopped (a rerun resumes them from their checkpoints).
   """
-  context = multiprocessing.get_context("spawn")
-  queue = sorted(jobs, key=size, reverse=True)
-  free = cores(workers)
-  running: dict = {}
+  pool = Pool(cache_dir, size, cores(workers))
   try:
-    while queue or running:
-      while queue and free:
-        job, core = queue.pop(0), free.pop(0)
-        print(f"[finetune] {job.label} -> {job.folder} (worker on "
-              f"{'core ' + str(core) if core is not None else 'any core'})", flush=True)
-        process = context.Process(target=_work, args=(job, cache_dir, core),
-                                  name=f"{job.kind} {job.model} {job.task}")
-        process.start()
-        running[process.sentinel] = (process, job, core)
-      ready = multiprocessing.connection.wait(list(running))
-      for sentinel in ready:
-        process, job, core = running.pop(sentinel)
-        process.join()
-        if process.exitcode != 0:
-          raise RuntimeError(f"{job.label} failed in its worker (exit status "
-                             f"{process.exitcode}; its error is above). Rerun the demo: "
-                             "finished jobs are kept, the others resume.")
-        free.append(core)
-        on_done(job)
-        if follow_ups is not None:
-          queue = sorted(queue + list(follow_ups(job)), key=size, reverse=True)
+    pool.add(jobs)
+    pool.wait(on_done, follow_ups)
   finally:
-    for process, _, _ in running.values():
-      if process.is_alive():
-        process.terminate()
-      process.join(timeout=30)
+    pool.close()
+
+
+def start_early(jobs: Sequence, workers: int, cache_dir: str) -> Pool | None:
+  """The demo's teacher fine-tuning ``jobs`` (the unfinished ones), started in a worker on one
+  core right after teacher-adapt (``config.finetune_teacher_early``): they need nothing else,
+  so they run while extraction and distillation train on the other cores (the caller pins
+  itself there with :class:`Pinned`, and takes the core back when the pool falls idle).
+  One-core processes do more work per core than one process spread over two, and the
+  extraction's single-threaded compiles leave a core idle. The fine-tuning stage then adds
+  the student's jobs and the other cores to the same pool (:func:`run_finetune`).
+
+  Returns:
+    The pool, or ``None`` with fewer than two workers or cores to pin them to, or when every
+    job is done.
+  """
+  have = cores(workers)
+  todo = [job for job in jobs if not job.done()]
+  if workers < 2 or None in have or not todo:
+    return None
+  print(f"[finetune] the teacher's {len(todo)} fine-tuning job(s) start now on core {have[0]}, "
+        "beside extraction and distillation", flush=True)
+  pool = Pool(cache_dir, job_size, have[:1])
+  pool.add(todo)
+  return pool
 
 
 # What a job costs besides its matmuls, in FLOPs of the same pace (fitted to the six jobs of a
@@ -126,26 +289,33 @@ def job_work(cfg, model_cfg, members: int | None = None) -> float:
   return seeds * int(cfg.train.total_steps) * step + dev + JOB_FLOPS
 
 
+def job_size(job) -> float:
+  """A demo job's :func:`job_work` (its model's config read from the export it starts from).
+  An Agora job counts as one round after its round 0 (read from the student's run): seeds - 1
+  members."""
+  from bort_jax.interop import export  # pylint: disable=import-outside-toplevel
+  seeds = int(job.config.population.seeds)
+  members = max(seeds - 1, 1) if job.kind == "agora" else seeds
+  return job_work(job.config, export.load_config(job.config.init.path), members)
+
+
 def run_finetune(jobs: Sequence, state, workers: int = 1, cache_dir: str = "",
-                 follow_ups: Callable[[object], Sequence] | None = None) -> None:
+                 follow_ups: Callable[[object], Sequence] | None = None,
+                 pool: Pool | None = None) -> None:
   """Every fine-tuning job (finished ones skipped), with the stage's ETA after each.
 
-  ``workers`` > 1 runs the jobs in that many worker processes, one core each
-  (:func:`run_jobs`), with the ``follow_ups`` of each finished job (the demo's Agora jobs);
-  1 runs them in turn in this process, and the follow-ups are left to their own stage.
+  ``workers`` > 1 runs the jobs in that many worker processes, one core each (a :class:`Pool`:
+  ``pool``, already running some of the jobs, when the demo started the teacher's early; else
+  one of its own), with the ``follow_ups`` of each finished job (the demo's Agora jobs); 1
+  runs them in turn in this process, and the follow-ups are left to their own stage.
   ``state`` is the demo's ``pipelines.demo.State``: the stage's seconds are saved after each
   job. The stage's work is :func:`job_work`'s; the ETA is the remaining work at the rate
-  measured so far.
+  measured so far (a job that started before the stage counts with its share run in it).
   """
   from bort_jax.finetune import population_mode  # pylint: disable=import-outside-toplevel
-  from bort_jax.interop import export  # pylint: disable=import-outside-toplevel
 
-  def size(job):
-    seeds = int(job.config.population.seeds)
-    members = max(seeds - 1, 1) if job.kind == "agora" else seeds
-    return job_work(job.config, export.load_config(job.config.init.path), members)
-
-  sizes = {job.folder: size(job) for job in jobs}  # each export's config read once
+  given = pool.submitted if pool is not None else set()
+  sizes = {job.folder: job_size(job) for job in jobs}  # each export's config read once
   entry = state.stage("finetune")
   tally = {"done": 0.0, "run": 0.0, "jobs": 0, "count": len(jobs), "total": sum(sizes.values())}
   start, before = time.perf_counter(), float(entry.get("seconds") or 0.0)
@@ -153,16 +323,21 @@ def run_finetune(jobs: Sequence, state, workers: int = 1, cache_dir: str = "",
   def added(job) -> list:
     new = list(follow_ups(job)) if follow_ups is not None else []
     for extra in new:
-      sizes[extra.folder] = size(extra)
+      sizes[extra.folder] = job_size(extra)
       tally["count"] += 1
       tally["total"] += sizes[extra.folder]
       print(f"[finetune] queued: {extra.label}", flush=True)
     return new
 
+  def in_stage(job) -> float:
+    """The share of a job's run that fell in this stage (part of one started before it)."""
+    began, ended = pool.times.get(job.folder, (start, start)) if pool is not None else (0, 0)
+    return 1.0 if began >= start else max(ended - start, 0.0) / max(ended - began, 1e-9)
+
   def finished(job, ran: bool = True) -> None:
     tally["jobs"] += 1
     tally["done"] += sizes[job.folder]
-    tally["run"] += sizes[job.folder] if ran else 0.0
+    tally["run"] += sizes[job.folder] * in_stage(job) if ran else 0.0
     elapsed = time.perf_counter() - start
     entry["seconds"] = before + elapsed
     state.save()
@@ -177,16 +352,21 @@ def run_finetune(jobs: Sequence, state, workers: int = 1, cache_dir: str = "",
   for k, job in enumerate(jobs):
     label = (f"[finetune {k + 1}/{len(jobs)}] {job.model} on {job.config.task}: "
              f"{job.config.population.seeds} seeds x {job.config.train.total_steps} steps")
-    if job.done():
+    if job.folder in given:
+      print(f"{label} (started before this stage)", flush=True)
+    elif job.done():
       print(f"{label}: done, skipped ({job.folder})", flush=True)
       finished(job, ran=False)
     else:
       print(label + (" (queued)" if workers > 1 else ""), flush=True)
       todo.append(job)
-  if workers > 1 and len(todo) > 1:
+  if pool is not None:
+    pool.add(todo, [core for core in cores(workers) if core not in pool.cores])
+    pool.wait(finished, added)
+  elif workers > 1 and len(todo) > 1:
     run_jobs(todo, workers, cache_dir, lambda job: sizes[job.folder], finished, added)
-    return
-  for job in todo:
-    print(f"[finetune] {job.model} on {job.config.task} -> {job.folder}", flush=True)
-    population_mode.run(job.config, job.folder)
-    finished(job)
+  else:
+    for job in todo:
+      print(f"[finetune] {job.model} on {job.config.task} -> {job.folder}", flush=True)
+      population_mode.run(job.config, job.folder)
+      finished(job)

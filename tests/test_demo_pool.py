@@ -116,19 +116,17 @@ def test_close_stops_a_running_worker(tmp_path):
 
 
 @needs_two_cores
-def test_pinned_moves_every_thread_and_gives_the_cores_back(tmp_path):
-  """``os.sched_setaffinity(0)`` moves the calling thread only; ``Pinned`` moves all of them
-  (XLA's compute threads included), threads started inside inherit the pin, and the pool
-  gives the cores back as soon as its last job ends (``on_idle``)."""
+def test_pinned_moves_every_thread_and_gives_the_cores_back():
+  """``os.sched_setaffinity(0)`` moves the calling thread only; ``pinned`` moves all of them
+  (XLA's compute threads included), threads started inside inherit the pin, and every
+  thread gets its cores back after."""
   before = os.sched_getaffinity(0)
   one = {min(before)}
   stop = threading.Event()
   thread = threading.Thread(target=stop.wait, daemon=True)
   thread.start()
-  pool = demo_workers.Pool("CACHE", lambda job: job.size, [max(before)], target=fake_work)
   try:
-    with demo_workers.Pinned(one) as pin:
-      pool.on_idle = pin.release
+    with demo_workers.pinned(one):
       assert os.sched_getaffinity(thread.native_id) == one
       assert os.sched_getaffinity(0) == one
       seen = []
@@ -136,16 +134,75 @@ def test_pinned_moves_every_thread_and_gives_the_cores_back(tmp_path):
       inner.start()
       inner.join()
       assert seen == [one]
-      pool.add([FakeJob(str(tmp_path / "job"), seconds=0.2)])
-      pool.wait(lambda job: None)
-      deadline = time.time() + 10
-      while pin.active and time.time() < deadline:
-        time.sleep(0.05)
-      assert not pin.active
-      assert os.sched_getaffinity(thread.native_id) == before
     for tid in os.listdir("/proc/self/task"):
       assert os.sched_getaffinity(int(tid)) == before
   finally:
-    pool.close()
     stop.set()
     thread.join()
+
+
+@needs_two_cores
+def test_split_cores_gives_the_pool_one_core_and_keeps_the_rest():
+  """The early start's split: the workers' first core for the pool, every other core of this
+  process for the demo; none with one worker or more workers than cores."""
+  have = sorted(os.sched_getaffinity(0))
+  assert demo_workers.split_cores(2) == ([have[0]], set(have[1:]))
+  assert demo_workers.split_cores(1) is None
+  assert demo_workers.split_cores(len(have) + 1) is None
+
+
+class FakeState:
+  """The demo's ``State`` as ``run_finetune`` uses it."""
+
+  def __init__(self):
+    self.data, self.saves = {"stages": {}}, 0
+
+  def stage(self, name: str) -> dict:
+    return self.data["stages"].setdefault(name, {})
+
+  def save(self) -> None:
+    self.saves += 1
+
+
+@dataclasses.dataclass
+class FakeFinetuneJob(FakeJob):
+  """A fake job with what ``run_finetune`` reads of a ``demo_cache.Job``."""
+
+  @property
+  def config(self):
+    import ml_collections  # pylint: disable=import-outside-toplevel
+    return ml_collections.ConfigDict({"task": self.task, "population": {"seeds": 1},
+                                      "train": {"total_steps": 1}})
+
+  def done(self) -> bool:
+    return os.path.exists(os.path.join(self.folder, "ran.json"))
+
+
+@needs_two_cores
+def test_the_stage_takes_over_a_pool_started_early(tmp_path, monkeypatch, capsys):
+  """The demo's early start as the fine-tuning stage sees it: the job already given to the
+  pool is not queued again, the stage's jobs and the second core join the same pool, a job
+  finished before is skipped, and each is counted once."""
+  monkeypatch.setattr(demo_workers, "job_size", lambda job: job.size)
+  early = FakeFinetuneJob(str(tmp_path / "early"), seconds=1.0, size=5, task="a")
+  late = [FakeFinetuneJob(str(tmp_path / f"late{k}"), seconds=0.2, size=k, task=f"b{k}")
+          for k in range(2)]
+  finished = FakeFinetuneJob(str(tmp_path / "finished"), task="c")
+  os.makedirs(finished.folder)
+  open(os.path.join(finished.folder, "ran.json"), "w", encoding="utf-8").write("{}")
+  first = sorted(os.sched_getaffinity(0))[0]
+  pool = demo_workers.Pool("CACHE", demo_workers.job_size, [first], target=fake_work)
+  try:
+    pool.add([early])
+    state = FakeState()
+    demo_workers.run_finetune([early, finished] + late, state, workers=2, pool=pool)
+  finally:
+    pool.close()
+  out = capsys.readouterr().out
+  assert "[finetune 1/4] fake on a: 1 seeds x 1 steps (started before this stage)" in out
+  assert "[finetune 2/4] fake on c: 1 seeds x 1 steps: done, skipped" in out
+  assert out.count(f"fake job early -> {early.folder}") == 1
+  assert "[finetune] 4/4 jobs, 100% of the stage's work" in out
+  assert all(job.done() for job in late + [early])
+  assert len({ran(job)["core"] for job in late + [early]}) == 2  # the second core joined
+  assert state.data["stages"]["finetune"]["seconds"] > 0

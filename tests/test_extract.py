@@ -95,11 +95,40 @@ def test_tiny_extraction_writes_every_output(tmp_path, monkeypatch):
   assert trained == [] and again["audit"] == summary["audit"]
 
 
-def test_killed_extraction_resumes_without_recomputing(tmp_path, monkeypatch):
-  # One representative per interval (ties="first") and no audit: 8 trainings of the search.
-  config = _config(tmp_path, **{"fptas.ties": "first", "audit.enabled": False})
-  full = extract.run(config, str(tmp_path / "full"))
+# The kill tests' space: depth 1 only, one candidate per (p, i) tie (ties="first"), one bucket
+# per shape (max_overhead 1.0) and no audit: 4 trainings, each its own compile, so the journal
+# grows a line at a time and a kill lands between two of them.
+KILL_CHANGES = {"space.depth": (1,), "proxy.max_overhead": 1.0, "fptas.ties": "first",
+                "audit.enabled": False}
+KILL_TRAININGS = 4
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """The kill tests' extraction run without a kill: its config and its results' rows."""
+  tmp_path = tmp_path_factory.mktemp("uninterrupted")
+  config = _config(tmp_path, **KILL_CHANGES)
+  full = extract.run(config, str(tmp_path / "full"))
+  assert full["trained"] == KILL_TRAININGS
+  rows = json.load(open(tmp_path / "full" / "results.json"))["rows"]
+  return {"config": config, "chosen": full["chosen"], "rows": rows}
+
+
+def _resume_counting(config, workdir, monkeypatch) -> tuple[dict, list[str]]:
+  """Runs the extraction in ``workdir`` again, recording which candidates it trains."""
+  trained = []
+  original = proxy.PopulationTrainer.train_and_eval
+
+  def counting(self, pairs, data, **kwargs):
+    trained.extend(str(a) for a, _ in pairs)
+    return original(self, pairs, data, **kwargs)
+
+  monkeypatch.setattr(proxy.PopulationTrainer, "train_and_eval", counting)
+  return extract.run(config, str(workdir)), trained
+
+
+def test_killed_extraction_resumes_without_recomputing(uninterrupted, tmp_path, monkeypatch):  # pylint: disable=redefined-outer-name
+  config = uninterrupted["config"]
   calls = {"n": 0}
   original = proxy.PopulationTrainer.train_and_eval
 
@@ -110,34 +139,24 @@ def test_killed_extraction_resumes_without_recomputing(tmp_path, monkeypatch):
     return original(self, pairs, data, **kwargs)
 
   monkeypatch.setattr(proxy.PopulationTrainer, "train_and_eval", dying)
-  workdir = str(tmp_path / "resumed")
+  workdir = tmp_path / "resumed"
   with pytest.raises(KeyboardInterrupt):
-    extract.run(config, workdir)
-  journalled = len(open(os.path.join(workdir, "journal.jsonl")).read().splitlines()) - 1
-  assert 0 < journalled < 8
+    extract.run(config, str(workdir))
+  journalled = len((workdir / "journal.jsonl").read_text().splitlines()) - 1
+  assert 0 < journalled < KILL_TRAININGS
 
-  trained = []
-
-  def counting(self, pairs, data, **kwargs):
-    trained.extend(str(a) for a, _ in pairs)
-    return original(self, pairs, data, **kwargs)
-
-  monkeypatch.setattr(proxy.PopulationTrainer, "train_and_eval", counting)
-  resumed = extract.run(config, workdir)
-  assert len(trained) == 8 - journalled
-  assert resumed["computed_now"] == 8 - journalled
-  assert resumed["chosen"] == full["chosen"]
-  a = json.load(open(os.path.join(workdir, "results.json")))["rows"]
-  b = json.load(open(str(tmp_path / "full" / "results.json")))["rows"]
-  assert [(r["name"], r["e"], r["w"]) for r in a] == [(r["name"], r["e"], r["w"]) for r in b]
+  resumed, trained = _resume_counting(config, workdir, monkeypatch)
+  assert len(trained) == KILL_TRAININGS - journalled
+  assert resumed["computed_now"] == KILL_TRAININGS - journalled
+  assert resumed["chosen"] == uninterrupted["chosen"]
+  a = json.load(open(workdir / "results.json"))["rows"]
+  assert ([(r["name"], r["e"], r["w"]) for r in a]
+          == [(r["name"], r["e"], r["w"]) for r in uninterrupted["rows"]])
 
 
-def test_sigkilled_extraction_resumes_and_matches_an_uninterrupted_run(tmp_path, monkeypatch):
-  # One bucket per distinct shape, so the journal grows a line at a time and a kill lands
-  # between two buckets' trainings.
-  config = _config(tmp_path, **{"proxy.max_overhead": 1.0, "fptas.ties": "first",
-                                "audit.enabled": False})
-  full = extract.run(config, str(tmp_path / "full"))
+def test_sigkilled_extraction_resumes_and_matches_an_uninterrupted_run(uninterrupted, tmp_path,  # pylint: disable=redefined-outer-name
+                                                                       monkeypatch):
+  config = uninterrupted["config"]
   workdir = tmp_path / "killed"
   journal = workdir / "journal.jsonl"
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,20 +164,17 @@ def test_sigkilled_extraction_resumes_and_matches_an_uninterrupted_run(tmp_path,
          f"--config={os.path.join(repo, 'configs', 'extract_demo.py')}:tiny",
          f"--workdir={workdir}", f"--config.teacher.path={config.teacher.path}",
          f"--config.cost.latency_table={config.cost.latency_table}",
-         "--config.proxy.max_overhead=1.0", "--config.fptas.ties=first",
-         "--config.audit.enabled=False"]
+         "--config.space.depth=(1,)", "--config.proxy.max_overhead=1.0",
+         "--config.fptas.ties=first", "--config.audit.enabled=False"]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo,
              XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_DEFAULT_MATMUL_PRECISION="highest")
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     deadline = time.monotonic() + 240
-    entries = 0
     while time.monotonic() < deadline and proc.poll() is None:
-      if journal.exists():
-        entries = len(journal.read_text().splitlines()) - 1
-        if entries >= 2:
-          break
+      if journal.exists() and len(journal.read_text().splitlines()) - 1 >= 2:
+        break
       time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
@@ -166,21 +182,14 @@ def test_sigkilled_extraction_resumes_and_matches_an_uninterrupted_run(tmp_path,
     proc.kill()
     proc.wait(timeout=60)
   journalled = len(journal.read_text().splitlines()) - 1
-  assert 2 <= journalled < 8
+  assert 2 <= journalled < KILL_TRAININGS
 
-  trained = []
-  original = proxy.PopulationTrainer.train_and_eval
-
-  def counting(self, pairs, data, **kwargs):
-    trained.extend(str(a) for a, _ in pairs)
-    return original(self, pairs, data, **kwargs)
-
-  monkeypatch.setattr(proxy.PopulationTrainer, "train_and_eval", counting)
-  resumed = extract.run(config, str(workdir))
-  assert len(trained) == 8 - journalled and resumed["computed_now"] == 8 - journalled
-  assert resumed["chosen"] == full["chosen"]
+  resumed, trained = _resume_counting(config, workdir, monkeypatch)
+  assert len(trained) == KILL_TRAININGS - journalled
+  assert resumed["computed_now"] == KILL_TRAININGS - journalled
+  assert resumed["chosen"] == uninterrupted["chosen"]
   a = json.load(open(workdir / "results.json"))["rows"]
-  b = json.load(open(tmp_path / "full" / "results.json"))["rows"]
+  b = uninterrupted["rows"]
   assert [r["name"] for r in a] == [r["name"] for r in b]
   for ra, rb in zip(a, b):
     assert (ra["e"] is None) == (rb["e"] is None)

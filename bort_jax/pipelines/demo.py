@@ -20,7 +20,10 @@ the cache and their models at the workdir's.
    population of seeds (``finetune/population.py``). The runs of both are kept in
    ``CACHE/finetuned/``, keyed by a hash of the model's export and the job's config, so a later
    demo with the same models reuses them; the report copies each task's best student into
-   ``WORKDIR/products/<task>/model`` (``pipelines/report_products.py``).
+   ``WORKDIR/products/<task>/model`` (``pipelines/report_products.py``). With fine-tuning
+   workers and a core for each (``config.finetune_teacher_early``), the teacher's jobs start
+   right after stage 2, in a worker on one core beside stages 3 and 4
+   (``demo_workers.start_early``).
 6. ``agora`` (``pipelines/demo_agora.py``): Agora (``finetune/agora.py``) on the student for
    the tasks of ``config.agora_tasks`` (``"auto"``: the binary classification tasks whose
    fine-tuned teacher beats Agora's labeller threshold on dev), with that fine-tuned teacher
@@ -395,22 +398,18 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   extracted = os.path.exists(os.path.join(workdir, "extract", rundir.RESULTS))
   distilled = rundir.has_export(os.path.join(workdir, "distill"))
   workers = int(config.get("finetune_workers", 1) or 1)
-  pool = None if (extracted and distilled) or not config.get("finetune_teacher_early") else (
-      demo_workers.start_early(finetune_jobs(config, workdir, cache_dir, ("teacher",)),
-                               workers, cache_dir))
+  split = (demo_workers.split_cores(workers) if config.get("finetune_teacher_early")
+           and not (extracted and distilled) else None)
+  pool = split and demo_workers.start_early(
+      finetune_jobs(config, workdir, cache_dir, ("teacher",)), split[0], cache_dir)
   try:
-    with demo_workers.Pinned(set(os.sched_getaffinity(0)) - set(pool.cores) if pool
-                             else set()) as pin:
-      if pool is not None:  # its jobs done first: this process takes their core back
-        pool.on_idle = pin.release
+    with demo_workers.pinned(split[1] if split else set()):
       run_stage(state, "extract", "extract: the W-coefficient FPTAS", extracted,
                 lambda: demo_cache.run_extract_cached(cfg["extract"], workdir, cache_dir),
                 digest=hashes["extract"])
       run_stage(state, "distill", "distill the chosen architecture", distilled,
                 lambda: demo_cache.run_distill_cached(cfg["distill"], workdir, cache_dir),
                 steps=int(cfg["distill"].train.total_steps), digest=hashes["distill"])
-    if pool is not None:
-      pool.on_idle = None
     jobs = finetune_jobs(config, workdir, cache_dir)
     state.data["finetune_runs"] = {m: [job.folder for job in jobs if job.model == m]
                                    for m in ("student", "teacher")}

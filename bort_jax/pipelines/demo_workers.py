@@ -9,11 +9,18 @@ many at a time, the largest first, each in a fresh process (``spawn``: nothing o
 process's JAX is shared) that fine-tunes one job into its folder with
 ``finetune.population_mode.run``, exactly as :func:`pipelines.demo.run_finetune` does in
 process. A job's result depends only on its config and seeds, not on the process it ran in.
+
+The workers are a :class:`Pool`, fed by a thread of the demo's process, so they can start
+before the stage: the teacher's jobs need only teacher-adapt, and :func:`start_early` runs them
+in one worker while the demo extracts and distils on the other cores (:func:`split_cores`,
+:func:`pinned`). The fine-tuning stage adds the student's jobs and the other cores to the same
+pool.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -57,33 +64,26 @@ def _pin_threads(allowed: set[int]) -> None:
       pass
 
 
-class Pinned:
-  """``with Pinned(cores):`` this process's threads on ``cores`` for the block, or until
-  :meth:`release` (from any thread: the pool's, when it has nothing left to run). Nothing is
-  pinned where the system has no per-thread affinity or ``cores`` is empty."""
+@contextlib.contextmanager
+def pinned(allowed: set[int]):
+  """Runs the body with every thread of this process on ``allowed``, and gives them their cores
+  back after. Nothing is pinned where the system has no per-thread affinity or ``allowed`` is
+  empty.
 
-  def __init__(self, allowed: set[int]):
-    self._allowed = set(allowed)
-    self._before: set[int] = set()
-    self._lock = threading.Lock()
-    self.active = False
-
-  def __enter__(self) -> "Pinned":
-    if self._allowed and os.path.isdir("/proc/self/task"):
-      self._before = os.sched_getaffinity(0)
-      _pin_threads(self._allowed)
-      self.active = True
-    return self
-
-  def release(self) -> None:
-    """Every thread back on the cores it had before (once; later calls do nothing)."""
-    with self._lock:
-      if self.active:
-        _pin_threads(self._before)
-        self.active = False
-
-  def __exit__(self, *exc) -> None:
-    self.release()
+  The cores stay the same for the whole body: XLA sizes the parallel work of what it compiles
+  by the cores the process may use, so a change in the middle would make the numbers depend
+  on when it happened. (Distillation pinned to one core of two gives a student that differs
+  from the unpinned one in the last bits: its losses agree to four decimals.)
+  """
+  if not allowed or not os.path.isdir("/proc/self/task"):
+    yield
+    return
+  before = os.sched_getaffinity(0)
+  _pin_threads(allowed)
+  try:
+    yield
+  finally:
+    _pin_threads(before)
 
 
 class Pool:
@@ -109,9 +109,6 @@ class Pool:
     self._failed = self._closed = False
     self.submitted: set[str] = set()   # folders of the jobs given to the pool
     self.times: dict[str, tuple[float, float]] = {}  # folder: (start, end), perf_counter
-    # Called from the pool's thread whenever its last job ends with none queued (the demo
-    # gives its own process the worker's core back: Pinned.release).
-    self.on_idle: Callable[[], None] | None = None
     self._thread = threading.Thread(target=self._loop, name="demo workers", daemon=True)
     self._thread.start()
 
@@ -160,11 +157,7 @@ class Pool:
             print(f"[finetune] {job.label} failed in its worker (exit status "
                   f"{process.exitcode}); no further job starts", flush=True)
           self._finished.append((job, process.exitcode))
-        idle = ready and not self._running and (not self._queue or self._failed)
         self._cond.notify_all()
-      callback = self.on_idle
-      if idle and callback is not None:
-        callback()
 
   def wait(self, on_done: Callable[[object], None],
            follow_ups: Callable[[object], Sequence] | None = None) -> None:
@@ -234,26 +227,34 @@ def run_jobs(jobs: Sequence, workers: int, cache_dir: str, size: Callable,
     pool.close()
 
 
-def start_early(jobs: Sequence, workers: int, cache_dir: str) -> Pool | None:
-  """The demo's teacher fine-tuning ``jobs`` (the unfinished ones), started in a worker on one
-  core right after teacher-adapt (``config.finetune_teacher_early``): they need nothing else,
-  so they run while extraction and distillation train on the other cores (the caller pins
-  itself there with :class:`Pinned`, and takes the core back when the pool falls idle).
-  One-core processes do more work per core than one process spread over two, and the
-  extraction's single-threaded compiles leave a core idle. The fine-tuning stage then adds
-  the student's jobs and the other cores to the same pool (:func:`run_finetune`).
+def split_cores(workers: int) -> tuple[list[int], set[int]] | None:
+  """For the demo's early start of the teacher's fine-tuning (``config.finetune_teacher_early``):
+  ``([the workers' core], the cores the demo's process keeps)``, or ``None`` with fewer than two
+  workers or cores to pin them to.
 
-  Returns:
-    The pool, or ``None`` with fewer than two workers or cores to pin them to, or when every
-    job is done.
+  The teacher's jobs need only teacher-adapt, so they can run in a worker on one core while
+  the demo extracts and distils on the others (:func:`pinned`). One-core processes do more
+  work per core than one process spread over two, and the extraction's single-threaded
+  compiles leave a core idle. The demo pins itself whenever the split exists, whether or not
+  the teacher's jobs still run (a rerun with them done): the pinning changes the last bits of
+  the distilled student, and a resumed demo must compute what an uninterrupted one does.
   """
   have = cores(workers)
-  todo = [job for job in jobs if not job.done()]
-  if workers < 2 or None in have or not todo:
+  if workers < 2 or None in have:
     return None
-  print(f"[finetune] the teacher's {len(todo)} fine-tuning job(s) start now on core {have[0]}, "
-        "beside extraction and distillation", flush=True)
-  pool = Pool(cache_dir, job_size, have[:1])
+  return [have[0]], set(os.sched_getaffinity(0)) - {have[0]}
+
+
+def start_early(jobs: Sequence, pool_cores: list[int], cache_dir: str) -> Pool | None:
+  """A pool on ``pool_cores`` running the unfinished ``jobs`` (the teacher's fine-tunings;
+  :func:`split_cores`), or ``None`` when every job is done. The fine-tuning stage adds the
+  student's jobs and the other cores to it (:func:`run_finetune`)."""
+  todo = [job for job in jobs if not job.done()]
+  if not todo:
+    return None
+  print(f"[finetune] the teacher's {len(todo)} fine-tuning job(s) start now on core "
+        f"{', '.join(map(str, pool_cores))}, beside extraction and distillation", flush=True)
+  pool = Pool(cache_dir, job_size, pool_cores)
   pool.add(todo)
   return pool
 

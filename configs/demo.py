@@ -126,7 +126,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.finetune_workers = 1 if tiny else 2
   # The teacher's fine-tuning needs only teacher-adapt: with two workers or more and a core for
   # each, its jobs start then, in a worker on one core, while extraction and distillation run
-  # on the others (pipelines/demo.py:start_teacher_early; False: they wait for the stage).
+  # pinned to the others (pipelines/demo_workers.py:split_cores; False: they wait for the
+  # stage). 25:01 for a fresh demo against 27:10 without (docs/RESULTS.md). The pin changes
+  # the distilled student's last bits, so it holds whenever this is on.
   config.finetune_teacher_early = True
   # Agora on the student (stage 6): "auto" = the binary classification tasks whose fine-tuned
   # teacher beats config.finetune.agora.min_labeller_accuracy (2/3) on dev, with that teacher

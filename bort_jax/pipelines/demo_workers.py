@@ -70,10 +70,11 @@ def pinned(allowed: set[int]):
   back after. Nothing is pinned where the system has no per-thread affinity or ``allowed`` is
   empty.
 
-  The cores stay the same for the whole body: XLA sizes the parallel work of what it compiles
-  by the cores the process may use, so a change in the middle would make the numbers depend
-  on when it happened. (Distillation pinned to one core of two gives a student that differs
-  from the unpinned one in the last bits: its losses agree to four decimals.)
+  The cores stay the same for the whole body: the cores a process may use change how XLA
+  splits some of its work, so a change in the middle would make the numbers depend on when it
+  happened. (Measured: distillation pinned to one core of two gives a student that differs
+  from the unpinned one in the last bits, its losses equal to four decimals; pinned runs give
+  the same bits every time.)
   """
   if not allowed or not os.path.isdir("/proc/self/task"):
     yield

@@ -206,3 +206,17 @@ def test_the_stage_takes_over_a_pool_started_early(tmp_path, monkeypatch, capsys
   assert all(job.done() for job in late + [early])
   assert len({ran(job)["core"] for job in late + [early]}) == 2  # the second core joined
   assert state.data["stages"]["finetune"]["seconds"] > 0
+
+
+def test_the_stage_in_this_process_paces_its_eta(tmp_path, monkeypatch, capsys):
+  """One worker, no pool: jobs run in turn here, and each counts toward the ETA's rate."""
+  from bort_jax.finetune import population_mode  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(demo_workers, "job_size", lambda job: job.size)
+  monkeypatch.setattr(population_mode, "run",
+                      lambda config, folder: (time.sleep(0.1), os.makedirs(folder),
+                                              open(os.path.join(folder, "ran.json"), "w").close()))
+  jobs = [FakeFinetuneJob(str(tmp_path / f"j{k}"), size=1, task=f"t{k}") for k in range(2)]
+  demo_workers.run_finetune(jobs, FakeState(), workers=1)
+  out = capsys.readouterr().out
+  assert "[finetune] 1/2 jobs, 50% of the stage's work" in out
+  assert "eta after the first job" not in out and "eta 0:00" in out

@@ -103,6 +103,7 @@ class Pool:
     self._cache_dir, self._size, self._target = cache_dir, size, target
     self._cond = threading.Condition()
     self._queue: list = []
+    self._sizes: dict[str, float] = {}  # folder: size(job), computed once per job
     self._free: list = list(start_cores)
     self.cores: list = list(start_cores)  # every core given to the pool
     self._running: dict = {}
@@ -116,7 +117,9 @@ class Pool:
   def add(self, jobs: Sequence = (), more_cores: Sequence[int | None] = ()) -> None:
     """Queues ``jobs`` and gives the workers ``more_cores``."""
     with self._cond:
-      self._queue = sorted(self._queue + list(jobs), key=self._size, reverse=True)
+      self._sizes.update((job.folder, self._size(job)) for job in jobs)
+      self._queue = sorted(self._queue + list(jobs), key=lambda job: self._sizes[job.folder],
+                           reverse=True)
       self.submitted.update(job.folder for job in jobs)
       self._free.extend(more_cores)
       self.cores.extend(more_cores)
@@ -333,7 +336,7 @@ def run_finetune(jobs: Sequence, state, workers: int = 1, cache_dir: str = "",
 
   def in_stage(job) -> float:
     """The share of a job's run that fell in this stage (part of one started before it)."""
-    began, ended = pool.times.get(job.folder, (start, start)) if pool is not None else (0, 0)
+    began, ended = (pool.times if pool is not None else {}).get(job.folder, (start, start))
     return 1.0 if began >= start else max(ended - start, 0.0) / max(ended - began, 1e-9)
 
   def finished(job, ran: bool = True) -> None:
